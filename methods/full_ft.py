@@ -1,0 +1,19 @@
+"""Full fine-tuning: every parameter trains, a fresh optimizer per stage.
+
+The baseline every forgetting number is compared against. No options.
+"""
+
+from clbench.method import NoOptions, register
+
+
+@register("full_ft")
+class FullFT:
+    Options = NoOptions
+
+    def __init__(self, options: NoOptions):
+        self.options = options
+
+    def setup(self, model, run):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model

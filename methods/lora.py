@@ -1,0 +1,55 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) through peft.
+
+Two continual variants:
+  seq  one adapter carried through all stages (the usual "sequential LoRA" baseline);
+  inc  after each stage the adapter is merged into the weights and a fresh adapter starts
+       the next stage (each stage learns a low-rank increment on top of the last).
+
+Options (defaults: r=8, alpha=16, all linear layers of the decoder, as in
+../shared/docs/methods.md; dropout 0.05 is peft's common choice, not confirmed by a source):
+  r, alpha, dropout, target_modules ("all-linear" or a list of module names), variant.
+"""
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from clbench.method import register
+
+
+class LoraOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16, gt=0, description="scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    variant: Literal["seq", "inc"] = Field("seq", description="seq = one adapter for all stages; inc = merge after each stage, fresh adapter")
+
+
+@register("lora")
+class LoRA:
+    Options = LoraOptions
+
+    def __init__(self, options: LoraOptions):
+        self.options = options
+
+    def _config(self):
+        from peft import LoraConfig
+
+        o = self.options
+        return LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=o.target_modules, task_type="CAUSAL_LM")
+
+    def setup(self, model, run):
+        from peft import get_peft_model
+
+        return get_peft_model(model, self._config())
+
+    def stage_start(self, model, stage):
+        if self.options.variant == "inc" and stage.stage > 1:
+            from peft import get_peft_model
+
+            model = get_peft_model(model.merge_and_unload(), self._config())
+        return model
+
+    def state_dict(self):
+        return {}
