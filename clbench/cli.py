@@ -141,8 +141,7 @@ def _dispatch(args) -> int:
         todo = [n for n in names if tasks[n].prepared]
         seed = cfg.data_seed if cfg else 1234
         raw = {n: {**tasks[n].lm_eval, "clbench": tasks[n].clbench} for n in todo}
-        out = prepare_tasks(todo, raw, cache, seed=seed) if not args.force else {
-            n: __import__("clbench.data", fromlist=["prepare_task"]).prepare_task(n, raw[n], cache, seed=seed, force=True) for n in todo}
+        out = prepare_tasks(todo, raw, cache, seed=seed, force=args.force)
         for n, files in out.items():
             print(f"{n}: " + ", ".join(f"{k}={v}" for k, v in files.items()))
         return 0

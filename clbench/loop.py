@@ -208,6 +208,7 @@ def run(pl: Plan, out: Path, console=None) -> Recorder:
 
     cfg = pl.cfg
     console = console or Console(stderr=True)
+    quiet_libraries()
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -250,6 +251,16 @@ def run(pl: Plan, out: Path, console=None) -> Recorder:
                 run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tokenized_cache, base_scores,
                            base_eval_s, rec, device, autocast, eval_kw, progress, console, out)
     return rec
+
+
+def quiet_libraries() -> None:
+    """The run prints its own progress; the libraries' per-file bars would drown it."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _fmt_scores(scores: dict) -> str:

@@ -50,7 +50,9 @@ class TaskDef:
         data = self.clbench.get("data", {})
         if self.prepared:
             d = paths.data_dir(cache) / self.name
-            files = {"train": d / "train.jsonl", "test": d / "test.jsonl"}
+            files = {"test": d / "test.jsonl"}
+            if data.get("train", 1):  # held-out (test-only) tasks set train: 0
+                files["train"] = d / "train.jsonl"
         else:
             files = {k: (self.path.parent / data[k]).resolve() for k in ("train", "test") if k in data}
         return files
