@@ -136,7 +136,10 @@ def heatmaps(title: str, tasks: list[str], panels: list[tuple[str, "np.ndarray",
         label, mat, row_labels, n_stream = panels[k]
         padded = np.full((n_rows, T), np.nan)  # equal heights so the cells line up across panels
         padded[: mat.shape[0]] = mat
-        ax.imshow(padded, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        # pcolormesh, not imshow: cells stay vector shapes in the PDF instead of an embedded bitmap
+        ax.pcolormesh(np.arange(T + 1) - 0.5, np.arange(n_rows + 1) - 0.5, np.ma.masked_invalid(padded), cmap=cmap,
+                      norm=norm)
+        ax.set_ylim(n_rows - 0.5, -0.5)  # row 0 (the base model) on top
         for (i, j), v in np.ndenumerate(padded):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2f}" if unit else f"{v:.3g}", ha="center", va="center", fontsize=5.5,

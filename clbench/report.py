@@ -151,7 +151,8 @@ def _read_summary(path: Path) -> pd.DataFrame:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)  # empty -> NaN, shown as "–"
     dup = df.index[df.duplicated(["method", "seed"])]
     if len(dup):
-        raise ReportError(f"{path}: line {dup[0] + 2}: second row for method {df.method[dup[0]]} seed {df.seed[dup[0]]}")
+        r = df.loc[dup[0]]
+        raise ReportError(f"{path}: line {dup[0] + 2}: second row for method {r.method} seed {r.seed}")
     return df
 
 
@@ -234,8 +235,8 @@ def _collect_matrices(run: RunResults) -> None:
         if not filled.all():
             k = int(np.argmin(filled)) - 1  # last complete stage before the first gap
             if filled[: k + 1].all() and not grid.iloc[k + 1:].notna().any().any():
-                run.notes.append(f"{path.parent}: {method} seed {seed} left out: stages 0..{k} of {T} only "
-                                 "(unfinished run?)")
+                done = f"stages 0..{k} of {T} only" if k >= 0 else "no stream scores"
+                run.notes.append(f"{path.parent}: {method} seed {seed} left out: {done} (unfinished run?)")
                 continue
             gaps = [(int(s), t) for s in range(T + 1) for t in tasks if pd.isna(grid.at[s, t])]
             raise ReportError(f"{path}: method {method} seed {seed} lacks scores for (stage, task) {gaps[:4]}")
@@ -391,12 +392,17 @@ def _num(v: float, decimals: int = DECIMALS) -> str:
     return s[1:] if s.startswith("-") and float(s) == 0 else s  # no "-0.000"
 
 
+def _printed(v: float) -> float:
+    return float(_num(v))
+
+
 def _best(agg: pd.DataFrame, metric: str) -> float | None:
-    """Best printed mean of a column, or None when fewer than two methods can be compared."""
-    means = agg.loc[agg["metric"] == metric, "mean"].dropna().round(DECIMALS)
+    """Best printed mean of a column (so printed ties are all bold), or None when fewer than two
+    methods can be compared."""
+    means = [_printed(v) for v in agg.loc[agg["metric"] == metric, "mean"] if not math.isnan(v)]
     if len(means) < 2:
         return None
-    return means.max() if HIGHER_IS_BETTER[metric] else means.min()
+    return max(means) if HIGHER_IS_BETTER[metric] else min(means)
 
 
 def metrics_table(agg: pd.DataFrame, fmt: str) -> str:
@@ -413,11 +419,12 @@ def metrics_table(agg: pd.DataFrame, fmt: str) -> str:
         cells = []
         for m in METRICS:
             r = agg[(agg["method"] == method) & (agg["metric"] == m)].iloc[0]
-            cells.append(_cell(r["mean"], r["std"], bold=best[m] is not None and not math.isnan(r["mean"])
-                               and round(r["mean"], DECIMALS) == best[m], fmt=fmt))
+            bold = best[m] is not None and not math.isnan(r["mean"]) and _printed(r["mean"]) == best[m]
+            cells.append(_cell(r["mean"], r["std"], bold=bold, fmt=fmt))
         n = int(agg.loc[agg["method"] == method, "samples"].iloc[0])
         body.append([_esc(method, fmt), *cells, str(n)])
-    return _render(["method", *head, "n"], body, fmt, align="l" + "r" * (len(METRICS) + 1))
+    n_head = "n" if fmt == "md" else "$n$"
+    return _render(["method", *head, n_head], body, fmt, align="l" + "r" * (len(METRICS) + 1))
 
 
 def cost_table(agg: pd.DataFrame, fmt: str) -> str:
@@ -427,10 +434,12 @@ def cost_table(agg: pd.DataFrame, fmt: str) -> str:
         cells = []
         for c in COST_COLUMNS:
             r = agg[(agg["method"] == method) & (agg["metric"] == c)].iloc[0]
-            cells.append(_cell(r["mean"], r["std"], fmt=fmt, decimals=decimals[c], thousands=True))
+            std = math.nan if c == "trainable_params" else r["std"]  # a count, fixed by the method
+            cells.append(_cell(r["mean"], std, fmt=fmt, decimals=decimals[c], thousands=True))
         n = int(agg.loc[agg["method"] == method, "samples"].iloc[0])
         body.append([_esc(method, fmt), *cells, str(n)])
-    return _render(["method", *(COST_LABELS[c] for c in COST_COLUMNS), "n"], body, fmt, align="lrrrrr")
+    return _render(["method", *(COST_LABELS[c] for c in COST_COLUMNS), "n" if fmt == "md" else "$n$"], body, fmt,
+                   align="lrrrrr")
 
 
 def _cell(mean, std, fmt, bold=False, decimals=DECIMALS, thousands=False) -> str:
@@ -447,7 +456,7 @@ def _cell(mean, std, fmt, bold=False, decimals=DECIMALS, thousands=False) -> str
 
 
 def _esc(text: str, fmt: str) -> str:
-    return text if fmt == "md" else re.sub(r"([_&%#$])", r"\\\1", text)
+    return text if fmt == "md" else re.sub(r"([_&%#${}])", r"\\\1", text)
 
 
 def _render(head: list[str], body: list[list[str]], fmt: str, align: str) -> str:
@@ -509,11 +518,11 @@ def _heatmap_fig(g: Group, lab: str, tasks: list[str], runs: list[RunResults], v
     for method, items in _by_method(runs).items():
         R = np.mean([r.R[(method, s)] for r, s in items], axis=0)
         extra_names = list(dict.fromkeys(k for r, s in items for k in r.extra[(method, s)]))
-        extra = [np.nanmean([r.extra[(method, s)].get(k, np.full(len(tasks), np.nan)) for r, s in items], axis=0)
-                 if any(k in r.extra[(method, s)] for r, s in items) else None for k in extra_names]
-        with warnings.catch_warnings():  # a task missing from every merged row is NaN (blank), by design
+        nan_row = np.full(len(tasks), np.nan)
+        with warnings.catch_warnings():  # a task missing from every merged row is NaN (a blank cell), by design
             warnings.simplefilter("ignore", RuntimeWarning)
-            rows = np.vstack([R, *extra]) if extra else R
+            extra = [np.nanmean([r.extra[(method, s)].get(k, nan_row) for r, s in items], axis=0) for k in extra_names]
+        rows = np.vstack([R, *extra])
         labels = ["0 base"] + [f"{t} {name}" for t, name in enumerate(tasks, 1)] + extra_names
         panels.append((f"{method} (n={len(items)})", rows, labels, len(tasks) + 1))
     return plotstyle.heatmaps(f"{g.label} · order {lab}", tasks, panels, vrange, _metric_label(runs))
