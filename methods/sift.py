@@ -1,0 +1,218 @@
+"""SIFT: Sparse Increment Fine-Tuning (Song et al. 2023, arXiv 2312.11875; code song-wx/SIFT).
+
+Idea. Only a small, gradient-selected set of entries of each weight matrix trains. For every
+target matrix W (q, k, v, o, gate, up, down projections) the method keeps a dense vector
+delta in R^k and a fixed index set idx of k flat positions of W:
+
+  1. selection: at the first backward of a stage, idx = top-k entries of |grad W| (per matrix);
+     the indices stay fixed for the stage (a new selection at every stage of the stream);
+  2. a gradient hook on W (`register_post_accumulate_grad_hook`) gathers grad W[idx] into
+     delta.grad (summing over gradient-accumulation micro-batches) and sets W.grad = None at
+     once, so no dense gradient survives a backward and the optimizer never sees W;
+  3. the optimizer (AdamW, built by the loop from `param_groups`) holds state for the deltas
+     ONLY: 2 x k floats per matrix instead of 2 x numel;
+  4. after each optimizer step: W.view(-1)[idx] += delta; delta = 0 (`after_step`); the stage
+     end flushes once more (a no-op unless a step was interrupted).
+  Entries of W outside idx, and every non-target parameter, are bit-identical through a stage.
+
+Options (defaults and their source):
+  rate               0.05   fraction of each matrix's entries; budget k = min(int(rate*numel)+1,
+                            numel) as in the code. 0.05 is the paper's LLaMA instruction-tuning
+                            rate (lr 2e-4); the paper uses 0.008 on GLUE with RoBERTa.
+  target_modules     q_proj k_proj v_proj o_proj gate_proj up_proj down_proj  (the code's
+                            `sift_targetmodules` default); a parameter is a target when its name
+                            ends with "<module>.weight".
+  selection_batches  1      optimizer steps whose |grad| is summed before selecting (the code
+                            uses one batch; more is an option of this benchmark). With
+                            gradient accumulation, one step's |grad| is |sum of its micro-batch
+                            gradients|.
+  train_selection_step True the last selection step also trains: right after selecting, its
+                            gradient at idx becomes delta.grad and the optimizer steps. The code
+                            instead discards the selection batch's gradient and trains from the
+                            next batch on (set False for that). Earlier selection steps (when
+                            selection_batches > 1) never train: the optimizer sees no gradient.
+  decay_selected     False  weight decay. In the code the sparse parameters are increments that
+                            are zero before every step, so AdamW's decoupled decay (p *= 1-lr*wd)
+                            on them is a no-op: SIFT effectively trains WITHOUT weight decay even
+                            though its script passes 0.01. Default: the same (the deltas' group
+                            has weight_decay 0, so the run's train.weight_decay is ignored).
+                            True: decay the selected entries W[idx] exactly as AdamW decays a
+                            dense parameter: before each step delta is loaded with W[idx], the
+                            group gets train.weight_decay, and after the step W[idx] = delta.
+
+Non-target parameters (embeddings, lm_head, norms) are frozen. The code trains only the sparse
+entries plus an optional `exception` list of densely trained modules; its instruction-tuning
+script passes no exceptions (so embeddings stay frozen there); the GLUE setup is not checked.
+Unconfirmed choices: train_selection_step=True (see above); per-stage reselection in a stream
+(the paper trains one task); selection by the summed |grad| of several steps.
+
+Peak memory: the selection step necessarily holds dense gradients of the target matrices
+(one step, and one |grad| buffer per matrix while selection_batches > 1); afterwards gradients
+of W exist only transiently inside the backward, one matrix at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from clbench.method import MethodError, register
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class SiftOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rate: float = Field(0.05, gt=0, le=1, description="fraction of each target matrix that trains (k = int(rate*numel)+1)")
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1,
+                                      description="module names whose .weight is trained sparsely")
+    selection_batches: int = Field(1, gt=0, description="optimizer steps whose |grad| is summed before selecting indices")
+    train_selection_step: bool = Field(True, description="the last selection step also trains (the code skips it)")
+    decay_selected: bool = Field(False, description="apply AdamW weight decay to the selected entries W[idx] (the code: none)")
+
+
+def budget(numel: int, rate: float) -> int:
+    return min(int(rate * numel) + 1, numel)
+
+
+@register("sift")
+class SIFT:
+    Options = SiftOptions
+
+    def __init__(self, options: SiftOptions):
+        self.options = options
+        self.targets: dict[str, torch.nn.Parameter] = {}
+        self._reset_stage()
+
+    def _reset_stage(self):
+        self.idx: dict[str, torch.Tensor] = {}  # name -> flat indices (long), fixed for the stage
+        self.deltas: dict[str, torch.Tensor] = {}  # name -> dense vector of k, the only optimized tensors
+        self._score: dict[str, torch.Tensor] = {}  # name -> summed |grad| while selecting
+        self._handles = []
+        self._backwards = 0  # optimizer steps' backwards seen this stage
+        self._active = False
+
+    # --- setup ------------------------------------------------------------------------
+
+    def _is_target(self, name: str) -> bool:
+        return any(name.endswith(f"{m}.weight") for m in self.options.target_modules)
+
+    def setup(self, model, run):
+        self.targets = {}
+        for n, p in model.named_parameters():
+            if self._is_target(n):
+                if p.ndim < 2:
+                    raise MethodError(f"sift: target {n} is not a matrix (shape {tuple(p.shape)})")
+                self.targets[n] = p
+                p.requires_grad_(True)  # W must produce a gradient for the hook, but is never optimized
+            else:
+                p.requires_grad_(False)
+        if not self.targets:
+            raise MethodError(f"sift: no parameter matches target_modules {self.options.target_modules}")
+        return model
+
+    def trainable_params(self, model) -> int:
+        return sum(budget(p.numel(), self.options.rate) for p in self.targets.values())
+
+    # --- per stage ----------------------------------------------------------------------
+
+    def stage_start(self, model, stage):
+        self._remove_hooks()
+        self._reset_stage()
+        for n, p in self.targets.items():
+            if not p.is_contiguous():
+                raise MethodError(f"sift: target {n} is not contiguous")
+            self.deltas[n] = torch.zeros(budget(p.numel(), self.options.rate), dtype=torch.float32, device=p.device)
+            self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(n)))
+        self._active = True
+        return model
+
+    def param_groups(self, model, stage):
+        wd = stage.train_config.weight_decay if self.options.decay_selected else 0.0
+        return [{"params": list(self.deltas.values()), "weight_decay": wd}]
+
+    def _make_hook(self, name):
+        def hook(p):
+            # Runs once per micro-batch backward, right after p.grad was accumulated.
+            if not self._active or name not in self.idx:
+                return  # selecting: let the dense gradient accumulate over this step's micro-batches
+            with torch.no_grad():
+                g = p.grad.reshape(-1)[self.idx[name]].to(torch.float32)
+                d = self.deltas[name]
+                if d.grad is None:
+                    d.grad = g
+                else:
+                    d.grad.add_(g)
+            p.grad = None  # free the dense gradient at once
+
+        return hook
+
+    def after_backward(self, model, stage):
+        if self.idx:
+            if self.options.decay_selected:
+                with torch.no_grad():
+                    for n, p in self.targets.items():
+                        self.deltas[n].copy_(p.view(-1)[self.idx[n]])
+            return
+        # still selecting: this step's dense gradients are in p.grad
+        self._backwards += 1
+        last = self._backwards >= self.options.selection_batches
+        with torch.no_grad():
+            for n, p in self.targets.items():
+                g = p.grad
+                score = torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if g is None else g.detach().reshape(-1).abs().float()
+                if n in self._score:
+                    score = self._score.pop(n).add_(score)
+                if not last:
+                    self._score[n] = score
+                    p.grad = None
+                    continue
+                k = self.deltas[n].numel()
+                idx = torch.topk(score, k, sorted=False).indices
+                self.idx[n] = torch.sort(idx).values
+                del score
+                if self.options.train_selection_step and g is not None:
+                    self.deltas[n].grad = g.reshape(-1)[self.idx[n]].float()
+                    if self.options.decay_selected:
+                        self.deltas[n].copy_(p.view(-1)[self.idx[n]])
+                p.grad = None
+
+    def after_step(self, model, stage):
+        self._flush()
+
+    def _flush(self):
+        if not self.idx:
+            return
+        with torch.no_grad():
+            for n, p in self.targets.items():
+                d = self.deltas[n]
+                flat = p.view(-1)
+                if self.options.decay_selected:
+                    if d.grad is not None:  # a step happened: d holds the new values of W[idx]
+                        flat[self.idx[n]] = d.to(p.dtype)
+                else:
+                    flat.index_add_(0, self.idx[n], d.to(p.dtype))
+                d.zero_()
+
+    def stage_end(self, model, stage):
+        if not self.options.decay_selected:
+            self._flush()  # a no-op after a completed step: deltas are zero after every after_step
+        for d in self.deltas.values():
+            d.zero_()
+            d.grad = None
+        for p in self.targets.values():
+            p.grad = None
+        self._remove_hooks()
+        self._active = False
+        return model
+
+    def _remove_hooks(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def state_dict(self):
+        return {}  # indices are redrawn at every stage; nothing carries over
+
+    def load_state_dict(self, state):
+        pass
