@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     r.add_argument("--output-dir", default=None, help="run directory (default runs/<name>)")
     r.add_argument("--fresh", action="store_true", help="discard an existing run directory's results and start over")
+    r.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run directory whose config differs (e.g. a lower lr after a non-finite loss)")
 
     ls = sub.add_parser("list", help="list methods, tasks or streams")
     ls.add_argument("what", choices=["methods", "tasks", "streams"])
@@ -80,7 +82,7 @@ def _dispatch(args) -> int:
         cfg, cdir = load_config(args.config, args.overrides)
         pl = plan(cfg, cdir)
         out = Path(args.output_dir or Path("runs") / cfg.name)
-        execute(pl, out, fresh=args.fresh)
+        execute(pl, out, fresh=args.fresh, allow_changes=args.allow_config_change)
         return 0
 
     if args.cmd == "list":

@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 
+# Fields that never change results: they may differ when a run directory is resumed.
+NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints")
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -108,6 +112,8 @@ class RunConfig(Strict):
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     cache_dir: Optional[str] = Field(None, description="clbench cache (default $CLBENCH_CACHE or ~/.cache/clbench)")
     offline: bool = Field(True, description="forbid hub access (HF_HUB_OFFLINE=1)")
+    keep_checkpoints: Literal["last", "all", "none"] = Field(
+        "last", description="stage checkpoints for resume: the last one per (method, seed), all, or none (a crash restarts that method)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -133,7 +139,7 @@ class RunConfig(Strict):
     def hash(self) -> str:
         """Hash of the resolved config, minus fields that do not change results."""
         d = self.model_dump(mode="json")
-        for k in ("cache_dir", "threads"):
+        for k in NON_RESULT_FIELDS:
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

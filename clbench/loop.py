@@ -122,8 +122,11 @@ class Plan:
 
 
 def plan(cfg: RunConfig, config_dir: Path) -> Plan:
+    from . import models
+
     cache = paths.cache_dir(cfg.cache_dir)
     paths.set_offline_env(cache, cfg.offline)
+    models.check(cfg.model, cache, cfg.offline)
     M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     for f in cfg.method_files:
         M.load_method_file((config_dir / f).resolve())
@@ -176,6 +179,34 @@ class Recorder:
         self.summary: list[dict] = []
         self.methods: dict = {}
         self.meta: dict = {}
+        self.config_changes: list = []
+
+    def load_existing(self) -> bool:
+        """Pick up the results of an earlier, interrupted run of the same config."""
+        f = self.out / "results.json"
+        if not (f.is_file() and (self.out / "matrix.csv").is_file()):
+            return False
+        import json
+
+        prev = json.loads(f.read_text())
+        self.methods = prev.get("methods", {})
+        self.config_changes = prev.get("run", {}).get("config_changes", [])
+        self.rows = [{**r, "seed": int(r["seed"]), "stage": int(r["stage"]), "value": float(r["value"])}
+                     for r in results.read_csv(self.out / "matrix.csv")]
+        self.summary = [{**r, "seed": int(r["seed"])} for r in results.read_csv(self.out / "summary.csv")] \
+            if (self.out / "summary.csv").is_file() else []
+        for r in self.summary:
+            for k, v in r.items():
+                if k not in ("method", "seed"):
+                    r[k] = float(v) if v not in ("", None) else None
+        return True
+
+    def drop(self, method, seed, after_stage: int) -> None:
+        self.rows = [r for r in self.rows if not (r["method"] == method and r["seed"] == seed and r["stage"] > after_stage)]
+
+    def base_scores(self) -> dict | None:
+        base = {r["eval_task"]: r["value"] for r in self.rows if r["stage"] == 0}
+        return base if set(base) == set(self.plan.task_names) else None
 
     def add_row(self, method, seed, stage, trained, scores: dict, primary: dict):
         for task in self.plan.task_names:
@@ -196,13 +227,14 @@ class Recorder:
         results.write_json(self.out / "results.json", {
             "run": {"name": self.cfg.name, "stream": self.cfg.stream or "custom", "order": self.cfg.order if self.cfg.stream else "custom",
                     "tasks": self.plan.task_names, "seeds": self.cfg.seeds, "git_sha": git_sha(),
-                    "config_hash": self.cfg.hash(), "config": self.cfg.model_dump(mode="json")},
+                    "config_hash": self.cfg.hash(), "config_changes": self.config_changes,
+                    "config": self.cfg.model_dump(mode="json")},
             "meta": self.meta,
             "methods": self.methods,
         })
 
 
-def run(pl: Plan, out: Path, console=None) -> Recorder:
+def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -> Recorder:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -232,15 +264,23 @@ def run(pl: Plan, out: Path, console=None) -> Recorder:
                   f"(train examples: {', '.join(f'{n}={len(p)}' for n, p in pairs.items())})")
 
     rec = Recorder(out, cfg, pl)
+    resumed = rec.load_existing()
+    if config_changes:
+        rec.config_changes = rec.config_changes + [config_changes]
     rec.meta = meta_info(desc, device, autocast)
     eval_kw = dict(device=device, autocast_dtype=autocast, batch_size=cfg.eval.batch_size, limit=cfg.eval.limit,
                    bootstrap_iters=cfg.eval.bootstrap_iters, log_samples=cfg.eval.log_samples)
 
     # Row 0: every method starts from the same base weights, so the base model is evaluated once.
-    base_scores, samples, base_eval_s = evaluate_model(base_model, tok, lm_tasks, primary, seed=0, **eval_kw)
-    if cfg.eval.log_samples:
-        results.write_samples(out / "samples" / "base" / "stage0", samples)
-    console.print(f"base model: {_fmt_scores(base_scores)} ({base_eval_s:.1f}s)")
+    base_scores = rec.base_scores() if resumed else None
+    if base_scores is None:
+        base_scores, samples, base_eval_s = evaluate_model(base_model, tok, lm_tasks, primary, seed=0, **eval_kw)
+        if cfg.eval.log_samples:
+            results.write_samples(out / "samples" / "base" / "stage0", samples)
+        console.print(f"base model: {_fmt_scores(base_scores)} ({base_eval_s:.1f}s)")
+    else:
+        base_eval_s = 0.0
+        console.print(f"resuming {out}: base row and completed stages taken from the run directory")
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console, transient=True)
@@ -277,18 +317,42 @@ def run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_ca
                rec: Recorder, device, autocast, eval_kw, progress, console, out: Path):
     from .train import tokenize, train_stage
 
+    from . import checkpoint
+
     cfg = pl.cfg
     name = spec.run_name
+    prev = rec.methods.get(name, {}).get("seeds", {}).get(str(seed))
+    if prev and prev.get("complete"):
+        console.print(f"[{name} seed {seed}] already complete in {out}; skipped")
+        return None
     seed_everything(seed)
     meth = M.make(spec.name, spec.options)
     run_ctx = M.RunContext(method=name, seed=seed, tasks=pl.task_names, device=device, tokenizer=tok)
     model = copy.deepcopy(base_model)  # peft wraps in place; keep the base pristine for the next method
     model = meth.setup(model, run_ctx)
     model.to(device)
-    rec.add_row(name, seed, 0, None, base_scores, primary)
-    train_s, eval_s, peak = 0.0, base_eval_s, 0.0
-    stage_log = []
+    # Checkpoints are diffs against this post-setup state (rebuilt identically on resume).
+    reference = checkpoint.snapshot(model) if cfg.keep_checkpoints != "none" else None
+    ckpt_dir = out / "checkpoints" / name / f"seed{seed}"
+    train_s, eval_s, peak, stage_log, start = 0.0, base_eval_s, 0.0, [], 1
+    done = len(prev.get("stages", [])) if prev else 0
+    if done and reference is not None and (ckpt_dir / f"stage{done}.pt").is_file():
+        ck = checkpoint.load(ckpt_dir / f"stage{done}.pt")
+        checkpoint.apply_diff(model, reference, ck["diff"])
+        if ck.get("method") is not None:
+            M.call(meth, "load_state_dict", ck["method"])
+        checkpoint.set_rng_state(ck["rng"])
+        train_s, eval_s, peak = ck["train_seconds"], ck["eval_seconds"], ck["peak_mem_mb"]
+        stage_log = list(prev["stages"][:done])
+        start = done + 1
+        rec.drop(name, seed, done)
+        console.print(f"[{name} seed {seed}] resumed after stage {done} from {ckpt_dir / f'stage{done}.pt'}")
+    else:
+        rec.drop(name, seed, -1)
+        rec.add_row(name, seed, 0, None, base_scores, primary)
     for t, task in enumerate(pl.task_names, 1):
+        if t < start:
+            continue
         tcfg = cfg.train.merged(spec.train, cfg.stage_overrides(t, task))
         key = (task, tcfg.max_length)
         if key not in tok_cache:
@@ -299,6 +363,9 @@ def run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_ca
         torch.manual_seed(s)
         gen = torch.Generator().manual_seed(s)
         stage = M.StageContext(stage=t, task=task, seed=seed, run=run_ctx, train_config=tcfg, generator=gen)
+        from .train import num_steps
+
+        stage.total_steps = num_steps(tcfg, len(examples))
 
         def calibrate(m, steps=None, lr=None, desc="calibrate", _stage=stage, _ex=examples, _tcfg=tcfg):
             c = _tcfg.merged(M_over(steps=steps, lr=lr))
@@ -319,13 +386,21 @@ def run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_ca
         if cfg.eval.log_samples:
             results.write_samples(out / "samples" / name / f"seed{seed}" / f"stage{t}", samples)
         rec.add_row(name, seed, t, task, scores, primary)
+        ck_mb = None
+        if reference is not None:
+            ck_mb = checkpoint.save(ckpt_dir / f"stage{t}.pt", model, reference, M.call(meth, "state_dict"),
+                                    {"train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stage": t})
         stage_log.append({"stage": t, "task": task, "steps": stats["steps"], "first_loss": stats["first_loss"],
-                          "last_loss": stats["last_loss"], "train_seconds": stats["seconds"], "eval_seconds": es})
+                          "last_loss": stats["last_loss"], "train_seconds": stats["seconds"], "eval_seconds": es,
+                          "checkpoint_mb": ck_mb})
         console.print(f"[{name} seed {seed}] stage {t}/{len(pl.task_names)} {task}: {stats['steps']} steps, "
                       f"loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f} ({stats['seconds']:.1f}s); "
-                      f"eval {_fmt_scores(scores)} ({es:.1f}s)")
+                      f"eval {_fmt_scores(scores)} ({es:.1f}s)" + (f"; checkpoint {ck_mb:.1f} MB" if ck_mb else ""))
         _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log)
         rec.flush()
+        # Only now that the results say stage t is done may the previous checkpoint go.
+        if reference is not None and cfg.keep_checkpoints == "last" and t > 1:
+            (ckpt_dir / f"stage{t - 1}.pt").unlink(missing_ok=True)
     return model
 
 

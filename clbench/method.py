@@ -79,7 +79,8 @@ class StageContext:
     generator: torch.Generator
     calibrate: Callable[..., dict] = None
     global_step: int = 0
-    total_steps: int = 0
+    total_steps: int = 0  # set before stage_start (and again by each calibration pass)
+    optimizer: Any = None  # the stage's optimizer while train_stage runs (after_step may read its lr)
     extras: dict = field(default_factory=dict)
 
 

@@ -124,6 +124,30 @@ def build_tiny_model(seed: int = 0, vocab_size: int = 512):
     return model
 
 
+def check(spec: str, cache: Path | None = None, offline: bool = True) -> None:
+    """Fail early (before any data or training work) on a model that cannot be loaded."""
+    if spec == "tiny":
+        return
+    if spec == "smollm2-135m-instruct":
+        out = paths.models_dir(cache or paths.cache_dir()) / "smollm2-135m-instruct"
+        if not (out / "config.json").is_file():
+            _find_smollm2_gguf()
+        return
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model folder {p} has no config.json (expected a transformers model folder)")
+        return
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path {spec!r} does not exist")
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if try_to_load_from_cache(spec, "config.json") is None:
+            raise ModelError(f"model {spec!r} not found: not an alias ({', '.join(ALIASES)}), not a local folder, "
+                             "and not in the local hub cache while offline (set `offline: false` to download it from the hub)")
+
+
 def resolve(spec: str, cache: Path | None = None, seed: int = 0):
     """Return (model, tokenizer, description) for a model spec; float32 weights on CPU."""
     cache = cache or paths.cache_dir()
@@ -138,7 +162,7 @@ def resolve(spec: str, cache: Path | None = None, seed: int = 0):
         if not (p / "config.json").is_file():
             raise ModelError(f"model folder {p} has no config.json (expected a transformers model folder)")
         return (*_load_folder(p), str(p))
-    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model path {spec!r} does not exist")
     # A hub id: works for users with a hub; offline it fails with a clear message.
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import NON_RESULT_FIELDS
 from .errors import ClbenchError
 from .loop import Plan, run
 
@@ -68,33 +69,37 @@ def _diff(old: dict, new: dict, prefix="") -> list[str]:
     return out
 
 
-def check_run_dir(pl: Plan, out: Path, fresh: bool) -> None:
+def check_run_dir(pl: Plan, out: Path, fresh: bool, allow_changes: bool = False) -> list[str]:
     old_cfg = out / "config.yaml"
     if fresh:
         for f in RESULT_FILES:
             (out / f).unlink(missing_ok=True)
         for d in ("samples", "checkpoints", "report"):
             shutil.rmtree(out / d, ignore_errors=True)
-        return
+        return []
     if old_cfg.is_file():
         old = yaml.safe_load(old_cfg.read_text()) or {}
         new = json.loads(json.dumps(pl.cfg.model_dump(mode="json")))
-        for ignore in ("cache_dir", "threads"):
+        for ignore in NON_RESULT_FIELDS:
             old.pop(ignore, None)
             new.pop(ignore, None)
         diffs = _diff(old, new)
-        if diffs:
+        if diffs and not allow_changes:
             raise RunDirError(f"run directory {out} holds results of a different config; differences:\n  "
-                              + "\n  ".join(diffs[:20]) + "\nuse --fresh to start over, or another --output-dir")
+                              + "\n  ".join(diffs[:20]) + "\nuse --fresh to start over, --allow-config-change to continue "
+                              "from the last completed stage with the new config (e.g. after a non-finite loss), "
+                              "or another --output-dir")
+        return diffs
+    return []
 
 
-def execute(pl: Plan, out: Path, fresh: bool = False):
+def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = False):
     from rich.console import Console
 
     console = Console(stderr=True)
     with RunLock(out):
-        check_run_dir(pl, out, fresh)
-        rec = run(pl, out, console)
+        changes = check_run_dir(pl, out, fresh, allow_changes)
+        rec = run(pl, out, console, config_changes=changes)
     print_results(rec, Console(width=max(120, Console().width)))
     return rec
 

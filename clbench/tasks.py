@@ -67,6 +67,10 @@ class TaskDef:
             if not f.is_file():
                 hint = (f"; run `clbench data prepare` (or `clbench data prepare --tasks {self.name}`)" if self.prepared else "")
                 raise TaskError(f"task {self.name!r}: {split} data file not found: {f}{hint}")
+            from .data import read_jsonl
+
+            if not read_jsonl(f):  # names file and line of a malformed line
+                raise TaskError(f"task {self.name!r}: {split} data file {f} holds no documents")
         return files
 
     def lm_eval_config(self, cache: Path) -> dict:

@@ -147,7 +147,8 @@ def train_stage(model, method, examples: list[Example], cfg, stage_ctx, *, devic
     opt = make_optimizer(groups, cfg)  # fresh per stage
     total = num_steps(cfg, len(examples))
     sched = make_scheduler(opt, cfg, total)
-    stage_ctx.total_steps = total
+    saved = (stage_ctx.total_steps, stage_ctx.optimizer)
+    stage_ctx.total_steps, stage_ctx.optimizer = total, opt
     batches = batch_stream(examples, min(cfg.batch_size, len(examples)), stage_ctx.generator)
     params = [p for g in groups for p in g["params"]]
     losses: list[float] = []
@@ -185,5 +186,9 @@ def train_stage(model, method, examples: list[Example], cfg, stage_ctx, *, devic
             progress.update(task, advance=1, loss=step_loss)
     if progress is not None:
         progress.remove_task(task)
+    if dense:  # a calibration pass must not leave its own step count behind for the real stage
+        stage_ctx.total_steps, stage_ctx.optimizer = saved
+    else:
+        stage_ctx.optimizer = None
     del opt
     return {"steps": total, "losses": losses, "seconds": time.perf_counter() - t0, "first_loss": losses[0], "last_loss": losses[-1]}

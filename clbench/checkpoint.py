@@ -1,0 +1,91 @@
+"""Stage checkpoints for resume: what is needed to continue after a completed stage.
+
+A checkpoint stores the model as a DIFF against the state right after the method's
+`setup` (which a resumed run rebuilds deterministically from the base model and the
+seed): unchanged tensors are skipped, sparsely changed tensors are stored as (indices,
+values), and only densely changed tensors are stored whole. So LoRA stores its adapter,
+a sparse method its changed entries, and full fine-tuning a full copy (there is no
+smaller exact description of it). Plus the method's own state (masks, merged task
+vectors, ...) and the RNG states. Written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPARSE_MAX_FRACTION = 0.3  # above this share of changed entries a dense copy is smaller
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def model_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> dict:
+    diff = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        ref = reference.get(k)
+        if ref is not None and ref.shape == v.shape and ref.dtype == v.dtype:
+            changed = (ref != v).view(-1)
+            n = int(changed.sum())
+            if n == 0:
+                continue
+            if n <= SPARSE_MAX_FRACTION * v.numel():
+                idx = changed.nonzero().view(-1)
+                diff[k] = ("sparse", idx.clone(), v.reshape(-1)[idx].clone())
+                continue
+        diff[k] = ("dense", v.clone())
+    return diff
+
+
+def apply_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor], diff: dict) -> None:
+    state = {k: t.clone() for k, t in reference.items()}
+    for k, entry in diff.items():
+        if entry[0] == "dense":
+            state[k] = entry[1]
+        else:
+            _, idx, vals = entry
+            flat = state[k].reshape(-1)
+            flat[idx] = vals
+            state[k] = flat.view_as(reference[k])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"checkpoint does not fit the model: unexpected keys {unexpected[:5]}")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save(path: Path, model, reference, method_state, extra: dict) -> float:
+    """Write one stage checkpoint atomically; returns its size in MB."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"diff": model_diff(model, reference), "method": method_state, "rng": rng_state(), **extra}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path.stat().st_size / 2**20
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,315 @@
+"""Reliability: resume after SIGKILL with the identical result, locks, atomic writes, NaN
+handling, determinism, and a clear early error for every kind of bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY_CONFIG
+
+TINY_TASKS = REPO / "configs" / "tiny_tasks"
+
+
+def clbench(*args, env=None, **kw):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "clbench", *map(str, args)], capture_output=True, text=True, env=e, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    r = clbench("run", TINY_CONFIG, "--output-dir", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_same_seed_same_matrix(reference_run, tmp_path):
+    r = clbench("run", TINY_CONFIG, "--output-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
+
+
+def test_different_seed_changes_data_order():
+    import torch
+
+    from clbench.loop import stage_seed
+    from clbench.train import Example, batch_stream
+
+    ex = [Example([i, i + 1], 1) for i in range(32)]
+
+    def first_batches(seed):
+        g = torch.Generator().manual_seed(stage_seed(seed, 1))
+        it = batch_stream(ex, 4, g)
+        return [tuple(e.input_ids[0] for e in next(it)) for _ in range(3)]
+
+    assert first_batches(0) == first_batches(0)
+    assert first_batches(0) != first_batches(1)
+
+
+def test_resume_after_sigkill_gives_identical_matrix(reference_run, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "clbench", "run", str(TINY_CONFIG), "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "checkpoints" / "full_ft" / "seed0" / "stage1.pt"
+
+    def stage1_recorded():  # results.json is written last after a stage: then the stage is done
+        try:
+            res = json.loads((out / "results.json").read_text())
+            return first.exists() and len(res["methods"]["full_ft"]["seeds"]["0"]["stages"]) == 1
+        except (FileNotFoundError, KeyError):
+            return False
+
+    deadline = time.time() + 240
+    while not stage1_recorded() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: stage 2 of full_ft has started
+    proc.wait()
+    assert stage1_recorded(), "the run ended before its first checkpoint"
+    rows = (out / "matrix.csv").read_text().splitlines()
+    assert len(rows) - 1 < 2 * 4 * 3, "the kill came after the run had finished"
+    assert (out / ".lock").exists()  # SIGKILL leaves the lock: the next run must see it is stale
+    r = clbench("run", TINY_CONFIG, "--output-dir", out)
+    assert r.returncode == 0, r.stderr
+    assert "resum" in r.stderr
+    assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
+    assert not (out / ".lock").exists()
+
+
+def test_checkpoints_are_diffs_and_keep_last(reference_run):
+    ck = reference_run / "checkpoints"
+    assert sorted(p.name for p in (ck / "full_ft" / "seed0").iterdir()) == ["stage3.pt"]
+    import json
+
+    res = json.loads((reference_run / "results.json").read_text())
+    full = res["methods"]["full_ft"]["seeds"]["0"]["stages"][-1]["checkpoint_mb"]
+    lora = res["methods"]["lora"]["seeds"]["0"]["stages"][-1]["checkpoint_mb"]
+    assert 0 < lora < full / 3  # LoRA's checkpoint holds its adapter, not a model copy
+
+
+def test_diff_roundtrip_is_exact():
+    import torch
+
+    from clbench import checkpoint, models
+
+    tok = models.build_tiny_tokenizer()
+    m = models.build_tiny_model(0, len(tok))
+    ref = checkpoint.snapshot(m)
+    with torch.no_grad():
+        m.model.layers[0].mlp.up_proj.weight[0, :3] += 1.0  # sparse change
+        m.model.layers[1].self_attn.q_proj.weight.mul_(1.5)  # dense change
+    diff = checkpoint.model_diff(m, ref)
+    assert diff["model.layers.0.mlp.up_proj.weight"][0] == "sparse"
+    assert diff["model.layers.1.self_attn.q_proj.weight"][0] == "dense"
+    assert "model.layers.0.self_attn.k_proj.weight" not in diff
+    m2 = models.build_tiny_model(0, len(tok))
+    checkpoint.apply_diff(m2, ref, diff)
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_different_config_is_refused_and_fresh_starts_over(reference_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "r"
+    shutil.copytree(reference_run, out)
+    r = clbench("run", TINY_CONFIG, "--output-dir", out, "--set", "train.lr=0.5")
+    assert r.returncode == 2
+    assert "different config" in r.stderr and "train.lr: 0.003 -> 0.5" in r.stderr and "Traceback" not in r.stderr
+    r = clbench("run", TINY_CONFIG, "--output-dir", out, "--set", "train.lr=0.5", "--set", "train.steps=2", "--fresh")
+    assert r.returncode == 0, r.stderr
+    assert "train.lr: 0.5" not in r.stderr and (out / "matrix.csv").read_text() != (reference_run / "matrix.csv").read_text()
+
+
+def test_second_process_is_refused_and_stale_lock_taken_over(tmp_path):
+    from clbench.runner import RunDirError, RunLock
+
+    out = tmp_path / "locked"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / ".lock").write_text(str(sleeper.pid))
+        with pytest.raises(RunDirError, match=f"in use by process {sleeper.pid}"):
+            with RunLock(out):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with RunLock(out):  # its process is gone: a stale lock
+        assert (out / ".lock").read_text() == str(os.getpid())
+    assert not (out / ".lock").exists()
+
+
+def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
+    from clbench import results
+
+    f = tmp_path / "matrix.csv"
+    results.atomic_write_text(f, "old\n")
+
+    def boom(*a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        results.atomic_write_text(f, "new\n")
+    assert f.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["matrix.csv"]
+
+
+NAN_METHOD = '''
+import torch
+from pydantic import BaseModel
+from clbench.method import register
+
+class Opts(BaseModel):
+    nan_at_stage: int = 2
+
+@register("nan_after")
+class NanAfter:
+    Options = Opts
+    def __init__(self, o):
+        self.o = o
+    def setup(self, model, run):
+        return model
+    def extra_loss(self, model, batch, stage):
+        return torch.tensor(float("nan")) if stage.stage == self.o.nan_at_stage else None
+'''
+
+
+def test_nan_loss_stops_with_clear_error_and_resumes_after_change(tmp_path):
+    (tmp_path / "nan_method.py").write_text(NAN_METHOD)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        model: tiny
+        stream: tiny3
+        task_dirs: [{TINY_TASKS}]
+        method_files: [nan_method.py]
+        methods: [{{name: nan_after}}]
+        train: {{steps: 3, max_length: 64}}
+        eval: {{limit: 8}}
+        precision: fp32
+    """))
+    out = tmp_path / "out"
+    r = clbench("run", cfg, "--output-dir", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "non-finite loss" in r.stderr and "stage 2 (tiny_compare), step 1" in r.stderr and "'nan_after'" in r.stderr
+    stages = {line.split(",")[2] for line in (out / "matrix.csv").read_text().splitlines()[1:]}
+    assert stages == {"0", "1"}  # what was computed stays on disk
+    r = clbench("run", cfg, "--output-dir", out, "--set", "methods.0.options.nan_at_stage=99")
+    assert r.returncode == 2 and "--allow-config-change" in r.stderr
+    r = clbench("run", cfg, "--output-dir", out, "--set", "methods.0.options.nan_at_stage=99", "--allow-config-change")
+    assert r.returncode == 0, r.stderr
+    assert "resumed after stage 1" in r.stderr
+    stages = [line.split(",")[2] for line in (out / "matrix.csv").read_text().splitlines()[1:]]
+    assert sorted(set(stages)) == ["0", "1", "2", "3"] and len(stages) == 12
+
+
+# --- bad input: each case fails early, one readable message, no traceback ------------
+
+GOOD = f"""
+model: tiny
+stream: tiny3
+task_dirs: [{TINY_TASKS}]
+methods: [{{name: full_ft}}]
+train: {{steps: 2}}
+eval: {{limit: 4}}
+precision: fp32
+"""
+
+
+def _bad_task_dir(tmp_path, yaml_text, train_lines=None):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    (d / "t.yaml").write_text(yaml_text)
+    (d / "t.train.jsonl").write_text("\n".join(train_lines or ['{"x": "a", "label": 0}']) + "\n")
+    (d / "t.test.jsonl").write_text('{"x": "b", "label": 1}\n')
+    return d
+
+
+TASK_YAML = """task: t
+output_type: multiple_choice
+doc_to_text: "{{x}}"
+doc_to_target: label
+doc_to_choice: ["no", "yes"]
+metric_list: [{metric: acc}]
+clbench: {data: {train: t.train.jsonl, test: t.test.jsonl}}
+"""
+
+
+def _case(tmp_path, name):
+    """(config text, extra args, expected message parts) for one bad-input case."""
+    cases = {
+        "unknown_method": (GOOD.replace("full_ft", "fulll_ft"), [], ["unknown method 'fulll_ft'", "available:", "full_ft", "lora"]),
+        "unknown_task": (GOOD.replace("stream: tiny3", "tasks: [tiny_parity, nope]"), [], ["unknown task(s) 'nope'", "tiny_copy"]),
+        "unknown_stream": (GOOD.replace("tiny3", "tiny9"), [], ["unknown stream 'tiny9'", "available:", "tiny3"]),
+        "malformed_yaml": (GOOD + "train: [oops\n", [], ["c.yaml:", "malformed YAML"]),
+        "unknown_key": (GOOD + "evall: {}\n", [], ["unknown key 'evall'", "allowed keys:"]),
+        "wrong_type": (GOOD, ["--set", "train.batch_size=big"], ["train.batch_size", "integer"]),
+        "lr_not_positive": (GOOD, ["--set", "train.lr=0"], ["train.lr", "greater than 0"]),
+        "empty_stream": (GOOD.replace("stream: tiny3", "tasks: []"), [], ["`tasks` is empty"]),
+        "duplicate_task": (GOOD.replace("stream: tiny3", "tasks: [tiny_copy, tiny_copy]"), [], ["duplicate task(s) in the stream: tiny_copy"]),
+        "bad_method_option": (GOOD.replace("{name: full_ft}", "{name: lora, options: {r: 0}}"), [], ["lora options", "r", "greater than 0"]),
+        "missing_model": (GOOD.replace("model: tiny", f"model: {tmp_path}/no-such-model"), [], ["no-such-model", "does not exist"]),
+        "unknown_alias": (GOOD.replace("model: tiny", "model: smollm3-9b"), [], ["smollm3-9b", "not an alias"]),
+    }
+    return cases[name]
+
+
+@pytest.mark.parametrize("name", ["unknown_method", "unknown_task", "unknown_stream", "malformed_yaml", "unknown_key",
+                                  "wrong_type", "lr_not_positive", "empty_stream", "duplicate_task", "bad_method_option",
+                                  "missing_model", "unknown_alias"])
+def test_bad_config_input(tmp_path, run_cli, name):
+    text, extra, needles = _case(tmp_path, name)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    code, out, err = run_cli("run", cfg, "--output-dir", tmp_path / "out", *extra)
+    assert code == 2
+    assert err.startswith("clbench: error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+    assert not (tmp_path / "out" / "matrix.csv").exists()  # failed before any training
+
+
+def _run_with_tasks(tmp_path, run_cli, task_yaml, train_lines=None):
+    d = _bad_task_dir(tmp_path, task_yaml, train_lines)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(GOOD.replace(f"task_dirs: [{TINY_TASKS}]", f"task_dirs: [{d}]").replace("stream: tiny3", "tasks: [t]"))
+    return run_cli("run", cfg, "--output-dir", tmp_path / "out")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, run_cli):
+    code, _, err = _run_with_tasks(tmp_path, run_cli, TASK_YAML, ['{"x": "a", "label": 0}', '{"x": "b", label: 1}'])
+    assert code == 2 and "t.train.jsonl:2: malformed JSON line" in err
+
+
+def test_missing_data_file(tmp_path, run_cli):
+    code, _, err = _run_with_tasks(tmp_path, run_cli, TASK_YAML.replace("t.test.jsonl", "gone.jsonl"))
+    assert code == 2 and "test data file not found" in err and "gone.jsonl" in err
+
+
+def test_task_yaml_missing_field(tmp_path, run_cli):
+    code, _, err = _run_with_tasks(tmp_path, run_cli, TASK_YAML.replace("doc_to_target: label\n", ""))
+    assert code == 2 and "t.yaml: task YAML is missing required field(s): doc_to_target" in err
+
+
+def test_user_method_file_errors(tmp_path, run_cli):
+    (tmp_path / "broken.py").write_text("import no_such_module_here\n")
+    (tmp_path / "noproto.py").write_text("from clbench.method import register\n@register('noproto')\nclass X:\n    pass\n")
+    for f, needle in (("broken.py", "failed to import: ModuleNotFoundError"), ("noproto.py", "does not implement the protocol: no setup")):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(GOOD + f"method_files: [{f}]\n")
+        code, _, err = run_cli("run", cfg, "--output-dir", tmp_path / "out")
+        assert code == 2 and f in err and needle in err and "Traceback" not in err
+
+
+def test_debug_flag_shows_traceback(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(GOOD.replace("full_ft", "nope"))
+    r = clbench("--debug", "run", cfg)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "unknown method 'nope'" in r.stderr
