@@ -93,6 +93,11 @@ class MaskedUpdate:
         return [g for g in groups if g["params"]]
 
     def _lr(self, stage) -> float:
+        """The lr of the optimizer step about to be taken: the loop's optimizer while it
+        trains (its scheduler steps after the optimizer), else the loop's schedule."""
+        opt = getattr(stage, "optimizer", None)
+        if opt is not None:
+            return opt.param_groups[0]["lr"]
         cfg, step, total = stage.train_config, stage.global_step, stage.total_steps
         key = (cfg.lr, cfg.warmup_steps, cfg.lr_schedule, total)
         if self._lr_cache is None or self._lr_cache[0] != key:
