@@ -1,0 +1,141 @@
+"""HFT, Half Fine-Tuning (Hui et al. 2024, arXiv 2404.18466).
+
+Idea: at the start of EACH stage freeze about half of the parameters, chosen at the category
+level per layer and redrawn every stage; the frozen half keeps the old knowledge (less
+forgetting than full fine-tuning), and frozen matrices skip their weight-gradient GEMM and
+the optimizer (the paper reports about 30% less training time).
+
+The draw per layer (paper, rule `count`):
+  attention  freeze 2 of {q, k, v, o};
+  MLP        in a random half of the layers freeze 2 of {gate, up, down}, in the other half 1
+             (with an odd number of layers, floor(L/2) layers freeze 2);
+  norms      freeze 1 of {input_layernorm, post_attention_layernorm}.
+Frozen matrices get requires_grad=False (whole tensors, clbench.masking.MaskedUpdate).
+
+Rule `params` (ours, for grouped-query attention, where k and v are smaller than q and o so
+"2 of 4" is not half the attention): MLP and norms as above; the attention subset (at least
+one matrix frozen and at least one trained, so attention stays half-tuned at category level)
+is the one that brings the layer's frozen parameter count closest to half of the layer's
+parameters; ties are drawn at random. Per layer the frozen count is then within one matrix
+of half (for SmolLM2-135M and the tiny model it is half within one k/v matrix, and exactly half
+summed over each pair of MLP-2/MLP-1 layers).
+
+Randomness: a torch.Generator seeded from (run seed, stage) (clbench.masking.derive_seed), so the
+same seed gives the same draw and every stage a new one; the loop's batch RNG is untouched.
+
+Options:
+  rule              "count" (paper) or "params".
+  train_embeddings  true: input embeddings and lm_head (tied in SmolLM2) always train
+                    (unconfirmed: the paper states the per-layer rule only).
+  train_final_norm  true: the final norm always trains (unconfirmed, as above).
+  salt              0: mixed into the seed (draw a different family of masks).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from clbench.masking import MaskedMethod, MaskedUpdate, derive_seed
+from clbench.method import MethodError, register
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+NORMS = ["input_layernorm", "post_attention_layernorm"]
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.|mlp\.)?(" + "|".join(ATTN + MLP + NORMS) + r")\.weight$")
+
+
+class HftOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rule: Literal["count", "params"] = Field("count", description="count = the paper's 2-of-4 / 2-or-1-of-3 / 1-of-2; params = closest to half the layer's parameters")
+    train_embeddings: bool = Field(True, description="embeddings and lm_head always train (unconfirmed)")
+    train_final_norm: bool = Field(True, description="the final norm always trains (unconfirmed)")
+    salt: int = Field(0, description="mixed into the stage seed")
+
+
+def layer_params(model: torch.nn.Module) -> dict[int, dict[str, tuple[str, int]]]:
+    """layer index -> category member (q_proj, ..., input_layernorm) -> (parameter name, numel)."""
+    layers: dict[int, dict[str, tuple[str, int]]] = {}
+    for n, p in model.named_parameters():
+        m = _LAYER.search(n)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = (n, p.numel())
+    for i, members in layers.items():
+        missing = [c for c in ATTN + MLP + NORMS if c not in members]
+        if missing:
+            raise MethodError(f"hft: layer {i} lacks {missing}; HFT needs a Llama-style decoder")
+    return dict(sorted(layers.items()))
+
+
+def _pick(items: list[str], k: int, gen: torch.Generator) -> list[str]:
+    return [items[i] for i in sorted(torch.randperm(len(items), generator=gen)[:k].tolist())]
+
+
+def draw_frozen(layers: dict[int, dict[str, tuple[str, int]]], rule: str, gen: torch.Generator) -> dict[int, list[str]]:
+    """layer -> the frozen members of that layer."""
+    idx = list(layers)
+    mlp2 = set(_pick(idx, len(idx) // 2, gen))
+    frozen = {}
+    for i in idx:
+        size = {c: layers[i][c][1] for c in ATTN + MLP + NORMS}
+        mlp = _pick(MLP, 2 if i in mlp2 else 1, gen)
+        norm = _pick(NORMS, 1, gen)
+        if rule == "count":
+            attn = _pick(ATTN, 2, gen)
+        else:
+            half = sum(size.values()) / 2
+            rest = sum(size[c] for c in mlp + norm)
+            subsets = [[ATTN[j] for j in range(4) if bits >> j & 1] for bits in range(1, 15)]  # 1..3 of 4
+            gaps = [abs(rest + sum(size[c] for c in s) - half) for s in subsets]
+            best = [s for s, g in zip(subsets, gaps) if g == min(gaps)]
+            attn = best[int(torch.randint(len(best), (1,), generator=gen))]
+        frozen[i] = attn + mlp + norm
+    return frozen
+
+
+@register("hft")
+class HFT(MaskedMethod):
+    Options = HftOptions
+
+    def __init__(self, options: HftOptions):
+        self.options = options
+        self.update: MaskedUpdate | None = None
+        self.frozen: list[dict[int, list[str]]] = []  # per stage: layer -> frozen members
+
+    def setup(self, model, run):
+        self.layers = layer_params(model)
+        return model
+
+    def trainable_names(self, model, frozen: dict[int, list[str]]) -> list[str]:
+        o = self.options
+        frozen_names = {self.layers[i][c][0] for i, cs in frozen.items() for c in cs}
+        in_layers = {n for members in self.layers.values() for n, _ in members.values()}
+        emb = {n for n, p in model.named_parameters()
+               if any(p is m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None)}
+        names = []
+        for n, _ in model.named_parameters():
+            if n in in_layers:
+                ok = n not in frozen_names
+            elif n in emb:
+                ok = o.train_embeddings
+            else:  # the final norm (and anything else outside the layers)
+                ok = o.train_final_norm
+            if ok:
+                names.append(n)
+        return names
+
+    def stage_start(self, model, stage):
+        gen = torch.Generator().manual_seed(derive_seed(stage.seed, stage.stage, self.options.salt))
+        frozen = draw_frozen(self.layers, self.options.rule, gen)
+        self.frozen.append(frozen)
+        self.update = MaskedUpdate.whole(self.trainable_names(model, frozen))
+        return self.update.apply(model)
+
+    def state_dict(self):
+        return {"frozen": self.frozen}
+
+    def load_state_dict(self, state):
+        self.frozen = state["frozen"]
