@@ -1,0 +1,163 @@
+"""KS-Lottery (Yuan et al. 2024, arXiv 2402.02801): find the few token embeddings that matter.
+
+Idea: fine-tune only the token-embedding matrix once, then ask per token row whether its
+values moved in distribution (a two-sample Kolmogorov-Smirnov test between the row before and
+after); only the rows that did (a "winning ticket" of a handful of tokens) are then tuned,
+starting again from the original embeddings. The paper finds that tuning a few dozen token
+embeddings of LLaMA matches full fine-tuning on translation.
+
+Each stage (stage_start, then the loop's training):
+  1. E = a copy of the input embedding matrix.
+  2. First pass: train ONLY the embedding, densely, weight decay 0 (stage.calibrate, the loop's
+     own training loop) -> E'.
+  3. Per row j: KS test between the d values of E_j and E'_j (two-sided, as
+     scipy.stats.ks_2samp(E_j, E'_j) with its default method). Rows with p < alpha are
+     selected (or the n rows with the largest statistic, option n).
+     Speed: only rows that changed are tested (unchanged rows have D = 0, p = 1). The
+     statistic D is computed for all changed rows at once in torch (sorted rows +
+     searchsorted, exactly scipy's definition, ties included); with equal sample sizes
+     d, D = k/d, and the p-value depends only on (D, d, d), so scipy is called once per
+     distinct k (at most d + 1 calls) on two samples with that statistic.
+  4. Reset E, then train only the selected rows (a row mask on the embedding,
+     clbench.masking.MaskedUpdate; everything else frozen).
+
+Tied embeddings: SmolLM2 and the tiny model tie the input embedding to the output head;
+named_parameters() lists the tied weight once (as the embedding), so the first pass also
+trains it in its role as the output head (which moves every row, so every row is tested), and
+the row mask then also applies to the head's rows: with tied weights "tuning the token
+embeddings" means tuning those tokens' input and output vectors. Untied models: only the
+input embedding is considered.
+
+Options:
+  alpha              0.05: significance level (unconfirmed: the paper's alpha; 0.05 is typical).
+  n                  null: select the n rows with the largest KS statistic instead of p < alpha
+                     (ties broken by lower token id).
+  min_rows           1: if fewer rows pass the test, top up with the largest-statistic rows
+                     (ours: a stage with nothing to train cannot run in the loop).
+  calibration_steps  null = the stage's steps (unconfirmed: the paper's first pass trains to
+                     convergence on the task).
+  calibration_lr     null = the stage's lr (unconfirmed).
+The sparse stage uses the loop's optimizer settings (weight decay only on the selected rows).
+Not implemented: the paper's "partial transfer" (copy the selected rows of E' instead of
+retraining them).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from clbench.masking import MaskedMethod, MaskedUpdate
+from clbench.method import MethodError, register
+
+
+class KsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = Field(0.05, gt=0, lt=1, description="select rows with KS p-value < alpha")
+    n: Optional[int] = Field(None, gt=0, description="select the n rows with the largest KS statistic instead")
+    min_rows: int = Field(1, ge=1, description="select at least this many rows (largest statistic first)")
+    calibration_steps: Optional[int] = Field(None, gt=0, description="steps of the embedding-only pass (null = the stage's steps)")
+    calibration_lr: Optional[float] = Field(None, gt=0, description="lr of the embedding-only pass (null = the stage's lr)")
+
+
+def ks_counts(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Row-wise two-sample KS statistic of equal-length rows, as integers k = D * d."""
+    out = []
+    for i in range(0, a.shape[0], chunk):
+        sa = torch.sort(a[i:i + chunk].float(), dim=1).values
+        sb = torch.sort(b[i:i + chunk].float(), dim=1).values
+        both = torch.cat([sa, sb], dim=1)
+        ca = torch.searchsorted(sa, both, right=True)
+        cb = torch.searchsorted(sb, both, right=True)
+        out.append((ca - cb).abs().amax(dim=1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def ks_pvalues(k: torch.Tensor, d: int) -> torch.Tensor:
+    """p-value of scipy.stats.ks_2samp for statistic k/d with two samples of size d."""
+    from scipy.stats import ks_2samp
+
+    x = np.arange(d, dtype=np.float64)
+    table = {int(u): float(ks_2samp(x, x + int(u)).pvalue) for u in torch.unique(k).tolist()}
+    return torch.tensor([table[int(u)] for u in k.tolist()], dtype=torch.float64)
+
+
+def ks_rows(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(statistic D, p-value) per row and the number of rows tested: only changed rows are
+    tested (unchanged rows: D=0, p=1)."""
+    rows, d = before.shape
+    D = torch.zeros(rows, dtype=torch.float64)
+    p = torch.ones(rows, dtype=torch.float64)
+    changed = (before != after).any(dim=1).nonzero().flatten()
+    if changed.numel():
+        k = ks_counts(before[changed], after[changed])
+        D[changed] = k.double() / d
+        p[changed] = ks_pvalues(k, d)
+    return D, p, changed.numel()
+
+
+def select_rows(D: torch.Tensor, p: torch.Tensor, alpha: float, n: Optional[int], min_rows: int) -> torch.Tensor:
+    order = torch.sort(D, descending=True, stable=True).indices  # ties: lower token id first
+    sel = torch.zeros_like(D, dtype=torch.bool)
+    if n is not None:
+        sel[order[:n]] = True
+    else:
+        sel = p < alpha
+    if int(sel.sum()) < min_rows:
+        sel[order[:min_rows]] = True
+    return sel
+
+
+@register("ks_lottery")
+class KSLottery(MaskedMethod):
+    Options = KsOptions
+
+    def __init__(self, options: KsOptions):
+        self.options = options
+        self.update: MaskedUpdate | None = None
+        self.selected: list[list[int]] = []  # per stage: the selected token ids
+        self.stats: list[dict] = []
+
+    def setup(self, model, run):
+        emb = model.get_input_embeddings().weight
+        names = [n for n, p in model.named_parameters() if p is emb]
+        if not names:
+            raise MethodError("ks_lottery: the input embedding is not among the model's parameters")
+        self.emb_name = names[0]
+        return model
+
+    def stage_start(self, model, stage):
+        o = self.options
+        emb = dict(model.named_parameters())[self.emb_name]
+        E0 = emb.detach().clone()
+        self.update = None
+        MaskedUpdate.whole([self.emb_name]).apply(model)
+        # The paper's first pass has no weight decay; calibrate() takes no weight_decay, so it is
+        # set on the stage's config for the pass (the loop's calibrate trains with that object).
+        cfg = stage.train_config
+        wd, cfg.weight_decay = cfg.weight_decay, 0.0
+        try:
+            stage.calibrate(model, steps=o.calibration_steps, lr=o.calibration_lr)
+        finally:
+            cfg.weight_decay = wd
+        with torch.no_grad():
+            D, p, tested = ks_rows(E0, emb.detach())
+            sel = select_rows(D, p, o.alpha, o.n, o.min_rows)
+            emb.copy_(E0)
+        del E0
+        ids = sel.nonzero().flatten().tolist()
+        self.selected.append(ids)
+        self.stats.append({"stage": stage.stage, "rows": len(ids), "tested": tested,
+                           "min_p": float(p.min()), "max_D": float(D.max())})
+        self.update = MaskedUpdate({self.emb_name: sel.view(-1, 1)})
+        return self.update.apply(model)
+
+    def state_dict(self):
+        return {"selected": self.selected, "stats": self.stats}
+
+    def load_state_dict(self, state):
+        self.selected = state["selected"]
+        self.stats = state.get("stats", [])
