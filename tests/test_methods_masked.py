@@ -1,0 +1,474 @@
+"""Sparse / masked fine-tuning methods (LoTA, HFT, SPAFIT, KS-Lottery) and their shared
+machinery (clbench/masking.py), on tiny Llamas through the loop's real train_stage.
+
+The hard invariant: entries a method freezes stay BIT-IDENTICAL through a stage under AdamW
+(fused, as the loop builds it) with weight decay 0.1, gradient clipping, bf16 autocast and
+gradient accumulation 2."""
+
+import sys
+
+import pytest
+import torch
+import yaml
+
+from clbench import method as M
+from clbench import models
+from clbench.config import TrainConfig, TrainOverrides
+from clbench.masking import MaskedUpdate
+from clbench.train import collate, lm_loss, make_optimizer, tokenize, train_stage
+from conftest import REPO
+
+MINE = ("lota", "hft", "spafit", "ks_lottery")
+for _f in MINE:
+    M.load_method_file(REPO / "methods" / f"{_f}.py")
+lota_mod = sys.modules["clbench_methods.lota"]
+hft_mod = sys.modules["clbench_methods.hft"]
+spafit_mod = sys.modules["clbench_methods.spafit"]
+ks_mod = sys.modules["clbench_methods.ks_lottery"]
+
+PAIRS = [
+    ("Number: 12\nEven or odd?\nAnswer:", " even"),
+    ("Number: 7\nEven or odd?\nAnswer:", " odd"),
+    ("Which is larger, 3 or 9?\nAnswer:", " second"),
+    ("Which is larger, 8 or 2?\nAnswer:", " first"),
+    ("Copy: abc\nAnswer:", " abc"),
+    ("Copy: 4421\nAnswer:", " 4421"),
+    ("Review: great fun\nSentiment:", " positive"),
+    ("Review: dull and slow\nSentiment:", " negative"),
+]
+CPU = torch.device("cpu")
+BF16 = torch.bfloat16
+# weight decay, clipping (max_grad_norm small enough to clip), accumulation 2
+CFG = TrainConfig(lr=1e-2, steps=2, batch_size=4, grad_accum=2, weight_decay=0.1, max_grad_norm=0.5, max_length=64)
+OPTIONS = {"lota": {"calibration_steps": 1}, "hft": {}, "spafit": {"r": 2, "alpha": 4, "dropout": 0.0},
+           "ks_lottery": {"calibration_steps": 2}}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return models.build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    return tokenize(PAIRS, tok, 64)
+
+
+def build(tok, n_layers=2, seed=0):
+    """The tiny Llama (tied embeddings, GQA 4/2 heads), optionally deeper."""
+    model = models.build_tiny_model(seed, len(tok))
+    if n_layers != model.config.num_hidden_layers:
+        from transformers import LlamaForCausalLM
+
+        cfg = model.config
+        cfg.num_hidden_layers = n_layers
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model
+
+
+def make(name, tok, model, options=None, seed=0):
+    meth = M.make(name, OPTIONS[name] if options is None else options)
+    run = M.RunContext(method=name, seed=seed, tasks=["a", "b", "c"], device=CPU, tokenizer=tok)
+    return meth, meth.setup(model, run), run
+
+
+def make_stage(meth, run, t, examples, tok, cfg=CFG, autocast=BF16):
+    """A StageContext whose calibrate() runs the loop's train_stage densely, as loop.py does.
+    (bf16 autocast where the invariant is tested; fp32 elsewhere: bf16 matmuls of this tiny
+    size are ~50x slower than fp32 on a busy 2-core CPU.)"""
+    stage = M.StageContext(stage=t, task=f"t{t}", seed=run.seed, run=run, train_config=cfg.model_copy(),
+                           generator=torch.Generator().manual_seed(100 + t))
+
+    def calibrate(m, steps=None, lr=None, desc="calibrate"):
+        c = stage.train_config.merged(TrainOverrides(**{k: v for k, v in {"steps": steps, "lr": lr}.items() if v is not None}))
+        return train_stage(m, meth, examples, c, stage, device=CPU, autocast_dtype=autocast, pad_id=tok.pad_token_id, dense=True)
+
+    stage.calibrate = calibrate
+    stage.extras["autocast"] = autocast
+    return stage
+
+
+def train(meth, model, stage, examples, tok):
+    return train_stage(model, meth, examples, stage.train_config, stage, device=CPU, autocast_dtype=stage.extras["autocast"],
+                       pad_id=tok.pad_token_id)
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def check_only_trainable_changed(update: MaskedUpdate, before, after):
+    """Frozen entries bit-identical; trainable entries moved (so the check is not vacuous)."""
+    moved = 0
+    for n, b in before.items():
+        a = after[n]
+        if n in update.partial:
+            m = update.partial[n].expand(b.shape)
+            assert torch.equal(a[~m], b[~m]), f"{n}: frozen entries changed"
+            moved += int((a[m] != b[m]).any())
+        elif n in update.full:
+            moved += int(not torch.equal(a, b))
+        else:
+            assert torch.equal(a, b), f"{n}: frozen tensor changed"
+    assert moved > 0, "nothing trained"
+
+
+# --- shared machinery ----------------------------------------------------------------
+
+
+def test_fused_adamw_leaves_zero_grad_entries_bit_identical():
+    """Zero gradients from the first step on => zero moments => zero Adam update, with the
+    fused AdamW the loop builds; the masked decay equals AdamW's own decay on trainable
+    entries (reference: a plain AdamW with weight decay on the same gradients, same schedule)."""
+    from clbench.train import make_scheduler
+
+    cfg = CFG.model_copy(update={"lr_schedule": "linear", "warmup_steps": 2})
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 32)
+    mask = torch.rand(64, 32) < 0.3
+    holder = torch.nn.Module()
+    holder.w = torch.nn.Parameter(w0.clone())
+    ref = torch.nn.Parameter(w0.clone())
+    upd = MaskedUpdate({"w": mask})
+    opt = make_optimizer(upd.param_groups(holder, cfg.weight_decay), cfg)
+    assert opt.defaults.get("fused") is True and opt.param_groups[0]["weight_decay"] == 0.0
+    ref_opt = make_optimizer([{"params": [ref], "weight_decay": cfg.weight_decay}], cfg)
+    scheds = [make_scheduler(opt, cfg, 6), make_scheduler(ref_opt, cfg, 6)]
+    stage = M.StageContext(stage=1, task="t", seed=0, run=None, train_config=cfg, generator=None, total_steps=6)
+    w = holder.w
+    lrs = []
+    for step in range(6):
+        stage.global_step = step
+        stage.optimizer = None if step % 2 else opt  # both ways to the step's lr: the optimizer, the schedule
+        lrs.append(upd._lr(stage))
+        g = torch.randn_like(w) * 10
+        w.grad = g.clone()
+        w.grad[~mask] = float("inf")  # an inf on a frozen entry must not become NaN
+        upd.after_backward(holder, stage)
+        ref.grad = torch.where(mask, g, 0.0)
+        assert torch.equal(w.grad, ref.grad)
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad(set_to_none=True)
+        for sc in scheds:
+            sc.step()
+    assert torch.equal(w.detach()[~mask], w0[~mask])  # frozen: bit-identical
+    assert not torch.equal(ref.detach()[~mask], w0[~mask])  # (plain AdamW would decay them)
+    assert torch.allclose(w.detach()[mask], ref.detach()[mask], rtol=0, atol=1e-6)  # trainable: AdamW's update
+    assert (w.detach()[mask] != w0[mask]).all()
+    assert upd.trainable_params(holder) == int(mask.sum())
+    assert lrs == pytest.approx([cfg.lr * f for f in (0.5, 1.0, 1.0, 0.75, 0.5, 0.25)])
+
+
+def test_row_mask_broadcasts_and_counts():
+    emb = torch.nn.Embedding(10, 4)
+    rows = torch.zeros(10, 1, dtype=torch.bool)
+    rows[[2, 5]] = True
+    upd = MaskedUpdate({"weight": rows})
+    upd.apply(emb)
+    assert upd.trainable_params(emb) == 8
+    assert MaskedUpdate({"weight": torch.zeros(10, 1, dtype=torch.bool)}).trainable_names == set()
+
+
+# --- every method: bit-identical frozen entries, gradients only where it trains ------
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_frozen_entries_bit_identical_through_two_stages(name, tok, examples):
+    model = build(tok, n_layers=3 if name == "spafit" else 2)
+    meth, model, run = make(name, tok, model)
+    for t in (1, 2):
+        stage = make_stage(meth, run, t, examples, tok)
+        model = meth.stage_start(model, stage)
+        before = params(model)
+        train(meth, model, stage, examples, tok)
+        model = meth.stage_end(model, stage) if hasattr(meth, "stage_end") else model
+        check_only_trainable_changed(meth.update, before, params(model))
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_gradients_only_where_the_method_trains(name, tok, examples):
+    model = build(tok, n_layers=3 if name == "spafit" else 2)
+    meth, model, run = make(name, tok, model)
+    stage = make_stage(meth, run, 1, examples, tok, autocast=None)
+    model = meth.stage_start(model, stage)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=BF16):
+        lm_loss(model, collate(examples, tok.pad_token_id)).backward()
+    meth.after_backward(model, stage)
+    upd = meth.update
+    for n, p in model.named_parameters():
+        if n in upd.full:  # (LoRA A starts with a zero gradient: B = 0)
+            assert p.grad is not None and (p.grad.abs().sum() > 0 or "lora_A" in n), n
+        elif n in upd.partial:
+            m = upd.partial[n].expand(p.shape)
+            assert p.grad is not None and (p.grad[~m] == 0).all() and p.grad[m].abs().sum() > 0, n
+        else:
+            assert p.grad is None and not p.requires_grad, n
+    groups = meth.param_groups(model, stage)
+    in_opt = {id(p) for g in groups for p in g["params"]}
+    assert in_opt == {id(p) for n, p in model.named_parameters() if n in upd.trainable_names}
+    assert all(g["weight_decay"] == 0.0 for g in groups if any(p is q for p in g["params"] for n, q in model.named_parameters() if n in upd.partial))
+    assert meth.trainable_params(model) == upd.trainable_params(model) > 0
+
+
+# --- LoTA ----------------------------------------------------------------------------
+
+
+def test_lota_mask_count_reset_and_lotto_disjoint(tok, examples):
+    model = build(tok)
+    meth, model, run = make("lota", tok, model, {"sparsity": 0.9, "calibration_steps": 2, "lotto": True})
+    cands = meth.candidates
+    assert len(cands) == 7 * 2 and not any("embed" in n or "norm" in n for n in cands)
+    N = sum(dict(model.named_parameters())[n].numel() for n in cands)
+    for t in (1, 2, 3):
+        stage = make_stage(meth, run, t, examples, tok, autocast=None)
+        before = params(model)
+        model = meth.stage_start(model, stage)
+        after = params(model)
+        assert all(torch.equal(before[n], after[n]) for n in before), "weights not reset to theta_0 after calibration"
+        assert meth.calibration_stats[-1]["steps"] == 2
+        masks = meth.masks[-1]
+        assert set(masks) == set(cands)
+        assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * N) == meth.trainable_params(model)
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == set(cands)
+        train(meth, model, stage, examples, tok)
+        meth.stage_end(model, stage)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            for n in cands:
+                assert not (meth.masks[i][n] & meth.masks[j][n]).any(), f"stages {i + 1},{j + 1} overlap in {n}"
+
+
+def test_lota_mask_is_global_topk_of_calibration_delta(tok, examples):
+    model = build(tok)
+    meth, model, run = make("lota", tok, model, {"sparsity": 0.8, "calibration_steps": 2})
+    stage = make_stage(meth, run, 1, examples, tok, autocast=None)
+    theta0 = params(model)
+    seen = {}
+    calib = stage.calibrate
+
+    def spy(m, **kw):
+        out = calib(m, **kw)
+        seen.update(params(m))
+        return out
+
+    stage.calibrate = spy
+    meth.stage_start(model, stage)
+    delta = torch.cat([(seen[n] - theta0[n]).abs().flatten() for n in meth.candidates])
+    sel = torch.cat([meth.masks[-1][n].flatten() for n in meth.candidates])
+    assert delta[sel].min() >= delta[~sel].max() > 0  # one global threshold
+
+
+def test_lota_additive_merge_equals_sequential_training(tok, examples):
+    model = build(tok)
+    meth, model, run = make("lota", tok, model, {"sparsity": 0.9, "calibration_steps": 2})
+    theta0 = params(model)
+    for t in (1, 2, 3):
+        stage = make_stage(meth, run, t, examples, tok, autocast=None)
+        model = meth.stage_start(model, stage)
+        train(meth, model, stage, examples, tok)
+        meth.stage_end(model, stage)
+    final = params(model)
+    tvs = meth.task_vectors
+    merged = lota_mod.lota_additive_merge(theta0, tvs)
+    # applying the deltas one after the other gives the same tensors (disjoint masks)
+    step = theta0
+    for d in tvs:
+        step = lota_mod.lota_additive_merge(step, [d])
+    reverse = lota_mod.lota_additive_merge(theta0, tvs[::-1])
+    for n in theta0:
+        assert torch.equal(merged[n], step[n]) and torch.equal(merged[n], reverse[n]), n
+        # and theta_0 + sum of deltas is the sequentially trained model (up to float rounding
+        # of start + (end - start)); untouched tensors are exactly theta_0
+        assert torch.allclose(merged[n], final[n], rtol=0, atol=1e-6), n
+        if n not in meth.candidates:
+            assert torch.equal(final[n], theta0[n]), n
+    assert any(d[n][1].abs().sum() > 0 for d in tvs for n in d)
+    # the method state (packed masks) survives a checkpoint round trip
+    import io
+
+    buf = io.BytesIO()
+    torch.save(meth.state_dict(), buf)
+    buf.seek(0)
+    meth2 = M.make("lota", {"sparsity": 0.9})
+    meth2.load_state_dict(torch.load(buf, weights_only=False))
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(meth.masks, meth2.masks) for n in a)
+    assert set(meth2.used) == set(meth.used) and all(torch.equal(meth.used[n], meth2.used[n]) for n in meth.used)
+    for n, v in lota_mod.lota_additive_merge(theta0, meth2.task_vectors).items():
+        assert torch.equal(v, merged[n])
+
+
+# --- HFT -----------------------------------------------------------------------------
+
+
+def hft_frozen(model):
+    frozen = {}
+    for n, p in model.named_parameters():
+        m = hft_mod._LAYER.search(n)
+        if m and not p.requires_grad:
+            frozen.setdefault(int(m.group(1)), set()).add(m.group(2))
+    return frozen
+
+
+def test_hft_count_rule_stage_redraws_and_seed(tok, examples):
+    L = 4
+    model = build(tok, n_layers=L)
+    meth, model, run = make("hft", tok, model)
+    draws = []
+    for t in (1, 2, 3):
+        model = meth.stage_start(model, make_stage(meth, run, t, examples, tok, autocast=None))
+        fr = hft_frozen(model)
+        assert sorted(fr) == list(range(L))
+        n_mlp2 = 0
+        for i, cats in fr.items():
+            assert len(cats & set(hft_mod.ATTN)) == 2, cats
+            assert len(cats & set(hft_mod.NORMS)) == 1, cats
+            k = len(cats & set(hft_mod.MLP))
+            assert k in (1, 2)
+            n_mlp2 += k == 2
+        assert n_mlp2 == L // 2
+        # embeddings / lm_head (tied) and the final norm train
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert "model.embed_tokens.weight" in trainable and "model.norm.weight" in trainable
+        draws.append(fr)
+    assert draws[0] != draws[1] and draws[1] != draws[2]
+    # the same seed gives the same draw
+    meth2, model2, run2 = make("hft", tok, build(tok, n_layers=L))
+    for t in (1, 2, 3):
+        model2 = meth2.stage_start(model2, make_stage(meth2, run2, t, examples, tok, autocast=None))
+        assert hft_frozen(model2) == draws[t - 1]
+    # another seed a different one
+    meth3, model3, run3 = make("hft", tok, build(tok, n_layers=L), seed=1)
+    model3 = meth3.stage_start(model3, make_stage(meth3, run3, 1, examples, tok, autocast=None))
+    assert hft_frozen(model3) != draws[0]
+
+
+def test_hft_params_rule_freezes_half(tok, examples):
+    model = build(tok, n_layers=4)
+    meth, model, run = make("hft", tok, model, {"rule": "params"})
+    for t in (1, 2):
+        model = meth.stage_start(model, make_stage(meth, run, t, examples, tok, autocast=None))
+        P = dict(model.named_parameters())
+        total_frozen = total = 0
+        for i, members in meth.layers.items():
+            sizes = {c: P[n].numel() for c, (n, _) in members.items()}
+            frozen = sum(P[n].numel() for c, (n, _) in members.items() if not P[n].requires_grad)
+            smallest = min(v for c, v in sizes.items() if c.endswith("_proj"))
+            assert abs(frozen - sum(sizes.values()) / 2) <= smallest, (i, frozen, sum(sizes.values()))
+            cats = {c for c, (n, _) in members.items() if not P[n].requires_grad}
+            assert 1 <= len(cats & set(hft_mod.ATTN)) <= 3 and len(cats & set(hft_mod.NORMS)) == 1
+            total_frozen += frozen
+            total += sum(sizes.values())
+        assert abs(total_frozen - total / 2) <= smallest
+
+
+# --- KS-Lottery ----------------------------------------------------------------------
+
+
+def test_ks_lottery_selects_rows_by_scipy_ks_test_and_trains_only_them(tok, examples):
+    from scipy.stats import ks_2samp
+
+    model = build(tok)
+    meth, model, run = make("ks_lottery", tok, model, {"alpha": 0.05, "calibration_steps": 3})
+    stage = make_stage(meth, run, 1, examples, tok, autocast=None)
+    E = model.get_input_embeddings().weight
+    assert E is model.get_output_embeddings().weight  # tied
+    E0 = E.detach().clone()
+    seen = {}
+    calib = stage.calibrate
+
+    def spy(m, **kw):
+        assert stage.train_config.weight_decay == 0.0  # the embedding pass has no weight decay
+        assert {n for n, p in m.named_parameters() if p.requires_grad} == {"model.embed_tokens.weight"}
+        out = calib(m, **kw)
+        seen["E1"] = m.get_input_embeddings().weight.detach().clone()
+        return out
+
+    stage.calibrate = spy
+    model = meth.stage_start(model, stage)
+    assert stage.train_config.weight_decay == CFG.weight_decay  # restored
+    assert torch.equal(E.detach(), E0)  # reset
+    expect = [j for j in range(E0.shape[0]) if ks_2samp(E0[j].numpy(), seen["E1"][j].numpy()).pvalue < 0.05]
+    assert 0 < len(expect) < E0.shape[0]
+    assert meth.selected[-1] == expect
+    assert meth.trainable_params(model) == len(expect) * E0.shape[1]
+    before = params(model)
+    train(meth, model, stage, examples, tok)
+    after = params(model)
+    changed = (after["model.embed_tokens.weight"] != before["model.embed_tokens.weight"]).any(1).nonzero().flatten().tolist()
+    assert changed and set(changed) <= set(expect)
+    assert all(torch.equal(after[n], before[n]) for n in before if n != "model.embed_tokens.weight")
+
+
+def test_ks_lottery_top_n_and_vectorised_statistic_matches_scipy():
+    from scipy.stats import ks_2samp
+
+    torch.manual_seed(0)
+    a = torch.randn(40, 32)
+    b = a.clone()
+    b[:30] += torch.randn(30, 32) * torch.linspace(0.01, 1, 30)[:, None]
+    b[3, :5] = a[3, :5]  # ties across the samples
+    D, p, tested = ks_mod.ks_rows(a, b)
+    assert tested == 30
+    for j in range(40):
+        r = ks_2samp(a[j].numpy(), b[j].numpy())
+        assert D[j].item() == pytest.approx(r.statistic, abs=1e-12) and p[j].item() == pytest.approx(r.pvalue, rel=1e-9, abs=1e-15)
+    sel = ks_mod.select_rows(D, p, 0.05, 5, 1)
+    assert int(sel.sum()) == 5 and D[sel].min() >= D[~sel].max()
+
+
+# --- SPAFIT --------------------------------------------------------------------------
+
+
+def test_spafit_groups(tok, examples):
+    model = build(tok, n_layers=3)
+    meth, model, run = make("spafit", tok, model)
+    assert meth.groups == ([0], [1], [2])
+    stage = make_stage(meth, run, 1, examples, tok, autocast=None)
+    model = meth.stage_start(model, stage)
+    with torch.autocast("cpu", dtype=BF16):
+        lm_loss(model, collate(examples, tok.pad_token_id)).backward()
+    meth.after_backward(model, stage)
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert not any(".layers.0." in n for n in with_grad)  # lowest: frozen
+    mid = {n for n in with_grad if ".layers.1." in n}
+    assert mid == {n for n, _ in model.named_parameters() if ".layers.1." in n and n.endswith("norm.weight")}
+    top = {n for n in with_grad if ".layers.2." in n}
+    lora = {n for n, _ in model.named_parameters() if ".layers.2." in n and "lora_" in n}
+    assert len(lora) == 2 * 7 and lora <= top  # LoRA A and B on every linear module
+    assert top - lora == {n for n, _ in model.named_parameters() if ".layers.2." in n and n.endswith("norm.weight")}
+    assert not any("lora_" in n for n in with_grad - top)
+    assert not any("embed" in n or n.endswith("model.norm.weight") for n in with_grad)
+
+
+# --- end to end through the CLI ------------------------------------------------------
+
+
+def test_each_method_runs_two_stages_through_the_loop(tmp_path):
+    import json
+
+    from clbench.cli import main
+
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg.pop("stream", None)
+    cfg.update(name="masked", tasks=["tiny_parity", "tiny_compare"], task_dirs=[str(REPO / "configs" / "tiny_tasks")],
+               methods=[{"name": "lota", "options": {"calibration_steps": 2}}, {"name": "hft"},
+                        {"name": "spafit", "train": {"lr": 1.0e-2}}, {"name": "ks_lottery", "options": {"calibration_steps": 2}}],
+               eval={"limit": 4, "batch_size": 16, "log_samples": False})
+    cfg["train"].update(steps=2, weight_decay=0.1)
+    path = tmp_path / "masked.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    for name in MINE:
+        seed = res["methods"][name]["seeds"]["0"]
+        assert seed["complete"] and len(seed["matrix"]) == 3, name
+        assert [s["steps"] for s in seed["stages"]] == [2, 2]
+    n = {k: v["seeds"]["0"]["trainable_params"] for k, v in res["methods"].items()}
+    model = models.build_tiny_model(0, len(models.build_tiny_tokenizer()))
+    cand = sum(p.numel() for k, p in model.named_parameters() if k.endswith("proj.weight"))
+    assert n["lota"] == round(0.1 * cand)
+    assert 0 < n["ks_lottery"] < model.get_input_embeddings().weight.numel()
+    assert 0 < n["hft"] < sum(p.numel() for p in model.parameters())
