@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/clbench data prepare --config configs/demo.yaml
 	$(VENV)/bin/clbench run configs/demo.yaml --output-dir runs/demo
+	$(VENV)/bin/clbench report runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
