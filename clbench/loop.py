@@ -367,8 +367,8 @@ def run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_ca
 
         stage.total_steps = num_steps(tcfg, len(examples))
 
-        def calibrate(m, steps=None, lr=None, desc="calibrate", _stage=stage, _ex=examples, _tcfg=tcfg):
-            c = _tcfg.merged(M_over(steps=steps, lr=lr))
+        def calibrate(m, steps=None, lr=None, weight_decay=None, desc="calibrate", _stage=stage, _ex=examples, _tcfg=tcfg):
+            c = _tcfg.merged(M_over(steps=steps, lr=lr, weight_decay=weight_decay))
             return train_stage(m, meth, _ex, c, _stage, device=device, autocast_dtype=autocast, pad_id=tok.pad_token_id,
                                progress=progress, desc=f"{name} s{seed} stage {t} {desc}", dense=True)
 

@@ -68,8 +68,9 @@ class RunContext:
 
 @dataclass
 class StageContext:
-    """What a method sees of one stage. `calibrate` runs the loop's own training loop
-    densely on this stage's data (LoTA calibration, KS-Lottery's embedding pass)."""
+    """What a method sees of one stage. `calibrate(model, steps=None, lr=None,
+    weight_decay=None)` runs the loop's own training loop densely on this stage's data
+    (LoTA calibration, KS-Lottery's embedding pass); None keeps the stage's setting."""
 
     stage: int
     task: str

@@ -135,14 +135,8 @@ class KSLottery(MaskedMethod):
         E0 = emb.detach().clone()
         self.update = None
         MaskedUpdate.whole([self.emb_name]).apply(model)
-        # The paper's first pass has no weight decay; calibrate() takes no weight_decay, so it is
-        # set on the stage's config for the pass (the loop's calibrate trains with that object).
-        cfg = stage.train_config
-        wd, cfg.weight_decay = cfg.weight_decay, 0.0
-        try:
-            stage.calibrate(model, steps=o.calibration_steps, lr=o.calibration_lr)
-        finally:
-            cfg.weight_decay = wd
+        # The paper's first pass has no weight decay.
+        stage.calibrate(model, steps=o.calibration_steps, lr=o.calibration_lr, weight_decay=0.0)
         with torch.no_grad():
             D, p, tested = ks_rows(E0, emb.detach())
             sel = select_rows(D, p, o.alpha, o.n, o.min_rows)

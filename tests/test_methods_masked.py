@@ -80,8 +80,9 @@ def make_stage(meth, run, t, examples, tok, cfg=CFG, autocast=BF16):
     stage = M.StageContext(stage=t, task=f"t{t}", seed=run.seed, run=run, train_config=cfg.model_copy(),
                            generator=torch.Generator().manual_seed(100 + t))
 
-    def calibrate(m, steps=None, lr=None, desc="calibrate"):
-        c = stage.train_config.merged(TrainOverrides(**{k: v for k, v in {"steps": steps, "lr": lr}.items() if v is not None}))
+    def calibrate(m, steps=None, lr=None, weight_decay=None, desc="calibrate"):
+        over = {"steps": steps, "lr": lr, "weight_decay": weight_decay}
+        c = stage.train_config.merged(TrainOverrides(**{k: v for k, v in over.items() if v is not None}))
         return train_stage(m, meth, examples, c, stage, device=CPU, autocast_dtype=autocast, pad_id=tok.pad_token_id, dense=True)
 
     stage.calibrate = calibrate
@@ -380,7 +381,7 @@ def test_ks_lottery_selects_rows_by_scipy_ks_test_and_trains_only_them(tok, exam
     calib = stage.calibrate
 
     def spy(m, **kw):
-        assert stage.train_config.weight_decay == 0.0  # the embedding pass has no weight decay
+        assert kw.get("weight_decay") == 0.0  # the embedding pass has no weight decay
         assert {n for n, p in m.named_parameters() if p.requires_grad} == {"model.embed_tokens.weight"}
         out = calib(m, **kw)
         seen["E1"] = m.get_input_embeddings().weight.detach().clone()
@@ -388,7 +389,7 @@ def test_ks_lottery_selects_rows_by_scipy_ks_test_and_trains_only_them(tok, exam
 
     stage.calibrate = spy
     model = meth.stage_start(model, stage)
-    assert stage.train_config.weight_decay == CFG.weight_decay  # restored
+    assert stage.train_config.weight_decay == CFG.weight_decay  # the stage's own setting is untouched
     assert torch.equal(E.detach(), E0)  # reset
     expect = [j for j in range(E0.shape[0]) if ks_2samp(E0[j].numpy(), seen["E1"][j].numpy()).pvalue < 0.05]
     assert 0 < len(expect) < E0.shape[0]
