@@ -28,8 +28,15 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def model_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> dict:
     diff = {}
+    seen: dict[tuple, str] = {}
     for k, v in model.state_dict().items():
         v = v.detach()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key in seen:  # tied weights (e.g. SmolLM2's embedding and LM head): store once
+            if seen[key] in diff:
+                diff[k] = ("alias", seen[key])
+            continue
+        seen[key] = k
         ref = reference.get(k)
         if ref is not None and ref.shape == v.shape and ref.dtype == v.dtype:
             changed = (ref != v).view(-1)
@@ -47,6 +54,8 @@ def model_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> di
 def apply_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor], diff: dict) -> None:
     state = {k: t.clone() for k, t in reference.items()}
     for k, entry in diff.items():
+        if entry[0] == "alias":
+            continue
         if entry[0] == "dense":
             state[k] = entry[1]
         else:
@@ -54,6 +63,9 @@ def apply_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor], diff:
             flat = state[k].reshape(-1)
             flat[idx] = vals
             state[k] = flat.view_as(reference[k])
+    for k, entry in diff.items():
+        if entry[0] == "alias":
+            state[k] = state[entry[1]]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise RuntimeError(f"checkpoint does not fit the model: unexpected keys {unexpected[:5]}")

@@ -313,3 +313,20 @@ def test_debug_flag_shows_traceback(tmp_path):
     cfg.write_text(GOOD.replace("full_ft", "nope"))
     r = clbench("--debug", "run", cfg)
     assert r.returncode != 0 and "Traceback" in r.stderr and "unknown method 'nope'" in r.stderr
+
+
+def test_tied_weights_are_stored_once():
+    import torch
+
+    from clbench import checkpoint, models
+
+    tok = models.build_tiny_tokenizer()
+    m = models.build_tiny_model(0, len(tok))
+    ref = checkpoint.snapshot(m)
+    with torch.no_grad():
+        m.model.embed_tokens.weight.mul_(2.0)
+    diff = checkpoint.model_diff(m, ref)
+    assert diff["model.embed_tokens.weight"][0] == "dense" and diff["lm_head.weight"] == ("alias", "model.embed_tokens.weight")
+    m2 = models.build_tiny_model(0, len(tok))
+    checkpoint.apply_diff(m2, ref, diff)
+    assert torch.equal(m2.lm_head.weight, m.lm_head.weight) and m2.lm_head.weight is m2.model.embed_tokens.weight
