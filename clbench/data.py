@@ -46,10 +46,7 @@ import yaml
 
 from clbench import paths
 
-try:  # the CLI prints ClbenchError subclasses as one readable line
-    from clbench.errors import ClbenchError as _BaseError
-except ImportError:  # pragma: no cover - errors.py is optional for this module
-    _BaseError = Exception
+from clbench.errors import ClbenchError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +54,7 @@ MANIFEST_FORMAT = 1
 DEFAULT_SEED = 1234
 
 
-class DataError(_BaseError):
+class DataError(ClbenchError):
     """Task data could not be fetched, built, read or verified (the message names what)."""
 
 
