@@ -72,6 +72,9 @@ class EvalConfig(Strict):
     limit: Optional[int] = Field(None, gt=0, description="evaluate at most this many test examples per task")
     batch_size: Union[int, Literal["auto"]] = Field(16, description="lm-eval batch size")
     log_samples: bool = Field(True, description="write lm-eval's per-example records to samples/")
+    offdiag_limit: Optional[int] = Field(
+        None, gt=0, description="evaluate cells off the diagonal and before the final row on the first N test examples only "
+        "(ACC, BWT, LA stay exact; FWT and forgetting become estimates)")
     bootstrap_iters: int = Field(0, ge=0, description="lm-eval stderr bootstrap (0 = skip)")
 
     @field_validator("batch_size")

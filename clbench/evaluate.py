@@ -30,8 +30,11 @@ def _score(results: dict, task: str, metric: str, filt: str) -> float:
 
 def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str]], *, device, autocast_dtype,
              batch_size, limit=None, seed: int = 0, bootstrap_iters: int = 0, log_samples: bool = True,
-             max_length: int | None = None):
-    """Returns (scores {task: value}, samples {task: [records]} or {}, seconds)."""
+             max_length: int | None = None, task_limits: dict[str, int | None] | None = None):
+    """Returns (scores {task: value}, samples {task: [records]} or {}, seconds).
+
+    task_limits: a smaller limit for some tasks (off-diagonal cells on a subset); the
+    first n test documents of the task are used, the same ones at every stage."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -54,11 +57,19 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
     )
     # lm-eval draws a progress bar per request type; they would drown the run's own progress.
     sink = contextlib.nullcontext() if os.environ.get("CLBENCH_VERBOSE_EVAL") else contextlib.redirect_stderr(io.StringIO())
+    per_task = None
+    if task_limits and any(task_limits.get(t, limit) != limit for t in lm_tasks):
+        per_task = {}
+        for t, task in lm_tasks.items():
+            n = len(task.eval_docs)
+            cap = task_limits.get(t, limit)
+            per_task[t] = list(range(min(n, cap) if cap else n))
     with torch.no_grad(), sink:
         out = evaluator.simple_evaluate(
             model=lm,
             tasks=list(lm_tasks.values()),
-            limit=limit,
+            limit=None if per_task else limit,
+            samples=per_task,
             bootstrap_iters=bootstrap_iters,
             log_samples=log_samples,
             random_seed=seed,

@@ -381,7 +381,10 @@ def run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_ca
             model = M.call(meth, "stage_end", model, stage, default=model)
             train_s += time.perf_counter() - t_start
         peak = max(peak, pm.peak_mb)
-        scores, samples, es = evaluate_model(model, tok, lm_tasks, primary, seed=seed, **eval_kw)
+        limits = None
+        if cfg.eval.offdiag_limit and t < len(pl.task_names):  # the diagonal and the final row stay exact
+            limits = {n: (cfg.eval.limit if n == task else cfg.eval.offdiag_limit) for n in pl.task_names}
+        scores, samples, es = evaluate_model(model, tok, lm_tasks, primary, seed=seed, task_limits=limits, **eval_kw)
         eval_s += es
         if cfg.eval.log_samples:
             results.write_samples(out / "samples" / name / f"seed{seed}" / f"stage{t}", samples)
