@@ -102,6 +102,7 @@ class RunConfig(Strict):
     stream: Optional[str] = Field(None, description="a stream name (clbench list streams)")
     order: str = Field("1", description="which of the stream's orders")
     tasks: Optional[list[str]] = Field(None, description="explicit task list instead of stream/order")
+    heldout: list[str] = Field(default_factory=list, description="held-out general-ability tasks evaluated after every stage, never trained")
     task_dirs: list[str] = Field(default_factory=list, description="extra folders of task YAMLs (relative to the config file)")
     method_files: list[str] = Field(default_factory=list, description="extra method files (relative to the config file)")
     methods: list[MethodSpec] = Field(min_length=1)

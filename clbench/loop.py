@@ -119,6 +119,11 @@ class Plan:
     task_names: list[str]
     task_defs: dict[str, T.TaskDef]
     method_specs: list = field(default_factory=list)
+    heldout: list[str] = field(default_factory=list)
+
+    @property
+    def eval_names(self) -> list[str]:
+        return self.task_names + self.heldout
 
 
 def plan(cfg: RunConfig, config_dir: Path) -> Plan:
@@ -139,7 +144,15 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
     names = T.resolve_stream(cfg, task_defs, streams)
     for n in names:
         task_defs[n].check_data(cache)
-    return Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods))
+    unknown = [n for n in cfg.heldout if n not in task_defs]
+    if unknown:
+        raise ConfigError(f"unknown held-out task(s) {', '.join(map(repr, unknown))}; available: {', '.join(sorted(task_defs))}")
+    both = sorted(set(cfg.heldout) & set(names))
+    if both:
+        raise ConfigError(f"task(s) {', '.join(both)} are both in the stream and held out: a held-out task is never trained")
+    for n in cfg.heldout:
+        task_defs[n].check_data(cache, need_train=False)
+    return Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods), list(cfg.heldout))
 
 
 # --- running -------------------------------------------------------------------------
@@ -206,18 +219,26 @@ class Recorder:
 
     def base_scores(self) -> dict | None:
         base = {r["eval_task"]: r["value"] for r in self.rows if r["stage"] == 0}
-        return base if set(base) == set(self.plan.task_names) else None
+        return base if set(base) == set(self.plan.eval_names) else None
 
     def add_row(self, method, seed, stage, trained, scores: dict, primary: dict):
-        for task in self.plan.task_names:
+        for task in self.plan.eval_names:
             self.rows.append({"method": method, "seed": seed, "stage": stage, "trained_task": trained or "",
-                              "eval_task": task, "metric": primary[task][0], "value": scores[task]})
+                              "eval_task": task, "metric": primary[task][0], "value": scores[task],
+                              "eval_group": "heldout" if task in self.plan.heldout else "stream"})
+
+    def heldout_matrix(self, method, seed) -> list[list[float]]:
+        by_stage: dict[int, dict] = {}
+        for r in self.rows:
+            if r["method"] == method and r["seed"] == seed and r["eval_task"] in self.plan.heldout:
+                by_stage.setdefault(int(r["stage"]), {})[r["eval_task"]] = r["value"]
+        return [[by_stage[s][t] for t in self.plan.heldout] for s in sorted(by_stage)]
 
     def matrix(self, method, seed) -> list[list[float]]:
         names = self.plan.task_names
         by_stage: dict[int, dict] = {}
         for r in self.rows:
-            if r["method"] == method and r["seed"] == seed:
+            if r["method"] == method and r["seed"] == seed and r["eval_task"] in names:
                 by_stage.setdefault(int(r["stage"]), {})[r["eval_task"]] = r["value"]
         return [[by_stage[s][t] for t in names] for s in sorted(by_stage)]
 
@@ -255,9 +276,9 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
     t0 = time.perf_counter()
     base_model, tok, desc = models.resolve(cfg.model, pl.cache)
     base_model.to(device)
-    defs = [pl.task_defs[n] for n in pl.task_names]
+    defs = [pl.task_defs[n] for n in pl.eval_names]
     lm_tasks = T.build_lm_eval_tasks(defs, pl.cache)
-    primary = {n: pl.task_defs[n].primary_metric for n in pl.task_names}
+    primary = {n: pl.task_defs[n].primary_metric for n in pl.eval_names}
     pairs = {n: T.training_examples(lm_tasks[n], tok.eos_token if lm_tasks[n].OUTPUT_TYPE == "generate_until" else None)
              for n in pl.task_names}
     console.print(f"loaded model and {len(defs)} tasks in {time.perf_counter() - t0:.1f}s "
@@ -383,7 +404,7 @@ def run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_ca
         peak = max(peak, pm.peak_mb)
         limits = None
         if cfg.eval.offdiag_limit and t < len(pl.task_names):  # the diagonal and the final row stay exact
-            limits = {n: (cfg.eval.limit if n == task else cfg.eval.offdiag_limit) for n in pl.task_names}
+            limits = {n: (cfg.eval.limit if n == task else cfg.eval.offdiag_limit) for n in pl.eval_names}
         scores, samples, es = evaluate_model(model, tok, lm_tasks, primary, seed=seed, task_limits=limits, **eval_kw)
         eval_s += es
         if cfg.eval.log_samples:
@@ -420,6 +441,8 @@ def _record_method(rec: Recorder, name, seed, meth, model, train_s, eval_s, peak
     if trainable is None:
         trainable = M.count_trainable(model)
     summ = metrics.summary(R) if n_stages == len(rec.plan.task_names) else {}
+    if summ and rec.plan.heldout:
+        summ["general_delta"] = metrics.general_ability_delta(rec.heldout_matrix(name, seed))[-1]
     row = {"method": name, "seed": seed, **summ, "trainable_params": int(trainable), "train_seconds": train_s,
            "eval_seconds": eval_s, "peak_mem_mb": peak}
     rec.summary = [r for r in rec.summary if not (r["method"] == name and r["seed"] == seed)]
@@ -427,4 +450,6 @@ def _record_method(rec: Recorder, name, seed, meth, model, train_s, eval_s, peak
         rec.summary.append(row)
     rec.methods.setdefault(name, {"seeds": {}})["seeds"][str(seed)] = {
         "matrix": R, "complete": bool(summ), "metrics": summ, "trainable_params": int(trainable),
+        **({"heldout_tasks": rec.plan.heldout, "heldout_matrix": rec.heldout_matrix(name, seed),
+            "general_delta_per_stage": metrics.general_ability_delta(rec.heldout_matrix(name, seed))} if rec.plan.heldout else {}),
         "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stages": list(stage_log)}

@@ -1,10 +1,11 @@
 """The results contract: what a run directory holds. Reports and outside tools read only this.
 
   config.yaml   the resolved config (every default filled in)
-  matrix.csv    long format: method,seed,stage,trained_task,eval_task,metric,value
-                stage 0 = base model (trained_task empty); stage t = after training trained_task
+  matrix.csv    long format: method,seed,stage,trained_task,eval_task,metric,value,eval_group
+                stage 0 = base model (trained_task empty); stage t = after training trained_task;
+                eval_group = stream (a task of R) or heldout (a general-ability probe)
   summary.csv   one row per (method, seed): method,seed,acc,bwt,fwt,forgetting,la,aia,
-                trainable_params,train_seconds,eval_seconds,peak_mem_mb
+                general_delta,trainable_params,train_seconds,eval_seconds,peak_mem_mb
   results.json  run info, meta info and each method's matrix and metrics
   samples/      lm-eval's per-example records, samples/<method>/seed<k>/stage<t>/<task>.jsonl
                 (the base model's under samples/base/stage0/)
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-MATRIX_COLUMNS = ["method", "seed", "stage", "trained_task", "eval_task", "metric", "value"]
-SUMMARY_COLUMNS = ["method", "seed", "acc", "bwt", "fwt", "forgetting", "la", "aia", "trainable_params",
+MATRIX_COLUMNS = ["method", "seed", "stage", "trained_task", "eval_task", "metric", "value", "eval_group"]
+SUMMARY_COLUMNS = ["method", "seed", "acc", "bwt", "fwt", "forgetting", "la", "aia", "general_delta", "trainable_params",
                    "train_seconds", "eval_seconds", "peak_mem_mb"]
 
 
