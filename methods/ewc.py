@@ -1,0 +1,216 @@
+"""EWC, elastic weight consolidation (Kirkpatrick et al. 2017, arXiv 1612.00796), online form.
+
+Online EWC as in Schwarz et al. 2018 (arXiv 1805.06370) and Chaudhry et al. 2018 (EWC++,
+arXiv 1801.10112): one accumulated Fisher and one anchor instead of one penalty per task.
+
+Idea: full fine-tuning plus a quadratic penalty that anchors each parameter to its value
+after the previous stage, weighted by how much the earlier tasks' likelihood depends on it
+(the diagonal of the Fisher information):
+
+    loss = task loss + (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2        (stages >= 2)
+    F <- gamma * F + F_t after stage t;  theta* = the weights at the end of stage t
+
+How it runs here (no loop change needed):
+- Where the Fisher's data comes from: the loop passes no examples to stage_end, but it hands
+  every training micro-batch to `extra_loss`. EWC keeps the last `fisher_batches` of them
+  (the collated tensors; the loop draws batches from seeded shuffles of the whole training
+  set, so these are a random sample of the stage's training data) and at `stage_end` runs
+  its own forward/backward passes over them AT the final weights theta*, with
+  torch.autograd.grad (no .grad is touched, no optimizer state). This is the empirical
+  Fisher (labels from the data, not sampled from the model) on the stage's training data.
+  Rejected alternative: squaring the training gradients in after_backward. They are taken
+  at moving weights before theta*, they contain the EWC penalty's own gradient from stage 2
+  on, and they are mini-batch means (the square of a mean gradient is not a mean of squared
+  per-example gradients, and near a minimum it is close to 0).
+- fisher_mode "example" (default): F_t = mean over the sampled examples of (grad of that
+  example's loss)^2, one backward per example (Kirkpatrick's per-sample definition). An
+  example's loss is the loop's lm_loss on it alone: the mean NLL of its target tokens
+  (= the log-likelihood of the answer for a one-token target). Examples without a target
+  token are skipped. "batch": F_t = mean over the sampled batches of (grad of the batch
+  loss)^2: cheaper, smaller, the choice of many implementations.
+- The Fisher passes run in float32 without autocast, in eval mode (no dropout).
+- normalize "none" (default) or "max": F_t / max(F_t) over all parameters before
+  accumulation (F_t in [0, 1]: lambda no longer depends on the gradients' overall scale).
+- theta* is snapshotted at the START of the next stage: the loop only evaluates between
+  stage_end and the next stage_start, so these are exactly the weights at the end of the
+  previous stage. Hence a checkpoint stores F only, and after a resume the restored model
+  provides theta* (the loop restores the weights, then load_state_dict, then stage_start).
+- The penalty is computed in float32 outside autocast in extra_loss, once per micro-batch
+  (the loop divides each micro-batch's loss by grad_accum, so it acts once per step).
+  The reported stage losses include it.
+- Parameters: every parameter trains (as full_ft); F and theta* cover every trainable
+  parameter by `named_parameters()` name (tied weights once).
+
+Memory: two extra float32 copies of the trainable parameters (F and theta*): for
+SmolLM2-135M about 2 x 0.54 GB. The penalty's gradient lambda F (theta - theta*) is formed in
+its backward from the parameters (a small autograd.Function), so autograd keeps no third
+copy; only one parameter-sized temporary exists at a time. Checkpoints hold F (0.54 GB).
+
+Options (defaults and sources):
+  ewc_lambda 1.0  (lambda above) unconfirmed: no source fixes it for LMs. 1 is the
+                 Laplace-approximation value when both losses are per-example means and the
+                 tasks are equally large (the penalty then stands in for the earlier tasks'
+                 log-likelihood); in practice lambda is tuned, sweep it over orders of
+                 magnitude for a given model and budget.
+  gamma 1.0      online decay of earlier Fishers (1 = sum over tasks, Schwarz et al.'s gamma;
+                 Kirkpatrick's original keeps one penalty per task with its own anchor,
+                 which online EWC replaces by one anchor at the latest weights)
+  fisher_batches 8      training micro-batches kept for the Fisher (the last 8 of the stage;
+                 fewer if the stage is shorter). Unconfirmed.
+  fisher_mode example   see above
+  normalize none        see above
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from clbench.method import MethodError, register
+from clbench.train import IGNORE, lm_loss
+
+
+class EwcOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ewc_lambda: float = Field(1.0, ge=0, description="penalty weight (lambda / 2) * sum F (theta - theta*)^2")
+    gamma: float = Field(1.0, ge=0, le=1, description="online EWC: F <- gamma * F + F_t")
+    fisher_batches: int = Field(8, gt=0, description="last training micro-batches of a stage used for its Fisher")
+    fisher_mode: Literal["example", "batch"] = Field("example", description="squared per-example or per-batch gradients")
+    normalize: Literal["none", "max"] = Field("none", description="divide each stage's Fisher by its maximum")
+
+
+def _no_autocast(model):
+    return torch.autocast(next(model.parameters()).device.type, enabled=False)
+
+
+class _Penalty(torch.autograd.Function):
+    """(lam / 2) sum F (p - anchor)^2 with the gradient lam F (p - anchor) computed in the
+    backward from the parameters themselves: autograd keeps no parameter-sized tensor."""
+
+    @staticmethod
+    def forward(ctx, lam, fisher, anchor, *params):
+        ctx.lam, ctx.fisher, ctx.anchor = lam, fisher, anchor
+        ctx.save_for_backward(*params)
+        total = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        for f, a, p in zip(fisher, anchor, params):
+            total += (f * (p.detach().float() - a).pow_(2)).sum()
+        return 0.5 * lam * total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        params = ctx.saved_tensors
+        grads = []
+        for f, a, p in zip(ctx.fisher, ctx.anchor, params):
+            if not ctx.needs_input_grad[3 + len(grads)]:
+                grads.append(None)
+                continue
+            grads.append((grad_out * ctx.lam * f * (p.detach().float() - a)).to(p.dtype))
+        return (None, None, None, *grads)
+
+
+@register("ewc")
+class EWC:
+    Options = EwcOptions
+
+    def __init__(self, options: EwcOptions):
+        self.options = options
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.batches: deque = deque(maxlen=options.fisher_batches)
+        self.stats: list[dict] = []  # per stage: Fisher samples, mean/max of F_t
+
+    def setup(self, model, run):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def stage_start(self, model, stage):
+        self.batches.clear()
+        if self.fisher:  # theta* = the weights at the end of the previous stage (see docstring)
+            params = dict(model.named_parameters())
+            missing = sorted(set(self.fisher) - set(params))
+            if missing:
+                raise MethodError(f"ewc: the Fisher names parameters the model lacks: {missing[:5]}")
+            self.fisher = {n: f.to(params[n].device) for n, f in self.fisher.items()}
+            self.anchor = {n: params[n].detach().float().clone() for n in self.fisher}
+        return model
+
+    def extra_loss(self, model, batch, stage):
+        self.batches.append({k: v.detach() for k, v in batch.items()})
+        if not self.fisher or self.options.ewc_lambda == 0:
+            return None
+        return self.penalty(model)
+
+    def penalty(self, model) -> torch.Tensor:
+        """(lambda / 2) * sum_i F_i (theta_i - theta*_i)^2 in float32 (0 before any Fisher)."""
+        params = dict(model.named_parameters())
+        names = list(self.fisher)
+        with _no_autocast(model):
+            return _Penalty.apply(self.options.ewc_lambda, [self.fisher[n] for n in names],
+                                  [self.anchor[n] for n in names], *[params[n] for n in names])
+
+    def stage_end(self, model, stage):
+        head_only = getattr(getattr(stage, "train_config", None), "head_only_targets", True)
+        f_t, n = self.compute_fisher(model, list(self.batches), head_only)
+        self.batches.clear()
+        if n == 0:
+            raise MethodError(f"ewc stage {stage.stage}: no training batch with a target token to estimate the Fisher from")
+        total = sum(f.numel() for f in f_t.values())
+        top = max(float(f.max()) for f in f_t.values())
+        self.stats.append({"stage": stage.stage, "samples": n,  # of the raw F_t, before normalisation
+                           "mean": float(sum(f.sum() for f in f_t.values()) / max(1, total)), "max": top})
+        if self.options.normalize == "max" and top > 0:
+            f_t = {k: f / top for k, f in f_t.items()}
+        g = self.options.gamma
+        self.fisher = {k: (g * self.fisher[k] + f if k in self.fisher else f) for k, f in f_t.items()}
+        return model
+
+    def compute_fisher(self, model, batches, head_only_targets: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+        """Diagonal empirical Fisher at the current weights over `batches`: the mean of squared
+        gradients per example ("example") or per batch ("batch"). Returns (F, samples used)."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise MethodError("ewc: no trainable parameter to compute the Fisher for")
+        names, params = zip(*named)
+        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+        was_training = model.training
+        model.eval()
+        count = 0
+
+        def accumulate(sub):
+            nonlocal count
+            if not bool((sub["labels"][:, 1:] != IGNORE).any()):
+                return
+            with _no_autocast(model):
+                loss = lm_loss(model, sub, head_only_targets)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is not None:
+                    fisher[n].add_(g.detach().float().pow(2))
+            count += 1
+
+        try:
+            for b in batches:
+                if self.options.fisher_mode == "batch":
+                    accumulate(b)
+                    continue
+                lengths = b["attention_mask"].sum(1).tolist()
+                for i, L in enumerate(lengths):
+                    accumulate({k: v[i:i + 1, :int(L)] for k, v in b.items()})
+        finally:
+            model.train(was_training)
+        if count:
+            for f in fisher.values():
+                f.div_(count)
+        return fisher, count
+
+    def state_dict(self):
+        return {"fisher": {k: v.cpu() for k, v in self.fisher.items()}, "stats": list(self.stats)}
+
+    def load_state_dict(self, state):
+        self.fisher = dict(state.get("fisher", {}))
+        self.stats = list(state.get("stats", []))
+        self.anchor = {}  # taken from the restored weights at the next stage_start
