@@ -1,0 +1,438 @@
+"""Continual-learning baselines (O-LoRA, EWC, experience replay) and model merging
+(task arithmetic, TIES, LoTA additive): each test checks a defining property, on the tiny
+model through the loop's real train_stage, or on hand-made tensors with hand-computed
+results; one 2-stage CLI run of every method, resumed after stage 1 with identical losses."""
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+import clbench.train as T
+from clbench import merging
+from clbench import method as M
+from clbench import models
+from clbench.config import TrainConfig
+from conftest import REPO
+
+for _f in ("olora", "ewc", "replay", "lota", "lora"):
+    M.load_method_file(REPO / "methods" / f"{_f}.py")
+olora_mod = sys.modules["clbench_methods.olora"]
+lota_mod = sys.modules["clbench_methods.lota"]
+
+PARITY = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(20)]
+COMPARE = [(f"Which is larger, {a} or {b}?\nAnswer:", " first" if a > b else " second")
+           for a, b in zip(range(3, 63, 3), range(50, 10, -2))]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: the tiny model gains nothing from two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return models.build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data(tok):
+    return T.tokenize(PARITY, tok, 64), T.tokenize(COMPARE, tok, 64)
+
+
+def fresh(tok, name, options=None, tasks=("t1", "t2")):
+    torch.manual_seed(0)
+    meth = M.make(name, options or {})
+    run = M.RunContext(method=name, seed=0, tasks=list(tasks), device=CPU, tokenizer=tok)
+    return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
+
+
+def stage_ctx(run, cfg, t):
+    return M.StageContext(stage=t, task=f"t{t}", seed=0, run=run, train_config=cfg, generator=torch.Generator().manual_seed(t))
+
+
+def run_stage(meth, model, run, examples, tok, cfg, t, between=None):
+    """stage_start -> the loop's train_stage -> stage_end (between(model, stage) after stage_start)."""
+    stage = stage_ctx(run, cfg, t)
+    model = M.call(meth, "stage_start", model, stage, default=model)
+    if between is not None:
+        between(model, stage)
+    T.train_stage(model, meth, examples, cfg, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
+    return M.call(meth, "stage_end", model, stage, default=model), stage
+
+
+def bits(t):
+    return t.detach().clone().view(torch.int32)
+
+
+# --- merging on hand-made tensors -------------------------------------------------------
+
+
+def test_task_vectors_and_task_arithmetic_by_hand():
+    base = {"w": torch.tensor([1.0, 2.0, 3.0]), "step": torch.tensor(7)}
+    ft1 = {"w": torch.tensor([2.0, 2.0, 1.0]), "step": torch.tensor(9)}
+    ft2 = {"w": torch.tensor([1.0, 5.0, 4.0]), "step": torch.tensor(9)}
+    tv = merging.task_vectors(base, [ft1, ft2])
+    assert set(tv[0]) == {"w"}  # integer buffers are not task-vector entries
+    torch.testing.assert_close(tv[0]["w"], torch.tensor([1.0, 0.0, -2.0]))
+    torch.testing.assert_close(tv[1]["w"], torch.tensor([0.0, 3.0, 1.0]))
+    out = merging.task_arithmetic(base, tv, lam=0.5)
+    # 1 + 0.5*(1+0), 2 + 0.5*(0+3), 3 + 0.5*(-2+1)
+    torch.testing.assert_close(out["w"], torch.tensor([1.5, 3.5, 2.5]))
+    assert out["w"].dtype == torch.float32 and int(out["step"]) == 7
+    back = merging.task_arithmetic(base, tv[:1], lam=1.0)
+    torch.testing.assert_close(back["w"], ft1["w"])
+    assert torch.equal(base["w"], torch.tensor([1.0, 2.0, 3.0]))  # inputs untouched
+
+
+def test_ties_by_hand():
+    base = {"w": torch.tensor([[10.0, 10.0, 10.0], [10.0, 10.0, 10.0]]), "b": torch.zeros(2)}
+    t1 = {"w": torch.tensor([[3.0, -0.1, 2.0], [-4.0, 0.2, 1.0]]), "b": torch.tensor([1.0, -2.0])}
+    t2 = {"w": torch.tensor([[-1.0, 5.0, 0.1], [-2.0, 3.0, 0.05]]), "b": torch.tensor([-3.0, 0.5])}
+    t3 = {"w": torch.tensor([[2.0, -4.0, 0.3], [1.0, -0.1, -6.0]]), "b": torch.tensor([0.5, 4.0])}
+    out = merging.ties(base, [t1, t2, t3], density=0.5, lam=2.0)
+    # trim (density 0.5: 3 of 6 entries of w, 1 of 2 of b, per tensor per task vector):
+    #   t1.w -> [[3, 0, 2], [-4, 0, 0]]      t1.b -> [0, -2]
+    #   t2.w -> [[0, 5, 0], [-2, 3, 0]]      t2.b -> [-3, 0]
+    #   t3.w -> [[2, -4, 0], [0, 0, -6]]     t3.b -> [0, 4]
+    # elected sign = sign of the entrywise sums:
+    #   w: [[5, 1, 2], [-6, 3, -6]] -> [[+, +, +], [-, +, -]];  b: [-3, 2] -> [-, +]
+    # disjoint mean of the agreeing nonzero values (w[0,1]: 5 agrees, -4 does not;
+    # b[1]: 4 agrees, -2 does not):
+    #   w[0] = [(3+2)/2, 5/1, 2/1]; w[1] = [(-4-2)/2, 3/1, -6/1];  b = [-3/1, 4/1]
+    expected_w = torch.tensor([[10 + 2 * 2.5, 10 + 2 * 5.0, 10 + 2 * 2.0],
+                               [10 + 2 * -3.0, 10 + 2 * 3.0, 10 + 2 * -6.0]])
+    torch.testing.assert_close(out["w"], expected_w)
+    torch.testing.assert_close(out["b"], torch.tensor([2 * -3.0, 2 * 4.0]))
+
+
+def test_ties_zero_sum_sign_and_global_scope_by_hand():
+    base = {"a": torch.zeros(2), "c": torch.zeros(2)}
+    t1 = {"a": torch.tensor([1.0, 0.5]), "c": torch.tensor([0.1, 0.0])}
+    t2 = {"a": torch.tensor([-1.0, 0.25]), "c": torch.tensor([0.0, 0.2])}
+    # density 1: nothing trimmed. a[0]: 1 - 1 = 0 -> majority sign of the elected signs
+    # of the tensor ([0, +] sums to +) -> +, mean of the positive values = 1.
+    out = merging.ties(base, [t1, t2], density=1.0)
+    torch.testing.assert_close(out["a"], torch.tensor([1.0, 0.375]))
+    torch.testing.assert_close(out["c"], torch.tensor([0.1, 0.2]))
+    # global scope, density 0.5: each task vector keeps its 2 largest of 4 entries overall:
+    #   t1 -> a = [1, 0.5], c = [0, 0];  t2 -> a = [-1, 0.25], c = [0, 0]  (0.2 < 0.25)
+    out = merging.ties(base, [t1, t2], density=0.5, scope="global")
+    torch.testing.assert_close(out["a"], torch.tensor([1.0, 0.375]))
+    torch.testing.assert_close(out["c"], torch.tensor([0.0, 0.0]))
+
+
+def test_lota_additive_of_disjoint_masks_equals_applying_each_delta_in_turn():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 5, generator=g), "v": torch.randn(7, generator=g)}
+    perm_w, perm_v = torch.randperm(30, generator=g), torch.randperm(7, generator=g)
+    deltas = []
+    for t in range(3):  # disjoint masks: stage t owns a slice of a permutation
+        mw = torch.zeros(30, dtype=torch.bool)
+        mw[perm_w[t * 10:(t + 1) * 10]] = True
+        mv = torch.zeros(7, dtype=torch.bool)
+        mv[perm_v[t * 2:(t + 1) * 2]] = True
+        mw = mw.view(6, 5)
+        deltas.append({"w": (mw, torch.randn(int(mw.sum()), generator=g)), "v": (mv, torch.randn(int(mv.sum()), generator=g))})
+    merged = merging.lota_additive(base, deltas)
+    seq = {k: v.clone() for k, v in base.items()}
+    for d in deltas:  # apply one delta after the other
+        for k, (m, vals) in d.items():
+            seq[k][m] += vals
+    for k in base:
+        torch.testing.assert_close(merged[k], seq[k], rtol=0, atol=0)
+        torch.testing.assert_close(merged[k], lota_mod.lota_additive_merge(base, deltas)[k], rtol=0, atol=0)
+    dense = merging.lota_additive(base, [{"v": torch.ones(7)}])
+    torch.testing.assert_close(dense["v"], base["v"] + 1)
+
+
+# --- O-LoRA -------------------------------------------------------------------------------
+
+
+def _set_A(model, adapter, fn):
+    with torch.no_grad():
+        for layer in olora_mod.lora_layers(model):
+            w = layer.lora_A[adapter].weight
+            w.copy_(fn(w.shape))
+
+
+def test_olora_penalty_zero_for_orthogonal_adapters_positive_otherwise(tok):
+    meth, model, run = fresh(tok, "olora", {"r": 4, "alpha": 8, "dropout": 0.0})
+    stage = stage_ctx(run, TrainConfig(), 2)
+    meth.stage_start(model, stage)
+    assert len(olora_mod.lora_layers(model)) == 4  # q_proj and v_proj of 2 layers
+
+    def rows(offset):  # r orthonormal rows e_offset .. e_offset+r-1
+        return lambda shape: torch.eye(shape[1])[offset:offset + shape[0]]
+
+    _set_A(model, "stage1", rows(0))
+    _set_A(model, "stage2", rows(4))
+    pen = meth.extra_loss(model, None, stage)
+    assert float(pen.detach()) == 0.0 and pen.requires_grad
+    # A_1[0,0] = 1, A_2[0,0] = 2, zero elsewhere: |A_1 A_2^T| sums to 2 per module, 4 modules
+    _set_A(model, "stage1", lambda s: torch.zeros(s).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(1.0)))
+    _set_A(model, "stage2", lambda s: torch.zeros(s).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(-2.0)))
+    assert float(meth.extra_loss(model, None, stage).detach()) == pytest.approx(0.5 * 4 * 2.0)
+    assert meth.extra_loss(model, None, stage_ctx(run, TrainConfig(), 1)) is None  # no earlier adapter
+
+
+def test_olora_earlier_adapters_frozen_but_active_and_overlap_shrinks(tok, data):
+    parity, compare = data
+    meth, model, run = fresh(tok, "olora", {"r": 4, "alpha": 8, "lambda1": 5.0}, tasks=("t1", "t2", "t3"))
+    cfg = TrainConfig(lr=2e-2, steps=4, batch_size=4, weight_decay=0.1)
+    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
+    after1 = {n: bits(p) for n, p in model.named_parameters()}
+    overlap = {}
+
+    def record(m, st):
+        overlap["start"] = float(olora_mod.orthogonality_penalty(m, "stage2", ["stage1"]).detach())
+
+    model, stage = run_stage(meth, model, run, compare, tok, cfg, 2, between=record)
+    assert model.base_model.active_adapters == ["stage1", "stage2"]  # stage 1's adapter stays in the forward
+    moved = {n for n, p in model.named_parameters() if not torch.equal(bits(p), after1[n])}
+    assert moved and all(".stage2." in n for n in moved)  # only the new adapter trained
+    assert any("lora_B.stage2" in n for n in moved) and any("lora_A.stage2" in n for n in moved)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".stage2." not in n)
+    assert float(olora_mod.orthogonality_penalty(model, "stage2", ["stage1"]).detach()) < overlap["start"]
+    # the adapter of stage 1 contributes to the output: switching it off changes the logits
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B.stage1" in n:
+                p.add_(1.0)
+        both = model(input_ids=x).logits
+        model.base_model.set_adapter(["stage2"])
+        only2 = model(input_ids=x).logits
+    assert (both - only2).abs().max() > 1e-3
+
+
+# --- EWC ----------------------------------------------------------------------------------
+
+
+def test_ewc_fisher_is_the_mean_squared_per_example_gradient(tok, data):
+    parity, _ = data
+    meth, model, _ = fresh(tok, "ewc")
+    batch = T.collate(parity[:3], tok.pad_token_id)
+    fisher, n = meth.compute_fisher(model, [batch])
+    assert n == 3
+    named = dict(model.named_parameters())
+    ref = {k: torch.zeros_like(p) for k, p in named.items()}
+    for ex in parity[:3]:  # by hand: one example at a time, squared gradient, mean
+        model.zero_grad()
+        T.lm_loss(model, T.collate([ex], tok.pad_token_id)).backward()
+        for k, p in named.items():
+            ref[k] += p.grad ** 2 / 3
+    model.zero_grad()
+    for k in named:
+        torch.testing.assert_close(fisher[k], ref[k], rtol=1e-4, atol=1e-12)
+        assert (fisher[k] >= 0).all()
+    # nonzero where gradients flowed (in this model every tensor gets a gradient)
+    assert all(float(f.sum()) > 0 for f in fisher.values())
+    norm = M.make("ewc", {"normalize": "max"})
+    norm.batches.append(batch)
+    norm.stage_end(model, M.StageContext(stage=1, task="t1", seed=0, run=None, train_config=TrainConfig(),
+                                         generator=torch.Generator()))
+    assert max(float(f.max()) for f in norm.fisher.values()) == 1.0
+    torch.testing.assert_close(norm.fisher[name := "model.norm.weight"], fisher[name] / norm.stats[0]["max"])
+    fb, nb = M.make("ewc", {"fisher_mode": "batch"}).compute_fisher(model, [batch, batch])
+    assert nb == 2
+    model.zero_grad()
+    T.lm_loss(model, batch).backward()
+    torch.testing.assert_close(fb["model.layers.0.self_attn.q_proj.weight"],
+                               named["model.layers.0.self_attn.q_proj.weight"].grad ** 2, rtol=1e-4, atol=1e-12)
+
+
+def test_ewc_penalty_zero_at_anchor_and_online_fisher_and_resume(tok, data):
+    parity, compare = data
+    meth, model, run = fresh(tok, "ewc", {"ewc_lambda": 50.0, "gamma": 0.5, "fisher_batches": 2})
+    cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4)
+    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
+    assert meth.stats[0]["samples"] == 8  # the last 2 micro-batches of 4 examples
+    f1 = {k: v.clone() for k, v in meth.fisher.items()}
+    assert set(f1) == {n for n, _ in model.named_parameters()}
+    assert all((f >= 0).all() and float(f.sum()) > 0 for f in f1.values())
+
+    stage = stage_ctx(run, cfg, 2)
+    meth.stage_start(model, stage)
+    pen = meth.extra_loss(model, T.collate(compare[:4], tok.pad_token_id), stage)
+    assert float(pen.detach()) == 0.0  # theta = theta*
+    named = dict(model.named_parameters())
+    name = "model.layers.1.mlp.up_proj.weight"
+    saved = {n: p.detach().clone() for n, p in named.items()}
+    with torch.no_grad():
+        named[name].add_(0.01)
+    pen = meth.penalty(model)
+    by_hand = 0.5 * 50.0 * float((f1[name] * 0.01 ** 2).sum())
+    assert float(pen.detach()) == pytest.approx(by_hand, rel=1e-3)
+    pen.backward()  # gradient lambda * F * (theta - theta*) on the moved tensor, 0 elsewhere
+    torch.testing.assert_close(named[name].grad, 50.0 * f1[name] * 0.01, rtol=1e-3, atol=1e-12)
+    assert float(named["model.layers.0.mlp.up_proj.weight"].grad.abs().sum()) == 0.0
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        named[name].copy_(saved[name])
+
+    # resume: a fresh EWC from state_dict, on the restored weights, gives the same penalty
+    state = meth.state_dict()
+    again = M.make("ewc", {"ewc_lambda": 50.0, "gamma": 0.5, "fisher_batches": 2})
+    again.load_state_dict(state)
+    again.stage_start(model, stage_ctx(run, cfg, 2))
+    with torch.no_grad():
+        named["model.norm.weight"].add_(0.1)
+    assert float(again.penalty(model).detach()) == pytest.approx(float(meth.penalty(model).detach()), rel=1e-6) and float(meth.penalty(model).detach()) > 0
+    with torch.no_grad():
+        named["model.norm.weight"].copy_(saved["model.norm.weight"])
+
+    # online accumulation: F <- gamma * F_1 + F_2 (F_2 on stage 2's captured batches at theta_2)
+    captured = {}
+
+    def keep_batches(m, st):
+        real = meth.stage_end
+
+        def spy(m2, st2):
+            captured["f2"], _ = meth.compute_fisher(m2, list(meth.batches))
+            return real(m2, st2)
+        meth.stage_end = spy
+
+    model, _ = run_stage(meth, model, run, compare, tok, cfg, 2, between=keep_batches)
+    for k in f1:
+        torch.testing.assert_close(meth.fisher[k], 0.5 * f1[k] + captured["f2"][k], rtol=1e-5, atol=1e-12)
+
+
+# --- replay -------------------------------------------------------------------------------
+
+
+def test_replay_buffer_share_and_only_past_tasks(tok, data, monkeypatch):
+    parity, compare = data
+    meth, model, run = fresh(tok, "replay", {"m": 6, "ratio": 0.25})
+    cfg = TrainConfig(lr=1e-2, steps=3, batch_size=6)
+    calls = []
+    real = meth.extra_loss
+
+    def spy(m, batch, stage):
+        out = real(m, batch, stage)
+        calls.append((stage.stage, int(batch["input_ids"].shape[0]), list(meth.last_replay), list(meth.last_task_of_replay)))
+        meth.last_replay, meth.last_task_of_replay = [], []
+        return out
+
+    monkeypatch.setattr(meth, "extra_loss", spy)
+    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
+    assert all(not rep for s, _, rep, _ in calls if s == 1)  # nothing to replay in stage 1
+    buf = meth.buffers["t1"]
+    assert len(buf) == 6 and all(ex in parity for ex in buf)  # m examples, all of task 1's training data
+    assert len({tuple(e.input_ids) for e in buf}) == 6
+    model, _ = run_stage(meth, model, run, compare, tok, cfg, 2)
+    stage2 = [c for c in calls if c[0] == 2]
+    assert len(stage2) == 3
+    for _, B, rep, tasks in stage2:
+        assert len(rep) == round(0.25 * B / 0.75) == 2  # 2 of 8 = the configured share 0.25
+        assert all(ex in buf for ex in rep) and tasks == ["t1", "t1"]  # past examples only
+    assert set(meth.buffers) == {"t1", "t2"} and all(ex in compare for ex in meth.buffers["t2"])
+    # seeded: the same run draws the same replay examples
+    meth2, model2, run2 = fresh(tok, "replay", {"m": 6, "ratio": 0.25})
+    model2, _ = run_stage(meth2, model2, run2, parity, tok, cfg, 1)
+    assert meth2.buffers["t1"] == buf
+
+
+def test_replay_first_selection_keeps_the_first_m_seen(tok, data):
+    parity, _ = data
+    meth, model, run = fresh(tok, "replay", {"m": 5, "selection": "first"})
+    stage = stage_ctx(run, TrainConfig(), 1)
+    meth.stage_start(model, stage)
+    for i in (0, 4, 8):
+        meth.extra_loss(model, T.collate(parity[i:i + 4], tok.pad_token_id), stage)
+    meth.stage_end(model, stage)
+    assert meth.buffers["t1"] == parity[:5]
+
+
+@pytest.mark.parametrize("weighting", ["mixed_mean", "scaled"])
+def test_replay_loss_equals_the_mean_over_the_mixed_batch(tok, data, weighting):
+    parity, compare = data
+    meth, model, run = fresh(tok, "replay", {"m": 8, "ratio": 0.4, "weighting": weighting})
+    cfg = TrainConfig(lr=1e-2, steps=2, batch_size=4)
+    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
+    stage = stage_ctx(run, cfg, 2)
+    meth.stage_start(model, stage)
+    new = compare[:6]
+    batch = T.collate(new, tok.pad_token_id)
+    loss = T.lm_loss(model, batch)  # what the loop computes, then it adds extra_loss
+    total = loss + meth.extra_loss(model, batch, stage)
+    rep = meth.last_replay
+    assert len(rep) == 4  # round(0.4 * 6 / 0.6)
+    mixed = T.collate(new + rep, tok.pad_token_id)
+    ref = T.lm_loss(model, mixed)
+    n_new = int((batch["labels"][:, 1:] != T.IGNORE).sum())
+    n_rep = int((mixed["labels"][:, 1:] != T.IGNORE).sum()) - n_new
+    scale = 1.0 if weighting == "mixed_mean" else (n_new + n_rep) / n_new
+    torch.testing.assert_close(total, ref * scale, rtol=1e-5, atol=1e-6)
+    named = dict(model.named_parameters())
+    name = "model.layers.0.self_attn.v_proj.weight"
+    g_total = torch.autograd.grad(total, named[name])[0]
+    g_ref = torch.autograd.grad(ref * scale, named[name])[0]
+    torch.testing.assert_close(g_total, g_ref, rtol=1e-4, atol=1e-7)
+    meth.stage_end(model, stage)
+    assert meth._hook is None  # the head hook lives only while a stage trains
+
+
+def test_replay_wraps_a_base_method(tok, data):
+    parity, compare = data
+    meth, model, run = fresh(tok, "replay", {"m": 4, "base": "lora", "base_options": {"r": 2, "alpha": 4, "dropout": 0.0}})
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+    cfg = TrainConfig(lr=1e-2, steps=2, batch_size=4)
+    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
+    model, _ = run_stage(meth, model, run, compare, tok, cfg, 2)
+    assert meth.trainable_params(model) is None or meth.trainable_params(model) == M.count_trainable(model)
+    assert M.count_trainable(model) < 0.2 * sum(p.numel() for p in model.parameters())
+    with pytest.raises(Exception, match="unknown method"):
+        M.make("replay", {"base": "no_such_method"})
+    with pytest.raises(Exception, match=r"replay base \(lora options\)"):
+        M.make("replay", {"base": "lora", "base_options": {"r": -1}})
+
+
+# --- end to end: a 2-stage run of every method, then a resume after stage 1 -----------------
+
+
+def test_two_stage_run_and_resume(tmp_path):
+    from clbench.cli import main
+
+    methods = [
+        {"name": "olora", "options": {"r": 4, "alpha": 8}, "train": {"lr": 1e-2}},
+        {"name": "ewc", "options": {"ewc_lambda": 100.0, "fisher_batches": 2}},
+        {"name": "replay", "options": {"m": 8}},
+        {"name": "replay", "label": "replay-lora", "options": {"m": 8, "base": "lora", "base_options": {"r": 4, "alpha": 8}},
+         "train": {"lr": 1e-2}},
+    ]
+    cfg = {"name": "baselines", "model": "tiny", "tasks": ["tiny_parity", "tiny_compare"],
+           "task_dirs": [str(REPO / "configs" / "tiny_tasks")], "methods": methods, "seeds": [0], "threads": 1,
+           "train": {"steps": 3, "lr": 3e-3, "batch_size": 8, "max_length": 64},
+           "eval": {"limit": 8, "batch_size": 16, "log_samples": False}, "precision": "fp32", "keep_checkpoints": "all"}
+    path = tmp_path / "baselines.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output-dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    names = ["olora", "ewc", "replay", "replay-lora"]
+    first = {}
+    for m in names:
+        seed = res["methods"][m]["seeds"]["0"]
+        assert seed["complete"] and len(seed["matrix"]) == 3 and len(seed["stages"]) == 2
+        first[m] = (seed["matrix"], [(s["first_loss"], s["last_loss"]) for s in seed["stages"]])
+    assert res["methods"]["olora"]["seeds"]["0"]["trainable_params"] < res["methods"]["ewc"]["seeds"]["0"]["trainable_params"]
+
+    # pretend the run died after stage 1: the resumed stage 2 must repeat exactly
+    for m in names:
+        seed = res["methods"][m]["seeds"]["0"]
+        seed["stages"], seed["complete"] = seed["stages"][:1], False
+        (out / "checkpoints" / m / "seed0" / "stage2.pt").unlink()
+    (out / "results.json").write_text(json.dumps(res))
+    assert main(["run", str(path), "--output-dir", str(out)]) == 0
+    res2 = json.loads((out / "results.json").read_text())
+    for m in names:
+        seed = res2["methods"][m]["seeds"]["0"]
+        assert (seed["matrix"], [(s["first_loss"], s["last_loss"]) for s in seed["stages"]]) == first[m], m
