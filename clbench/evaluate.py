@@ -64,21 +64,28 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
             n = len(task.eval_docs)
             cap = task_limits.get(t, limit)
             per_task[t] = list(range(min(n, cap) if cap else n))
-    with torch.no_grad(), sink:
-        out = evaluator.simple_evaluate(
-            model=lm,
-            tasks=list(lm_tasks.values()),
-            limit=None if per_task else limit,
-            samples=per_task,
-            bootstrap_iters=bootstrap_iters,
-            log_samples=log_samples,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            verbosity="ERROR",
-            task_manager=_TASK_MANAGER,
-        )
+    # simple_evaluate collects environment info (torch's collect_env, `pip list` subprocesses:
+    # ~1 s per call) into its result; results.json records versions once, so skip it here.
+    env_info = evaluator.add_env_info
+    evaluator.add_env_info = lambda *a, **k: None
+    try:
+        with torch.no_grad(), sink:
+            out = evaluator.simple_evaluate(
+                model=lm,
+                tasks=list(lm_tasks.values()),
+                limit=None if per_task else limit,
+                samples=per_task,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=log_samples,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                verbosity="ERROR",
+                task_manager=_TASK_MANAGER,
+            )
+    finally:
+        evaluator.add_env_info = env_info
     if was_training:
         model.train()
     scores = {t: _score(out, t, *primary[t]) for t in lm_tasks}
