@@ -56,8 +56,22 @@ def select_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype | None]:
     return dev, (torch.bfloat16 if ok else None)
 
 
+def _release_freed_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class PeakMemory:
-    """Peak memory while a block runs: CUDA's allocator peak, or sampled process RSS on CPU."""
+    """Peak memory while a block runs: CUDA's allocator peak, or sampled process RSS on CPU.
+
+    On CPU this is the whole process (the kept base model, the checkpoint reference copy and
+    the method's own copies included), so compare methods within one run, not across runs."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak_mb = device, 0.0
@@ -78,6 +92,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            _release_freed_memory()  # so RSS starts from what is live, not from an earlier method's peak
             self.peak_mb = self._rss_mb()
             self._t = threading.Thread(target=self._sample, daemon=True)
             self._t.start()
