@@ -27,7 +27,8 @@ def test_contract_files_and_columns(tiny_run):
     for f in ("config.yaml", "matrix.csv", "summary.csv", "results.json"):
         assert (tiny_run / f).is_file(), f
     rows = read(tiny_run / "matrix.csv")
-    assert list(rows[0]) == ["method", "seed", "stage", "trained_task", "eval_task", "metric", "value"]
+    assert list(rows[0]) == ["method", "seed", "stage", "trained_task", "eval_task", "metric", "value", "eval_group"]
+    assert {r["eval_group"] for r in rows} == {"stream"}
     summary = read(tiny_run / "summary.csv")
     for col in ("method", "seed", "acc", "bwt", "fwt", "forgetting", "la", "trainable_params", "train_seconds", "eval_seconds"):
         assert col in summary[0]
