@@ -34,3 +34,23 @@ def run_cli(capsys):
 
 
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: the tiny model gains nothing from two, and on a shared 2-core machine
+    two spinning threads per process make every step many times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The tiny byte-level BPE tokenizer (deterministic)."""
+    from clbench import models
+
+    return models.build_tiny_tokenizer()

@@ -28,18 +28,7 @@ COMPARE = [(f"Which is larger, {a} or {b}?\nAnswer:", " first" if a > b else " s
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: the tiny model gains nothing from two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return models.build_tiny_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; `tok` comes from there too
 
 
 @pytest.fixture(scope="module")

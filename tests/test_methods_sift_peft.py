@@ -23,19 +23,7 @@ from clbench_methods.sift import budget  # noqa: E402  (registered by load_metho
 PAIRS = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(24)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: the tiny model gains nothing from two, and on a shared 2-core machine
-    two spinning threads per process make every step many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return models.build_tiny_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; `tok` comes from there too
 
 
 @pytest.fixture(scope="module")
