@@ -51,6 +51,7 @@ from typing import Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from clbench import adapters
 from clbench.method import MethodError, register
 
 PLACEHOLDER_TOTAL = 1  # peft requires total_step > 0 at construction; the real value is set per stage
@@ -100,9 +101,7 @@ class AdaLoRA:
                              task_type="CAUSAL_LM")
 
     def setup(self, model, run):
-        from peft import get_peft_model
-
-        return get_peft_model(model, self._config())
+        return adapters.attach(model, self._config())
 
     @staticmethod
     def _tuner(model):
@@ -113,10 +112,7 @@ class AdaLoRA:
         return tuner.peft_config[tuner.trainable_adapter_name]
 
     def stage_start(self, model, stage):
-        if self.options.variant == "inc" and stage.stage > 1:
-            from peft import get_peft_model
-
-            model = get_peft_model(model.merge_and_unload(), self._config())
+        model = adapters.for_stage(model, self._config(), stage, self.options.variant)
         tuner = self._tuner(model)
         tuner.rankallocator.reset_ipt()  # importance EMAs start over for the new task
         self._peft_config(model).rank_pattern = None

@@ -14,6 +14,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clbench import adapters
 from clbench.method import register
 
 
@@ -40,16 +41,7 @@ class LoRA:
         return LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=o.target_modules, task_type="CAUSAL_LM")
 
     def setup(self, model, run):
-        from peft import get_peft_model
-
-        return get_peft_model(model, self._config())
+        return adapters.attach(model, self._config())
 
     def stage_start(self, model, stage):
-        if self.options.variant == "inc" and stage.stage > 1:
-            from peft import get_peft_model
-
-            model = get_peft_model(model.merge_and_unload(), self._config())
-        return model
-
-    def state_dict(self):
-        return {}
+        return adapters.for_stage(model, self._config(), stage, self.options.variant)
