@@ -19,7 +19,7 @@ from .errors import ConfigError
 
 
 # Fields that never change results: they may differ when a run directory is resumed.
-NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints")
+NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints", "trackers")
 
 
 class Strict(BaseModel):
@@ -118,6 +118,19 @@ class RunConfig(Strict):
     offline: bool = Field(True, description="forbid hub access (HF_HUB_OFFLINE=1)")
     keep_checkpoints: Literal["last", "all", "none"] = Field(
         "last", description="stage checkpoints for resume: the last one per (method, seed), all, or none (a crash restarts that method)")
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers fed the per-step loss and lr and each stage's scores "
+        "(clbench/trackers.py); never change results")
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_installed(cls, v):
+        from .trackers import check_available
+
+        try:
+            return check_available(dict.fromkeys(v))
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("trackers: ")) from None
 
     @model_validator(mode="after")
     def _check(self):

@@ -1,0 +1,172 @@
+"""Optional experiment trackers: TensorBoard and Weights & Biases.
+
+Enabled from the run config (`trackers: [tensorboard, wandb]`); off by default. A tracker only
+mirrors what the results files already hold (plus the per-step loss and learning rate), so
+turning one on or off never changes results (`trackers` is one of the config's non-result
+fields: a run directory may be resumed with a different choice).
+
+    tracker = open_trackers(cfg, out_dir)      # a no-op tracker when none is configured
+    tracker.log_step(method, seed, stage, step, loss, lr)     # every optimizer step
+    tracker.log_stage(method, seed, stage, scores, task=...)  # after each stage's evaluation
+    tracker.close()
+
+TensorBoard: one event folder per (method, seed) under `<run dir>/tensorboard/<method>/seed<k>/`
+(`tensorboard --logdir <run dir>/tensorboard`). Scalars: `train/loss` and `train/lr` over the
+(method, seed)'s optimizer steps counted across stages, `train/stage` (the stage of that step),
+`eval/<task>` and `eval/mean` over the stage index (0 = base model).
+
+Weights & Biases: one wandb run per (method, seed), project `clbench` (or $WANDB_PROJECT),
+group = the run's name, files under `<run dir>/wandb/`. It honours WANDB_MODE (offline for a
+machine without network; `wandb sync` uploads later). wandb is an optional extra:
+`pip install 'clbench[wandb]'`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+
+TRACKERS = ("tensorboard", "wandb")
+_REQUIRES = {"tensorboard": ("tensorboard", "pip install 'clbench[sweep]' (or: pip install tensorboard)"),
+             "wandb": ("wandb", "pip install 'clbench[wandb]' (or: pip install wandb)")}
+
+
+def check_available(names) -> list[str]:
+    """Raise ConfigError naming the missing package for each configured tracker that cannot be imported."""
+    for name in names:
+        if name not in _REQUIRES:
+            raise ConfigError(f"trackers: unknown tracker {name!r}; available: {', '.join(TRACKERS)}")
+        module, how = _REQUIRES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"trackers: {name} needs the {module!r} package, which is not installed: {how}")
+    return list(names)
+
+
+class Tracker:
+    """The interface; this base class logs nothing."""
+
+    def log_step(self, method: str, seed: int, stage: int, step: int, loss: float, lr: float) -> None:
+        pass
+
+    def log_stage(self, method: str, seed: int, stage: int, scores: dict, task: str | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _StepCounter:
+    """Optimizer steps of one (method, seed) counted across stages, in this process."""
+
+    def __init__(self):
+        self.next: dict[tuple, int] = {}
+
+    def __call__(self, key) -> int:
+        n = self.next.get(key, 0)
+        self.next[key] = n + 1
+        return n
+
+
+class TensorBoardTracker(Tracker):
+    def __init__(self, out_dir: Path):
+        self.root = Path(out_dir) / "tensorboard"
+        self.writers: dict[tuple, object] = {}
+        self.count = _StepCounter()
+
+    def _writer(self, method, seed):
+        key = (method, int(seed))
+        if key not in self.writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writers[key] = SummaryWriter(log_dir=str(self.root / method / f"seed{seed}"))
+        return self.writers[key]
+
+    def log_step(self, method, seed, stage, step, loss, lr):
+        w = self._writer(method, seed)
+        g = self.count((method, int(seed)))
+        w.add_scalar("train/loss", float(loss), g)
+        w.add_scalar("train/lr", float(lr), g)
+        w.add_scalar("train/stage", float(stage), g)
+
+    def log_stage(self, method, seed, stage, scores, task=None):
+        w = self._writer(method, seed)
+        for name, v in scores.items():
+            w.add_scalar(f"eval/{name}", float(v), int(stage))
+        if scores:
+            w.add_scalar("eval/mean", sum(map(float, scores.values())) / len(scores), int(stage))
+        w.flush()
+
+    def close(self):
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+
+class WandbTracker(Tracker):
+    def __init__(self, cfg, out_dir: Path):
+        self.cfg, self.dir = cfg, Path(out_dir)
+        self.runs: dict[tuple, object] = {}
+        self.count = _StepCounter()
+
+    def _run(self, method, seed):
+        key = (method, int(seed))
+        if key not in self.runs:
+            import wandb
+
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.runs[key] = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "clbench"), group=self.cfg.name, name=f"{self.cfg.name}/{method}/seed{seed}",
+                dir=str(self.dir), config={**self.cfg.model_dump(mode="json"), "method": method, "seed": seed},
+                reinit="create_new")
+        return self.runs[key]
+
+    def log_step(self, method, seed, stage, step, loss, lr):
+        self._run(method, seed).log({"train/loss": float(loss), "train/lr": float(lr), "train/stage": stage},
+                                    step=self.count((method, int(seed))))
+
+    def log_stage(self, method, seed, stage, scores, task=None):
+        data = {f"eval/{k}": float(v) for k, v in scores.items()}
+        data["eval/stage"] = int(stage)
+        if scores:
+            data["eval/mean"] = sum(map(float, scores.values())) / len(scores)
+        self._run(method, seed).log(data)
+
+    def close(self):
+        for r in self.runs.values():
+            r.finish()
+        self.runs.clear()
+
+
+class MultiTracker(Tracker):
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def log_step(self, *a, **kw):
+        for t in self.trackers:
+            t.log_step(*a, **kw)
+
+    def log_stage(self, *a, **kw):
+        for t in self.trackers:
+            t.log_stage(*a, **kw)
+
+    def close(self):
+        for t in self.trackers:
+            t.close()
+
+
+def open_trackers(cfg, out_dir) -> Tracker:
+    """The trackers `cfg.trackers` names, behind one Tracker (a no-op one when the list is empty)."""
+    names = check_available(getattr(cfg, "trackers", None) or [])
+    out: list[Tracker] = []
+    for name in names:
+        out.append(TensorBoardTracker(out_dir) if name == "tensorboard" else WandbTracker(cfg, out_dir))
+    return out[0] if len(out) == 1 else MultiTracker(out)
