@@ -4,6 +4,7 @@
   clbench list methods|tasks|streams [--config CONFIG.yaml]
   clbench data prepare [STREAM] [--config CONFIG.yaml] [--tasks a,b]
   clbench report RUN_DIR [RUN_DIR ...] [--out DIR]
+  clbench sweep SWEEP.yaml [--output-dir DIR] [--launcher local|ray|slurm] [--parallel N] [--dry-run]
 
 Errors print as one readable message and exit non-zero; --debug shows the traceback.
 """
@@ -45,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="figures and tables from run directories")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", default=None)
+
+    sw = sub.add_parser("sweep", help="run a grid of configs (local, Ray or Slurm via submitit) into one sweep directory")
+    sw.add_argument("sweep", help="sweep file (clbench/sweep.py, configs/sweep-example.yaml)")
+    sw.add_argument("--output-dir", default=None, help="sweep directory (default runs/<sweep name>)")
+    sw.add_argument("--launcher", choices=["local", "ray", "slurm"], default=None, help="instead of the sweep file's launcher")
+    sw.add_argument("--parallel", type=int, default=None, help="local launcher: runs at the same time")
+    sw.add_argument("--dry-run", action="store_true", help="expand, validate and list the runs with their status; run nothing")
     return p
 
 
@@ -153,6 +161,12 @@ def _dispatch(args) -> int:
 
         out = build_report(args.run_dirs, args.out)
         print(f"report written to {out}")
+        return 0
+
+    if args.cmd == "sweep":
+        from .sweep import load_sweep, run_sweep
+
+        run_sweep(load_sweep(args.sweep, args.output_dir, args.launcher, args.parallel), dry_run=args.dry_run)
         return 0
     return 1
 

@@ -1,0 +1,550 @@
+"""`clbench sweep SWEEP.yaml`: a grid of runs over one base run config, in one sweep directory.
+
+    name: lr-sweep                    # sweep directory runs/<name>/ (or --output-dir)
+    base: tiny.yaml                   # the base run config (relative to this file)
+    set: {train.steps: 10}            # fixed overrides for every run (like `clbench run --set`)
+    grid:                             # the product of these axes is the sweep
+      methods: [full_ft, lora]        # one method per run: a result name of the base config's
+                                      # methods, another method's name, or a full method spec
+      seeds: [0, 1]                   # one seed per run
+      orders: ["1", "2"]              # one task order per run
+      train.lr: [1.0e-4, 3.0e-4]      # any key path of the run config
+      methods.lora.options.r: [4, 8]  # a method's option: applies to the runs holding that method
+    launcher: local                   # local | ray | slurm
+    parallel: 1                       # local: concurrent runs (subprocesses)
+    ray: {address: null, num_cpus: null, cpus_per_run: 1, gpus_per_run: 0}
+    slurm: {cluster: null, partition: null, timeout_min: 60, cpus_per_task: 2, ...}
+
+Each grid point becomes one run directory `<sweep dir>/<run id>/`. The run id is readable and
+stable: the point's values in a fixed order (method, hyperparameters as listed, order, seed),
+e.g. `lora__r=8__lr=0.0003__seed=0`. A hyperparameter axis also goes into the method's result
+name (`lora@r=8,lr=0.0003`), so `clbench report <sweep dir>` keeps different settings apart
+while it pools seeds and orders of the same method and setting, as it does for any runs.
+
+The expanded run configs are written to `<sweep dir>/configs/<run id>.yaml` and every one is
+validated exactly as `clbench run` validates (the config, then methods and their options, tasks
+and data) before the first run starts. Each run is one `python -m clbench run <config>
+--output-dir <run dir>` subprocess (logs in `<sweep dir>/logs/`), launched by the local launcher
+(in order, or `parallel` at a time), as Ray tasks, or as Slurm jobs through submitit.
+
+Re-running a sweep skips the runs whose results.json says every (method, seed) is complete under
+the same config, and resumes the others from their last stage checkpoint (the run command's own
+resume; the expanded configs are identical on every expansion, so the config check passes).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from .config import NON_RESULT_FIELDS, RunConfig, Strict, format_validation_error, load_yaml
+from .errors import ClbenchError, ConfigError
+
+AXES = ("methods", "seeds", "orders")  # grid keys that are not key paths of the run config
+LAUNCHERS = ("local", "ray", "slurm")
+# Passed from the sweep's environment to every run, whatever the launcher's workers inherit.
+PASS_ENV = re.compile(r"^(CLBENCH_|HF_|TRANSFORMERS_|TOKENIZERS_|WANDB_|OMP_NUM_THREADS$|MKL_NUM_THREADS$|PYTHONPATH$)")
+
+
+class SweepError(ClbenchError):
+    pass
+
+
+# --- the sweep file ------------------------------------------------------------------------
+
+
+class RayOptions(Strict):
+    address: Optional[str] = Field(None, description="an existing Ray cluster ('auto' or host:port); default: start a local one")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs of the local cluster started here (default: all)")
+    cpus_per_run: float = Field(1, gt=0, description="CPUs Ray reserves for each run")
+    gpus_per_run: float = Field(0, ge=0, description="GPUs Ray reserves for each run")
+
+
+class SlurmOptions(Strict):
+    cluster: Optional[Literal["slurm", "local", "debug"]] = Field(
+        None, description="submitit's executor: slurm, local (subprocesses on this machine), debug; default: slurm if available")
+    partition: Optional[str] = None
+    timeout_min: int = Field(60, gt=0)
+    cpus_per_task: int = Field(2, gt=0)
+    gpus_per_node: int = Field(0, ge=0)
+    mem_gb: Optional[int] = Field(None, gt=0)
+    array_parallelism: int = Field(256, gt=0, description="at most this many runs at once")
+    additional: dict[str, Any] = Field(default_factory=dict, description="extra sbatch options (submitit's slurm_additional_parameters)")
+
+
+class SweepConfig(Strict):
+    name: Optional[str] = Field(None, description="sweep directory name (default: the sweep file's stem)")
+    base: str = Field(description="the base run config, relative to the sweep file")
+    set: dict[str, Any] = Field(default_factory=dict, description="overrides applied to every run (key.path: value)")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="axes: methods, seeds, orders or run-config key paths")
+    launcher: Literal["local", "ray", "slurm"] = "local"
+    parallel: int = Field(1, gt=0, description="local launcher: runs at the same time")
+    output_dir: Optional[str] = Field(None, description="sweep directory (default runs/<name>; relative to the working directory)")
+    ray: RayOptions = Field(default_factory=RayOptions)
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' (it names a directory)")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, grid):
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid axis {key!r} has no values")
+            seen = [json.dumps(v, sort_keys=True, default=str) for v in values]
+            dup = sorted({s for s in seen if seen.count(s) > 1})
+            if dup:
+                raise ValueError(f"grid axis {key!r} lists {', '.join(dup)} twice")
+        for v in grid.get("seeds", []):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"grid axis 'seeds': {v!r} is not an integer")
+        for v in grid.get("orders", []):
+            if not isinstance(v, (str, int)) or isinstance(v, bool):
+                raise ValueError(f"grid axis 'orders': {v!r} is not an order name")
+        for v in grid.get("methods", []):
+            if not isinstance(v, (str, dict)):
+                raise ValueError(f"grid axis 'methods': {v!r} is neither a method name nor a method spec")
+        return grid
+
+
+# --- key paths into the run config -----------------------------------------------------------
+
+
+def _strip_optional(ann):
+    if typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return _strip_optional(args[0])
+    return ann
+
+
+def check_key_path(path: str, where: str) -> None:
+    """A key path (`train.lr`, `methods.lora.options.r`, `stages.2.lr`) must name a field of the
+    run config; a method is addressed by its result name (or list index), a method's options are free."""
+    parts = path.split(".")
+    if any(p == "" for p in parts):
+        raise ConfigError(f"{where}: {path!r} is not a key path (empty part)")
+    ann: Any = RunConfig
+    done: list[str] = []
+    for part in parts:
+        ann = _strip_optional(ann)
+        origin = typing.get_origin(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            if part not in ann.model_fields:
+                at = f"'{'.'.join(done)}'" if done else "the run config"
+                raise ConfigError(f"{where}: {path!r}: {part!r} is not a key of {at}; allowed: {', '.join(sorted(ann.model_fields))}")
+            ann = ann.model_fields[part].annotation
+        elif origin is list:
+            (ann,) = typing.get_args(ann) or (Any,)
+        elif origin is dict:
+            ann = typing.get_args(ann)[1] if typing.get_args(ann) else Any
+        elif ann is Any:
+            return  # free-form (a method's options): the method validates them
+        else:
+            raise ConfigError(f"{where}: {path!r}: '{'.'.join(done)}' is a value, it has no key {part!r}")
+        done.append(part)
+
+
+def _method_index(methods: list, key: str) -> int | None:
+    """The index of the method whose result name (label or name) is `key`, or `key` as an index."""
+    for i, m in enumerate(methods):
+        if isinstance(m, dict) and (m.get("label") or m.get("name")) == key:
+            return i
+    if key.isdigit() and int(key) < len(methods):
+        return int(key)
+    return None
+
+
+def _set(raw: dict, path: str, value: Any) -> bool:
+    """Set a key path in a raw config; False when it names a method this config does not hold."""
+    parts = path.split(".")
+    cur: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(cur, list):
+            j = _method_index(cur, part) if parts[i - 1] == "methods" else (int(part) if part.isdigit() and int(part) < len(cur) else None)
+            if j is None:
+                return False
+            cur = cur[j]
+            continue
+        if not isinstance(cur.get(part), (dict, list)):
+            cur[part] = {}
+        cur = cur[part]
+    last = parts[-1]
+    if isinstance(cur, list):
+        j = _method_index(cur, last) if len(parts) > 1 and parts[-2] == "methods" else None
+        if j is None:
+            return False
+        cur[j] = value
+    else:
+        cur[last] = value
+    return True
+
+
+# --- expansion -----------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return str(v)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-") or "x"
+
+
+class Run:
+    """One grid point: its id, the values it took, and the validated run config."""
+
+    def __init__(self, run_id: str, point: dict, raw: dict, cfg: RunConfig):
+        self.id, self.point, self.raw, self.cfg = run_id, point, raw, cfg
+        self.config_path: Path | None = None
+        self.dir: Path | None = None
+        self.log: Path | None = None
+        self.status = "new"
+
+
+class Sweep:
+    def __init__(self, cfg: SweepConfig, path: Path, out: Path, runs: list[Run]):
+        self.cfg, self.path, self.out, self.runs = cfg, path, out, runs
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name or self.path.stem
+
+
+def load_sweep(path: str | Path, output_dir: str | Path | None = None, launcher: str | None = None,
+               parallel: int | None = None) -> Sweep:
+    """Read and validate the sweep file and expand and validate every run config. Writes nothing."""
+    path = Path(path)
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the sweep file must be a YAML mapping, got {type(raw).__name__}")
+    if launcher is not None:
+        raw["launcher"] = launcher
+    if parallel is not None:
+        raw["parallel"] = parallel
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path), SweepConfig).replace("invalid config", "invalid sweep", 1)) from None
+    for key in cfg.set:
+        check_key_path(key, f"{path}: set")
+    for key in cfg.grid:
+        if key not in AXES:
+            if key in ("seed", "order", "method", "seeds.0", "order.0"):
+                raise ConfigError(f"{path}: grid: {key!r} is not an axis; did you mean {key.split('.')[0].rstrip('s') + 's'!r}?")
+            check_key_path(key, f"{path}: grid")
+    base_path = (path.resolve().parent / cfg.base)
+    base = load_yaml(base_path)
+    if not isinstance(base, dict):
+        raise ConfigError(f"{base_path}: the base config must be a YAML mapping")
+    name = cfg.name or path.stem
+    out = Path(output_dir or cfg.output_dir or Path("runs") / name)
+    runs = expand(cfg, base, base_path.parent, out, name, str(path))
+    return Sweep(cfg, path, out, runs)
+
+
+def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, where: str) -> list[Run]:
+    base = copy.deepcopy(base)
+    for k, v in cfg.set.items():
+        if not _set(base, k, v):
+            raise ConfigError(f"{where}: set: {k!r} names a method the base config does not hold")
+    hyper = [k for k in cfg.grid if k not in AXES]
+    short = {k: k.rsplit(".", 1)[-1] for k in hyper}
+    for k in hyper:  # two axes ending in the same key (train.lr, methods.lora.train.lr): use the whole path
+        if list(short.values()).count(short[k]) > 1:
+            short[k] = k
+    order = (["methods"] if "methods" in cfg.grid else []) + hyper + [a for a in ("orders", "seeds") if a in cfg.grid]
+    # relative task_dirs/method_files as seen from the folder of the expanded configs
+    cdir = (out / "configs").resolve()
+
+    runs: dict[str, Run] = {}
+    applied_any: set[str] = set()
+    for values in itertools.product(*[cfg.grid[k] for k in order]):
+        point = dict(zip(order, values))
+        raw = copy.deepcopy(base)
+        if "methods" in point:
+            m = point["methods"]
+            if isinstance(m, str):
+                i = _method_index(raw.get("methods") or [], m) if not m.isdigit() else None
+                m = copy.deepcopy(raw["methods"][i]) if i is not None else {"name": m}
+            raw["methods"] = [m]
+        applied: dict[str, Any] = {}
+        labels: dict[int, list[str]] = {}
+        for k in hyper:
+            if _set(raw, k, point[k]):
+                applied[k] = point[k]
+                applied_any.add(k)
+                parts = k.split(".")
+                if parts[0] == "methods":
+                    targets = [_method_index(raw["methods"], parts[1])]
+                elif k in ("model", "stream", "order", "tasks"):
+                    targets = []  # the report groups by these anyway
+                else:
+                    targets = range(len(raw.get("methods") or []))
+                for i in targets:
+                    labels.setdefault(i, []).append(f"{short[k]}={_fmt(point[k])}")
+        for i, parts in labels.items():
+            m = raw["methods"][i]
+            if isinstance(m, dict):
+                m["label"] = f"{m.get('label') or m.get('name')}@{','.join(parts)}"
+        if "seeds" in point:
+            raw["seeds"] = [point["seeds"]]
+        if "orders" in point:
+            raw["order"] = str(point["orders"])
+        bits = []
+        if "methods" in point:
+            m = raw["methods"][0]
+            bits.append(str(point["methods"]) if isinstance(point["methods"], str) else (m.get("label") or m.get("name") or "method").split("@")[0])
+        bits += [f"{short[k]}={_fmt(v)}" for k, v in applied.items()]
+        if "orders" in point:
+            bits.append(f"order={point['orders']}")
+        if "seeds" in point:
+            bits.append(f"seed={point['seeds']}")
+        run_id = "__".join(_safe(b) for b in bits) or "base"
+        raw["name"] = f"{name}/{run_id}"
+        for key in ("task_dirs", "method_files"):
+            if raw.get(key):
+                raw[key] = [os.path.relpath((base_dir / d).resolve(), cdir) for d in raw[key]]
+        try:
+            rc = RunConfig.model_validate(raw)
+        except ValidationError as e:
+            msg = format_validation_error(e, f"{where}: run {run_id}", RunConfig)
+            raise ConfigError(msg.replace("invalid config", f"invalid run config (grid point {_point_str(point)})", 1)) from None
+        if run_id in runs:
+            if runs[run_id].cfg != rc:
+                raise ConfigError(f"{where}: two grid points give run id {run_id!r} with different configs")
+            continue
+        runs[run_id] = Run(run_id, {k: v for k, v in point.items() if k not in hyper or k in applied}, raw, rc)
+    unused = [k for k in hyper if k not in applied_any]
+    if unused:
+        held = sorted({m.run_name for r in runs.values() for m in r.cfg.methods})
+        raise ConfigError(f"{where}: grid: {', '.join(map(repr, unused))} names a method no run holds (methods: {', '.join(held)})")
+    return list(runs.values())
+
+
+def _point_str(point: dict) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in point.items())
+
+
+# --- status of a run directory ----------------------------------------------------------------
+
+
+def run_status(run: Run, run_dir: Path) -> str:
+    """complete: results.json says every (method, seed) of this config is complete, and the run
+    directory's config equals this one (ignoring the non-result fields); partial: results to
+    resume from; new: nothing yet."""
+    res, saved = run_dir / "results.json", run_dir / "config.yaml"
+    if not res.is_file():
+        return "partial" if saved.is_file() else "new"
+    try:
+        data = json.loads(res.read_text())
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return "partial"
+    new = json.loads(json.dumps(run.cfg.model_dump(mode="json")))
+    for k in NON_RESULT_FIELDS:
+        old.pop(k, None)
+        new.pop(k, None)
+    if old != new:
+        return "changed"
+    methods = data.get("methods") or {}
+    for spec in run.cfg.methods:
+        seeds = (methods.get(spec.run_name) or {}).get("seeds") or {}
+        if not all((seeds.get(str(s)) or {}).get("complete") for s in run.cfg.seeds):
+            return "partial"
+    return "complete"
+
+
+# --- launching --------------------------------------------------------------------------------
+
+
+def run_unit(cmd: list[str], log: str, cwd: str, env: dict) -> dict:
+    """One run: `python -m clbench run ...` as a subprocess, output appended to its log file.
+    Module-level so that Ray and submitit ship it by reference."""
+    t0 = time.time()
+    full_env = {**os.environ, **env}
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(cmd)}   # {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.uname().nodename}\n")
+        f.flush()
+        rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=full_env).returncode
+    return {"rc": rc, "seconds": time.time() - t0}
+
+
+def _last_error(log: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    errs = [ln for ln in lines if ln.startswith("clbench: error:") or "Error" in ln]
+    return (errs or lines or ["empty log"])[-1][:300]
+
+
+def _launch_local(units, parallel: int, done):
+    if parallel == 1:
+        for run, args in units:
+            done(run, run_unit(*args))
+        return
+    with cf.ThreadPoolExecutor(max_workers=parallel) as pool:
+        futs = {pool.submit(run_unit, *args): run for run, args in units}
+        for f in cf.as_completed(futs):
+            done(futs[f], f.result())
+
+
+def _launch_ray(units, opts: RayOptions, done):
+    try:
+        import ray
+    except ImportError:
+        raise SweepError("launcher ray needs the 'ray' package: pip install 'clbench[sweep]'") from None
+    started = False
+    if not ray.is_initialized():
+        kw = {"address": opts.address} if opts.address else {"num_cpus": opts.num_cpus}
+        ray.init(include_dashboard=False, log_to_driver=False, **kw)
+        started = True
+    try:
+        task = ray.remote(num_cpus=opts.cpus_per_run, num_gpus=opts.gpus_per_run, max_retries=0)(run_unit)
+        refs = {task.remote(*args): run for run, args in units}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                done(refs[ref], ray.get(ref))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _launch_slurm(units, opts: SlurmOptions, folder: Path, name: str, done):
+    try:
+        import submitit
+    except ImportError:
+        raise SweepError("launcher slurm needs the 'submitit' package: pip install 'clbench[sweep]'") from None
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=opts.cluster)
+    params = dict(name=f"clbench-{name}", timeout_min=opts.timeout_min, cpus_per_task=opts.cpus_per_task,
+                  gpus_per_node=opts.gpus_per_node, mem_gb=opts.mem_gb, slurm_partition=opts.partition,
+                  slurm_array_parallelism=opts.array_parallelism,
+                  slurm_additional_parameters=opts.additional or None)
+    ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    cols = list(zip(*[args for _, args in units]))
+    jobs = ex.map_array(run_unit, *cols)
+    print(f"submitted {len(jobs)} job(s) via submitit ({ex.cluster}): {', '.join(str(j.job_id) for j in jobs[:8])}"
+          + (" ..." if len(jobs) > 8 else ""), flush=True)
+    for (run, _), job in zip(units, jobs):
+        try:
+            res = job.result()
+        except Exception as e:  # the job itself failed (killed, timed out): name it, keep the others
+            res = {"rc": -1, "seconds": 0.0, "error": f"submitit job {job.job_id}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__}"}
+        done(run, res)
+
+
+# --- the sweep ---------------------------------------------------------------------------------
+
+
+def prepare(sweep: Sweep, validate_plans: bool = True) -> None:
+    """Validate every run as `clbench run` would (methods, options, tasks, data, model) before
+    anything runs, then write the expanded configs and note each run's status."""
+    if validate_plans:
+        from .loop import plan
+
+        cdir = (sweep.out / "configs").resolve()
+        for run in sweep.runs:
+            try:
+                plan(run.cfg, cdir)
+            except ClbenchError as e:
+                raise type(e)(f"sweep {sweep.path}: run {run.id}: {e}") from None
+    from . import results
+
+    for run in sweep.runs:
+        run.config_path = sweep.out / "configs" / f"{run.id}.yaml"
+        run.dir = sweep.out / run.id
+        run.log = sweep.out / "logs" / f"{run.id}.log"
+        text = yaml.safe_dump(run.raw, sort_keys=False)
+        if not run.config_path.is_file() or run.config_path.read_text() != text:
+            results.atomic_write_text(run.config_path, text)
+        run.status = run_status(run, run.dir)
+    results.atomic_write_text(sweep.out / "sweep.yaml", yaml.safe_dump(
+        {"source": str(sweep.path.resolve()), **sweep.cfg.model_dump(mode="json")}, sort_keys=False))
+
+
+def _write_index(sweep: Sweep, outcome: dict) -> None:
+    from . import results
+
+    results.write_json(sweep.out / "sweep.json", {"name": sweep.name, "launcher": sweep.cfg.launcher, "runs": [
+        {"id": r.id, "point": r.point, "status": r.status, "dir": r.id, "config": f"configs/{r.id}.yaml",
+         "log": f"logs/{r.id}.log", **outcome.get(r.id, {})} for r in sweep.runs]})
+
+
+def run_sweep(sweep: Sweep, dry_run: bool = False, out=None) -> dict:
+    """Run what is not complete; returns {run id: status}. Raises SweepError naming failed runs."""
+    out = out or sys.stdout
+    prepare(sweep)
+    todo = [r for r in sweep.runs if r.status != "complete"]
+    print(f"sweep {sweep.name}: {len(sweep.runs)} run(s) in {sweep.out}; {len(sweep.runs) - len(todo)} complete, "
+          f"{len(todo)} to run (launcher {sweep.cfg.launcher})", file=out, flush=True)
+    for r in sweep.runs:
+        print(f"  {r.id:48s} {r.status if r.status != 'complete' else 'complete, skipped'}", file=out, flush=True)
+    if dry_run or not todo:
+        if not dry_run:
+            _write_index(sweep, {})
+            print(f"nothing to run; report: clbench report {sweep.out}", file=out, flush=True)
+        return {r.id: r.status for r in sweep.runs}
+
+    cwd = os.getcwd()
+    env = {k: v for k, v in os.environ.items() if PASS_ENV.match(k)}
+    units = [(r, ([sys.executable, "-m", "clbench", "run", str(r.config_path.resolve()), "--output-dir", str(r.dir.resolve())],
+                  str(r.log.resolve()), cwd, env)) for r in todo]
+    outcome: dict[str, dict] = {}
+
+    def done(run: Run, res: dict):
+        ok = res.get("rc") == 0
+        run.status = run_status(run, run.dir) if ok else "failed"
+        if ok and run.status != "complete":
+            run.status, ok = "failed", False
+            res.setdefault("error", "the run ended without complete results")
+        outcome[run.id] = {"rc": res.get("rc"), "seconds": round(res.get("seconds", 0.0), 1)}
+        err = "" if ok else f": {res.get('error') or _last_error(run.log)} (log {run.log})"
+        print(f"  {run.id:48s} {'done' if ok else 'FAILED'} in {res.get('seconds', 0.0):.1f}s{err}", file=out, flush=True)
+
+    t0 = time.time()
+    launcher = sweep.cfg.launcher
+    if launcher == "local":
+        _launch_local(units, sweep.cfg.parallel, done)
+    elif launcher == "ray":
+        _launch_ray(units, sweep.cfg.ray, done)
+    else:
+        _launch_slurm(units, sweep.cfg.slurm, sweep.out / "submitit", sweep.name, done)
+    _write_index(sweep, outcome)
+    failed = [r for r in todo if r.status != "complete"]
+    print(f"sweep {sweep.name}: ran {len(todo)} run(s) in {time.time() - t0:.1f}s, {len(failed)} failed; "
+          f"report: clbench report {sweep.out}", file=out, flush=True)
+    if failed:
+        raise SweepError(f"sweep {sweep.name}: {len(failed)} of {len(todo)} run(s) failed: "
+                         + "; ".join(f"{r.id} ({_last_error(r.log)}; log {r.log})" for r in failed[:5])
+                         + ("" if len(failed) <= 5 else f"; and {len(failed) - 5} more")
+                         + ". Re-running the sweep resumes them.")
+    return {r.id: r.status for r in sweep.runs}
