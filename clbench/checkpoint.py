@@ -27,9 +27,15 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def model_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> dict:
+    return state_diff(model.state_dict(), reference)
+
+
+def state_diff(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
+    """{key: ("dense", tensor) | ("sparse", flat indices, values) | ("alias", other key)} for the
+    tensors of `state` that differ from `reference` (tied tensors are stored once)."""
     diff = {}
     seen: dict[tuple, str] = {}
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
         v = v.detach()
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
         if key in seen:  # tied weights (e.g. SmolLM2's embedding and LM head): store once
@@ -49,6 +55,34 @@ def model_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> di
                 continue
         diff[k] = ("dense", v.clone())
     return diff
+
+
+def diff_value(reference: dict[str, torch.Tensor], diff: dict, key: str) -> torch.Tensor:
+    """The full tensor `key` of the state a diff describes (the reference's own when unchanged)."""
+    entry = diff.get(key)
+    if entry is None:
+        return reference[key]
+    if entry[0] == "alias":
+        return diff_value(reference, diff, entry[1])
+    if entry[0] == "dense":
+        return entry[1]
+    _, idx, vals = entry
+    flat = reference[key].detach().clone().reshape(-1)
+    flat[idx] = vals
+    return flat.view_as(reference[key])
+
+
+def save_state_diff(path: Path, diff: dict) -> float:
+    return _save_atomic(path, {"diff": diff})
+
+
+def load_state_diff(path: Path) -> dict:
+    if not path.is_file():
+        from .errors import ClbenchError
+
+        raise ClbenchError(f"merging needs {path} (written after that stage); delete the run's rows of this "
+                           "method (or use --fresh) to train the stream again")
+    return load(path)["diff"]
 
 
 def apply_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor], diff: dict) -> None:
@@ -86,8 +120,11 @@ def set_rng_state(s: dict) -> None:
 
 def save(path: Path, model, reference, method_state, extra: dict) -> float:
     """Write one stage checkpoint atomically; returns its size in MB."""
+    return _save_atomic(path, {"diff": model_diff(model, reference), "method": method_state, "rng": rng_state(), **extra})
+
+
+def _save_atomic(path: Path, payload: dict) -> float:
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"diff": model_diff(model, reference), "method": method_state, "rng": rng_state(), **extra}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:

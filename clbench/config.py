@@ -85,11 +85,51 @@ class EvalConfig(Strict):
         return v
 
 
+class MergeSpec(Strict):
+    """One merged model, evaluated after the last stage as the extra row `merged:<label>`."""
+
+    how: Literal["task_arithmetic", "ties", "lota_additive"] = Field(
+        description="task_arithmetic (theta_0 + lam * sum tau), ties (trim, elect sign, disjoint mean) or "
+        "lota_additive (theta_0 + sum tau, LoTA's merge of sparse task vectors)")
+    lam: float = Field(1.0, description="scaling of the (merged) task vectors: task_arithmetic and ties")
+    density: float = Field(0.2, gt=0, le=1, description="ties: share of each task vector's entries kept by trimming")
+    scope: Literal["tensor", "global"] = Field("tensor", description="ties: trim per tensor or over the whole model")
+    label: Optional[str] = Field(None, description="row name after 'merged:' (default: how)")
+
+    @property
+    def row_name(self) -> str:
+        return f"merged:{self.label or self.how}"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.how == "lota_additive" and self.lam != 1.0:
+            raise ValueError("lota_additive has no lam (it adds the task vectors as they are); use task_arithmetic")
+        return self
+
+
 class MethodSpec(Strict):
     name: str = Field(description="registered method name (clbench list methods)")
     label: Optional[str] = Field(None, description="name in the results (default: name); lets one method run with two option sets")
     options: dict[str, Any] = Field(default_factory=dict, description="the method's options (validated by the method)")
     train: Optional[TrainOverrides] = Field(None, description="training overrides for this method (e.g. a higher lr for LoRA)")
+    mode: Literal["sequential", "multitask", "single"] = Field(
+        "sequential", description="sequential: the continual stream; multitask: one joint training on all tasks, "
+        "shuffled together, with the stream's total budget (the reference for intransigence); single: each task "
+        "trained alone from the base model (per-task upper bounds)")
+    merge: list[MergeSpec] = Field(
+        default_factory=list, description="merge the per-stage task vectors after the last stage (sequential: "
+        "tau_t = theta_t - theta_{t-1}; single: tau_t = theta_t - theta_0); each merged model is evaluated as the "
+        "row `merged:<how>`")
+
+    @model_validator(mode="after")
+    def _check_merge(self):
+        names = [m.row_name for m in self.merge]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two merges share the row name {dup}: give one a `label`")
+        if self.merge and self.mode == "multitask":
+            raise ValueError("merge needs per-stage task vectors; mode multitask trains one joint model")
+        return self
 
     @property
     def run_name(self) -> str:
@@ -115,6 +155,9 @@ class RunConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     cache_dir: Optional[str] = Field(None, description="clbench cache (default $CLBENCH_CACHE or ~/.cache/clbench)")
+    data_root: Optional[str] = Field(  # a local path that never changes results (manifests vouch for the data): not saved or hashed
+        None, exclude=True, description="folder holding the original releases read by the presets (CL_Benchmark/, "
+        "LLM-CL-Benchmark_5000/, natural-instructions/), relative to the config file; default $CLBENCH_DATA_ROOT")
     offline: bool = Field(True, description="forbid hub access (HF_HUB_OFFLINE=1)")
     keep_checkpoints: Literal["last", "all", "none"] = Field(
         "last", description="stage checkpoints for resume: the last one per (method, seed), all, or none (a crash restarts that method)")

@@ -198,6 +198,11 @@ def meta_info(model_desc: str, device, autocast) -> dict:
     return {"versions": versions, "model": model_desc, "hardware": hw}
 
 
+def _stage(v: str):
+    """matrix.csv's stage: an int for the stream's stages, a label for extra rows (multitask, merged:*)."""
+    return int(v) if str(v).lstrip("-").isdigit() else str(v)
+
+
 class Recorder:
     """Holds every result so far and rewrites the results files atomically after each stage."""
 
@@ -219,22 +224,69 @@ class Recorder:
         prev = json.loads(f.read_text())
         self.methods = prev.get("methods", {})
         self.config_changes = prev.get("run", {}).get("config_changes", [])
-        self.rows = [{**r, "seed": int(r["seed"]), "stage": int(r["stage"]), "value": float(r["value"])}
+        self.rows = [{**r, "seed": int(r["seed"]), "stage": _stage(r["stage"]), "value": float(r["value"])}
                      for r in results.read_csv(self.out / "matrix.csv")]
         self.summary = [{**r, "seed": int(r["seed"])} for r in results.read_csv(self.out / "summary.csv")] \
             if (self.out / "summary.csv").is_file() else []
         for r in self.summary:
             for k, v in r.items():
-                if k not in ("method", "seed"):
-                    r[k] = float(v) if v not in ("", None) else None
+                if k not in ("method", "seed", "mode"):
+                    r[k] = (int if k == "trainable_params" else float)(v) if v not in ("", None) else None
         return True
 
     def drop(self, method, seed, after_stage: int) -> None:
-        self.rows = [r for r in self.rows if not (r["method"] == method and r["seed"] == seed and r["stage"] > after_stage)]
+        """Forget the rows of stages after `after_stage`, and every extra row (multitask, merged:*)."""
+        self.rows = [r for r in self.rows if not (r["method"] == method and r["seed"] == seed
+                                                  and (not isinstance(r["stage"], int) or r["stage"] > after_stage))]
+
+    def drop_extra(self, method, seed) -> None:
+        self.rows = [r for r in self.rows if not (r["method"] == method and r["seed"] == seed
+                                                  and not isinstance(r["stage"], int))]
 
     def base_scores(self) -> dict | None:
         base = {r["eval_task"]: r["value"] for r in self.rows if r["stage"] == 0}
         return base if set(base) == set(self.plan.eval_names) else None
+
+    def stage_scores(self, method, seed, stage) -> dict | None:
+        """{eval_task: value} of one row (an int stage or a label such as `multitask`), or None."""
+        got = {r["eval_task"]: r["value"] for r in self.rows
+               if r["method"] == method and r["seed"] == seed and r["stage"] == stage}
+        return got if set(got) >= set(self.plan.task_names) else None
+
+    def extra_rows(self, method, seed) -> dict[str, dict]:
+        """merged:* rows: {stage label: {eval_task: value}}."""
+        out: dict[str, dict] = {}
+        for r in self.rows:
+            if r["method"] == method and r["seed"] == seed and str(r["stage"]).startswith("merged:"):
+                out.setdefault(r["stage"], {})[r["eval_task"]] = r["value"]
+        return out
+
+    def update_intransigence(self) -> None:
+        """Intransigence of every complete sequential (method, seed) against the run's multitask
+        reference of the same seed (metrics.intransigence; a* = the joint model's score on task k).
+        With several multitask references, a method is paired with the one of the same method name."""
+        refs = {(m, s): r for m in self.methods if self.methods[m].get("mode") == MULTITASK
+                for s in self.cfg.seeds if (r := self.stage_scores(m, s, MULTITASK)) is not None}
+        if not refs:
+            return
+        names = self.plan.task_names
+        spec_name = {m.run_name: m.name for m in self.plan.method_specs}
+        for row in self.summary:
+            m, s = row["method"], row["seed"]
+            if self.methods.get(m, {}).get("mode", "sequential") != "sequential" or row.get("acc") is None:
+                continue
+            cands = [k for k in refs if k[1] == s]
+            if len(cands) > 1:
+                cands = [k for k in cands if spec_name.get(k[0]) == spec_name.get(m)]
+            if len(cands) != 1:
+                continue
+            joint = [refs[cands[0]][t] for t in names]
+            per_task = metrics.intransigence(self.matrix(m, s), joint)
+            row["intransigence"] = float(sum(per_task) / len(per_task))
+            seed_entry = self.methods[m]["seeds"].get(str(s))
+            if seed_entry is not None:
+                seed_entry["intransigence"] = {"reference": cands[0][0], "per_task": per_task,
+                                               "mean": row["intransigence"]}
 
     def add_row(self, method, seed, stage, trained, scores: dict, primary: dict):
         for task in self.plan.eval_names:
@@ -245,16 +297,17 @@ class Recorder:
     def heldout_matrix(self, method, seed) -> list[list[float]]:
         by_stage: dict[int, dict] = {}
         for r in self.rows:
-            if r["method"] == method and r["seed"] == seed and r["eval_task"] in self.plan.heldout:
-                by_stage.setdefault(int(r["stage"]), {})[r["eval_task"]] = r["value"]
+            if r["method"] == method and r["seed"] == seed and r["eval_task"] in self.plan.heldout \
+                    and isinstance(r["stage"], int):
+                by_stage.setdefault(r["stage"], {})[r["eval_task"]] = r["value"]
         return [[by_stage[s][t] for t in self.plan.heldout] for s in sorted(by_stage)]
 
     def matrix(self, method, seed) -> list[list[float]]:
         names = self.plan.task_names
         by_stage: dict[int, dict] = {}
         for r in self.rows:
-            if r["method"] == method and r["seed"] == seed and r["eval_task"] in names:
-                by_stage.setdefault(int(r["stage"]), {})[r["eval_task"]] = r["value"]
+            if r["method"] == method and r["seed"] == seed and r["eval_task"] in names and isinstance(r["stage"], int):
+                by_stage.setdefault(r["stage"], {})[r["eval_task"]] = r["value"]
         return [[by_stage[s][t] for t in names] for s in sorted(by_stage)]
 
     def flush(self):
@@ -349,28 +402,149 @@ def evaluate_model(model, tok, lm_tasks, primary, seed, **kw):
     return evaluate(model, tok, lm_tasks, primary, seed=seed, **kw)
 
 
+@dataclass
+class Job:
+    """One (method, seed) of a run and everything its stages need."""
+
+    pl: Plan
+    spec: object  # config.MethodSpec
+    seed: int
+    base_model: torch.nn.Module
+    tok: object
+    lm_tasks: dict
+    primary: dict
+    pairs: dict
+    tok_cache: dict
+    base_scores: dict
+    base_eval_s: float
+    rec: Recorder
+    device: torch.device
+    autocast: object
+    eval_kw: dict
+    progress: object
+    console: object
+    out: Path
+
+    @property
+    def name(self) -> str:
+        return self.spec.run_name
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints" / self.name / f"seed{self.seed}"
+
+    def tag(self) -> str:
+        return f"[{self.name} seed {self.seed}]"
+
+
 def run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_cache, base_scores, base_eval_s,
                rec: Recorder, device, autocast, eval_kw, progress, console, out: Path):
-    from .train import tokenize, train_stage
+    job = Job(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_cache, base_scores, base_eval_s, rec,
+              device, autocast, eval_kw, progress, console, out)
+    prev = rec.methods.get(job.name, {}).get("seeds", {}).get(str(seed))
+    if prev and prev.get("complete"):
+        console.print(f"{job.tag()} already complete in {out}; skipped")
+        return None
+    rec.methods.setdefault(job.name, {"seeds": {}}).update(mode=spec.mode, merges=[m.row_name for m in spec.merge])
+    runner = {"sequential": _run_sequential, "single": _run_single, "multitask": _run_multitask}[spec.mode]
+    return runner(job, prev)
 
+
+def _new_model(job: Job):
+    """A fresh copy of the base model with the method set up on it (peft wraps in place, so the
+    base itself stays pristine for the next method)."""
+    seed_everything(job.seed)
+    meth = M.make(job.spec.name, job.spec.options)
+    run_ctx = M.RunContext(method=job.name, seed=job.seed, tasks=job.pl.task_names, device=job.device, tokenizer=job.tok)
+    model = meth.setup(copy.deepcopy(job.base_model), run_ctx)
+    model.to(job.device)
+    return meth, run_ctx, model
+
+
+def _stage_config(job: Job, t: int, task: str):
+    return job.pl.cfg.train.merged(job.spec.train, job.pl.cfg.stage_overrides(t, task))
+
+
+def _examples(job: Job, task: str, tcfg) -> list:
+    from .train import tokenize
+
+    key = (task, tcfg.max_length)
+    if key not in job.tok_cache:
+        job.tok_cache[key] = tokenize(job.pairs[task], job.tok, tcfg.max_length)
+    ex = job.tok_cache[key]
+    return ex[: tcfg.max_train_examples] if tcfg.max_train_examples else ex
+
+
+def _train(job: Job, meth, model, run_ctx, t: int, task: str, examples: list, tcfg):
+    """stage_start, the loop's training, stage_end. Returns (model, stats, seconds, peak MB)."""
+    from .train import num_steps, train_stage
+
+    s = stage_seed(job.seed, t)
+    torch.manual_seed(s)
+    gen = torch.Generator().manual_seed(s)
+    stage = M.StageContext(stage=t, task=task, seed=job.seed, run=run_ctx, train_config=tcfg, generator=gen)
+    stage.total_steps = num_steps(tcfg, len(examples))
+    n = len(job.pl.task_names)
+    kw = dict(device=job.device, autocast_dtype=job.autocast, pad_id=job.tok.pad_token_id, progress=job.progress)
+
+    def calibrate(m, steps=None, lr=None, weight_decay=None, desc="calibrate"):
+        c = tcfg.merged(M_over(steps=steps, lr=lr, weight_decay=weight_decay))
+        return train_stage(m, meth, examples, c, stage, desc=f"{job.name} s{job.seed} stage {t} {desc}", dense=True, **kw)
+
+    stage.calibrate = calibrate
+    with PeakMemory(job.device) as pm:
+        t_start = time.perf_counter()
+        model = M.call(meth, "stage_start", model, stage, default=model)
+        stats = train_stage(model, meth, examples, tcfg, stage, desc=f"{job.name} seed {job.seed} stage {t}/{n} {task}", **kw)
+        model = M.call(meth, "stage_end", model, stage, default=model)
+        seconds = time.perf_counter() - t_start
+    return model, stats, seconds, pm.peak_mb
+
+
+def _evaluate(job: Job, model, t, exact_task: str | None, folder: str):
+    """Scores of every task; with eval.offdiag_limit, cells other than `exact_task` use the subset."""
+    cfg = job.pl.cfg
+    limits = None
+    if exact_task is not None and cfg.eval.offdiag_limit:
+        limits = {n: (cfg.eval.limit if n == exact_task else cfg.eval.offdiag_limit) for n in job.pl.eval_names}
+    scores, samples, es = evaluate_model(model, job.tok, job.lm_tasks, job.primary, seed=job.seed, task_limits=limits,
+                                         **job.eval_kw)
+    if cfg.eval.log_samples:
+        results.write_samples(job.out / "samples" / job.name / f"seed{job.seed}" / folder, samples)
+    return scores, es
+
+
+def _log_stage(job: Job, t: int, task: str, stats: dict, es: float, scores: dict, ck_mb=None):
+    n = len(job.pl.task_names)
+    job.console.print(f"{job.tag()} stage {t}/{n} {task}: {stats['steps']} steps, loss {stats['first_loss']:.3f} -> "
+                      f"{stats['last_loss']:.3f} ({stats['seconds']:.1f}s); eval {_fmt_scores(scores)} ({es:.1f}s)"
+                      + (f"; checkpoint {ck_mb:.1f} MB" if ck_mb else ""))
+
+
+def _stage_entry(t, task, stats, es, ck_mb=None) -> dict:
+    return {"stage": t, "task": task, "steps": stats["steps"], "first_loss": stats["first_loss"],
+            "last_loss": stats["last_loss"], "train_seconds": stats["seconds"], "eval_seconds": es, "checkpoint_mb": ck_mb}
+
+
+def _save_task_vector(job: Job, t: int, model, base_state) -> None:
+    """What merging needs of stage t: the model's effective weights (adapters merged in) as a diff
+    against the base model, kept until the run directory is deleted."""
+    from . import checkpoint, merging
+
+    checkpoint.save_state_diff(job.ckpt_dir / f"taskvec{t}.pt",
+                               checkpoint.state_diff(merging.effective_state(model), base_state))
+
+
+def _run_sequential(job: Job, prev):
+    """The continual stream: one model through stages 1..T."""
     from . import checkpoint
 
-    cfg = pl.cfg
-    name = spec.run_name
-    prev = rec.methods.get(name, {}).get("seeds", {}).get(str(seed))
-    if prev and prev.get("complete"):
-        console.print(f"[{name} seed {seed}] already complete in {out}; skipped")
-        return None
-    seed_everything(seed)
-    meth = M.make(spec.name, spec.options)
-    run_ctx = M.RunContext(method=name, seed=seed, tasks=pl.task_names, device=device, tokenizer=tok)
-    model = copy.deepcopy(base_model)  # peft wraps in place; keep the base pristine for the next method
-    model = meth.setup(model, run_ctx)
-    model.to(device)
+    cfg, name, seed = job.pl.cfg, job.name, job.seed
+    meth, run_ctx, model = _new_model(job)
     # Checkpoints are diffs against this post-setup state (rebuilt identically on resume).
     reference = checkpoint.snapshot(model) if cfg.keep_checkpoints != "none" else None
-    ckpt_dir = out / "checkpoints" / name / f"seed{seed}"
-    train_s, eval_s, peak, stage_log, start = 0.0, base_eval_s, 0.0, [], 1
+    ckpt_dir, rec = job.ckpt_dir, job.rec
+    train_s, eval_s, peak, stage_log, start = 0.0, job.base_eval_s, 0.0, [], 1
     done = len(prev.get("stages", [])) if prev else 0
     if done and reference is not None and (ckpt_dir / f"stage{done}.pt").is_file():
         ck = checkpoint.load(ckpt_dir / f"stage{done}.pt")
@@ -382,65 +556,141 @@ def run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_ca
         stage_log = list(prev["stages"][:done])
         start = done + 1
         rec.drop(name, seed, done)
-        console.print(f"[{name} seed {seed}] resumed after stage {done} from {ckpt_dir / f'stage{done}.pt'}")
+        job.console.print(f"{job.tag()} resumed after stage {done} from {ckpt_dir / f'stage{done}.pt'}")
     else:
         rec.drop(name, seed, -1)
-        rec.add_row(name, seed, 0, None, base_scores, primary)
-    for t, task in enumerate(pl.task_names, 1):
+        rec.add_row(name, seed, 0, None, job.base_scores, job.primary)
+    base_state = job.base_model.state_dict() if job.spec.merge else None
+    n = len(job.pl.task_names)
+    for t, task in enumerate(job.pl.task_names, 1):
         if t < start:
             continue
-        tcfg = cfg.train.merged(spec.train, cfg.stage_overrides(t, task))
-        key = (task, tcfg.max_length)
-        if key not in tok_cache:
-            ex = tokenize(pairs[task], tok, tcfg.max_length)
-            tok_cache[key] = ex
-        examples = tok_cache[key][: tcfg.max_train_examples] if tcfg.max_train_examples else tok_cache[key]
-        s = stage_seed(seed, t)
-        torch.manual_seed(s)
-        gen = torch.Generator().manual_seed(s)
-        stage = M.StageContext(stage=t, task=task, seed=seed, run=run_ctx, train_config=tcfg, generator=gen)
-        from .train import num_steps
-
-        stage.total_steps = num_steps(tcfg, len(examples))
-
-        def calibrate(m, steps=None, lr=None, weight_decay=None, desc="calibrate", _stage=stage, _ex=examples, _tcfg=tcfg):
-            c = _tcfg.merged(M_over(steps=steps, lr=lr, weight_decay=weight_decay))
-            return train_stage(m, meth, _ex, c, _stage, device=device, autocast_dtype=autocast, pad_id=tok.pad_token_id,
-                               progress=progress, desc=f"{name} s{seed} stage {t} {desc}", dense=True)
-
-        stage.calibrate = calibrate
-        with PeakMemory(device) as pm:
-            t_start = time.perf_counter()
-            model = M.call(meth, "stage_start", model, stage, default=model)
-            stats = train_stage(model, meth, examples, tcfg, stage, device=device, autocast_dtype=autocast,
-                                pad_id=tok.pad_token_id, progress=progress, desc=f"{name} seed {seed} stage {t}/{len(pl.task_names)} {task}")
-            model = M.call(meth, "stage_end", model, stage, default=model)
-            train_s += time.perf_counter() - t_start
-        peak = max(peak, pm.peak_mb)
-        limits = None
-        if cfg.eval.offdiag_limit and t < len(pl.task_names):  # the diagonal and the final row stay exact
-            limits = {n: (cfg.eval.limit if n == task else cfg.eval.offdiag_limit) for n in pl.eval_names}
-        scores, samples, es = evaluate_model(model, tok, lm_tasks, primary, seed=seed, task_limits=limits, **eval_kw)
+        tcfg = _stage_config(job, t, task)
+        model, stats, secs, pk = _train(job, meth, model, run_ctx, t, task, _examples(job, task, tcfg), tcfg)
+        train_s, peak = train_s + secs, max(peak, pk)
+        scores, es = _evaluate(job, model, t, task if t < n else None, f"stage{t}")
         eval_s += es
-        if cfg.eval.log_samples:
-            results.write_samples(out / "samples" / name / f"seed{seed}" / f"stage{t}", samples)
-        rec.add_row(name, seed, t, task, scores, primary)
+        rec.add_row(name, seed, t, task, scores, job.primary)
+        if job.spec.merge:
+            _save_task_vector(job, t, model, base_state)
         ck_mb = None
         if reference is not None:
             ck_mb = checkpoint.save(ckpt_dir / f"stage{t}.pt", model, reference, M.call(meth, "state_dict"),
                                     {"train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stage": t})
-        stage_log.append({"stage": t, "task": task, "steps": stats["steps"], "first_loss": stats["first_loss"],
-                          "last_loss": stats["last_loss"], "train_seconds": stats["seconds"], "eval_seconds": es,
-                          "checkpoint_mb": ck_mb})
-        console.print(f"[{name} seed {seed}] stage {t}/{len(pl.task_names)} {task}: {stats['steps']} steps, "
-                      f"loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f} ({stats['seconds']:.1f}s); "
-                      f"eval {_fmt_scores(scores)} ({es:.1f}s)" + (f"; checkpoint {ck_mb:.1f} MB" if ck_mb else ""))
-        _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log)
+        stage_log.append(_stage_entry(t, task, stats, es, ck_mb))
+        _log_stage(job, t, task, stats, es, scores, ck_mb)
+        _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="sequential",
+                       merges_pending=bool(job.spec.merge))
         rec.flush()
         # Only now that the results say stage t is done may the previous checkpoint go.
         if reference is not None and cfg.keep_checkpoints == "last" and t > 1:
             (ckpt_dir / f"stage{t - 1}.pt").unlink(missing_ok=True)
+    if job.spec.merge:
+        eval_s += _run_merges(job, "sequential")
+        _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="sequential")
+        rec.flush()
     return model
+
+
+def _run_single(job: Job, prev):
+    """Reference: every task trained alone from the base model (row t = the model of task t only).
+    Stages are independent, so a resumed run just continues with the first missing stage."""
+    name, seed, rec = job.name, job.seed, job.rec
+    done = len(prev.get("stages", [])) if prev else 0
+    if done:
+        rec.drop(name, seed, done)
+        train_s, eval_s, peak = prev["train_seconds"], prev["eval_seconds"], prev["peak_mem_mb"]
+        stage_log = list(prev["stages"][:done])
+        job.console.print(f"{job.tag()} (single-task reference) resumed after stage {done}")
+    else:
+        rec.drop(name, seed, -1)
+        rec.add_row(name, seed, 0, None, job.base_scores, job.primary)
+        train_s, eval_s, peak, stage_log = 0.0, job.base_eval_s, 0.0, []
+    base_state = job.base_model.state_dict() if job.spec.merge else None
+    n = len(job.pl.task_names)
+    meth = model = None
+    for t, task in enumerate(job.pl.task_names, 1):
+        if t <= done:
+            continue
+        meth, run_ctx, model = _new_model(job)
+        tcfg = _stage_config(job, t, task)
+        model, stats, secs, pk = _train(job, meth, model, run_ctx, t, task, _examples(job, task, tcfg), tcfg)
+        train_s, peak = train_s + secs, max(peak, pk)
+        scores, es = _evaluate(job, model, t, task if t < n else None, f"stage{t}")
+        eval_s += es
+        rec.add_row(name, seed, t, task, scores, job.primary)
+        if job.spec.merge:
+            _save_task_vector(job, t, model, base_state)
+        stage_log.append(_stage_entry(t, task, stats, es))
+        _log_stage(job, t, task, stats, es, scores)
+        _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="single",
+                       merges_pending=bool(job.spec.merge))
+        rec.flush()
+        if t < n:
+            del model
+    if meth is None:  # every stage was done before: the trainable count comes from a fresh setup
+        meth, _, model = _new_model(job)
+    if job.spec.merge:
+        eval_s += _run_merges(job, "single")
+    _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="single")
+    rec.flush()
+    return model
+
+
+def _run_multitask(job: Job, prev):
+    """Reference: one joint training on all tasks of the stream, their examples shuffled together,
+    with the stream's total budget (the sum of the stages' steps; lr and the other settings from
+    train + the method's overrides). Its scores land in the row `multitask`."""
+    name, seed, rec = job.name, job.seed, job.rec
+    rec.drop(name, seed, -1)
+    rec.add_row(name, seed, 0, None, job.base_scores, job.primary)
+    meth, run_ctx, model = _new_model(job)
+    from .train import num_steps
+
+    examples, total = [], 0
+    for t, task in enumerate(job.pl.task_names, 1):
+        tcfg_t = _stage_config(job, t, task)
+        ex = _examples(job, task, tcfg_t)
+        examples += ex
+        total += num_steps(tcfg_t, len(ex))
+    tcfg = job.pl.cfg.train.merged(job.spec.train, M_over(steps=total))
+    model, stats, train_s, peak = _train(job, meth, model, run_ctx, 1, "multitask", examples, tcfg)
+    scores, es = _evaluate(job, model, MULTITASK, None, MULTITASK)
+    rec.add_row(name, seed, MULTITASK, MULTITASK, scores, job.primary)
+    entry = _stage_entry(1, MULTITASK, stats, es)
+    _log_stage(job, 1, MULTITASK, stats, es, scores)
+    _record_method(rec, name, seed, meth, model, train_s, job.base_eval_s + es, peak, [entry], mode="multitask")
+    rec.flush()
+    return model
+
+
+MULTITASK = "multitask"  # the stage label of the joint reference's row in matrix.csv
+
+
+def _run_merges(job: Job, mode: str) -> float:
+    """Merge the per-stage task vectors saved by the stages and evaluate each merged model as the row
+    `merged:<label>`. Returns the evaluation seconds."""
+    from . import checkpoint, merging
+
+    rec, name, seed = job.rec, job.name, job.seed
+    rec.drop_extra(name, seed)
+    base_state = job.base_model.state_dict()
+    T = len(job.pl.task_names)
+    diffs = [checkpoint.load_state_diff(job.ckpt_dir / f"taskvec{t}.pt") for t in range(1, T + 1)]
+    vectors = merging.vectors_from_diffs(base_state, diffs, cumulative=(mode == "sequential"))
+    del diffs
+    spent = 0.0
+    for ms in job.spec.merge:
+        t0 = time.perf_counter()
+        state = merging.merge(base_state, vectors, ms)
+        model = merging.load_merged(job.base_model, state)
+        del state
+        scores, es = _evaluate(job, model, ms.row_name, None, ms.row_name.replace(":", "_"))
+        del model
+        spent += es
+        rec.add_row(name, seed, ms.row_name, "", scores, job.primary)
+        job.console.print(f"{job.tag()} {ms.row_name}: {_fmt_scores(scores)} (merge + eval {time.perf_counter() - t0:.1f}s)")
+    return spent
 
 
 def M_over(**kw):
@@ -449,22 +699,44 @@ def M_over(**kw):
     return TrainOverrides(**{k: v for k, v in kw.items() if v is not None})
 
 
-def _record_method(rec: Recorder, name, seed, meth, model, train_s, eval_s, peak, stage_log):
-    R = rec.matrix(name, seed)
-    n_stages = len(R) - 1
+def _record_method(rec: Recorder, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="sequential",
+                   merges_pending=False):
+    T = len(rec.plan.task_names)
     trainable = M.call(meth, "trainable_params", model, default=None)
     if trainable is None:
         trainable = M.count_trainable(model)
-    summ = metrics.summary(R) if n_stages == len(rec.plan.task_names) else {}
-    if summ and rec.plan.heldout:
+    if mode == "multitask":
+        joint = rec.stage_scores(name, seed, MULTITASK)
+        done = joint is not None
+        summ = {"acc": float(sum(joint[t] for t in rec.plan.task_names) / T)} if done else {}
+        base = rec.stage_scores(name, seed, 0)
+        R = [[base[t] for t in rec.plan.task_names]] if base else []
+        if done:
+            R.append([joint[t] for t in rec.plan.task_names])
+    else:
+        R = rec.matrix(name, seed)
+        done = len(R) - 1 == T
+        if not done:
+            summ = {}
+        elif mode == "single":  # only the diagonal means something: each task's single-task score
+            summ = {"la": metrics.learning_accuracy(R)}
+        else:
+            summ = metrics.summary(R)
+    if summ and rec.plan.heldout and mode == "sequential":
         summ["general_delta"] = metrics.general_ability_delta(rec.heldout_matrix(name, seed))[-1]
-    row = {"method": name, "seed": seed, **summ, "trainable_params": int(trainable), "train_seconds": train_s,
-           "eval_seconds": eval_s, "peak_mem_mb": peak}
+    complete = done and not merges_pending
+    row = {"method": name, "seed": seed, "mode": mode, **summ, "trainable_params": int(trainable),
+           "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak}
     rec.summary = [r for r in rec.summary if not (r["method"] == name and r["seed"] == seed)]
     if summ:
         rec.summary.append(row)
-    rec.methods.setdefault(name, {"seeds": {}})["seeds"][str(seed)] = {
-        "matrix": R, "complete": bool(summ), "metrics": summ, "trainable_params": int(trainable),
+    entry = rec.methods.setdefault(name, {"seeds": {}})
+    entry["mode"] = mode
+    entry["seeds"][str(seed)] = {
+        "matrix": R, "complete": complete, "metrics": summ, "trainable_params": int(trainable),
+        **({"merged": {st: scores for st, scores in rec.extra_rows(name, seed).items()}} if rec.extra_rows(name, seed) else {}),
         **({"heldout_tasks": rec.plan.heldout, "heldout_matrix": rec.heldout_matrix(name, seed),
-            "general_delta_per_stage": metrics.general_ability_delta(rec.heldout_matrix(name, seed))} if rec.plan.heldout else {}),
+            "general_delta_per_stage": metrics.general_ability_delta(rec.heldout_matrix(name, seed))}
+           if rec.plan.heldout and mode == "sequential" and len(R) > 0 else {}),
         "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stages": list(stage_log)}
+    rec.update_intransigence()

@@ -165,3 +165,81 @@ def lota_additive(base: StateDict, sparse_deltas: Sequence[Mapping]) -> dict[str
             t[mask] = t[mask] + _f32(values)
             out[k] = t
     return out
+
+
+# --- merging inside a run (clbench.loop): task vectors from the stages' saved weights -------------
+
+
+def effective_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the model computes with, in the base model's keys: a peft model's adapters are
+    merged into a copy (merge_and_unload), so LoRA-family task vectors are the dense Delta W = B A."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = ()
+    if isinstance(model, PeftModel):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload().state_dict()
+    return model.state_dict()
+
+
+def tied_aliases(state: StateDict) -> set[str]:
+    """Keys whose tensor shares storage with an earlier key (tied embedding and LM head)."""
+    seen, out = set(), set()
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key in seen:
+            out.add(k)
+        seen.add(key)
+    return out
+
+
+def vectors_from_diffs(base: StateDict, diffs: Sequence[dict], cumulative: bool) -> list[dict[str, torch.Tensor]]:
+    """Task vectors from the stages' weights (clbench.checkpoint.state_diff against `base`).
+
+    cumulative=False (mode single, every stage trained from the base): tau_t = theta_t - theta_0.
+    cumulative=True (the sequential stream): tau_t = theta_t - theta_{t-1}, the stage's own change,
+    so that theta_0 + sum_t tau_t is the final model. Tied aliases are left out (one key per tensor)."""
+    from .checkpoint import diff_value
+
+    aliases = tied_aliases(base)
+    out = []
+    for t, d in enumerate(diffs):
+        keys = {k for k, e in d.items() if e[0] != "alias"}
+        if cumulative and t > 0:
+            keys |= {k for k, e in diffs[t - 1].items() if e[0] != "alias"}
+        tv = {}
+        for k in sorted(keys - aliases):
+            if not _is_float(base[k]):
+                continue
+            prev = diff_value(base, diffs[t - 1], k) if cumulative and t > 0 else base[k]
+            delta = _f32(diff_value(base, d, k)) - _f32(prev)
+            if bool(delta.any()):
+                tv[k] = delta
+        out.append(tv)
+    return out
+
+
+def merge(base: StateDict, vectors: Sequence[StateDict], spec) -> dict[str, torch.Tensor]:
+    """One merged state for a config.MergeSpec (how, lam, density, scope); tied aliases left out."""
+    aliases = tied_aliases(base)
+    base = {k: v for k, v in base.items() if k not in aliases}
+    if spec.how == "task_arithmetic":
+        return task_arithmetic(base, vectors, spec.lam)
+    if spec.how == "ties":
+        return ties(base, vectors, spec.density, spec.lam, spec.scope)
+    if spec.how == "lota_additive":
+        return lota_additive(base, vectors)
+    raise ValueError(f"unknown merge {spec.how!r}")
+
+
+def load_merged(base_model: torch.nn.Module, state: StateDict) -> torch.nn.Module:
+    """A copy of the base model holding the merged weights (cast to each parameter's dtype)."""
+    import copy
+
+    model = copy.deepcopy(base_model)
+    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    if unexpected:
+        raise RuntimeError(f"merged state does not fit the model: unexpected keys {unexpected[:5]}")
+    return model

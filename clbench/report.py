@@ -30,9 +30,12 @@ from .errors import ClbenchError
 CONTRACT = ("config.yaml", "matrix.csv", "summary.csv", "results.json")
 MATRIX_COLUMNS = ["method", "seed", "stage", "trained_task", "eval_task", "metric", "value"]
 COST_COLUMNS = ["trainable_params", "train_seconds", "eval_seconds", "peak_mem_mb"]
-METRICS = ["acc", "bwt", "fwt", "forgetting", "la", "aia"]
-HIGHER_IS_BETTER = {"acc": True, "bwt": True, "fwt": True, "forgetting": False, "la": True, "aia": True}
-LABELS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "Forgetting", "la": "LA", "aia": "AIA"}
+METRICS = ["acc", "bwt", "fwt", "forgetting", "la", "aia", "intransigence"]
+HIGHER_IS_BETTER = {"acc": True, "bwt": True, "fwt": True, "forgetting": False, "la": True, "aia": True,
+                    "intransigence": False}
+LABELS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "Forgetting", "la": "LA", "aia": "AIA",
+          "intransigence": "Intransigence"}
+MULTITASK = "multitask"  # the stage label of a multitask reference's row (clbench.loop.MULTITASK)
 COST_LABELS = {"trainable_params": "trainable params", "train_seconds": "train time (s)",
                "eval_seconds": "eval time (s)", "peak_mem_mb": "peak memory (MB)"}
 CI_LEVEL = 0.95
@@ -67,6 +70,22 @@ class RunResults:
     extra: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)  # merged:* rows
     heldout: dict[tuple[str, str], tuple[list[str], np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was left out and why
+    modes: dict[str, str] = field(default_factory=dict)  # method -> sequential | single | multitask
+    joint: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # multitask references' rows
+
+    def mode(self, method: str) -> str:
+        return self.modes.get(method, "sequential")
+
+    def joint_for(self, method: str, seed: str) -> tuple[str, np.ndarray] | None:
+        """The multitask reference a sequential (method, seed) is compared with: the run's multitask
+        row of the same seed; with several, the one results.json names (else none)."""
+        cands = [m for (m, s) in self.joint if s == seed]
+        if len(cands) > 1:
+            named = self.named_refs.get((method, seed))
+            cands = [named] if named in cands else []
+        return (cands[0], self.joint[(cands[0], seed)]) if len(cands) == 1 else None
+
+    named_refs: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -207,6 +226,13 @@ def load_run(run_dir: str | Path) -> RunResults:
         order=str(run.get("order") or cfg.get("order") or "?"), tasks=tasks,
         seeds=list(run.get("seeds") or cfg.get("seeds") or []), git_sha=run.get("git_sha"), meta=meta,
         matrix=mat, summary=summ)
+    for m, entry in (res.get("methods") or {}).items():
+        if isinstance(entry, dict):
+            out.modes[str(m)] = str(entry.get("mode") or "sequential")
+            for seed, se in (entry.get("seeds") or {}).items():
+                ref = (se.get("intransigence") or {}).get("reference") if isinstance(se, dict) else None
+                if ref:
+                    out.named_refs[(str(m), str(seed))] = str(ref)
     _collect_matrices(out)
     _check_summary_metrics(out)
     return out
@@ -228,6 +254,14 @@ def _collect_matrices(run: RunResults) -> None:
     pairs = sorted(set(zip(df["method"], df["seed"])), key=lambda p: (p[0], _seed_key(p[1])))
     for method, seed in pairs:
         mine = (df["method"] == method) & (df["seed"] == seed)
+        if run.mode(method) == MULTITASK:  # a reference: one joint row, no matrix
+            j = df[mine & stream_rows & (df["stage"] == MULTITASK)]
+            if set(j["eval_task"]) >= set(tasks):
+                run.joint[(method, seed)] = j.set_index("eval_task")["value"].reindex(tasks).to_numpy(dtype=float)
+            else:
+                run.notes.append(f"{path.parent}: multitask reference {method} seed {seed} left out: no complete "
+                                 "`multitask` row (unfinished run?)")
+            continue
         g = df[mine & stream_rows & df["stage_idx"].notna()]
         grid = g.pivot(index="stage_idx", columns="eval_task", values="value")
         grid = grid.reindex(index=range(T + 1), columns=tasks)
@@ -353,7 +387,11 @@ def _samples(runs: list[RunResults]) -> pd.DataFrame:
     for r in runs:
         cost = r.summary.set_index(["method", "seed"])
         for (method, seed), R in r.R.items():
+            if r.mode(method) != "sequential":  # references are reported beside the methods, not as one
+                continue
             row = {"run": str(r.path), "order": r.order, "method": method, "seed": seed, **metrics.summary(R)}
+            ref = r.joint_for(method, seed)
+            row["intransigence"] = float(np.mean(metrics.intransigence(R, ref[1]))) if ref else math.nan
             for c in COST_COLUMNS:
                 row[c] = float(cost.at[(method, seed), c]) if (method, seed) in cost.index else math.nan
             rows.append(row)
@@ -409,22 +447,63 @@ def metrics_table(agg: pd.DataFrame, fmt: str) -> str:
     """Summary metrics as Markdown (fmt="md") or LaTeX booktabs (fmt="tex"): mean ± std, the best
     mean per column in bold, n = samples per method. With n = 1 the cell holds the mean alone."""
     methods = sorted(agg["method"].unique())
-    best = {m: _best(agg, m) for m in METRICS}
+    cols = _shown_metrics(agg)
+    best = {m: _best(agg, m) for m in cols}
     arrow = {True: ("↑", r"$\uparrow$"), False: ("↓", r"$\downarrow$")}
     head, body = [], []
-    for m in METRICS:
+    for m in cols:
         a = arrow[HIGHER_IS_BETTER[m]][0 if fmt == "md" else 1]
         head.append(f"{LABELS[m]} {a}")
     for method in methods:
         cells = []
-        for m in METRICS:
+        for m in cols:
             r = agg[(agg["method"] == method) & (agg["metric"] == m)].iloc[0]
             bold = best[m] is not None and not math.isnan(r["mean"]) and _printed(r["mean"]) == best[m]
             cells.append(_cell(r["mean"], r["std"], bold=bold, fmt=fmt))
         n = int(agg.loc[agg["method"] == method, "samples"].iloc[0])
         body.append([_esc(method, fmt), *cells, str(n)])
     n_head = "n" if fmt == "md" else "$n$"
-    return _render(["method", *head, n_head], body, fmt, align="l" + "r" * (len(METRICS) + 1))
+    return _render(["method", *head, n_head], body, fmt, align="l" + "r" * (len(cols) + 1))
+
+
+def _shown_metrics(agg: pd.DataFrame) -> list[str]:
+    """Every metric, but intransigence only when a multitask reference gave it a value."""
+    has = agg.loc[agg["metric"] == "intransigence", "mean"].notna().any()
+    return [m for m in METRICS if m != "intransigence" or has]
+
+
+def reference_table(g: "Group") -> tuple[pd.DataFrame, str] | None:
+    """Per-task scores of the reference runs (multitask joint model, single-task models) and each
+    sequential method's per-task intransigence, means over seeds and runs, as a frame and Markdown."""
+    rows = []
+    for lab, tasks, runs in g.orders():
+        for r in runs:
+            T = len(tasks)
+            for (m, s), v in r.joint.items():
+                rows += [{"order": lab, "row": f"{m} (multitask)", "task": t, "value": v[i]} for i, t in enumerate(tasks)]
+            for (m, s), R in r.R.items():
+                if r.mode(m) == "single":
+                    rows += [{"order": lab, "row": f"{m} (single-task)", "task": t, "value": R[i + 1, i]}
+                             for i, t in enumerate(tasks)]
+                elif r.mode(m) == "sequential" and (ref := r.joint_for(m, s)) is not None:
+                    per = metrics.intransigence(R, ref[1])
+                    rows += [{"order": lab, "row": f"{m}: intransigence vs {ref[0]}", "task": t, "value": per[i]}
+                             for i, t in enumerate(tasks)]
+                    rows += [{"order": lab, "row": f"{m}: R[k, k]", "task": t, "value": R[i + 1, i]}
+                             for i, t in enumerate(tasks)]
+    if not rows:
+        return None
+    df = pd.DataFrame(rows).groupby(["order", "row", "task"], sort=False)["value"].agg(["mean", "count"]).reset_index()
+    lines = []
+    for lab, tasks, _ in g.orders():
+        d = df[df["order"] == lab]
+        if d.empty:
+            continue
+        wide = d.pivot(index="row", columns="task", values="mean").reindex(columns=tasks)
+        body = [[_esc(str(row), "md"), *[_num(v) if not pd.isna(v) else "–" for v in vals], _num(np.nanmean(vals))]
+                for row, vals in zip(wide.index, wide.to_numpy())]
+        lines.append(f"Order {lab}:\n\n" + _render(["row", *tasks, "mean"], body, "md", align="l" + "r" * (len(tasks) + 1)))
+    return df, "\n".join(lines)
 
 
 def cost_table(agg: pd.DataFrame, fmt: str) -> str:
@@ -505,26 +584,47 @@ def _metric_label(runs: list[RunResults]) -> str:
     return f"score ({names.pop()})" if len(names) == 1 else "score (primary metric)"
 
 
-def _by_method(runs: list[RunResults]) -> dict[str, list[tuple[RunResults, str]]]:
+def _by_method(runs: list[RunResults], references: bool = False) -> dict[str, list[tuple[RunResults, str]]]:
+    """(run, seed) items per method with a matrix; single-task references only with references=True."""
     out: dict[str, list] = {}
     for r in runs:
         for method, seed in r.pairs:
-            out.setdefault(method, []).append((r, seed))
+            if references or r.mode(method) == "sequential":
+                out.setdefault(method, []).append((r, seed))
     return dict(sorted(out.items()))
+
+
+def _reference_rows(r: RunResults, method: str, seed: str, T: int) -> dict[str, np.ndarray]:
+    """Rows drawn below a sequential method's matrix: its multitask reference (the joint model's
+    scores) and the single-task upper bounds (each task trained alone: the diagonal of a single run)."""
+    out = {}
+    ref = r.joint_for(method, seed)
+    if ref is not None:
+        out[f"joint ({ref[0]})"] = ref[1]
+    for (m, s), R in r.R.items():
+        if r.mode(m) == "single" and s == seed:
+            out[f"alone ({m})"] = np.array([R[i, i - 1] for i in range(1, T + 1)])
+    return out
 
 
 def _heatmap_fig(g: Group, lab: str, tasks: list[str], runs: list[RunResults], vrange):
     panels = []
-    for method, items in _by_method(runs).items():
+    for method, items in _by_method(runs, references=True).items():
         R = np.mean([r.R[(method, s)] for r, s in items], axis=0)
-        extra_names = list(dict.fromkeys(k for r, s in items for k in r.extra[(method, s)]))
+        rows_of = {(id(r), s): {**r.extra[(method, s)], **(_reference_rows(r, method, s, len(tasks))
+                                                            if r.mode(method) == "sequential" else {})}
+                   for r, s in items}
+        extra_names = list(dict.fromkeys(k for v in rows_of.values() for k in v))
         nan_row = np.full(len(tasks), np.nan)
         with warnings.catch_warnings():  # a task missing from every merged row is NaN (a blank cell), by design
             warnings.simplefilter("ignore", RuntimeWarning)
-            extra = [np.nanmean([r.extra[(method, s)].get(k, nan_row) for r, s in items], axis=0) for k in extra_names]
+            extra = [np.nanmean([rows_of[(id(r), s)].get(k, nan_row) for r, s in items], axis=0) for k in extra_names]
         rows = np.vstack([R, *extra])
         labels = ["0 base"] + [f"{t} {name}" for t, name in enumerate(tasks, 1)] + extra_names
-        panels.append((f"{method} (n={len(items)})", rows, labels, len(tasks) + 1))
+        kind = "" if items[0][0].mode(method) == "sequential" else " [single-task ref]"
+        if kind:
+            labels = ["0 base"] + [f"{t} only {name}" for t, name in enumerate(tasks, 1)] + extra_names
+        panels.append((f"{method}{kind} (n={len(items)})", rows, labels, len(tasks) + 1))
     return plotstyle.heatmaps(f"{g.label} · order {lab}", tasks, panels, vrange, _metric_label(runs))
 
 
@@ -604,9 +704,13 @@ with `clbench.metrics`.
 | LA | (1/T) Σ_i R[i, i] — learning accuracy / plasticity (Riemer et al. 2019) | higher is better |
 | AIA | (1/T) Σ_k A_k, A_k = (1/k) Σ_{i≤k} R[k, i] — average incremental accuracy (Rebuffi et al. 2017) | higher is better |
 | Δ general | mean over held-out tasks of G[t] − G[0] (TRACE) | negative = lost general ability |
+| Intransigence | (1/T) Σ_k (a*_k − R[k, k]), a*_k = the multitask reference's score on task k (Chaudhry et al. 2018 define a*_k by a joint model on tasks 1..k; here the one joint model on all T tasks) | positive = learns new tasks worse than joint training; lower is better |
 
 BWT, FWT and forgetting are undefined (–) for a one-task stream. Rows of the heatmaps below the last
-stage (e.g. `merged:ties`) are shown for reference and never enter a metric.
+stage (e.g. `merged:ties`; `joint (m)`: the multitask reference m's scores; `alone (m)`: single-task
+upper bounds, each task trained alone by the reference run m)
+are shown for reference and never enter a metric. Reference runs (mode multitask or single) are not
+methods of the stream: they appear in the heatmaps and the reference table, not in the metric tables.
 
 Aggregation: within one model and stream, each (run directory, method, seed) is one sample, so seeds
 and task orders pool. Tables give mean ± sample standard deviation (ddof 1) and n, the number of
@@ -733,6 +837,14 @@ def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path) -> li
     lines += ["### Cost", ""]
     table(f"cost__{g.slug}", cost_table(agg, "md"), cost_table(agg, "tex"))
     fig(f"cost__{g.slug}", _cost_fig(g, agg, styles), f"{g.label}: cost per method (mean; {n_note})")
+    refs = reference_table(g)
+    if refs is not None:
+        lines += ["### Reference runs", "",
+                  "Multitask (one joint model on all tasks, the stream's total budget) and single-task (each task "
+                  "trained alone from the base model) references, and each sequential method's intransigence "
+                  "I_k = a*_k − R[k, k] against the multitask reference (positive = the method learns task k worse "
+                  "than joint training). Means over seeds.", ""]
+        table(f"references__{g.slug}", refs[1], extra_csv=refs[0])
     held = heldout_table(g)
     if held is not None:
         lines += ["### General-ability retention (held-out tasks)", ""]

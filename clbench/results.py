@@ -3,9 +3,14 @@
   config.yaml   the resolved config (every default filled in)
   matrix.csv    long format: method,seed,stage,trained_task,eval_task,metric,value,eval_group
                 stage 0 = base model (trained_task empty); stage t = after training trained_task;
+                extra rows carry a label as stage: `multitask` (the joint reference of a method
+                run with mode multitask) and `merged:<how>` (a merge of the per-stage task vectors);
                 eval_group = stream (a task of R) or heldout (a general-ability probe)
-  summary.csv   one row per (method, seed): method,seed,acc,bwt,fwt,forgetting,la,aia,
-                general_delta,trainable_params,train_seconds,eval_seconds,peak_mem_mb
+  summary.csv   one row per (method, seed): method,seed,mode,acc,bwt,fwt,forgetting,la,aia,
+                general_delta,intransigence,trainable_params,train_seconds,eval_seconds,peak_mem_mb
+                mode sequential: every metric of R; single: la only (mean single-task score);
+                multitask: acc only (mean score of the joint model); intransigence: a sequential
+                method against the run's multitask reference of the same seed
   results.json  run info, meta info and each method's matrix and metrics
   samples/      lm-eval's per-example records, samples/<method>/seed<k>/stage<t>/<task>.jsonl
                 (the base model's under samples/base/stage0/)
@@ -25,7 +30,8 @@ from pathlib import Path
 import yaml
 
 MATRIX_COLUMNS = ["method", "seed", "stage", "trained_task", "eval_task", "metric", "value", "eval_group"]
-SUMMARY_COLUMNS = ["method", "seed", "acc", "bwt", "fwt", "forgetting", "la", "aia", "general_delta", "trainable_params",
+SUMMARY_COLUMNS = ["method", "seed", "mode", "acc", "bwt", "fwt", "forgetting", "la", "aia", "general_delta", "intransigence",
+                   "trainable_params",
                    "train_seconds", "eval_seconds", "peak_mem_mb"]
 
 

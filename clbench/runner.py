@@ -107,21 +107,29 @@ def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = Fals
 def print_results(rec, console) -> None:
     from rich.table import Table
 
+    names = rec.plan.task_names
     for name, m in rec.methods.items():
+        mode = m.get("mode", "sequential")
         for seed, s in m["seeds"].items():
-            t = Table(title=f"{name} (seed {seed}): accuracy matrix R[stage, task]")
+            what = {"sequential": "accuracy matrix R[stage, task]", "single": "single-task reference (row t: task t alone)",
+                    "multitask": "multitask reference (one joint model)"}[mode]
+            t = Table(title=f"{name} (seed {seed}): {what}")
             t.add_column("stage")
-            for task in rec.plan.task_names:
+            for task in names:
                 t.add_column(task, justify="right")
-            trained = ["base"] + rec.plan.task_names
+            trained = ["base"] + (["multitask"] if mode == "multitask" else names)
             for i, row in enumerate(s["matrix"]):
-                t.add_row(f"{i} {trained[i]}", *[f"{v:.3f}" for v in row])
+                t.add_row(f"{i} {trained[i]}" if mode != "multitask" or i == 0 else "multitask", *[f"{v:.3f}" for v in row])
+            for label, scores in (s.get("merged") or {}).items():
+                t.add_row(label, *[f"{scores[task]:.3f}" for task in names])
             console.print(t)
     t = Table(title="summary")
-    cols = ["method", "seed", "acc", "bwt", "fwt", "forgetting", "la", "trainable_params", "train_seconds", "eval_seconds", "peak_mem_mb"]
+    cols = ["method", "seed", "mode", "acc", "bwt", "fwt", "forgetting", "la", "intransigence", "trainable_params",
+            "train_seconds", "eval_seconds", "peak_mem_mb"]
     for c in cols:
         t.add_column(c, justify="right")
     for r in rec.summary:
-        t.add_row(*[f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols])
+        t.add_row(*[f"{r[c]:.3f}" if isinstance(r.get(c), float) else ("–" if r.get(c) is None else str(r.get(c)))
+                    for c in cols])
     console.print(t)
     console.print(f"results in {rec.out}")
