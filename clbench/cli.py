@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--config", default=None, help="prepare what this config's stream needs")
     dp.add_argument("--tasks", default=None, help="comma-separated task names")
     dp.add_argument("--force", action="store_true")
+    dp.add_argument("--data-root", default=None,
+                    help="folder holding the original releases the presets read (default: the config's data_root, else $CLBENCH_DATA_ROOT)")
 
     rep = sub.add_parser("report", help="figures and tables from run directories")
     rep.add_argument("run_dirs", nargs="+")
@@ -88,6 +90,9 @@ def _dispatch(args) -> int:
         from .runner import execute
 
         cfg, cdir = load_config(args.config, args.overrides)
+        from .presets import check_run
+
+        check_run(cfg, cdir)  # a preset's release missing or unprepared: say where, before any model
         pl = plan(cfg, cdir)
         out = Path(args.output_dir or Path("runs") / cfg.name)
         execute(pl, out, fresh=args.fresh, allow_changes=args.allow_config_change)
@@ -118,8 +123,13 @@ def _dispatch(args) -> int:
 
             cache = paths.cache_dir(cfg.cache_dir if cfg else None)
             tasks = load_tasks(tdirs)
+            from .presets import config_data_root, data_root, stream_status
+
+            root = config_data_root(cfg, Path(args.config).resolve().parent) if cfg else data_root()
             for name, s in load_streams(tdirs).items():
                 print(f"{name}: {s.get('description', '')}")
+                if s.get("preset"):
+                    print(stream_status(s, root, cache))
                 for oname, names in s["orders"].items():
                     ready = all(n in tasks and all(f.is_file() for f in tasks[n].data_files(cache).values()) for n in names)
                     print(f"  order {oname}: {' -> '.join(names)}  [{'data ready' if ready else 'run: clbench data prepare ' + name}]")
@@ -143,15 +153,19 @@ def _dispatch(args) -> int:
             names = list(dict.fromkeys(n for order in streams[sname]["orders"].values() for n in order))
         elif cfg and cfg.tasks:
             names = list(cfg.tasks)
-        else:
-            names = list(dict.fromkeys(n for s in streams.values() for o in s["orders"].values() for n in o))
+        else:  # every built-in stream; presets (data on the user's disk) only when named
+            names = list(dict.fromkeys(n for s in streams.values() if not s.get("preset")
+                                       for o in s["orders"].values() for n in o))
         unknown = [n for n in names if n not in tasks]
         if unknown:
             raise ClbenchError(f"unknown task(s) {unknown}; available: {', '.join(sorted(tasks))}")
         todo = [n for n in names if tasks[n].prepared]
         seed = cfg.data_seed if cfg else 1234
         raw = {n: {**tasks[n].lm_eval, "clbench": tasks[n].clbench} for n in todo}
-        out = prepare_tasks(todo, raw, cache, seed=seed, force=args.force)
+        from .presets import config_data_root
+
+        root = args.data_root or (config_data_root(cfg, Path(args.config).resolve().parent) if cfg else None)
+        out = prepare_tasks(todo, raw, cache, seed=seed, force=args.force, data_root=root)
         for n, files in out.items():
             print(f"{n}: " + ", ".join(f"{k}={v}" for k, v in files.items()))
         return 0

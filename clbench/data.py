@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from clbench import paths
+from clbench import leakage, paths
 
 from clbench.errors import ClbenchError
 
@@ -796,6 +796,7 @@ def _build_and_write(plan: _Plan, files: dict[str, bytes], archive: Path | None)
         "available": len(docs),
         "counts": {s: len(splits[s]) for s in plan.paths()},
         "label_counts": {s: _label_counts(plan, splits[s]) for s in plan.paths()},
+        "leakage": leakage.check_splits(plan.name, splits),  # warns on train/test input overlap
         "files": written,
         "prepared_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -810,18 +811,23 @@ def _build_and_write(plan: _Plan, files: dict[str, bytes], archive: Path | None)
 
 
 def prepare_tasks(task_names: Iterable[str], task_yamls: dict[str, dict], cache: Path | None = None,
-                  seed: int = DEFAULT_SEED, force: bool = False) -> dict[str, dict[str, Path]]:
+                  seed: int = DEFAULT_SEED, force: bool = False,
+                  data_root: str | os.PathLike | None = None) -> dict[str, dict[str, Path]]:
     """Prepare several tasks, downloading each package and reading each archive at most once.
 
     Returns {task: {"train": path, "test": path}} ("train" is absent for a test-only task).
-    Tasks whose prepared files match their manifest are returned without any download."""
+    Tasks whose prepared files match their manifest are returned without any download.
+    Tasks with `source: release:...` are read from the release under `data_root` (presets.py)."""
+    from .presets import is_release_task, prepare_release_tasks
+
     cache = Path(cache) if cache is not None else paths.cache_dir()
     names = list(dict.fromkeys(task_names))
     missing = [n for n in names if n not in task_yamls]
     if missing:
         raise DataError(f"no task YAML for {', '.join(missing)}")
-    plans = [_plan(n, task_yamls[n], cache, seed) for n in names]
-    result: dict[str, dict[str, Path]] = {}
+    release = [n for n in names if is_release_task(task_yamls[n])]
+    result: dict[str, dict[str, Path]] = prepare_release_tasks(release, task_yamls, cache, seed, force, data_root)
+    plans = [_plan(n, task_yamls[n], cache, seed) for n in names if n not in result]
     todo: list[_Plan] = []
     for plan in plans:
         reason = "forced" if force else _check_manifest(plan)
@@ -941,6 +947,12 @@ def load_streams(extra_dirs: Iterable[str | os.PathLike] = ()) -> dict[str, dict
                 raise DataError(f"stream {name} is defined twice: {origin[name]} and {p}")
             streams[name] = _parse_stream(name, body, p)
             origin[name] = p
+    from .presets import PRESETS_DIR, load_preset_streams  # std-cl-o1, trace, ... (clbench/presets.py)
+
+    for name, s in load_preset_streams().items():
+        if name in streams:
+            raise DataError(f"stream {name} is defined twice: {origin[name]} and {PRESETS_DIR / 'streams.yaml'}")
+        streams[name] = s
     return streams
 
 

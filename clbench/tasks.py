@@ -137,6 +137,12 @@ def load_tasks(extra_dirs: list[Path] = ()) -> dict[str, TaskDef]:
             if t.name in tasks:
                 raise TaskError(f"task {t.name!r} is defined twice: {tasks[t.name].path} and {f}")
             tasks[t.name] = t
+    from .presets import load_preset_tasks  # canonical presets: tasks/presets/, data from the releases
+
+    for name, t in load_preset_tasks().items():
+        if name in tasks:
+            raise TaskError(f"task {name!r} is defined twice: {tasks[name].path} and {t.path}")
+        tasks[name] = t
     return tasks
 
 

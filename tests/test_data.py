@@ -437,6 +437,8 @@ def test_shipped_streams_name_existing_tasks():
     assert {"cls4", "qa4"} <= set(streams)
     names = {p.stem for p in SHIPPED}
     for name, s in streams.items():
+        if s.get("preset"):  # presets read their tasks from tasks/presets/ (tests/test_presets.py)
+            continue
         assert s["description"]
         for order, tasks in s["orders"].items():
             assert len(tasks) >= 4, name
