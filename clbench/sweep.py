@@ -255,8 +255,8 @@ def load_sweep(path: str | Path, output_dir: str | Path | None = None, launcher:
         check_key_path(key, f"{path}: set")
     for key in cfg.grid:
         if key not in AXES:
-            if key in ("seed", "order", "method", "seeds.0", "order.0"):
-                raise ConfigError(f"{path}: grid: {key!r} is not an axis; did you mean {key.split('.')[0].rstrip('s') + 's'!r}?")
+            if key in ("seed", "method"):
+                raise ConfigError(f"{path}: grid: {key!r} is not an axis; did you mean {key + 's'!r}?")
             check_key_path(key, f"{path}: grid")
     base_path = (path.resolve().parent / cfg.base)
     base = load_yaml(base_path)
@@ -296,16 +296,22 @@ def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, w
         applied: dict[str, Any] = {}
         labels: dict[int, list[str]] = {}
         for k in hyper:
+            parts = k.split(".")
+            methods = raw.get("methods") or []
+            if parts[0] == "train" and len(parts) == 2:
+                # a method's own train.<key> wins over the run's: the axis moves only the others
+                targets = [i for i, m in enumerate(methods) if not (isinstance(m, dict) and (m.get("train") or {}).get(parts[1]) is not None)]
+                if not targets:
+                    continue
+            elif parts[0] == "methods":
+                targets = [_method_index(methods, parts[1])]
+            elif k in ("model", "stream", "order", "tasks"):
+                targets = []  # the report groups by these anyway
+            else:
+                targets = range(len(methods))
             if _set(raw, k, point[k]):
                 applied[k] = point[k]
                 applied_any.add(k)
-                parts = k.split(".")
-                if parts[0] == "methods":
-                    targets = [_method_index(raw["methods"], parts[1])]
-                elif k in ("model", "stream", "order", "tasks"):
-                    targets = []  # the report groups by these anyway
-                else:
-                    targets = range(len(raw.get("methods") or []))
                 for i in targets:
                     labels.setdefault(i, []).append(f"{short[k]}={_fmt(point[k])}")
         for i, parts in labels.items():
@@ -340,10 +346,12 @@ def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, w
                 raise ConfigError(f"{where}: two grid points give run id {run_id!r} with different configs")
             continue
         runs[run_id] = Run(run_id, {k: v for k, v in point.items() if k not in hyper or k in applied}, raw, rc)
-    unused = [k for k in hyper if k not in applied_any]
-    if unused:
-        held = sorted({m.run_name for r in runs.values() for m in r.cfg.methods})
-        raise ConfigError(f"{where}: grid: {', '.join(map(repr, unused))} names a method no run holds (methods: {', '.join(held)})")
+    for k in hyper:
+        if k not in applied_any:
+            held = sorted({m.run_name for r in runs.values() for m in r.cfg.methods})
+            why = (f"every method sets its own {k}" if k.startswith("train.") else
+                   f"it names a method no run holds (methods: {', '.join(held)})")
+            raise ConfigError(f"{where}: grid: {k!r} changes no run: {why}")
     return list(runs.values())
 
 
@@ -471,9 +479,15 @@ def prepare(sweep: Sweep, validate_plans: bool = True) -> None:
     if validate_plans:
         from .loop import plan
 
+        try:  # stream presets read releases from the user's disk; `clbench run` checks them first too
+            from .presets import check_run
+        except ImportError:
+            check_run = None
         cdir = (sweep.out / "configs").resolve()
         for run in sweep.runs:
             try:
+                if check_run is not None:
+                    check_run(run.cfg, cdir)
                 plan(run.cfg, cdir)
             except ClbenchError as e:
                 raise type(e)(f"sweep {sweep.path}: run {run.id}: {e}") from None
