@@ -13,7 +13,8 @@ fields: a run directory may be resumed with a different choice).
 TensorBoard: one event folder per (method, seed) under `<run dir>/tensorboard/<method>/seed<k>/`
 (`tensorboard --logdir <run dir>/tensorboard`). Scalars: `train/loss` and `train/lr` over the
 (method, seed)'s optimizer steps counted across stages, `train/stage` (the stage of that step),
-`eval/<task>` and `eval/mean` over the stage index (0 = base model).
+`eval/<task>` and `eval/mean` over the stage index (0 = base model); a labelled row such as
+`merged:ties` or `multitask` as `eval_merged-ties/<task>` at step 0.
 
 Weights & Biases: one wandb run per (method, seed), project `clbench` (or $WANDB_PROJECT),
 group = the run's name, files under `<run dir>/wandb/`. It honours WANDB_MODE (offline for a
@@ -64,6 +65,15 @@ class Tracker:
         self.close()
 
 
+def _eval_prefix(stage) -> tuple[str, int]:
+    """("eval", t) for stage t (0 = base model); a labelled row (`multitask`, `merged:ties`) gets
+    its own tag prefix ("eval_merged-ties", 0)."""
+    try:
+        return "eval", int(stage)
+    except (TypeError, ValueError):
+        return "eval_" + "".join(c if c.isalnum() or c in "._-" else "-" for c in str(stage)), 0
+
+
 class _StepCounter:
     """Optimizer steps of one (method, seed) counted across stages, in this process."""
 
@@ -99,10 +109,11 @@ class TensorBoardTracker(Tracker):
 
     def log_stage(self, method, seed, stage, scores, task=None):
         w = self._writer(method, seed)
+        prefix, step = _eval_prefix(stage)
         for name, v in scores.items():
-            w.add_scalar(f"eval/{name}", float(v), int(stage))
+            w.add_scalar(f"{prefix}/{name}", float(v), step)
         if scores:
-            w.add_scalar("eval/mean", sum(map(float, scores.values())) / len(scores), int(stage))
+            w.add_scalar(f"{prefix}/mean", sum(map(float, scores.values())) / len(scores), step)
         w.flush()
 
     def close(self):
@@ -134,10 +145,12 @@ class WandbTracker(Tracker):
                                     step=self.count((method, int(seed))))
 
     def log_stage(self, method, seed, stage, scores, task=None):
-        data = {f"eval/{k}": float(v) for k, v in scores.items()}
-        data["eval/stage"] = int(stage)
+        prefix, step = _eval_prefix(stage)
+        data = {f"{prefix}/{k}": float(v) for k, v in scores.items()}
+        if prefix == "eval":
+            data["eval/stage"] = step
         if scores:
-            data["eval/mean"] = sum(map(float, scores.values())) / len(scores)
+            data[f"{prefix}/mean"] = sum(map(float, scores.values())) / len(scores)
         self._run(method, seed).log(data)
 
     def close(self):

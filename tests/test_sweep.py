@@ -256,6 +256,7 @@ def test_tensorboard_tracker_writes_losses_lr_and_scores(tmp_path):
             for step in range(3):
                 tr.log_step("full_ft", 0, stage, step, loss=5.0 - stage - step / 10, lr=1e-3 * (step + 1))
             tr.log_stage("full_ft", 0, stage, {"tiny_parity": 0.5 * stage, "tiny_copy": 0.25})
+        tr.log_stage("full_ft", 0, "merged:ties", {"tiny_parity": 0.75})  # a labelled extra row
     d = tmp_path / "tensorboard" / "full_ft" / "seed0"
     losses = _scalars(d, "train/loss")
     assert [s for s, _ in losses] == list(range(6))  # steps counted across stages
@@ -263,6 +264,7 @@ def test_tensorboard_tracker_writes_losses_lr_and_scores(tmp_path):
     assert [v for _, v in _scalars(d, "train/lr")] == pytest.approx([1e-3, 2e-3, 3e-3] * 2)
     assert _scalars(d, "eval/tiny_parity") == [(1, 0.5), (2, 1.0)]
     assert _scalars(d, "eval/mean") == [(1, pytest.approx(0.375)), (2, pytest.approx(0.625))]
+    assert _scalars(d, "eval_merged-ties/tiny_parity") == [(0, 0.75)]
 
 
 def test_trackers_are_a_non_result_field():
