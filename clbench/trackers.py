@@ -151,7 +151,8 @@ class WandbTracker(Tracker):
             data["eval/stage"] = step
         if scores:
             data[f"{prefix}/mean"] = sum(map(float, scores.values())) / len(scores)
-        self._run(method, seed).log(data)
+        # at the step the next training step will use: wandb drops a step lower than one already logged
+        self._run(method, seed).log(data, step=self.count.next.get((method, int(seed)), 0))
 
     def close(self):
         for r in self.runs.values():
