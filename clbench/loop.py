@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as D
 from . import metrics, paths, results
 from . import method as M
 from . import tasks as T
@@ -48,6 +49,8 @@ def select_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype | None]:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was requested but no CUDA device is available")
     dev = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and D.enabled():
+        dev = torch.device("cuda", D.local_rank())
     if cfg.precision == "fp32":
         return dev, None
     ok = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_supports_bf16()
@@ -150,9 +153,14 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
     M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     for f in cfg.method_files:
         M.load_method_file((config_dir / f).resolve())
-    for i, spec in enumerate(cfg.methods):
-        M.make(spec.name, spec.options, where=f"methods.{i}")  # validates name and options
+    made = [M.make(spec.name, spec.options, where=f"methods.{i}") for i, spec in enumerate(cfg.methods)]  # validates
     task_defs = T.load_tasks([(config_dir / d).resolve() for d in cfg.task_dirs])
+    for i, meth in enumerate(made):  # tasks a method reads besides the stream (e.g. replay's general data)
+        for n in getattr(meth, "needs_tasks", None) or []:
+            if n not in task_defs:
+                raise ConfigError(f"methods.{i} ({cfg.methods[i].name}) needs task {n!r}, which does not exist; "
+                                  f"available: {', '.join(sorted(task_defs))}")
+            task_defs[n].check_data(paths.cache_dir(cfg.cache_dir))
     from .data import load_streams
 
     streams = load_streams([(config_dir / d).resolve() for d in cfg.task_dirs])
@@ -192,7 +200,7 @@ def meta_info(model_desc: str, device, autocast) -> dict:
             versions[pkg] = None
     hw = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
           "device": str(device), "autocast": str(autocast) if autocast else "none",
-          "torch_threads": torch.get_num_threads()}
+          "torch_threads": torch.get_num_threads(), "processes": D.world_size()}
     if device.type == "cuda":
         hw["gpu"] = torch.cuda.get_device_name(device)
     return {"versions": versions, "model": model_desc, "hardware": hw}
@@ -311,6 +319,8 @@ class Recorder:
         return [[by_stage[s][t] for t in names] for s in sorted(by_stage)]
 
     def flush(self):
+        if not D.is_main():  # one writer: the other ranks hold the same results
+            return
         results.write_csv(self.out / "matrix.csv", results.MATRIX_COLUMNS, self.rows)
         results.write_csv(self.out / "summary.csv", results.SUMMARY_COLUMNS, self.summary)
         results.write_json(self.out / "results.json", {
@@ -328,12 +338,13 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     cfg = pl.cfg
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, quiet=not D.is_main())
     quiet_libraries()
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    results.write_yaml(out / "config.yaml", cfg.model_dump(mode="json"))
+    if D.is_main():
+        results.write_yaml(out / "config.yaml", cfg.model_dump(mode="json"))
     device, autocast = select_device(cfg)
 
     from . import models
@@ -342,10 +353,13 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
                   f"tasks={pl.task_names} methods={[m.run_name for m in pl.method_specs]} seeds={cfg.seeds} "
                   f"device={device.type} autocast={autocast or 'none'}")
     t0 = time.perf_counter()
-    base_model, tok, desc = models.resolve(cfg.model, pl.cache)
-    base_model.to(device)
     defs = [pl.task_defs[n] for n in pl.eval_names]
-    lm_tasks = T.build_lm_eval_tasks(defs, pl.cache)
+    for turn in ("main", "others"):  # rank 0 first: it fills the caches (model conversion, datasets) alone
+        if (turn == "main") == D.is_main():
+            base_model, tok, desc = models.resolve(cfg.model, pl.cache)
+            lm_tasks = T.build_lm_eval_tasks(defs, pl.cache)
+        D.barrier()
+    base_model.to(device)
     primary = {n: pl.task_defs[n].primary_metric for n in pl.eval_names}
     pairs = {n: T.training_examples(lm_tasks[n], tok.eos_token if lm_tasks[n].OUTPUT_TYPE == "generate_until" else None)
              for n in pl.task_names}
@@ -363,8 +377,10 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
     # Row 0: every method starts from the same base weights, so the base model is evaluated once.
     base_scores = rec.base_scores() if resumed else None
     if base_scores is None:
-        base_scores, samples, base_eval_s = evaluate_model(base_model, tok, lm_tasks, primary, seed=0, **eval_kw)
-        if cfg.eval.log_samples:
+        base_scores, samples, base_eval_s = evaluate_model(base_model, tok, lm_tasks, primary, seed=0, **eval_kw) \
+            if D.is_main() else (None, None, None)
+        base_scores, base_eval_s = D.broadcast((base_scores, base_eval_s))
+        if cfg.eval.log_samples and D.is_main():
             results.write_samples(out / "samples" / "base" / "stage0", samples)
         console.print(f"base model: {_fmt_scores(base_scores)} ({base_eval_s:.1f}s)")
     else:
@@ -455,7 +471,8 @@ def _new_model(job: Job):
     base itself stays pristine for the next method)."""
     seed_everything(job.seed)
     meth = M.make(job.spec.name, job.spec.options)
-    run_ctx = M.RunContext(method=job.name, seed=job.seed, tasks=job.pl.task_names, device=job.device, tokenizer=job.tok)
+    run_ctx = M.RunContext(method=job.name, seed=job.seed, tasks=job.pl.task_names, device=job.device, tokenizer=job.tok,
+                           examples=lambda task: _task_examples(job, task))
     model = meth.setup(copy.deepcopy(job.base_model), run_ctx)
     model.to(job.device)
     return meth, run_ctx, model
@@ -473,6 +490,17 @@ def _examples(job: Job, task: str, tcfg) -> list:
         job.tok_cache[key] = tokenize(job.pairs[task], job.tok, tcfg.max_length)
     ex = job.tok_cache[key]
     return ex[: tcfg.max_train_examples] if tcfg.max_train_examples else ex
+
+
+def _task_examples(job: Job, task: str) -> list:
+    """Tokenized training examples of any task (built on first use when it is not in the stream)."""
+    if task not in job.pairs:
+        d = job.pl.task_defs.get(task)
+        if d is None:
+            raise ClbenchError(f"unknown task {task!r}")
+        lm = T.build_lm_eval_tasks([d], job.pl.cache)[task]
+        job.pairs[task] = T.training_examples(lm, job.tok.eos_token if lm.OUTPUT_TYPE == "generate_until" else None)
+    return _examples(job, task, job.pl.cfg.train.merged(job.spec.train))
 
 
 def _train(job: Job, meth, model, run_ctx, t: int, task: str, examples: list, tcfg):
@@ -501,17 +529,33 @@ def _train(job: Job, meth, model, run_ctx, t: int, task: str, examples: list, tc
     return model, stats, seconds, pm.peak_mb
 
 
-def _evaluate(job: Job, model, t, exact_task: str | None, folder: str):
-    """Scores of every task; with eval.offdiag_limit, cells other than `exact_task` use the subset."""
+def _evaluate(job: Job, model, t, exact_task: str | None, folder: str, everywhere: bool = True):
+    """Scores of every task; with eval.offdiag_limit, cells other than `exact_task` use the subset.
+    With several processes rank 0 evaluates and (everywhere=True) broadcasts the scores."""
     cfg = job.pl.cfg
     limits = None
     if exact_task is not None and cfg.eval.offdiag_limit:
         limits = {n: (cfg.eval.limit if n == exact_task else cfg.eval.offdiag_limit) for n in job.pl.eval_names}
-    scores, samples, es = evaluate_model(model, job.tok, job.lm_tasks, job.primary, seed=job.seed, task_limits=limits,
-                                         **job.eval_kw)
-    if cfg.eval.log_samples:
-        results.write_samples(job.out / "samples" / job.name / f"seed{job.seed}" / folder, samples)
+    scores = es = None
+    if D.is_main():
+        scores, samples, es = evaluate_model(model, job.tok, job.lm_tasks, job.primary, seed=job.seed,
+                                             task_limits=limits, **job.eval_kw)
+        if cfg.eval.log_samples:
+            results.write_samples(job.out / "samples" / job.name / f"seed{job.seed}" / folder, samples)
+    if everywhere:
+        scores, es = D.broadcast((scores, es))
     return scores, es
+
+
+def _check_ranks(job: Job, meth, model, entry: dict) -> None:
+    """With several processes: every rank must hold the same weights and method state after a stage."""
+    if not D.enabled():
+        return
+    digests = D.gather(D.state_digest(model, M.call(meth, "state_dict")))
+    entry["rank_digests"] = [d[:16] for d in digests]
+    if len(set(digests)) != 1:
+        raise ClbenchError(f"{job.tag()} stage {entry['stage']}: ranks diverged (weights or method state differ: "
+                           f"{entry['rank_digests']}); results up to the previous stage are kept")
 
 
 def _log_stage(job: Job, t: int, task: str, stats: dict, es: float, scores: dict, ck_mb=None):
@@ -531,8 +575,9 @@ def _save_task_vector(job: Job, t: int, model, base_state) -> None:
     against the base model, kept until the run directory is deleted."""
     from . import checkpoint, merging
 
-    checkpoint.save_state_diff(job.ckpt_dir / f"taskvec{t}.pt",
-                               checkpoint.state_diff(merging.effective_state(model), base_state))
+    if D.is_main():
+        checkpoint.save_state_diff(job.ckpt_dir / f"taskvec{t}.pt",
+                                   checkpoint.state_diff(merging.effective_state(model), base_state))
 
 
 def _run_sequential(job: Job, prev):
@@ -574,16 +619,17 @@ def _run_sequential(job: Job, prev):
         if job.spec.merge:
             _save_task_vector(job, t, model, base_state)
         ck_mb = None
-        if reference is not None:
+        if reference is not None and D.is_main():
             ck_mb = checkpoint.save(ckpt_dir / f"stage{t}.pt", model, reference, M.call(meth, "state_dict"),
                                     {"train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stage": t})
         stage_log.append(_stage_entry(t, task, stats, es, ck_mb))
+        _check_ranks(job, meth, model, stage_log[-1])
         _log_stage(job, t, task, stats, es, scores, ck_mb)
         _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="sequential",
                        merges_pending=bool(job.spec.merge))
         rec.flush()
         # Only now that the results say stage t is done may the previous checkpoint go.
-        if reference is not None and cfg.keep_checkpoints == "last" and t > 1:
+        if reference is not None and cfg.keep_checkpoints == "last" and t > 1 and D.is_main():
             (ckpt_dir / f"stage{t - 1}.pt").unlink(missing_ok=True)
     if job.spec.merge:
         eval_s += _run_merges(job, "sequential")
@@ -622,6 +668,7 @@ def _run_single(job: Job, prev):
         if job.spec.merge:
             _save_task_vector(job, t, model, base_state)
         stage_log.append(_stage_entry(t, task, stats, es))
+        _check_ranks(job, meth, model, stage_log[-1])
         _log_stage(job, t, task, stats, es, scores)
         _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="single",
                        merges_pending=bool(job.spec.merge))
@@ -658,6 +705,7 @@ def _run_multitask(job: Job, prev):
     scores, es = _evaluate(job, model, MULTITASK, None, MULTITASK)
     rec.add_row(name, seed, MULTITASK, MULTITASK, scores, job.primary)
     entry = _stage_entry(1, MULTITASK, stats, es)
+    _check_ranks(job, meth, model, entry)
     _log_stage(job, 1, MULTITASK, stats, es, scores)
     _record_method(rec, name, seed, meth, model, train_s, job.base_eval_s + es, peak, [entry], mode="multitask")
     rec.flush()
@@ -674,6 +722,8 @@ def _run_merges(job: Job, mode: str) -> float:
 
     rec, name, seed = job.rec, job.name, job.seed
     rec.drop_extra(name, seed)
+    if not D.is_main():  # merging trains nothing: rank 0 does it alone and writes the rows
+        return 0.0
     base_state = job.base_model.state_dict()
     T = len(job.pl.task_names)
     diffs = [checkpoint.load_state_diff(job.ckpt_dir / f"taskvec{t}.pt") for t in range(1, T + 1)]
@@ -685,7 +735,7 @@ def _run_merges(job: Job, mode: str) -> float:
         state = merging.merge(base_state, vectors, ms)
         model = merging.load_merged(job.base_model, state)
         del state
-        scores, es = _evaluate(job, model, ms.row_name, None, ms.row_name.replace(":", "_"))
+        scores, es = _evaluate(job, model, ms.row_name, None, ms.row_name.replace(":", "_"), everywhere=False)
         del model
         spent += es
         rec.add_row(name, seed, ms.row_name, "", scores, job.primary)

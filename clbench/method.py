@@ -64,6 +64,10 @@ class RunContext:
     tasks: list[str]
     device: torch.device
     tokenizer: Any = None
+    # examples(task) -> the tokenized training examples (clbench.train.Example) of any task with
+    # training data, also one outside the stream (e.g. general instruction data for replay). A
+    # method that uses it lists the task names in an attribute `needs_tasks`, checked before the run.
+    examples: Callable[[str], list] | None = None
 
 
 @dataclass

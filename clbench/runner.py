@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -96,11 +97,27 @@ def check_run_dir(pl: Plan, out: Path, fresh: bool, allow_changes: bool = False)
 def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = False):
     from rich.console import Console
 
-    console = Console(stderr=True)
-    with RunLock(out):
-        changes = check_run_dir(pl, out, fresh, allow_changes)
+    from . import distributed as D
+    from .loop import select_device
+
+    D.init(cpu=select_device(pl.cfg)[0].type == "cpu")
+    console = Console(stderr=True, quiet=not D.is_main())
+    # One process owns the run directory; with several (accelerate launch / torchrun) that is rank 0.
+    with RunLock(out) if D.is_main() else contextlib.nullcontext():
+        changes = err = None
+        if D.is_main():
+            try:
+                changes = check_run_dir(pl, out, fresh, allow_changes)
+            except ClbenchError as e:
+                if not D.enabled():
+                    raise
+                err = str(e)
+        changes, err = D.broadcast((changes, err))
+        if err:  # every rank stops, not only rank 0
+            raise RunDirError(err)
         rec = run(pl, out, console, config_changes=changes)
-    print_results(rec, Console(width=max(120, Console().width)))
+    if D.is_main():
+        print_results(rec, Console(width=max(120, Console().width)))
     return rec
 
 

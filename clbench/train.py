@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import distributed as D
 from . import method as M
 from .errors import ClbenchError
 
@@ -151,6 +152,7 @@ def train_stage(model, method, examples: list[Example], cfg, stage_ctx, *, devic
     stage_ctx.total_steps, stage_ctx.optimizer = total, opt
     batches = batch_stream(examples, min(cfg.batch_size, len(examples)), stage_ctx.generator)
     params = [p for g in groups for p in g["params"]]
+    multi, world = D.enabled(), D.world_size()
     losses: list[float] = []
     t0 = time.perf_counter()
     task = None if progress is None else progress.add_task(desc, total=total, loss=float("nan"))
@@ -158,20 +160,26 @@ def train_stage(model, method, examples: list[Example], cfg, stage_ctx, *, devic
         stage_ctx.global_step = step
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate(D.shard(next(batches)), pad_id).items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = lm_loss(model, batch, cfg.head_only_targets)
+                if multi:  # this rank's share of the global batch's token-mean (see clbench.distributed)
+                    n_local = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float32)
+                    loss = loss * (n_local / D.all_reduce_sum(n_local.clone()).clamp(min=1))
                 extra = None if dense else M.call(method, "extra_loss", model, batch, stage_ctx)
                 if extra is not None:
-                    loss = loss + extra
-            if not torch.isfinite(loss):
+                    loss = loss + (extra / world if multi else extra)
+            value = D.all_reduce_sum(loss.detach().float().clone()) if multi else loss.detach()
+            if not torch.isfinite(value):  # after the all-reduce, so every rank stops together
                 raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at stage {stage_ctx.stage} ({stage_ctx.task}), step {step + 1}, "
+                    f"non-finite loss ({value.item()}) at stage {stage_ctx.stage} ({stage_ctx.task}), step {step + 1}, "
                     f"method {stage_ctx.run.method!r}: lower the learning rate (train.lr={cfg.lr}) or check the data; "
                     "results of completed stages are kept"
                 )
             (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
+            step_loss += value.item() / cfg.grad_accum
+        if multi:  # the global batch's gradient on every rank, before any method looks at it
+            D.sum_gradients(list(dict.fromkeys([*model.parameters(), *params])))
         if not dense:
             M.call(method, "after_backward", model, stage_ctx)
         if cfg.max_grad_norm is not None:
