@@ -50,6 +50,10 @@ Options (defaults and sources):
   ratio 0.25           share of replayed examples in each mixed batch (the project brief;
                        unconfirmed)
   weighting mixed_mean see above
+  general_task         none; a task name whose training data is replayed as general
+                       instruction data from stage 1 on (pooled with the past tasks' buffers;
+                       e.g. bb_ni_qasc_answer, Natural Instructions, for a classification stream)
+  general_m 50         how many of its examples are kept (a seeded sample)
   base, base_options   none: full fine-tuning
 """
 
@@ -68,7 +72,7 @@ from clbench.masking import derive_seed
 from clbench.method import MethodError, register
 from clbench.train import IGNORE, Example, collate, lm_loss
 
-SALT_BUFFER, SALT_DRAW = 11, 12
+SALT_BUFFER, SALT_DRAW, SALT_GENERAL = 11, 12, 13
 
 
 class ReplayOptions(BaseModel):
@@ -77,6 +81,9 @@ class ReplayOptions(BaseModel):
     selection: Literal["reservoir", "first"] = Field("reservoir", description="which seen examples the buffer keeps")
     ratio: float = Field(0.25, gt=0, lt=1, description="share of replayed examples in each mixed batch")
     weighting: Literal["mixed_mean", "scaled"] = Field("mixed_mean", description="total = mean over the mixed batch, or scaled")
+    general_task: Optional[str] = Field(None, description="a task whose training data is replayed from stage 1 on "
+                                        "as general instruction data (e.g. one not in the stream)")
+    general_m: int = Field(50, gt=0, description="examples of general_task kept (a seeded sample)")
     base: Optional[str] = Field(None, description="a method to wrap (e.g. lora); none = full fine-tuning")
     base_options: dict[str, Any] = Field(default_factory=dict, description="the wrapped method's options")
 
@@ -143,6 +150,8 @@ class Replay:
         self._hook = None
         self._head_out = None
         self.pad_id = 0
+        self.general: list[Example] = []  # general instruction data, replayed from stage 1 on
+        self.needs_tasks = [options.general_task] if options.general_task else []
         self.last_replay: list[Example] = []  # the examples of the latest replay draw (tests, inspection)
         self.last_task_of_replay: list[str] = []
 
@@ -155,6 +164,12 @@ class Replay:
         tok = getattr(run, "tokenizer", None)
         if tok is not None and tok.pad_token_id is not None:
             self.pad_id = tok.pad_token_id
+        if self.options.general_task:
+            if getattr(run, "examples", None) is None:
+                raise MethodError("replay: general_task needs the loop's RunContext.examples")
+            pool = run.examples(self.options.general_task)
+            rng = random.Random(derive_seed(run.seed, 0, SALT_GENERAL))
+            self.general = rng.sample(pool, min(self.options.general_m, len(pool)))
         if self.inner is not None:
             return self.inner.setup(model, run)
         for p in model.parameters():
@@ -181,7 +196,7 @@ class Replay:
         self._rng = random.Random(derive_seed(stage.seed, stage.stage, SALT_BUFFER))
         self._draw = torch.Generator().manual_seed(derive_seed(stage.seed, stage.stage, SALT_DRAW))
         self._remove_hook()
-        if self.options.weighting == "mixed_mean" and self.buffers:
+        if self.options.weighting == "mixed_mean" and (self.buffers or self.general):
             def keep(_module, _inputs, output):
                 if torch.is_grad_enabled():
                     self._head_out = output
@@ -218,6 +233,7 @@ class Replay:
     def draw(self, k: int) -> tuple[list[Example], list[str]]:
         """k examples from the pooled buffer of the finished tasks (seeded)."""
         pool = [(ex, task) for task, exs in self.buffers.items() for ex in exs]
+        pool += [(ex, f"general:{self.options.general_task}") for ex in self.general]
         if not pool or k <= 0:
             return [], []
         if k <= len(pool):
@@ -230,7 +246,7 @@ class Replay:
         head_out, self._head_out = self._head_out, None  # the loop's lm_loss call on `batch`
         inner = self._inner("extra_loss", model, batch, stage)
         self._observe(batch)
-        if not self.buffers:
+        if not self.buffers and not self.general:
             return inner
         B = int(batch["input_ids"].shape[0])
         chosen, tasks = self.draw(n_replay(B, self.options.ratio))

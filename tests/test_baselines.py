@@ -384,6 +384,42 @@ def test_replay_wraps_a_base_method(tok, data):
         M.make("replay", {"base": "lora", "base_options": {"r": -1}})
 
 
+def test_replay_of_general_data_from_stage_one(tok, data, monkeypatch):
+    parity, compare = data
+    torch.manual_seed(0)
+    meth = M.make("replay", {"m": 6, "ratio": 0.25, "general_task": "gen", "general_m": 5})
+    assert meth.needs_tasks == ["gen"]  # the loop checks it exists before the run
+    asked = []
+
+    def examples(task):
+        asked.append(task)
+        return compare
+
+    run = M.RunContext(method="replay", seed=0, tasks=["t1", "t2"], device=CPU, tokenizer=tok, examples=examples)
+    model = meth.setup(models.build_tiny_model(0, len(tok)), run)
+    assert asked == ["gen"] and len(meth.general) == 5 and all(ex in compare for ex in meth.general)
+    cfg = TrainConfig(lr=1e-2, steps=2, batch_size=6)
+    draws = []
+    real = meth.extra_loss
+
+    def spy(m, batch, stage):
+        out = real(m, batch, stage)
+        draws.append((stage.stage, int(batch["input_ids"].shape[0]), list(meth.last_task_of_replay)))
+        return out
+
+    monkeypatch.setattr(meth, "extra_loss", spy)
+    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
+    for stage, B, tasks in draws:  # stage 1 already replays: general data only
+        assert len(tasks) == round(0.25 * B / 0.75) and set(tasks) == {"general:gen"}
+    model, _ = run_stage(meth, model, run, parity, tok, cfg, 2)
+    pooled = {t for s, _, tasks in draws if s == 2 for t in tasks}
+    assert pooled <= {"general:gen", "t1"} and pooled  # stage 2 draws from task 1's buffer and the general data
+    # seeded: a second setup keeps the same general examples
+    again = M.make("replay", {"m": 6, "general_task": "gen", "general_m": 5})
+    again.setup(models.build_tiny_model(0, len(tok)), run)
+    assert again.general == meth.general
+
+
 # --- end to end: a 2-stage run of every method, then a resume after stage 1 -----------------
 
 
@@ -396,6 +432,7 @@ def test_two_stage_run_and_resume(tmp_path):
         {"name": "replay", "options": {"m": 8}},
         {"name": "replay", "label": "replay-lora", "options": {"m": 8, "base": "lora", "base_options": {"r": 4, "alpha": 8}},
          "train": {"lr": 1e-2}},
+        {"name": "replay", "label": "replay-general", "options": {"m": 8, "general_task": "tiny_copy", "general_m": 6}},
     ]
     cfg = {"name": "baselines", "model": "tiny", "tasks": ["tiny_parity", "tiny_compare"],
            "task_dirs": [str(REPO / "configs" / "tiny_tasks")], "methods": methods, "seeds": [0], "threads": 1,
@@ -406,7 +443,7 @@ def test_two_stage_run_and_resume(tmp_path):
     out = tmp_path / "out"
     assert main(["run", str(path), "--output-dir", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    names = ["olora", "ewc", "replay", "replay-lora"]
+    names = ["olora", "ewc", "replay", "replay-lora", "replay-general"]
     first = {}
     for m in names:
         seed = res["methods"][m]["seeds"]["0"]
@@ -425,3 +462,14 @@ def test_two_stage_run_and_resume(tmp_path):
     for m in names:
         seed = res2["methods"][m]["seeds"]["0"]
         assert (seed["matrix"], [(s["first_loss"], s["last_loss"]) for s in seed["stages"]]) == first[m], m
+    # replaying general data from stage 1 changes stage 1's training
+    assert first["replay-general"][1][0] != first["replay"][1][0]
+
+
+def test_replay_general_task_must_exist_before_anything_runs(tmp_path, run_cli):
+    cfg = {"name": "g", "model": "tiny", "tasks": ["tiny_parity"], "task_dirs": [str(REPO / "configs" / "tiny_tasks")],
+           "methods": [{"name": "replay", "options": {"general_task": "no_such_task"}}]}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_cli("run", tmp_path / "g.yaml", "--output-dir", tmp_path / "out")
+    assert code == 2 and "needs task 'no_such_task'" in err and "tiny_copy" in err
+    assert not (tmp_path / "out").exists()
