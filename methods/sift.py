@@ -6,9 +6,15 @@ delta in R^k and a fixed index set idx of k flat positions of W:
 
   1. selection: at the first backward of a stage, idx = top-k entries of |grad W| (per matrix);
      the indices stay fixed for the stage (a new selection at every stage of the stream);
-  2. a gradient hook on W (`register_post_accumulate_grad_hook`) gathers grad W[idx] into
-     delta.grad (summing over gradient-accumulation micro-batches) and sets W.grad = None at
-     once, so no dense gradient survives a backward and the optimizer never sees W;
+  2. the sparse gradient: each target nn.Linear runs, for the rest of the stage, through a
+     custom autograd function (`_SparseGradLinear`) whose backward computes grad_input as usual
+     and, per matrix, the dense weight gradient grad_out^T @ input only transiently (one matrix
+     at a time, in the autocast dtype), returning just its k entries at idx as the gradient of
+     delta (autograd sums them over gradient-accumulation micro-batches into delta.grad). W
+     itself has requires_grad=False after the selection step: no dense float32 gradient, no
+     AccumulateGrad, and the optimizer never sees W. (A target that is not a plain nn.Linear
+     falls back to a gradient hook on W: `register_post_accumulate_grad_hook` gathers
+     grad W[idx] into delta.grad and sets W.grad = None at once.)
   3. the optimizer (AdamW, built by the loop from `param_groups`) holds state for the deltas
      ONLY: 2 x k floats per matrix instead of 2 x numel;
   4. after each optimizer step: W.view(-1)[idx] += delta; delta = 0 (`after_step`); the stage
@@ -48,10 +54,14 @@ Unconfirmed choices: train_selection_step=True (see above); per-stage reselectio
 
 Peak memory: the selection step necessarily holds dense gradients of the target matrices
 (one step, and one |grad| buffer per matrix while selection_batches > 1); afterwards gradients
-of W exist only transiently inside the backward, one matrix at a time.
+of W exist only transiently inside the backward, one matrix at a time, and the sparse linear
+keeps no autocast copy of W for the backward (it recasts W there, one matrix at a time).
+Optimizer state: 2 x k floats per matrix.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -75,6 +85,45 @@ def budget(numel: int, rate: float) -> int:
     return min(int(rate * numel) + 1, numel)
 
 
+class _SparseGradLinear(torch.autograd.Function):
+    """y = x @ W^T (+ b), differentiable in x and in delta, the increment of W at the flat
+    indices idx (delta is 0 at every forward: after_step flushes it into W).
+
+    d loss / d delta = (grad_out^T @ x).view(-1)[idx]: the dense product exists only inside this
+    backward, for this one matrix. Under autocast, x and W are cast to the autocast dtype as
+    F.linear does, but W's copy is not kept for the backward (recast there from the parameter)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, idx_t):
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and weight.is_floating_point() else weight.dtype
+        xc = x.to(dt)
+        with torch.autocast(dev, enabled=False):
+            y = torch.nn.functional.linear(xc, weight.to(dt), None if bias is None else bias.to(dt))
+        ctx.save_for_backward(xc, weight, idx_t)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xc, weight, idx_t = ctx.saved_tensors
+        gx = gd = None
+        g2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.needs_input_grad[0]:
+            gx = g2.mm(weight.to(g2.dtype)).view(*gy.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            # (x^T @ grad_out) is W's gradient transposed, as autograd's own mm backward forms it;
+            # idx_t are the selected flat positions of W mapped into that transposed layout
+            gwt = xc.reshape(-1, xc.shape[-1]).t().mm(g2)
+            gd = gwt.view(-1).index_select(0, idx_t).to(torch.float32)
+            del gwt
+        return gx, None, None, gd, None
+
+
+def _sparse_forward(sift, name, module, x):
+    return _SparseGradLinear.apply(x, module.weight, module.bias, sift.deltas[name], sift.idx_t[name])
+
+
 @register("sift")
 class SIFT:
     Options = SiftOptions
@@ -82,13 +131,16 @@ class SIFT:
     def __init__(self, options: SiftOptions):
         self.options = options
         self.targets: dict[str, torch.nn.Parameter] = {}
+        self.linears: dict[str, torch.nn.Linear] = {}  # targets that are plain nn.Linear weights
         self._reset_stage()
 
     def _reset_stage(self):
         self.idx: dict[str, torch.Tensor] = {}  # name -> flat indices (long), fixed for the stage
+        self.idx_t: dict[str, torch.Tensor] = {}  # name -> the same positions in W^T's flat layout
         self.deltas: dict[str, torch.Tensor] = {}  # name -> dense vector of k, the only optimized tensors
         self._score: dict[str, torch.Tensor] = {}  # name -> summed |grad| while selecting
-        self._handles = []
+        self._handles = {}  # name -> gradient hook on W (selection, and non-Linear targets)
+        self._sparse: set[str] = set()  # names whose nn.Linear runs through _SparseGradLinear
         self._backwards = 0  # optimizer steps' backwards seen this stage
         self._active = False
 
@@ -98,12 +150,15 @@ class SIFT:
         return any(name.endswith(f"{m}.weight") for m in self.options.target_modules)
 
     def setup(self, model, run):
-        self.targets = {}
+        self.targets, self.linears = {}, {}
         for n, p in model.named_parameters():
             if self._is_target(n):
                 if p.ndim < 2:
                     raise MethodError(f"sift: target {n} is not a matrix (shape {tuple(p.shape)})")
                 self.targets[n] = p
+                mod = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else None
+                if type(mod) is torch.nn.Linear and mod.weight is p:
+                    self.linears[n] = mod
                 p.requires_grad_(True)  # W must produce a gradient for the hook, but is never optimized
             else:
                 p.requires_grad_(False)
@@ -122,10 +177,26 @@ class SIFT:
         for n, p in self.targets.items():
             if not p.is_contiguous():
                 raise MethodError(f"sift: target {n} is not contiguous")
-            self.deltas[n] = torch.zeros(budget(p.numel(), self.options.rate), dtype=torch.float32, device=p.device)
-            self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(n)))
+            p.requires_grad_(True)  # the selection step needs W's dense gradient
+            self.deltas[n] = torch.zeros(budget(p.numel(), self.options.rate), dtype=torch.float32, device=p.device,
+                                         requires_grad=True)
+            self._handles[n] = p.register_post_accumulate_grad_hook(self._make_hook(n))
         self._active = True
         return model
+
+    def _go_sparse(self, n):
+        """After selection: W stops requiring grad and its nn.Linear computes only delta's k
+        gradient entries (`_SparseGradLinear`); other targets keep the gradient hook."""
+        mod = self.linears.get(n)
+        if mod is None:
+            return
+        p, idx = self.targets[n], self.idx[n]
+        out_f, in_f = p.shape
+        self.idx_t[n] = (idx % in_f) * out_f + idx // in_f
+        p.requires_grad_(False)
+        self._handles.pop(n).remove()
+        mod.forward = types.MethodType(lambda m, x, _n=n: _sparse_forward(self, _n, m, x), mod)
+        self._sparse.add(n)
 
     def param_groups(self, model, stage):
         wd = stage.train_config.weight_decay if self.options.decay_selected else 0.0
@@ -176,6 +247,7 @@ class SIFT:
                     if self.options.decay_selected:
                         self.deltas[n].copy_(p.view(-1)[self.idx[n]])
                 p.grad = None
+                self._go_sparse(n)
 
     def after_step(self, model, stage):
         self._flush()
@@ -197,9 +269,10 @@ class SIFT:
     def stage_end(self, model, stage):
         if not self.options.decay_selected:
             self._flush()  # a no-op after a completed step: deltas are zero after every after_step
-        for d in self.deltas.values():
-            d.zero_()
-            d.grad = None
+        with torch.no_grad():
+            for d in self.deltas.values():
+                d.zero_()
+                d.grad = None
         for p in self.targets.values():
             p.grad = None
         self._remove_hooks()
@@ -207,9 +280,13 @@ class SIFT:
         return model
 
     def _remove_hooks(self):
-        for h in self._handles:
+        for h in self._handles.values():
             h.remove()
-        self._handles = []
+        self._handles = {}
+        for n in self._sparse:  # back to nn.Linear's own forward; W trainable for the next selection
+            self.linears[n].__dict__.pop("forward", None)
+            self.targets[n].requires_grad_(True)
+        self._sparse = set()
 
     def state_dict(self):
         return {}  # indices are redrawn at every stage; nothing carries over
