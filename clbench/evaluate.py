@@ -3,6 +3,17 @@
 An HFLM wraps the in-memory model (a PeftModel too); nothing is saved or reloaded.
 HFLM calls model.eval() only when constructed, so we build a fresh wrapper per call
 (cheap: no weights move) and put the model back in train mode afterwards.
+
+Log-likelihood requests (multiple choice) go through `_PrefixSharingLM`, an HFLM whose
+`_loglikelihood_tokens` runs every distinct context ONCE: a context and all its continuations
+are packed into one sequence, each continuation attending to the context and to itself only
+(a 4-D attention mask, position ids continuing after the context), and the LM head runs only
+at the scored positions. lm-eval's own HFLM runs context + continuation once per choice
+(6 choices: 6 passes over the same prompt) and the LM head at every position. The result is
+the same log-likelihoods up to floating-point rounding (bf16 autocast on CPU: scores agreed
+exactly with lm-eval's CLI on the demo tasks, see README "Performance"); requests it cannot
+pack (too long for the model, a model without a separable decoder and head) take lm-eval's
+path. CLBENCH_EVAL_PREFIX_SHARING=0 turns it off.
 """
 
 from __future__ import annotations
@@ -17,6 +28,92 @@ import torch
 
 
 _TASK_MANAGER = None
+_LM_CLASS = None
+
+
+def _lm_class():
+    """HFLM with prefix-shared log-likelihoods (built lazily: lm_eval imports are slow)."""
+    global _LM_CLASS
+    if _LM_CLASS is not None:
+        return _LM_CLASS
+    import torch.nn.functional as F
+    from lm_eval.models.huggingface import HFLM
+
+    from .train import _split_head
+
+    class _PrefixSharingLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            split = _split_head(self.model) if self.backend == "causal" else None
+            if split is None or os.environ.get("CLBENCH_EVAL_PREFIX_SHARING", "1") == "0":
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            dec, head = split
+            groups: dict[tuple, list[int]] = {}
+            slow = []
+            for i, (_, ctx, cont) in enumerate(requests):
+                if len(ctx) + len(cont) > self.max_length + 1 or not ctx or not cont:
+                    slow.append(i)  # lm-eval truncates these from the left: its own path
+                else:
+                    groups.setdefault(tuple(ctx), []).append(i)
+            packed = []  # (context, [(request index, continuation)], packed length)
+            for ctx, idx in groups.items():
+                members = []
+                for i in idx:
+                    if members and len(ctx) + sum(len(c) - 1 for _, c in members) + len(requests[i][2]) - 1 > self.max_length:
+                        packed.append((ctx, members))
+                        members = []
+                    members.append((i, requests[i][2]))
+                packed.append((ctx, members))
+            packed.sort(key=lambda g: -(len(g[0]) + sum(len(c) - 1 for _, c in g[1])))
+            res: list = [None] * len(requests)
+            bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 32
+            for b0 in range(0, len(packed), bs):
+                self._score_packed(packed[b0:b0 + bs], dec, head, res, F)
+            if slow:
+                for i, r in zip(slow, super()._loglikelihood_tokens([requests[i] for i in slow], disable_tqdm=True,
+                                                                      override_bs=override_bs)):
+                    res[i] = r
+            return res
+
+        def _score_packed(self, batch, dec, head, res, F):
+            lens = [len(ctx) + sum(len(c) - 1 for _, c in members) for ctx, members in batch]
+            B, L = len(batch), max(lens)
+            ids = torch.zeros((B, L), dtype=torch.long)
+            pos = torch.zeros((B, L), dtype=torch.long)
+            mask = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)  # padding attends to itself only
+            rows_b, rows_t, spans = [], [], []  # scored (batch row, position); per request its rows and tokens
+            for b, (ctx, members) in enumerate(batch):
+                c = len(ctx)
+                ids[b, :c] = torch.tensor(ctx)
+                pos[b, :c] = torch.arange(c)
+                mask[b, :c, :c] = torch.ones(c, c, dtype=torch.bool).tril_()
+                s = c
+                for i, cont in members:
+                    m = len(cont) - 1  # the continuation's last token is predicted, never fed
+                    if m:
+                        ids[b, s:s + m] = torch.tensor(cont[:-1])
+                        pos[b, s:s + m] = torch.arange(c, c + m)
+                        mask[b, s:s + m, :c] = True
+                        mask[b, s:s + m, s:s + m] = torch.ones(m, m, dtype=torch.bool).tril_()
+                    first = len(rows_t)
+                    rows_b += [b] * (m + 1)
+                    rows_t += [c - 1] + list(range(s, s + m))
+                    spans.append((i, first, cont))
+                    s += m
+            dev = self.device
+            with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                h = dec(input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=pos.to(dev),
+                        use_cache=False).last_hidden_state
+                logits = head(h[torch.tensor(rows_b, device=dev), torch.tensor(rows_t, device=dev)])
+            logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            greedy = logp.argmax(dim=-1)
+            for i, first, cont in spans:
+                t = torch.tensor(cont, dtype=torch.long, device=dev)
+                lp = logp[first:first + len(cont)].gather(1, t[:, None])
+                res[i] = (float(lp.sum()), bool((greedy[first:first + len(cont)] == t).all()))
+
+    _LM_CLASS = _PrefixSharingLM
+    return _LM_CLASS
 
 
 def _score(results: dict, task: str, metric: str, filt: str) -> float:
@@ -36,7 +133,6 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
     task_limits: a smaller limit for some tasks (off-diagonal cells on a subset); the
     first n test documents of the task are used, the same ones at every stage."""
     from lm_eval import evaluator
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     global _TASK_MANAGER
@@ -47,7 +143,7 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
     was_training = model.training
     model.eval()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    lm = HFLM(
+    lm = _lm_class()(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=batch_size,
