@@ -11,6 +11,8 @@ demo_seconds times what `make demo` runs, and the eval shares come from that run
   bench/run.py              SmolLM2-135M on cls4, configs/demo.yaml (~20 min on 2 CPU cores)
   bench/run.py --quick      the same code paths on the tiny model and tasks (tests the script)
   bench/run.py --skip-demo  reuse the last demo run instead of running it again
+  bench/run.py --only steps,memory,eval   only these sections (steps, eval, memory, harness,
+                            offdiag, demo); figures of the others are taken from the last bench.json
 Writes <out>/bench.json (runs/bench, or runs/bench/quick with --quick) and prints a table.
 """
 
@@ -53,6 +55,8 @@ FIGURES = ["head_only_targets_step_ratio", "head_only_targets_mem_ratio", "harne
 GOALS = {"harness_overhead_ratio": 1.10, "lota_step_ratio": 1.05, "sift_step_ratio": 1.05, "hft_step_ratio": 0.85,
          "sift_peak_mem_ratio": 0.45}  # figure <= goal; the issue sets no goal for the others
 MEM_METHOD = ("peak RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS after model load and method setup, "
+              "with every parameter read once first (transformers maps the safetensors file lazily: the first "
+              "touch of the weights would otherwise count ~0.5 GB of the loaded model as training memory), "
               "a fresh subprocess per setting; all steps of the stage included (SIFT's dense selection step too); "
               "*steady* figures leave out step 1")
 
@@ -179,9 +183,13 @@ def bench_steps(ctx: Ctx, rounds: int):
                 for i, d in enumerate(ctx.timed_steps(*subj, tc)):
                     times[label][i].append(d)
     step = {label: statistics.fmean(statistics.median(x) for x in per) for label, per in times.items()}
+    fastest = {label: statistics.fmean(min(x) for x in per) for label, per in times.items()}
     raw = {label: {"step_seconds": step[label], "per_batch_median_seconds": [statistics.median(x) for x in per],
                    "samples_seconds": per} for label, per in times.items()}
     raw["batch_shapes"] = [list(collate(b, 0)["input_ids"].shape) for b in ctx.batches]
+    # a cross-check on a busy machine (load only ever adds time): the same ratios from each arm's
+    # fastest repeat per batch instead of the median
+    raw["ratios_from_fastest_repeat"] = {f"{m}_step_ratio": fastest[m] / fastest["full_ft"] for m in ("lota", "sift", "hft")}
     ctx.trained = subjects["full_ft"][0]  # the eval comparison evaluates this model
     return {"head_only_targets_step_ratio": step["full_ft"] / step["full_ft_no_head_only"],
             **{f"{m}_step_ratio": step[m] / step["full_ft"] for m in ("lota", "sift", "hft")}}, raw
@@ -196,6 +204,9 @@ def mem_child(args):
     seq = [ctx.batches[0]] + ctx.batches
     _, method, options, hot = next(a for a in ARMS if a[0] == args.mem_child)
     model, meth, st = ctx.subject(method, options, ctx.model)
+    with torch.no_grad():  # page the lazily mapped weights in: they belong to the loaded model, not to training
+        for p in model.parameters():
+            p.sum()
     gc.collect()
     base, first = proc_mb("VmRSS"), {}
 
@@ -422,9 +433,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model and tasks, few repeats, no demo (tests the script)")
     ap.add_argument("--skip-demo", action="store_true", help="reuse demo_seconds and the demo run of an earlier bench.json")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of step timings (each ~1 min in full)")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of step timings (each ~1 min in full)")
     ap.add_argument("--reps", type=int, default=1, help="repeats of the eval and harness comparisons (each ~3 min in full)")
     ap.add_argument("--out", help="output folder (default runs/bench, quick: runs/bench/quick)")
+    ap.add_argument("--only", help="comma-separated sections to run (steps, eval, memory, harness, offdiag, demo); "
+                    "the other figures are kept from the last bench.json in the output folder")
     for hidden in ("--mem-child", "--config", "--batches", "--overrides"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -440,11 +453,21 @@ def main():
     overrides, rounds, reps = ["precision=auto"] if args.quick else [], args.rounds, args.reps
     prev = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
     figs, raw, secs, t_all = dict.fromkeys(FIGURES), {}, {}, time.perf_counter()
+    only = set(args.only.split(",")) if args.only else None
+    if only:
+        unknown = only - {"steps", "eval", "memory", "harness", "offdiag", "demo"}
+        if unknown:
+            ap.error(f"--only: unknown sections {sorted(unknown)}")
+        figs.update({k: v for k, v in prev.items() if k in FIGURES or k.endswith("_ratio")})
+        raw.update({k: v for k, v in prev.get("raw", {}).items() if k not in only})
+
+    def wanted(key):
+        return only is None or key in only
     with quiet(log):
         ctx = Ctx(config, overrides)
     meta = {"quick": args.quick, "model": ctx.cfg.model, "config": str(config.relative_to(REPO)), "overrides": overrides,
             "device": ctx.device.type, "autocast": str(ctx.autocast), "torch_threads": torch.get_num_threads(),
-            "rounds": rounds, "reps": reps, "memory_method": MEM_METHOD}
+            "rounds": rounds, "reps": reps, "only": args.only, "memory_method": MEM_METHOD}
 
     def save():
         (out / "bench.json").write_text(json.dumps({**figs, **meta, "section_seconds": secs, "raw": raw}, indent=1))
@@ -465,22 +488,32 @@ def main():
         save()
 
     print(f"[bench] {ctx.cfg.model} {ctx.names} autocast={ctx.autocast} rounds={rounds} reps={reps} log={log}", flush=True)
-    section("steps", bench_steps, ctx, rounds)
-    if ctx.trained is not None:
+    if wanted("steps"):
+        section("steps", bench_steps, ctx, rounds)
+    if wanted("eval"):
+        if ctx.trained is None:  # without the steps section: the loaded model
+            ctx.trained = ctx.model
         section("eval", bench_eval, ctx, reps, out, log)
     ctx.model = ctx.trained = None  # free the model before the subprocesses and stream runs
     gc.collect()
-    section("memory", bench_memory, ctx, out)
-    section("harness", bench_harness, ctx, reps, out, log)
-    section("offdiag", bench_offdiag, ctx, out, log)
-    if args.quick:
+    if wanted("memory"):
+        section("memory", bench_memory, ctx, out)
+    if wanted("harness"):
+        section("harness", bench_harness, ctx, reps, out, log)
+    if wanted("offdiag"):
+        section("offdiag", bench_offdiag, ctx, out, log)
+    if only is not None and "demo" not in only:
+        pass
+    elif args.quick:
         raw["demo"] = {"skipped": "--quick"}
     elif args.skip_demo:
         raw["demo"] = {**prev.get("raw", {}).get("demo", {}), "reused_from": str(out / "bench.json")}
         figs["demo_seconds"] = prev.get("demo_seconds")
     else:
         section("demo", bench_demo, out, log)
-    if not args.quick and (demo_res := out / "demo" / "results.json").is_file():
+    if only is not None and not only & {"demo", "harness"}:
+        pass
+    elif not args.quick and (demo_res := out / "demo" / "results.json").is_file():
         section("eval_share", eval_shares, json.loads(demo_res.read_text())["methods"], str(demo_res))
     elif ctx.short is not None:  # no demo run (--quick): the short harness run, to exercise the code path
         section("eval_share", eval_shares, ctx.short, "the short harness run (no demo run)")
