@@ -91,13 +91,20 @@ class _SparseGradLinear(torch.autograd.Function):
 
     d loss / d delta = (grad_out^T @ x).view(-1)[idx]: the dense product exists only inside this
     backward, for this one matrix. Under autocast, x and W are cast to the autocast dtype as
-    F.linear does, but W's copy is not kept for the backward (recast there from the parameter)."""
+    F.linear does, but W's copy is not kept for the backward (recast there from the parameter),
+    and consecutive calls on the same input (q, k, v; gate, up) share one cast copy of x.
+    `holder` (the SIFT instance) keeps that one-entry cache."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, idx_t):
+    def forward(ctx, x, weight, bias, delta, idx_t, holder):
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and weight.is_floating_point() else weight.dtype
-        xc = x.to(dt)
+        c = holder._xcast
+        if c is not None and c[0] is x and c[1] == x._version and c[2] == dt:
+            xc = c[3]
+        else:
+            xc = x.to(dt)
+            holder._xcast = (x, x._version, dt, xc) if xc is not x else None
         with torch.autocast(dev, enabled=False):
             y = torch.nn.functional.linear(xc, weight.to(dt), None if bias is None else bias.to(dt))
         ctx.save_for_backward(xc, weight, idx_t)
@@ -117,11 +124,60 @@ class _SparseGradLinear(torch.autograd.Function):
             gwt = xc.reshape(-1, xc.shape[-1]).t().mm(g2)
             gd = gwt.view(-1).index_select(0, idx_t).to(torch.float32)
             del gwt
-        return gx, None, None, gd, None
+        return gx, None, None, gd, None, None
 
 
 def _sparse_forward(sift, name, module, x):
-    return _SparseGradLinear.apply(x, module.weight, module.bias, sift.deltas[name], sift.idx_t[name])
+    return _SparseGradLinear.apply(x, module.weight, module.bias, sift.deltas[name], sift.idx_t[name], sift)
+
+
+class _SparseGradSiluMLP(torch.autograd.Function):
+    """A Llama-style MLP, down(silu(gate(x)) * up(x)), whose three matrices all train sparsely:
+    as three _SparseGradLinear calls, but the backward recomputes silu(gate) and the product
+    from the saved gate and up outputs instead of keeping them too (two fewer intermediate-wide
+    tensors per layer held from forward to backward). Same operations, same dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, wg, wu, wd, dg, du, dd, ig, iu, idd):
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and wg.is_floating_point() else wg.dtype
+        xc = x.to(dt)
+        with torch.autocast(dev, enabled=False):
+            g = torch.nn.functional.linear(xc, wg.to(dt))
+            u = torch.nn.functional.linear(xc, wu.to(dt))
+            y = torch.nn.functional.linear(torch.nn.functional.silu(g) * u, wd.to(dt))
+        ctx.save_for_backward(xc, g, u, wg, wu, wd, ig, iu, idd)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xc, g, u, wg, wu, wd, ig, iu, idd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g2, u2 = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        a = torch.nn.functional.silu(g2)
+        gdd = (a * u2).t().mm(gy2).view(-1).index_select(0, idd).to(torch.float32) if need[6] else None
+        gp = gy2.mm(wd.to(gy2.dtype))
+        gu, ga = gp * a, gp * u2
+        del a, gp
+        gg = torch.ops.aten.silu_backward(ga, g2)
+        del ga
+        x2 = xc.reshape(-1, xc.shape[-1])
+        gdg = x2.t().mm(gg).view(-1).index_select(0, ig).to(torch.float32) if need[4] else None
+        gdu = x2.t().mm(gu).view(-1).index_select(0, iu).to(torch.float32) if need[5] else None
+        gx = None
+        if need[0]:
+            gx = gg.mm(wg.to(gg.dtype)).to(ctx.x_dtype) + gu.mm(wu.to(gu.dtype)).to(ctx.x_dtype)
+            gx = gx.view(*gy.shape[:-1], wg.shape[1])
+        return gx, None, None, None, gdg, gdu, gdd, None, None, None
+
+
+def _sparse_mlp_forward(sift, names, mlp, x):
+    ng, nu, nd = names
+    d, i = sift.deltas, sift.idx_t
+    return _SparseGradSiluMLP.apply(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                                    d[ng], d[nu], d[nd], i[ng], i[nu], i[nd])
 
 
 @register("sift")
@@ -132,6 +188,7 @@ class SIFT:
         self.options = options
         self.targets: dict[str, torch.nn.Parameter] = {}
         self.linears: dict[str, torch.nn.Linear] = {}  # targets that are plain nn.Linear weights
+        self.mlps: dict[str, tuple] = {}  # SiLU MLPs whose gate, up and down are all such targets
         self._reset_stage()
 
     def _reset_stage(self):
@@ -141,6 +198,7 @@ class SIFT:
         self._score: dict[str, torch.Tensor] = {}  # name -> summed |grad| while selecting
         self._handles = {}  # name -> gradient hook on W (selection, and non-Linear targets)
         self._sparse: set[str] = set()  # names whose nn.Linear runs through _SparseGradLinear
+        self._xcast = None  # _SparseGradLinear's last (input, version, dtype, cast input)
         self._backwards = 0  # optimizer steps' backwards seen this stage
         self._active = False
 
@@ -159,9 +217,20 @@ class SIFT:
                 mod = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else None
                 if type(mod) is torch.nn.Linear and mod.weight is p:
                     self.linears[n] = mod
-                p.requires_grad_(True)  # W must produce a gradient for the hook, but is never optimized
+                p.requires_grad_(True)  # W must produce a gradient for the selection step
             else:
                 p.requires_grad_(False)
+        self.mlps = {}
+        for n in self.linears:
+            if n.endswith(".gate_proj.weight"):
+                pre = n[: -len(".gate_proj.weight")]
+                names = tuple(f"{pre}.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj"))
+                mlp = model.get_submodule(pre)
+                act = getattr(mlp, "act_fn", None)
+                if all(x in self.linears for x in names) and type(act).__name__ in ("SiLU", "SiLUActivation") \
+                        and type(mlp).forward is not torch.nn.Module.forward and self.linears[names[0]].bias is None \
+                        and self.linears[names[1]].bias is None and self.linears[names[2]].bias is None:
+                    self.mlps[pre] = (mlp, names)
         if not self.targets:
             raise MethodError(f"sift: no parameter matches target_modules {self.options.target_modules}")
         return model
@@ -197,6 +266,9 @@ class SIFT:
         self._handles.pop(n).remove()
         mod.forward = types.MethodType(lambda m, x, _n=n: _sparse_forward(self, _n, m, x), mod)
         self._sparse.add(n)
+        for pre, (mlp, names) in self.mlps.items():
+            if n in names and all(x in self._sparse for x in names):
+                mlp.forward = types.MethodType(lambda m, x, _names=names: _sparse_mlp_forward(self, _names, m, x), mlp)
 
     def param_groups(self, model, stage):
         wd = stage.train_config.weight_decay if self.options.decay_selected else 0.0
@@ -250,6 +322,7 @@ class SIFT:
                 self._go_sparse(n)
 
     def after_step(self, model, stage):
+        self._xcast = None
         self._flush()
 
     def _flush(self):
@@ -286,7 +359,10 @@ class SIFT:
         for n in self._sparse:  # back to nn.Linear's own forward; W trainable for the next selection
             self.linears[n].__dict__.pop("forward", None)
             self.targets[n].requires_grad_(True)
+        for mlp, _ in self.mlps.values():
+            mlp.__dict__.pop("forward", None)
         self._sparse = set()
+        self._xcast = None
 
     def state_dict(self):
         return {}  # indices are redrawn at every stage; nothing carries over
