@@ -535,6 +535,31 @@ def build_bigbench_gen(files, spec, rng):
     return _dedupe(docs, key=lambda d: d["input"], label=None)
 
 
+@register_builder("squad_contexts", members=lambda spec: [BB_TASKS + "squad_shifts/" + _squad_file(spec)],
+                  options=("file", "max_chars"))
+def build_squad_contexts(files, spec, rng):
+    """Plain text for a perplexity probe: the distinct paragraphs (`context`) of a SQuAD-format
+    file of BIG-bench's squad_shifts (e.g. new_wiki_v1.0.json: 1,581 Wikipedia paragraphs written
+    after SQuAD). Documents are {text}; the questions are not used."""
+    data = json.loads(_text(next(iter(files.values())), _squad_file(spec)))
+    max_chars = spec.get("max_chars")
+    docs = []
+    for article in data.get("data", []):
+        for para in article.get("paragraphs", []):
+            text = _clean(para.get("context") or "", max_chars)
+            if text:
+                docs.append({"text": text})
+    return _dedupe(docs, key=lambda d: d["text"], label=None)
+
+
+def _squad_file(spec: dict) -> str:
+    f = spec.get("file")
+    if not f or not isinstance(f, str) or "/" in f:
+        raise DataError("the squad_contexts builder needs `file`, a file name in bigbench's squad_shifts folder "
+                        "(e.g. new_wiki_v1.0.json)")
+    return f
+
+
 # --------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------

@@ -166,16 +166,40 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
     streams = load_streams([(config_dir / d).resolve() for d in cfg.task_dirs])
     names = T.resolve_stream(cfg, task_defs, streams)
     for n in names:
+        if task_defs[n].lm_eval.get("output_type") == "loglikelihood_rolling":
+            raise ConfigError(f"task {n!r} ({task_defs[n].path}) is a perplexity probe (loglikelihood_rolling): "
+                              "it can only be held out (`heldout:`), not trained in the stream")
         task_defs[n].check_data(cache)
-    unknown = [n for n in cfg.heldout if n not in task_defs]
-    if unknown:
-        raise ConfigError(f"unknown held-out task(s) {', '.join(map(repr, unknown))}; available: {', '.join(sorted(task_defs))}")
-    both = sorted(set(cfg.heldout) & set(names))
+    heldout = expand_heldout(cfg.heldout, task_defs)
+    unknown = [n for n in heldout if n not in task_defs]
+    if unknown and cfg.offline:
+        raise ConfigError(f"unknown held-out task(s) {', '.join(map(repr, unknown))}; available: "
+                          f"{', '.join(sorted(task_defs))}, or `general` (every built-in held-out task). lm-eval's "
+                          "standard tasks (arc_easy, hellaswag, ...) load from the hub: set `offline: false`")
+    for n in unknown:  # offline: false: lm-eval's own task of that name, data from the hub
+        task_defs[n] = T.hub_task(n)
+    both = sorted(set(heldout) & set(names))
     if both:
         raise ConfigError(f"task(s) {', '.join(both)} are both in the stream and held out: a held-out task is never trained")
-    for n in cfg.heldout:
-        task_defs[n].check_data(cache, need_train=False)
-    return Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods), list(cfg.heldout))
+    for n in heldout:
+        if not task_defs[n].hub:
+            task_defs[n].check_data(cache, need_train=False)
+    return Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods), heldout)
+
+
+GENERAL_SUITE = "general"
+
+
+def expand_heldout(names: list[str], task_defs: dict) -> list[str]:
+    """`general` stands for every built-in held-out task (tasks/ with clbench.heldout: true)."""
+    out: list[str] = []
+    for n in names:
+        if n == GENERAL_SUITE:
+            out += sorted(k for k, d in task_defs.items()
+                          if d.heldout and d.path is not None and d.path.parent == paths.BUILTIN_TASKS_DIR)
+        else:
+            out.append(n)
+    return list(dict.fromkeys(out))
 
 
 # --- running -------------------------------------------------------------------------
@@ -299,7 +323,7 @@ class Recorder:
     def add_row(self, method, seed, stage, trained, scores: dict, primary: dict):
         for task in self.plan.eval_names:
             self.rows.append({"method": method, "seed": seed, "stage": stage, "trained_task": trained or "",
-                              "eval_task": task, "metric": primary[task][0], "value": scores[task],
+                              "eval_task": task, "metric": self.plan.task_defs[task].metric_name, "value": scores[task],
                               "eval_group": "heldout" if task in self.plan.heldout else "stream"})
 
     def heldout_matrix(self, method, seed) -> list[list[float]]:
@@ -377,7 +401,7 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
     # Row 0: every method starts from the same base weights, so the base model is evaluated once.
     base_scores = rec.base_scores() if resumed else None
     if base_scores is None:
-        base_scores, samples, base_eval_s = evaluate_model(base_model, tok, lm_tasks, primary, seed=0, **eval_kw) \
+        base_scores, samples, base_eval_s = evaluate_model(base_model, tok, lm_tasks, primary, 0, pl.task_defs, **eval_kw) \
             if D.is_main() else (None, None, None)
         base_scores, base_eval_s = D.broadcast((base_scores, base_eval_s))
         if cfg.eval.log_samples and D.is_main():
@@ -387,14 +411,17 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
         base_eval_s = 0.0
         console.print(f"resuming {out}: base row and completed stages taken from the run directory")
 
+    from .trackers import Tracker, open_trackers
+
+    tracker = open_trackers(cfg, out) if D.is_main() else Tracker()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console, transient=True)
     tokenized_cache: dict[tuple[str, int], list] = {}
-    with progress:
+    with progress, tracker:
         for spec in pl.method_specs:
             for seed in cfg.seeds:
                 run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tokenized_cache, base_scores,
-                           base_eval_s, rec, device, autocast, eval_kw, progress, console, out)
+                           base_eval_s, rec, device, autocast, eval_kw, progress, console, out, tracker)
     return rec
 
 
@@ -412,10 +439,12 @@ def _fmt_scores(scores: dict) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in scores.items())
 
 
-def evaluate_model(model, tok, lm_tasks, primary, seed, **kw):
+def evaluate_model(model, tok, lm_tasks, primary, seed, task_defs, **kw):
+    """lm-eval on the model in memory; scores in R's scale (a task's clbench.score transform applied)."""
     from .evaluate import evaluate
 
-    return evaluate(model, tok, lm_tasks, primary, seed=seed, **kw)
+    scores, samples, seconds = evaluate(model, tok, lm_tasks, primary, seed=seed, **kw)
+    return {t: task_defs[t].score(v) for t, v in scores.items()}, samples, seconds
 
 
 @dataclass
@@ -440,6 +469,7 @@ class Job:
     progress: object
     console: object
     out: Path
+    tracker: object = None  # clbench.trackers: per-step loss and lr, each row's scores
 
     @property
     def name(self) -> str:
@@ -454,9 +484,9 @@ class Job:
 
 
 def run_method(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_cache, base_scores, base_eval_s,
-               rec: Recorder, device, autocast, eval_kw, progress, console, out: Path):
+               rec: Recorder, device, autocast, eval_kw, progress, console, out: Path, tracker=None):
     job = Job(pl, spec, seed, base_model, tok, lm_tasks, primary, pairs, tok_cache, base_scores, base_eval_s, rec,
-              device, autocast, eval_kw, progress, console, out)
+              device, autocast, eval_kw, progress, console, out, tracker)
     prev = rec.methods.get(job.name, {}).get("seeds", {}).get(str(seed))
     if prev and prev.get("complete"):
         console.print(f"{job.tag()} already complete in {out}; skipped")
@@ -523,7 +553,10 @@ def _train(job: Job, meth, model, run_ctx, t: int, task: str, examples: list, tc
     with PeakMemory(job.device) as pm:
         t_start = time.perf_counter()
         model = M.call(meth, "stage_start", model, stage, default=model)
-        stats = train_stage(model, meth, examples, tcfg, stage, desc=f"{job.name} seed {job.seed} stage {t}/{n} {task}", **kw)
+        on_step = (lambda step, loss, lr: job.tracker.log_step(job.name, job.seed, t, step, loss, lr)) \
+            if job.tracker is not None else None
+        stats = train_stage(model, meth, examples, tcfg, stage, desc=f"{job.name} seed {job.seed} stage {t}/{n} {task}",
+                            on_step=on_step, **kw)
         model = M.call(meth, "stage_end", model, stage, default=model)
         seconds = time.perf_counter() - t_start
     return model, stats, seconds, pm.peak_mb
@@ -538,7 +571,7 @@ def _evaluate(job: Job, model, t, exact_task: str | None, folder: str, everywher
         limits = {n: (cfg.eval.limit if n == exact_task else cfg.eval.offdiag_limit) for n in job.pl.eval_names}
     scores = es = None
     if D.is_main():
-        scores, samples, es = evaluate_model(model, job.tok, job.lm_tasks, job.primary, seed=job.seed,
+        scores, samples, es = evaluate_model(model, job.tok, job.lm_tasks, job.primary, job.seed, job.pl.task_defs,
                                              task_limits=limits, **job.eval_kw)
         if cfg.eval.log_samples:
             results.write_samples(job.out / "samples" / job.name / f"seed{job.seed}" / folder, samples)
@@ -556,6 +589,13 @@ def _check_ranks(job: Job, meth, model, entry: dict) -> None:
     if len(set(digests)) != 1:
         raise ClbenchError(f"{job.tag()} stage {entry['stage']}: ranks diverged (weights or method state differ: "
                            f"{entry['rank_digests']}); results up to the previous stage are kept")
+
+
+def _add_row(job: Job, stage, trained, scores: dict) -> None:
+    """One row of scores into the results (and the trackers)."""
+    job.rec.add_row(job.name, job.seed, stage, trained, scores, job.primary)
+    if job.tracker is not None:
+        job.tracker.log_stage(job.name, job.seed, stage, scores)
 
 
 def _log_stage(job: Job, t: int, task: str, stats: dict, es: float, scores: dict, ck_mb=None):
@@ -604,7 +644,7 @@ def _run_sequential(job: Job, prev):
         job.console.print(f"{job.tag()} resumed after stage {done} from {ckpt_dir / f'stage{done}.pt'}")
     else:
         rec.drop(name, seed, -1)
-        rec.add_row(name, seed, 0, None, job.base_scores, job.primary)
+        _add_row(job, 0, None, job.base_scores)
     base_state = job.base_model.state_dict() if job.spec.merge else None
     n = len(job.pl.task_names)
     for t, task in enumerate(job.pl.task_names, 1):
@@ -615,7 +655,7 @@ def _run_sequential(job: Job, prev):
         train_s, peak = train_s + secs, max(peak, pk)
         scores, es = _evaluate(job, model, t, task if t < n else None, f"stage{t}")
         eval_s += es
-        rec.add_row(name, seed, t, task, scores, job.primary)
+        _add_row(job, t, task, scores)
         if job.spec.merge:
             _save_task_vector(job, t, model, base_state)
         ck_mb = None
@@ -650,7 +690,7 @@ def _run_single(job: Job, prev):
         job.console.print(f"{job.tag()} (single-task reference) resumed after stage {done}")
     else:
         rec.drop(name, seed, -1)
-        rec.add_row(name, seed, 0, None, job.base_scores, job.primary)
+        _add_row(job, 0, None, job.base_scores)
         train_s, eval_s, peak, stage_log = 0.0, job.base_eval_s, 0.0, []
     base_state = job.base_model.state_dict() if job.spec.merge else None
     n = len(job.pl.task_names)
@@ -664,7 +704,7 @@ def _run_single(job: Job, prev):
         train_s, peak = train_s + secs, max(peak, pk)
         scores, es = _evaluate(job, model, t, task if t < n else None, f"stage{t}")
         eval_s += es
-        rec.add_row(name, seed, t, task, scores, job.primary)
+        _add_row(job, t, task, scores)
         if job.spec.merge:
             _save_task_vector(job, t, model, base_state)
         stage_log.append(_stage_entry(t, task, stats, es))
@@ -690,7 +730,7 @@ def _run_multitask(job: Job, prev):
     train + the method's overrides). Its scores land in the row `multitask`."""
     name, seed, rec = job.name, job.seed, job.rec
     rec.drop(name, seed, -1)
-    rec.add_row(name, seed, 0, None, job.base_scores, job.primary)
+    _add_row(job, 0, None, job.base_scores)
     meth, run_ctx, model = _new_model(job)
     from .train import num_steps
 
@@ -703,7 +743,7 @@ def _run_multitask(job: Job, prev):
     tcfg = job.pl.cfg.train.merged(job.spec.train, M_over(steps=total))
     model, stats, train_s, peak = _train(job, meth, model, run_ctx, 1, "multitask", examples, tcfg)
     scores, es = _evaluate(job, model, MULTITASK, None, MULTITASK)
-    rec.add_row(name, seed, MULTITASK, MULTITASK, scores, job.primary)
+    _add_row(job, MULTITASK, MULTITASK, scores)
     entry = _stage_entry(1, MULTITASK, stats, es)
     _check_ranks(job, meth, model, entry)
     _log_stage(job, 1, MULTITASK, stats, es, scores)
@@ -738,7 +778,7 @@ def _run_merges(job: Job, mode: str) -> float:
         scores, es = _evaluate(job, model, ms.row_name, None, ms.row_name.replace(":", "_"), everywhere=False)
         del model
         spent += es
-        rec.add_row(name, seed, ms.row_name, "", scores, job.primary)
+        _add_row(job, ms.row_name, "", scores)
         job.console.print(f"{job.tag()} {ms.row_name}: {_fmt_scores(scores)} (merge + eval {time.perf_counter() - t0:.1f}s)")
     return spent
 

@@ -23,17 +23,24 @@ from . import paths
 from .errors import ClbenchError, ConfigError
 
 REQUIRED = ("task", "output_type", "doc_to_text", "doc_to_target", "metric_list")
-OUTPUT_TYPES = ("multiple_choice", "generate_until")
+OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood_rolling")  # rolling: held-out probes only
 
 
 class TaskError(ClbenchError):
     pass
 
 
+# clbench.score: name -> (the lm-eval metric read, its transform into a higher-is-better score)
+SCORE_TRANSFORMS = {
+    # 2^(-bits per byte): the geometric-mean probability the model gives each byte of the text
+    "per_byte_likelihood": ("bits_per_byte", lambda bpb: float(2.0 ** (-bpb))),
+}
+
+
 @dataclass
 class TaskDef:
     name: str
-    path: Path
+    path: Path | None  # None: a hub task (lm-eval builds it)
     lm_eval: dict  # the YAML without the clbench block
     clbench: dict = field(default_factory=dict)
 
@@ -45,6 +52,11 @@ class TaskDef:
     @property
     def heldout(self) -> bool:
         return bool(self.clbench.get("heldout", False))
+
+    @property
+    def hub(self) -> bool:
+        """lm-eval's own task of this name, its data from the hub (held-out only; offline: false)."""
+        return bool(self.clbench.get("hub", False))
 
     def data_files(self, cache: Path) -> dict[str, Path]:
         data = self.clbench.get("data", {})
@@ -84,8 +96,29 @@ class TaskDef:
         return cfg
 
     @property
+    def score_transform(self) -> str | None:
+        """`clbench.score`: a named transform of lm-eval's metric into R's higher-is-better scale."""
+        name = self.clbench.get("score")
+        if name is not None and name not in SCORE_TRANSFORMS:
+            raise TaskError(f"task {self.name!r} ({self.path}): clbench.score {name!r} is not one of "
+                            f"{', '.join(SCORE_TRANSFORMS)}")
+        return name
+
+    def score(self, raw: float) -> float:
+        """lm-eval's primary metric as the value that fills R."""
+        t = self.score_transform
+        return SCORE_TRANSFORMS[t][1](raw) if t else raw
+
+    @property
+    def metric_name(self) -> str:
+        """What matrix.csv's `metric` column says about this task's values."""
+        return self.score_transform or self.primary_metric[0]
+
+    @property
     def primary_metric(self) -> tuple[str, str]:
         """(metric, filter) naming the score that fills R; `clbench.primary_metric` overrides."""
+        if self.score_transform:
+            return SCORE_TRANSFORMS[self.score_transform][0], "none"
         if "primary_metric" in self.clbench:
             m, _, f = str(self.clbench["primary_metric"]).partition(",")
             return m, f or "none"
@@ -169,13 +202,36 @@ def resolve_stream(cfg, tasks: dict[str, TaskDef], streams: dict[str, dict]) -> 
 # --- lm-eval task objects and training examples --------------------------------------
 
 
+def hub_task(name: str) -> TaskDef:
+    """A held-out task that is one of lm-eval's standard tasks (arc_easy, hellaswag, ...): lm-eval
+    builds it and loads its data from the hub; its first metric fills R."""
+    return TaskDef(name=name, path=None, lm_eval={"task": name}, clbench={"hub": True, "heldout": True})
+
+
 def build_lm_eval_tasks(defs: list[TaskDef], cache: Path) -> dict[str, Any]:
-    """lm-eval Task objects for these tasks (data loaded from local JSONL, no hub)."""
+    """lm-eval Task objects for these tasks: clbench's from local JSONL (no hub); `hub` ones by
+    name through lm-eval's own task registry (their first metric becomes the primary metric)."""
     from lm_eval.tasks import TaskManager
 
-    cfgs = [d.lm_eval_config(cache) for d in defs]
-    loaded = TaskManager(include_defaults=False).load(cfgs)["tasks"]
-    return {d.name: loaded[d.name] for d in defs}
+    local = [d for d in defs if not d.hub]
+    out = {}
+    if local:
+        loaded = TaskManager(include_defaults=False).load([d.lm_eval_config(cache) for d in local])["tasks"]
+        out.update({d.name: loaded[d.name] for d in local})
+    hub = [d for d in defs if d.hub]
+    if hub:
+        from lm_eval.tasks import get_task_dict
+
+        got = get_task_dict([d.name for d in hub], TaskManager())
+        for d in hub:
+            task = got.get(d.name)
+            if task is None or isinstance(task, dict) or not hasattr(task, "config"):
+                raise TaskError(f"held-out task {d.name!r} is an lm-eval group, not one task; list its tasks by name")
+            d.lm_eval["output_type"] = task.OUTPUT_TYPE
+            d.lm_eval["metric_list"] = [{"metric": m["metric"]} for m in (task.config.metric_list or [])] \
+                or [{"metric": "acc"}]
+            out[d.name] = task
+    return {d.name: out[d.name] for d in defs}
 
 
 def training_examples(task, eos_token: str | None = None) -> list[tuple[str, str]]:

@@ -131,7 +131,7 @@ def num_steps(cfg, n_examples: int) -> int:
 
 
 def train_stage(model, method, examples: list[Example], cfg, stage_ctx, *, device, autocast_dtype, pad_id: int,
-                progress=None, desc: str = "train", dense: bool = False) -> dict:
+                progress=None, desc: str = "train", dense: bool = False, on_step=None) -> dict:
     """Train `model` on `examples` for one stage. Returns stats (steps, losses, seconds).
 
     dense=True is a calibration pass: all parameters that require grad train, and the
@@ -184,12 +184,15 @@ def train_stage(model, method, examples: list[Example], cfg, stage_ctx, *, devic
             M.call(method, "after_backward", model, stage_ctx)
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
+        lr = opt.param_groups[0]["lr"]  # this step's learning rate (before the scheduler moves it)
         opt.step()
         sched.step()
         if not dense:
             M.call(method, "after_step", model, stage_ctx)
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
+        if on_step is not None:  # e.g. the run's trackers (TensorBoard, W&B)
+            on_step(step, step_loss, lr)
         if progress is not None:
             progress.update(task, advance=1, loss=step_loss)
     if progress is not None:
