@@ -478,7 +478,6 @@ def reference_table(g: "Group") -> tuple[pd.DataFrame, str] | None:
     rows = []
     for lab, tasks, runs in g.orders():
         for r in runs:
-            T = len(tasks)
             for (m, s), v in r.joint.items():
                 rows += [{"order": lab, "row": f"{m} (multitask)", "task": t, "value": v[i]} for i, t in enumerate(tasks)]
             for (m, s), R in r.R.items():
