@@ -156,6 +156,10 @@ def _dispatch(args) -> int:
         else:  # every built-in stream; presets (data on the user's disk) only when named
             names = list(dict.fromkeys(n for s in streams.values() if not s.get("preset")
                                        for o in s["orders"].values() for n in o))
+        if cfg and cfg.heldout and not args.tasks:  # the config's held-out probes too
+            from .loop import expand_heldout
+
+            names = list(dict.fromkeys(names + [n for n in expand_heldout(cfg.heldout, tasks) if n in tasks]))
         unknown = [n for n in names if n not in tasks]
         if unknown:
             raise ClbenchError(f"unknown task(s) {unknown}; available: {', '.join(sorted(tasks))}")
