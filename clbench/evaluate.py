@@ -66,8 +66,12 @@ def _lm_class():
             packed.sort(key=lambda g: -(len(g[0]) + sum(len(c) - 1 for _, c in g[1])))
             res: list = [None] * len(requests)
             bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 32
-            for b0 in range(0, len(packed), bs):
-                self._score_packed(packed[b0:b0 + bs], dec, head, res, F)
+            b0 = 0
+            while b0 < len(packed):  # longest first; the (B, L, L) mask is capped at ~8M entries
+                L = len(packed[b0][0]) + sum(len(c) - 1 for _, c in packed[b0][1])
+                n = max(1, min(bs, (1 << 23) // (L * L)))
+                self._score_packed(packed[b0:b0 + n], dec, head, res, F)
+                b0 += n
             if slow:
                 for i, r in zip(slow, super()._loglikelihood_tokens([requests[i] for i in slow], disable_tqdm=True,
                                                                       override_bs=override_bs)):
