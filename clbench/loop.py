@@ -230,7 +230,7 @@ def meta_info(model_desc: str, device, autocast) -> dict:
     return {"versions": versions, "model": model_desc, "hardware": hw}
 
 
-def _stage(v: str):
+def _stage_label(v: str):
     """matrix.csv's stage: an int for the stream's stages, a label for extra rows (multitask, merged:*)."""
     return int(v) if str(v).lstrip("-").isdigit() else str(v)
 
@@ -256,7 +256,7 @@ class Recorder:
         prev = json.loads(f.read_text())
         self.methods = prev.get("methods", {})
         self.config_changes = prev.get("run", {}).get("config_changes", [])
-        self.rows = [{**r, "seed": int(r["seed"]), "stage": _stage(r["stage"]), "value": float(r["value"])}
+        self.rows = [{**r, "seed": int(r["seed"]), "stage": _stage_label(r["stage"]), "value": float(r["value"])}
                      for r in results.read_csv(self.out / "matrix.csv")]
         self.summary = [{**r, "seed": int(r["seed"])} for r in results.read_csv(self.out / "summary.csv")] \
             if (self.out / "summary.csv").is_file() else []
@@ -620,6 +620,18 @@ def _save_task_vector(job: Job, t: int, model, base_state) -> None:
                                    checkpoint.state_diff(merging.effective_state(model), base_state))
 
 
+def _run_stage(job: Job, meth, model, run_ctx, t: int, task: str, base_state):
+    """Train stage t, evaluate every task, record the row (and save the stage's weights for merging).
+    Returns (model, stats, train seconds, peak MB, scores, eval seconds)."""
+    tcfg = _stage_config(job, t, task)
+    model, stats, secs, pk = _train(job, meth, model, run_ctx, t, task, _examples(job, task, tcfg), tcfg)
+    scores, es = _evaluate(job, model, t, task if t < len(job.pl.task_names) else None, f"stage{t}")
+    _add_row(job, t, task, scores)
+    if job.spec.merge:
+        _save_task_vector(job, t, model, base_state)
+    return model, stats, secs, pk, scores, es
+
+
 def _run_sequential(job: Job, prev):
     """The continual stream: one model through stages 1..T."""
     from . import checkpoint
@@ -646,18 +658,11 @@ def _run_sequential(job: Job, prev):
         rec.drop(name, seed, -1)
         _add_row(job, 0, None, job.base_scores)
     base_state = job.base_model.state_dict() if job.spec.merge else None
-    n = len(job.pl.task_names)
     for t, task in enumerate(job.pl.task_names, 1):
         if t < start:
             continue
-        tcfg = _stage_config(job, t, task)
-        model, stats, secs, pk = _train(job, meth, model, run_ctx, t, task, _examples(job, task, tcfg), tcfg)
-        train_s, peak = train_s + secs, max(peak, pk)
-        scores, es = _evaluate(job, model, t, task if t < n else None, f"stage{t}")
-        eval_s += es
-        _add_row(job, t, task, scores)
-        if job.spec.merge:
-            _save_task_vector(job, t, model, base_state)
+        model, stats, secs, pk, scores, es = _run_stage(job, meth, model, run_ctx, t, task, base_state)
+        train_s, peak, eval_s = train_s + secs, max(peak, pk), eval_s + es
         ck_mb = None
         if reference is not None and D.is_main():
             ck_mb = checkpoint.save(ckpt_dir / f"stage{t}.pt", model, reference, M.call(meth, "state_dict"),
@@ -699,14 +704,8 @@ def _run_single(job: Job, prev):
         if t <= done:
             continue
         meth, run_ctx, model = _new_model(job)
-        tcfg = _stage_config(job, t, task)
-        model, stats, secs, pk = _train(job, meth, model, run_ctx, t, task, _examples(job, task, tcfg), tcfg)
-        train_s, peak = train_s + secs, max(peak, pk)
-        scores, es = _evaluate(job, model, t, task if t < n else None, f"stage{t}")
-        eval_s += es
-        _add_row(job, t, task, scores)
-        if job.spec.merge:
-            _save_task_vector(job, t, model, base_state)
+        model, stats, secs, pk, scores, es = _run_stage(job, meth, model, run_ctx, t, task, base_state)
+        train_s, peak, eval_s = train_s + secs, max(peak, pk), eval_s + es
         stage_log.append(_stage_entry(t, task, stats, es))
         _check_ranks(job, meth, model, stage_log[-1])
         _log_stage(job, t, task, stats, es, scores)
