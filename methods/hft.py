@@ -10,7 +10,11 @@ The draw per layer (paper, rule `count`):
   MLP        in a random half of the layers freeze 2 of {gate, up, down}, in the other half 1
              (with an odd number of layers, floor(L/2) layers freeze 2);
   norms      freeze 1 of {input_layernorm, post_attention_layernorm}.
-Frozen matrices get requires_grad=False (whole tensors, clbench.masking.MaskedUpdate).
+Frozen matrices get requires_grad=False (whole tensors, clbench.masking.MaskedUpdate): autograd
+skips their weight-gradient GEMMs and the optimizer never holds them. Under autocast a frozen
+nn.Linear also keeps one cast copy of its weight for the stage instead of casting the float32
+weight at every forward (the weight cannot change while frozen; the copy is checked against
+the weight's version counter and dropped at stage_end): the same values, so the same results.
 
 Rule `params` (ours, for grouped-query attention, where k and v are smaller than q and o so
 "2 of 4" is not half the attention): MLP and norms as above; the attention subset (at least
@@ -38,6 +42,8 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+import types
 
 from clbench.masking import MaskedMethod, MaskedUpdate, derive_seed
 from clbench.method import MethodError, register
@@ -96,6 +102,21 @@ def draw_frozen(layers: dict[int, dict[str, tuple[str, int]]], rule: str, gen: t
     return frozen
 
 
+def _frozen_linear_forward(module, x):
+    """nn.Linear's forward with the autocast copy of its frozen weight kept across steps."""
+    dev = x.device.type
+    w = module.weight
+    if not torch.is_autocast_enabled(dev) or w.requires_grad:
+        return torch.nn.functional.linear(x, w, module.bias)
+    dt = torch.get_autocast_dtype(dev)
+    c = module.__dict__.get("_hft_cast")
+    if c is None or c[0] != w._version or c[1] != dt:
+        with torch.no_grad():
+            c = (w._version, dt, w.to(dt))
+        module.__dict__["_hft_cast"] = c
+    return torch.nn.functional.linear(x, c[2], module.bias)
+
+
 @register("hft")
 class HFT(MaskedMethod):
     Options = HftOptions
@@ -132,7 +153,23 @@ class HFT(MaskedMethod):
         frozen = draw_frozen(self.layers, self.options.rule, gen)
         self.frozen.append(frozen)
         self.update = MaskedUpdate.whole(self.trainable_names(model, frozen))
-        return self.update.apply(model)
+        model = self.update.apply(model)
+        self._uncache()
+        for mod in model.modules():
+            if type(mod) is torch.nn.Linear and not mod.weight.requires_grad:
+                mod.forward = types.MethodType(_frozen_linear_forward, mod)
+                self._cached.append(mod)
+        return model
+
+    def stage_end(self, model, stage):
+        self._uncache()
+        return model
+
+    def _uncache(self):
+        for mod in getattr(self, "_cached", []):
+            mod.__dict__.pop("forward", None)
+            mod.__dict__.pop("_hft_cast", None)
+        self._cached = []
 
     def state_dict(self):
         return {"frozen": self.frozen}
