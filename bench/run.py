@@ -293,17 +293,21 @@ def bench_eval(ctx: Ctx, reps: int, out: Path, log: Path):
 def bare_run(pl) -> dict:
     """The stream without the harness: a plain PyTorch loop over the same batches (same seeds,
     loss, autocast, fused AdamW, clipping; constant lr; no methods, hooks, model copy,
-    checkpoints, results files or progress bars) and the same simple_evaluate calls on one HFLM."""
+    checkpoints, results files or progress bars) and the same simple_evaluate calls on one HFLM
+    (clbench's subclass, as clbench.evaluate builds it)."""
     from lm_eval import evaluator
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from clbench.evaluate import _lm_class
 
     cfg, seed = pl.cfg, pl.cfg.seeds[0]
     device, autocast = select_device(cfg)
     model, tok, _ = models.resolve(cfg.model, pl.cache)
     model.to(device)
     lm_tasks = T.build_lm_eval_tasks([pl.task_defs[n] for n in pl.eval_names], pl.cache)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.eval.batch_size, device=str(device), mixed_precision_dtype=autocast)
+    # clbench's HFLM subclass (prefix-shared multiple-choice scoring): the same evaluation work
+    # on both sides, so that the ratio measures the harness, not the evaluation method
+    lm = _lm_class()(pretrained=model, tokenizer=tok, batch_size=cfg.eval.batch_size, device=str(device), mixed_precision_dtype=autocast)
     tm = TaskManager(include_defaults=False)
 
     def ev():
