@@ -409,7 +409,8 @@ def test_shipped_task_yaml(path, tmp_path):
     assert "dataset_path" not in y and "dataset_kwargs" not in y  # filled in at run time
     assert not y["doc_to_text"].endswith((" ", "\n"))  # lm-eval adds the " " delimiter
     cl = y["clbench"]
-    assert cl["description"] and cl["license"] and set(cl) <= {"description", "license", "data", "primary_metric", "heldout"}
+    assert cl["description"] and cl["license"] and set(cl) <= {"description", "license", "data", "primary_metric", "heldout",
+                                                                  "score"}
     assert cl.get("heldout", False) == path.stem.startswith("heldout_")
     plan = data._plan(y["task"], y, tmp_path, data.DEFAULT_SEED)  # validates the data block
     spec = cl["data"]
@@ -423,6 +424,9 @@ def test_shipped_task_yaml(path, tmp_path):
             assert names and len(names) == len(y["doc_to_choice"])
         else:
             assert y["doc_to_choice"] == "{{choices}}" and not names
+    elif y["output_type"] == "loglikelihood_rolling":  # a perplexity probe: held out, scored as a transform
+        assert cl["heldout"] and y["doc_to_text"] == "" and y["doc_to_target"] == "{{text}}"
+        assert cl["score"] == "per_byte_likelihood" and y["metric_list"][0]["metric"] == "bits_per_byte"
     else:
         assert y["output_type"] == "generate_until"
         assert y["doc_to_target"] == "{{target}}"

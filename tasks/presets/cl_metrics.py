@@ -25,15 +25,39 @@ YAML's metric_list aggregates with the mean. How each follows its source, and wh
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 
 _SCORERS = {}
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time of writing."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+    def close(self):  # absl closes a stream that is not the current sys.stderr: never close it
+        pass
 
 
 def _rouge_l(pred: str, ref: str, stem: bool) -> float:
     if stem not in _SCORERS:
         from rouge_score import rouge_scorer
 
+        # rouge_score imports absl, whose log handler keeps the sys.stderr of the moment of import
+        # and closes it on shutdown when it is no longer the current sys.stderr: a redirected or
+        # captured stderr (e.g. pytest's) is then closed under its owner ("lost sys.stderr").
+        # Point it at whatever stderr is current instead.
+        try:
+            import absl.logging
+
+            absl.logging.get_absl_handler().python_handler.stream = _CurrentStderr()
+        except (ImportError, AttributeError):
+            pass
         _SCORERS[stem] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
     return _SCORERS[stem].score(target=ref, prediction=pred)["rougeL"].fmeasure
 
