@@ -552,6 +552,8 @@ def heldout_table(group: Group) -> tuple[pd.DataFrame, str] | None:
     rows = []
     for r in group.runs:
         for (method, seed), (_, G) in r.heldout.items():
+            if r.mode(method) != "sequential":  # a single-task reference's rows are not a stream's stages
+                continue
             for stage, delta in enumerate(metrics.general_ability_delta(G)):
                 rows.append({"method": method, "stage": stage, "delta": delta})
     if not rows:
