@@ -30,6 +30,11 @@ def model_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> di
     return state_diff(model.state_dict(), reference)
 
 
+def storage_key(t: torch.Tensor) -> tuple:
+    """Equal for two state-dict entries that are the same tensor (tied weights)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
 def state_diff(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
     """{key: ("dense", tensor) | ("sparse", flat indices, values) | ("alias", other key)} for the
     tensors of `state` that differ from `reference` (tied tensors are stored once)."""
@@ -37,7 +42,7 @@ def state_diff(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
     seen: dict[tuple, str] = {}
     for k, v in state.items():
         v = v.detach()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        key = storage_key(v)
         if key in seen:  # tied weights (e.g. SmolLM2's embedding and LM head): store once
             if seen[key] in diff:
                 diff[k] = ("alias", seen[key])
@@ -86,20 +91,8 @@ def load_state_diff(path: Path) -> dict:
 
 
 def apply_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor], diff: dict) -> None:
-    state = {k: t.clone() for k, t in reference.items()}
-    for k, entry in diff.items():
-        if entry[0] == "alias":
-            continue
-        if entry[0] == "dense":
-            state[k] = entry[1]
-        else:
-            _, idx, vals = entry
-            flat = state[k].reshape(-1)
-            flat[idx] = vals
-            state[k] = flat.view_as(reference[k])
-    for k, entry in diff.items():
-        if entry[0] == "alias":
-            state[k] = state[entry[1]]
+    keys = list(reference) + [k for k in diff if k not in reference]
+    state = {k: diff_value(reference, diff, k) for k in keys}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise RuntimeError(f"checkpoint does not fit the model: unexpected keys {unexpected[:5]}")

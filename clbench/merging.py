@@ -186,9 +186,11 @@ def effective_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def tied_aliases(state: StateDict) -> set[str]:
     """Keys whose tensor shares storage with an earlier key (tied embedding and LM head)."""
+    from .checkpoint import storage_key
+
     seen, out = set(), set()
     for k, v in state.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        key = storage_key(v)
         if key in seen:
             out.add(k)
         seen.add(key)

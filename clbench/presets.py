@@ -70,6 +70,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from . import leakage, paths
+from .data import _parse_stream, _sha256_file, _write_atomic
 from .errors import ClbenchError
 from .tasks import TaskDef, TaskError
 
@@ -306,14 +307,6 @@ READERS: dict[str, Callable[[dict, dict, Random, str], dict[str, list[dict]]]] =
 # --------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _spec_key(spec: dict, seed: int) -> dict:
     return {"format": 1, "data": json.loads(json.dumps(spec, sort_keys=True)), "seed": seed,
             "reader_version": READER_VERSION}
@@ -321,8 +314,6 @@ def _spec_key(spec: dict, seed: int) -> dict:
 
 def _reuse(out_dir: Path, key: dict, files: dict[str, Path]) -> str | None:
     """None if the prepared files can be reused, else why not."""
-    from .data import _sha256_file
-
     mpath = out_dir / "manifest.json"
     if not mpath.is_file():
         return "not prepared yet"
@@ -342,7 +333,7 @@ def _reuse(out_dir: Path, key: dict, files: dict[str, Path]) -> str | None:
     for role, p in files.items():
         st = p.stat()
         r = old[role]
-        if (r.get("size"), r.get("mtime_ns")) != (st.st_size, st.st_mtime_ns) and _sha256(p) != r.get("sha256"):
+        if (r.get("size"), r.get("mtime_ns")) != (st.st_size, st.st_mtime_ns) and _sha256_file(p) != r.get("sha256"):
             return f"release file {p} changed since it was prepared"
     return None
 
@@ -350,8 +341,6 @@ def _reuse(out_dir: Path, key: dict, files: dict[str, Path]) -> str | None:
 def prepare_release_tasks(names: Iterable[str], task_yamls: dict[str, dict], cache: Path, seed: int,
                           force: bool = False, root: str | os.PathLike | None = None) -> dict[str, dict[str, Path]]:
     """Prepare release tasks into <cache>/data/<task>/; returns {task: {"train": path, "test": path}}."""
-    from .data import _write_atomic
-
     root_path = data_root(root)
     result = {}
     for name in names:
@@ -394,7 +383,7 @@ def prepare_release_tasks(names: Iterable[str], task_yamls: dict[str, dict], cac
             "spec": key,
             "source": {
                 "release": lay.name, "title": lay.title, "url": lay.url, "data_root": str(root_path),
-                "files": [{"role": r, "path": str(p.relative_to(root_path)), "sha256": _sha256(p),
+                "files": [{"role": r, "path": str(p.relative_to(root_path)), "sha256": _sha256_file(p),
                            "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
                           for r, p in sorted(files.items())],
             },
@@ -487,8 +476,6 @@ def load_preset_tasks() -> dict[str, ReleaseTaskDef]:
 
 def load_preset_streams() -> dict[str, dict]:
     """{name: {"description", "orders", "preset": layout}} from tasks/presets/streams.yaml."""
-    from .data import _parse_stream
-
     p = PRESETS_DIR / "streams.yaml"
     raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     tasks = load_preset_tasks()
