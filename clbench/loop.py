@@ -327,15 +327,13 @@ class Recorder:
                               "eval_group": "heldout" if task in self.plan.heldout else "stream"})
 
     def heldout_matrix(self, method, seed) -> list[list[float]]:
-        by_stage: dict[int, dict] = {}
-        for r in self.rows:
-            if r["method"] == method and r["seed"] == seed and r["eval_task"] in self.plan.heldout \
-                    and isinstance(r["stage"], int):
-                by_stage.setdefault(r["stage"], {})[r["eval_task"]] = r["value"]
-        return [[by_stage[s][t] for t in self.plan.heldout] for s in sorted(by_stage)]
+        return self._grid(method, seed, self.plan.heldout)
 
     def matrix(self, method, seed) -> list[list[float]]:
-        names = self.plan.task_names
+        return self._grid(method, seed, self.plan.task_names)
+
+    def _grid(self, method, seed, names: list[str]) -> list[list[float]]:
+        """Rows of the stream's stages 0..t (extra rows left out), columns `names`."""
         by_stage: dict[int, dict] = {}
         for r in self.rows:
             if r["method"] == method and r["seed"] == seed and r["eval_task"] in names and isinstance(r["stage"], int):
@@ -598,11 +596,19 @@ def _add_row(job: Job, stage, trained, scores: dict) -> None:
         job.tracker.log_stage(job.name, job.seed, stage, scores)
 
 
-def _log_stage(job: Job, t: int, task: str, stats: dict, es: float, scores: dict, ck_mb=None):
-    n = len(job.pl.task_names)
-    job.console.print(f"{job.tag()} stage {t}/{n} {task}: {stats['steps']} steps, loss {stats['first_loss']:.3f} -> "
-                      f"{stats['last_loss']:.3f} ({stats['seconds']:.1f}s); eval {_fmt_scores(scores)} ({es:.1f}s)"
+def _finish_stage(job: Job, meth, model, entry: dict, scores: dict, stage_log: list, train_s, eval_s, peak,
+                  mode: str) -> None:
+    """After a stage: log it, check that every rank agrees, record it and write the results files."""
+    stage_log.append(entry)
+    _check_ranks(job, meth, model, entry)
+    n, ck_mb = len(job.pl.task_names), entry["checkpoint_mb"]
+    job.console.print(f"{job.tag()} stage {entry['stage']}/{n} {entry['task']}: {entry['steps']} steps, loss "
+                      f"{entry['first_loss']:.3f} -> {entry['last_loss']:.3f} ({entry['train_seconds']:.1f}s); "
+                      f"eval {_fmt_scores(scores)} ({entry['eval_seconds']:.1f}s)"
                       + (f"; checkpoint {ck_mb:.1f} MB" if ck_mb else ""))
+    _record_method(job.rec, job.name, job.seed, meth, model, train_s, eval_s, peak, stage_log, mode=mode,
+                   merges_pending=bool(job.spec.merge))
+    job.rec.flush()
 
 
 def _stage_entry(t, task, stats, es, ck_mb=None) -> dict:
@@ -667,12 +673,8 @@ def _run_sequential(job: Job, prev):
         if reference is not None and D.is_main():
             ck_mb = checkpoint.save(ckpt_dir / f"stage{t}.pt", model, reference, M.call(meth, "state_dict"),
                                     {"train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stage": t})
-        stage_log.append(_stage_entry(t, task, stats, es, ck_mb))
-        _check_ranks(job, meth, model, stage_log[-1])
-        _log_stage(job, t, task, stats, es, scores, ck_mb)
-        _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="sequential",
-                       merges_pending=bool(job.spec.merge))
-        rec.flush()
+        _finish_stage(job, meth, model, _stage_entry(t, task, stats, es, ck_mb), scores, stage_log, train_s, eval_s,
+                      peak, "sequential")
         # Only now that the results say stage t is done may the previous checkpoint go.
         if reference is not None and cfg.keep_checkpoints == "last" and t > 1 and D.is_main():
             (ckpt_dir / f"stage{t - 1}.pt").unlink(missing_ok=True)
@@ -706,12 +708,8 @@ def _run_single(job: Job, prev):
         meth, run_ctx, model = _new_model(job)
         model, stats, secs, pk, scores, es = _run_stage(job, meth, model, run_ctx, t, task, base_state)
         train_s, peak, eval_s = train_s + secs, max(peak, pk), eval_s + es
-        stage_log.append(_stage_entry(t, task, stats, es))
-        _check_ranks(job, meth, model, stage_log[-1])
-        _log_stage(job, t, task, stats, es, scores)
-        _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="single",
-                       merges_pending=bool(job.spec.merge))
-        rec.flush()
+        _finish_stage(job, meth, model, _stage_entry(t, task, stats, es), scores, stage_log, train_s, eval_s, peak,
+                      "single")
         if t < n:
             del model
     if meth is None:  # every stage was done before: the trainable count comes from a fresh setup
@@ -743,11 +741,8 @@ def _run_multitask(job: Job, prev):
     model, stats, train_s, peak = _train(job, meth, model, run_ctx, 1, "multitask", examples, tcfg)
     scores, es = _evaluate(job, model, MULTITASK, None, MULTITASK)
     _add_row(job, MULTITASK, MULTITASK, scores)
-    entry = _stage_entry(1, MULTITASK, stats, es)
-    _check_ranks(job, meth, model, entry)
-    _log_stage(job, 1, MULTITASK, stats, es, scores)
-    _record_method(rec, name, seed, meth, model, train_s, job.base_eval_s + es, peak, [entry], mode="multitask")
-    rec.flush()
+    _finish_stage(job, meth, model, _stage_entry(1, MULTITASK, stats, es), scores, [], train_s, job.base_eval_s + es,
+                  peak, "multitask")
     return model
 
 
@@ -811,8 +806,9 @@ def _record_method(rec: Recorder, name, seed, meth, model, train_s, eval_s, peak
             summ = {"la": metrics.learning_accuracy(R)}
         else:
             summ = metrics.summary(R)
-    if summ and rec.plan.heldout and mode == "sequential":
-        summ["general_delta"] = metrics.general_ability_delta(rec.heldout_matrix(name, seed))[-1]
+    G = rec.heldout_matrix(name, seed) if rec.plan.heldout and mode == "sequential" and len(R) > 0 else None
+    if summ and G is not None:
+        summ["general_delta"] = metrics.general_ability_delta(G)[-1]
     complete = done and not merges_pending
     row = {"method": name, "seed": seed, "mode": mode, **summ, "trainable_params": int(trainable),
            "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak}
@@ -821,11 +817,11 @@ def _record_method(rec: Recorder, name, seed, meth, model, train_s, eval_s, peak
         rec.summary.append(row)
     entry = rec.methods.setdefault(name, {"seeds": {}})
     entry["mode"] = mode
+    merged = rec.extra_rows(name, seed)
     entry["seeds"][str(seed)] = {
         "matrix": R, "complete": complete, "metrics": summ, "trainable_params": int(trainable),
-        **({"merged": {st: scores for st, scores in rec.extra_rows(name, seed).items()}} if rec.extra_rows(name, seed) else {}),
-        **({"heldout_tasks": rec.plan.heldout, "heldout_matrix": rec.heldout_matrix(name, seed),
-            "general_delta_per_stage": metrics.general_ability_delta(rec.heldout_matrix(name, seed))}
-           if rec.plan.heldout and mode == "sequential" and len(R) > 0 else {}),
+        **({"merged": merged} if merged else {}),
+        **({"heldout_tasks": rec.plan.heldout, "heldout_matrix": G,
+            "general_delta_per_stage": metrics.general_ability_delta(G)} if G is not None else {}),
         "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stages": list(stage_log)}
     rec.update_intransigence()
