@@ -7,13 +7,20 @@ values), and only densely changed tensors are stored whole. So LoRA stores its a
 a sparse method its changed entries, and full fine-tuning a full copy (there is no
 smaller exact description of it). Plus the method's own state (masks, merged task
 vectors, ...) and the RNG states. Written atomically.
+
+The loop writes a stage's checkpoint in a background thread while that stage is evaluated
+(`save_in_background`): evaluation reads the weights but never changes them, and it leaves
+the RNG states as it found them (`preserved_rng`), so the file is the same as one written
+after the evaluation. The loop waits for it before the results files record the stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +29,22 @@ import torch
 SPARSE_MAX_FRACTION = 0.3  # above this share of changed entries a dense copy is smaller
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def snapshot(model: torch.nn.Module, share: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A copy of the model's state. Entries equal to the same entry of `share` (e.g. the kept,
+    never-trained base model's state: full fine-tuning starts from it) reuse that tensor
+    instead of a copy, which saves a model copy in memory and its time."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        s = (share or {}).get(k)
+        same = (s is not None and s.shape == v.shape and s.dtype == v.dtype and s.device == v.device
+                and torch.equal(s, v))
+        out[k] = s if same else v.clone()
+    return out
 
 
-def model_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> dict:
-    return state_diff(model.state_dict(), reference)
+def model_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor], copy: bool = True) -> dict:
+    return state_diff(model.state_dict(), reference, copy=copy)
 
 
 def storage_key(t: torch.Tensor) -> tuple:
@@ -35,9 +52,11 @@ def storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
 
-def state_diff(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
+def state_diff(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], copy: bool = True) -> dict:
     """{key: ("dense", tensor) | ("sparse", flat indices, values) | ("alias", other key)} for the
-    tensors of `state` that differ from `reference` (tied tensors are stored once)."""
+    tensors of `state` that differ from `reference` (tied tensors are stored once).
+    copy=False: dense entries are the state's own tensors (no copy), for a diff that is written
+    out before the state changes again."""
     diff = {}
     seen: dict[tuple, str] = {}
     for k, v in state.items():
@@ -58,7 +77,7 @@ def state_diff(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
                 idx = changed.nonzero().view(-1)
                 diff[k] = ("sparse", idx.clone(), v.reshape(-1)[idx].clone())
                 continue
-        diff[k] = ("dense", v.clone())
+        diff[k] = ("dense", v.clone() if copy else v)
     return diff
 
 
@@ -111,9 +130,55 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Leave the RNG states as they were (lm-eval seeds them for its own draws)."""
+    s = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(s)
+
+
+class PendingSave:
+    """A checkpoint being written by a background thread; wait() gives its size in MB."""
+
+    def __init__(self, path: Path, payload):
+        self.path, self._mb, self._error = path, None, None
+        self._thread = threading.Thread(target=self._write, args=(payload,), name=f"clbench-save-{path.name}")
+        self._thread.start()
+
+    def _write(self, payload) -> None:
+        try:
+            self._mb = _save_atomic(self.path, payload())
+        except BaseException as e:  # re-raised by wait() in the loop's thread
+            self._error = e
+
+    def wait(self) -> float:
+        self._thread.join()
+        if self._error is not None:
+            from .errors import ClbenchError
+
+            raise ClbenchError(f"writing the checkpoint {self.path} failed: {self._error}; results up to the "
+                               "previous stage are kept") from self._error
+        return self._mb
+
+    def cancel(self) -> None:
+        """On an error elsewhere: let the write end (the stage is not recorded, so it is not used)."""
+        self._thread.join()
+
+
+def save_in_background(path: Path, model, reference, method_state, extra: dict) -> PendingSave:
+    """Start writing one stage checkpoint atomically. The model's weights and the method state
+    must not change until wait() returns (the loop evaluates meanwhile, which only reads them)."""
+    state, rng = model.state_dict(), rng_state()
+    return PendingSave(path, lambda: {"diff": state_diff(state, reference, copy=False), "method": method_state,
+                                      "rng": rng, **extra})
+
+
 def save(path: Path, model, reference, method_state, extra: dict) -> float:
     """Write one stage checkpoint atomically; returns its size in MB."""
-    return _save_atomic(path, {"diff": model_diff(model, reference), "method": method_state, "rng": rng_state(), **extra})
+    return save_in_background(path, model, reference, method_state, extra).wait()
 
 
 def _save_atomic(path: Path, payload: dict) -> float:

@@ -74,10 +74,14 @@ class PeakMemory:
     """Peak memory while a block runs: CUDA's allocator peak, or sampled process RSS on CPU.
 
     On CPU this is the whole process (the kept base model, the checkpoint reference copy and
-    the method's own copies included), so compare methods within one run, not across runs."""
+    the method's own copies included), so compare methods within one run, not across runs.
+    release=True first hands freed memory back to the OS, so that RSS starts from what is live,
+    not from an earlier method's peak; the loop does that once per method, not per stage:
+    memory handed back must be faulted in again by the next stage (0.7 s per stage on the
+    demo model), while a method's own earlier stages cannot raise its peak above itself."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak_mb = device, 0.0
+    def __init__(self, device: torch.device, release: bool = True):
+        self.device, self.peak_mb, self.release = device, 0.0, release
         self._stop = threading.Event()
 
     def _rss_mb(self) -> float:
@@ -95,7 +99,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            _release_freed_memory()  # so RSS starts from what is live, not from an earlier method's peak
+            if self.release:
+                _release_freed_memory()
             self.peak_mb = self._rss_mb()
             self._t = threading.Thread(target=self._sample, daemon=True)
             self._t.start()
@@ -439,9 +444,11 @@ def _fmt_scores(scores: dict) -> str:
 
 def evaluate_model(model, tok, lm_tasks, primary, seed, task_defs, **kw):
     """lm-eval on the model in memory; scores in R's scale (a task's clbench.score transform applied)."""
+    from .checkpoint import preserved_rng
     from .evaluate import evaluate
 
-    scores, samples, seconds = evaluate(model, tok, lm_tasks, primary, seed=seed, **kw)
+    with preserved_rng():  # training's random stream does not depend on what was evaluated
+        scores, samples, seconds = evaluate(model, tok, lm_tasks, primary, seed=seed, **kw)
     return {t: task_defs[t].score(v) for t, v in scores.items()}, samples, seconds
 
 
@@ -468,6 +475,7 @@ class Job:
     console: object
     out: Path
     tracker: object = None  # clbench.trackers: per-step loss and lr, each row's scores
+    memory_released: bool = False  # PeakMemory has handed freed memory back once for this method
 
     @property
     def name(self) -> str:
@@ -548,7 +556,8 @@ def _train(job: Job, meth, model, run_ctx, t: int, task: str, examples: list, tc
         return train_stage(m, meth, examples, c, stage, desc=f"{job.name} s{job.seed} stage {t} {desc}", dense=True, **kw)
 
     stage.calibrate = calibrate
-    with PeakMemory(job.device) as pm:
+    with PeakMemory(job.device, release=not job.memory_released) as pm:
+        job.memory_released = True
         t_start = time.perf_counter()
         model = M.call(meth, "stage_start", model, stage, default=model)
         on_step = (lambda step, loss, lr: job.tracker.log_step(job.name, job.seed, t, step, loss, lr)) \
@@ -623,19 +632,27 @@ def _save_task_vector(job: Job, t: int, model, base_state) -> None:
 
     if D.is_main():
         checkpoint.save_state_diff(job.ckpt_dir / f"taskvec{t}.pt",
-                                   checkpoint.state_diff(merging.effective_state(model), base_state))
+                                   checkpoint.state_diff(merging.effective_state(model), base_state, copy=False))
 
 
-def _run_stage(job: Job, meth, model, run_ctx, t: int, task: str, base_state):
+def _run_stage(job: Job, meth, model, run_ctx, t: int, task: str, base_state, start_save=None):
     """Train stage t, evaluate every task, record the row (and save the stage's weights for merging).
-    Returns (model, stats, train seconds, peak MB, scores, eval seconds)."""
+    start_save(model, train seconds, peak MB) may start writing the stage's checkpoint, which then
+    runs while the stage is evaluated. Returns (model, stats, train seconds, peak MB, scores,
+    eval seconds, the pending save or None)."""
     tcfg = _stage_config(job, t, task)
     model, stats, secs, pk = _train(job, meth, model, run_ctx, t, task, _examples(job, task, tcfg), tcfg)
-    scores, es = _evaluate(job, model, t, task if t < len(job.pl.task_names) else None, f"stage{t}")
-    _add_row(job, t, task, scores)
-    if job.spec.merge:
-        _save_task_vector(job, t, model, base_state)
-    return model, stats, secs, pk, scores, es
+    pending = start_save(model, secs, pk) if start_save is not None else None
+    try:
+        scores, es = _evaluate(job, model, t, task if t < len(job.pl.task_names) else None, f"stage{t}")
+        _add_row(job, t, task, scores)
+        if job.spec.merge:
+            _save_task_vector(job, t, model, base_state)
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
+        raise
+    return model, stats, secs, pk, scores, es, pending
 
 
 def _run_sequential(job: Job, prev):
@@ -645,7 +662,7 @@ def _run_sequential(job: Job, prev):
     cfg, name, seed = job.pl.cfg, job.name, job.seed
     meth, run_ctx, model = _new_model(job)
     # Checkpoints are diffs against this post-setup state (rebuilt identically on resume).
-    reference = checkpoint.snapshot(model) if cfg.keep_checkpoints != "none" else None
+    reference = checkpoint.snapshot(model, share=job.base_model.state_dict()) if cfg.keep_checkpoints != "none" else None
     ckpt_dir, rec = job.ckpt_dir, job.rec
     train_s, eval_s, peak, stage_log, start = 0.0, job.base_eval_s, 0.0, [], 1
     done = len(prev.get("stages", [])) if prev else 0
@@ -655,8 +672,10 @@ def _run_sequential(job: Job, prev):
         if ck.get("method") is not None:
             M.call(meth, "load_state_dict", ck["method"])
         checkpoint.set_rng_state(ck["rng"])
-        train_s, eval_s, peak = ck["train_seconds"], ck["eval_seconds"], ck["peak_mem_mb"]
         stage_log = list(prev["stages"][:done])
+        train_s, peak = ck["train_seconds"], ck["peak_mem_mb"]
+        # written while stage `done` was evaluated: its evaluation time is in the results
+        eval_s = ck["eval_seconds"] if "eval_seconds" in ck else ck["eval_seconds_before"] + stage_log[-1]["eval_seconds"]
         start = done + 1
         rec.drop(name, seed, done)
         job.console.print(f"{job.tag()} resumed after stage {done} from {ckpt_dir / f'stage{done}.pt'}")
@@ -667,12 +686,17 @@ def _run_sequential(job: Job, prev):
     for t, task in enumerate(job.pl.task_names, 1):
         if t < start:
             continue
-        model, stats, secs, pk, scores, es = _run_stage(job, meth, model, run_ctx, t, task, base_state)
+        def start_save(model, secs, pk, t=t):
+            if reference is None or not D.is_main():
+                return None
+            return checkpoint.save_in_background(
+                ckpt_dir / f"stage{t}.pt", model, reference, M.call(meth, "state_dict"),
+                {"train_seconds": train_s + secs, "eval_seconds_before": eval_s, "peak_mem_mb": max(peak, pk), "stage": t})
+
+        model, stats, secs, pk, scores, es, pending = _run_stage(job, meth, model, run_ctx, t, task, base_state,
+                                                                 start_save)
         train_s, peak, eval_s = train_s + secs, max(peak, pk), eval_s + es
-        ck_mb = None
-        if reference is not None and D.is_main():
-            ck_mb = checkpoint.save(ckpt_dir / f"stage{t}.pt", model, reference, M.call(meth, "state_dict"),
-                                    {"train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stage": t})
+        ck_mb = pending.wait() if pending is not None else None  # before the results say the stage is done
         _finish_stage(job, meth, model, _stage_entry(t, task, stats, es, ck_mb), scores, stage_log, train_s, eval_s,
                       peak, "sequential")
         # Only now that the results say stage t is done may the previous checkpoint go.
@@ -706,7 +730,7 @@ def _run_single(job: Job, prev):
         if t <= done:
             continue
         meth, run_ctx, model = _new_model(job)
-        model, stats, secs, pk, scores, es = _run_stage(job, meth, model, run_ctx, t, task, base_state)
+        model, stats, secs, pk, scores, es, _ = _run_stage(job, meth, model, run_ctx, t, task, base_state)
         train_s, peak, eval_s = train_s + secs, max(peak, pk), eval_s + es
         _finish_stage(job, meth, model, _stage_entry(t, task, stats, es), scores, stage_log, train_s, eval_s, peak,
                       "single")

@@ -330,3 +330,109 @@ def test_tied_weights_are_stored_once():
     m2 = models.build_tiny_model(0, len(tok))
     checkpoint.apply_diff(m2, ref, diff)
     assert torch.equal(m2.lm_head.weight, m.lm_head.weight) and m2.lm_head.weight is m2.model.embed_tokens.weight
+
+
+# --- checkpoints written in the background while the stage is evaluated ------------------
+
+
+def test_evaluation_leaves_the_rng_states_as_it_found_them(monkeypatch):
+    """lm-eval seeds torch, numpy and random for its own draws; the loop's evaluation must not
+    move training's random stream (the stage checkpoint takes the RNG states before it)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    import clbench.evaluate
+    from clbench.loop import evaluate_model
+
+    def fake_evaluate(*a, **kw):  # what simple_evaluate does to the global RNGs
+        random.seed(1234), np.random.seed(1234), torch.manual_seed(1234)
+        random.random(), np.random.rand(), torch.rand(3)
+        return {}, None, 0.0
+
+    monkeypatch.setattr(clbench.evaluate, "evaluate", fake_evaluate)
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expected = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    evaluate_model(None, None, {}, {}, 0, {})
+    got = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+def test_reference_reuses_the_untouched_base_tensors():
+    import copy
+
+    import torch
+
+    from clbench import checkpoint, models
+
+    tok = models.build_tiny_tokenizer()
+    base = models.build_tiny_model(0, len(tok))
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1.0)  # e.g. a method's setup changed it
+    ref = checkpoint.snapshot(model, share=base.state_dict())
+    b = base.state_dict()
+    def shared(k):
+        return ref[k].data_ptr() == b[k].data_ptr()
+
+    assert not shared("model.layers.0.mlp.up_proj.weight")
+    assert torch.equal(ref["model.layers.0.mlp.up_proj.weight"], model.model.layers[0].mlp.up_proj.weight)
+    assert shared("model.layers.1.self_attn.q_proj.weight") and shared("model.embed_tokens.weight")
+    with torch.no_grad():  # training the model must not move the reference
+        model.model.layers[1].self_attn.q_proj.weight.mul_(2.0)
+    assert torch.equal(ref["model.layers.1.self_attn.q_proj.weight"], base.model.layers[1].self_attn.q_proj.weight)
+    diff = checkpoint.model_diff(model, ref)
+    assert set(diff) == {"model.layers.1.self_attn.q_proj.weight"}
+
+
+def test_background_save_writes_what_a_direct_save_writes(tmp_path):
+    import torch
+
+    from clbench import checkpoint, models
+
+    tok = models.build_tiny_tokenizer()
+    m = models.build_tiny_model(0, len(tok))
+    ref = checkpoint.snapshot(m)
+    with torch.no_grad():
+        m.model.layers[0].mlp.up_proj.weight[0, :3] += 1.0
+        m.model.layers[1].self_attn.q_proj.weight.mul_(1.5)
+    mask = torch.ones(3, dtype=torch.bool)
+    pending = checkpoint.save_in_background(tmp_path / "bg.pt", m, ref, {"mask": mask}, {"stage": 2})
+    mb = pending.wait()
+    ck = checkpoint.load(tmp_path / "bg.pt")
+    assert mb == pytest.approx((tmp_path / "bg.pt").stat().st_size / 2**20) and ck["stage"] == 2
+    assert torch.equal(ck["method"]["mask"], mask)
+    direct = checkpoint.model_diff(m, ref)
+    assert ck["diff"].keys() == direct.keys()
+    for k, entry in direct.items():
+        assert entry[0] == ck["diff"][k][0] and all(torch.equal(a, b) for a, b in zip(entry[1:], ck["diff"][k][1:])), k
+
+
+def test_failed_checkpoint_write_stops_the_run_and_keeps_earlier_stages(reference_run, tmp_path, monkeypatch, run_cli):
+    """The write runs in a thread: its error must still stop the run, name the file, leave the
+    stage unrecorded, and a re-run must continue from the previous stage to the same result."""
+    from clbench import checkpoint
+
+    real = checkpoint._save_atomic
+
+    def failing(path, payload):
+        if path.name == "stage2.pt":
+            raise OSError(28, "No space left on device")
+        return real(path, payload)
+
+    monkeypatch.setattr(checkpoint, "_save_atomic", failing)
+    out = tmp_path / "out"
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out)
+    assert code != 0
+    assert "writing the checkpoint" in err and "stage2.pt" in err and "No space left" in err
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["methods"]["full_ft"]["seeds"]["0"]["stages"]) == 1  # stage 2 is not recorded
+    assert not (out / "checkpoints" / "full_ft" / "seed0" / "stage2.pt").exists()
+    assert not list((out / "checkpoints" / "full_ft" / "seed0").glob(".stage2.pt.*"))  # no partial file left
+    monkeypatch.setattr(checkpoint, "_save_atomic", real)
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out)
+    assert code == 0, err
+    assert "resumed after stage 1" in err
+    assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
