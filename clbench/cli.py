@@ -4,7 +4,7 @@
   clbench list methods|tasks|streams [--config CONFIG.yaml]
   clbench data prepare [STREAM] [--config CONFIG.yaml] [--tasks a,b]
   clbench report RUN_DIR [RUN_DIR ...] [--out DIR]
-  clbench sweep SWEEP.yaml [--output-dir DIR] [--launcher local|ray|slurm] [--parallel N] [--dry-run]
+  clbench sweep SWEEP.yaml [--output-dir DIR] [--launcher local|ray|slurm] [--parallel N] [--dry-run] [--fresh]
 
 Errors print as one readable message and exit non-zero; --debug shows the traceback.
 """
@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--launcher", choices=["local", "ray", "slurm"], default=None, help="instead of the sweep file's launcher")
     sw.add_argument("--parallel", type=int, default=None, help="local launcher: runs at the same time")
     sw.add_argument("--dry-run", action="store_true", help="expand, validate and list the runs with their status; run nothing")
+    sw.add_argument("--fresh", action="store_true",
+                    help="run every grid point again from scratch (complete ones too), discarding their results")
     return p
 
 
@@ -184,7 +186,8 @@ def _dispatch(args) -> int:
     if args.cmd == "sweep":
         from .sweep import load_sweep, run_sweep
 
-        run_sweep(load_sweep(args.sweep, args.output_dir, args.launcher, args.parallel), dry_run=args.dry_run)
+        run_sweep(load_sweep(args.sweep, args.output_dir, args.launcher, args.parallel), dry_run=args.dry_run,
+                  fresh=args.fresh)
         return 0
     return 1
 

@@ -30,6 +30,7 @@ and data) before the first run starts. Each run is one `python -m clbench run <c
 Re-running a sweep skips the runs whose results.json says every (method, seed) is complete under
 the same config, and resumes the others from their last stage checkpoint (the run command's own
 resume; the expanded configs are identical on every expansion, so the config check passes).
+`clbench sweep SWEEP.yaml --fresh` runs every grid point again from scratch (`clbench run --fresh`).
 """
 
 from __future__ import annotations
@@ -513,15 +514,18 @@ def _write_index(sweep: Sweep, outcome: dict) -> None:
          "log": f"logs/{r.id}.log", **outcome.get(r.id, {})} for r in sweep.runs]})
 
 
-def run_sweep(sweep: Sweep, dry_run: bool = False, out=None) -> dict:
-    """Run what is not complete; returns {run id: status}. Raises SweepError naming failed runs."""
+def run_sweep(sweep: Sweep, dry_run: bool = False, out=None, fresh: bool = False) -> dict:
+    """Run what is not complete (fresh: every run, each started over as `clbench run --fresh`);
+    returns {run id: status}. Raises SweepError naming failed runs."""
     out = out or sys.stdout
     prepare(sweep)
-    todo = [r for r in sweep.runs if r.status != "complete"]
+    todo = list(sweep.runs) if fresh else [r for r in sweep.runs if r.status != "complete"]
     print(f"sweep {sweep.name}: {len(sweep.runs)} run(s) in {sweep.out}; {len(sweep.runs) - len(todo)} complete, "
-          f"{len(todo)} to run (launcher {sweep.cfg.launcher})", file=out, flush=True)
+          f"{len(todo)} to run{' from scratch (--fresh)' if fresh else ''} (launcher {sweep.cfg.launcher})",
+          file=out, flush=True)
     for r in sweep.runs:
-        print(f"  {r.id:48s} {r.status if r.status != 'complete' else 'complete, skipped'}", file=out, flush=True)
+        state = "complete, skipped" if r not in todo else f"{r.status}, starts over" if fresh else r.status
+        print(f"  {r.id:48s} {state}", file=out, flush=True)
     if dry_run or not todo:
         if not dry_run:
             _write_index(sweep, {})
@@ -530,8 +534,8 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, out=None) -> dict:
 
     cwd = os.getcwd()
     env = {k: v for k, v in os.environ.items() if PASS_ENV.match(k)}
-    units = [(r, ([sys.executable, "-m", "clbench", "run", str(r.config_path.resolve()), "--output-dir", str(r.dir.resolve())],
-                  str(r.log.resolve()), cwd, env)) for r in todo]
+    units = [(r, ([sys.executable, "-m", "clbench", "run", str(r.config_path.resolve()), "--output-dir", str(r.dir.resolve()),
+                   *(["--fresh"] if fresh else [])], str(r.log.resolve()), cwd, env)) for r in todo]
     outcome: dict[str, dict] = {}
 
     def done(run: Run, res: dict):

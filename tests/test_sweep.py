@@ -103,7 +103,9 @@ def local_sweep(tmp_path_factory):
     from clbench.cli import main
 
     tmp = tmp_path_factory.mktemp("local-sweep")
-    path = write_sweep(tmp, name="local", grid={"methods": ["full_ft", "lora"], "seeds": [0, 1]}, parallel=2)
+    # keep_checkpoints: all, so that a run can be made to lose its last stage and resume (below)
+    path = write_sweep(tmp, name="local", grid={"methods": ["full_ft", "lora"], "seeds": [0, 1]}, parallel=2,
+                       set={**FAST, "keep_checkpoints": "all"})
     out = tmp / "out"
     assert main(["sweep", str(path), "--output-dir", str(out)]) == 0
     return path, out
@@ -177,8 +179,7 @@ def test_submitit_local_executor_resumes_an_unfinished_run(local_sweep, run_cli)
     s = res["methods"]["full_ft"]["seeds"]["1"]
     s["complete"], s["stages"] = False, s["stages"][:2]
     (d / "results.json").write_text(json.dumps(res))
-    ck = d / "checkpoints" / "full_ft" / "seed1"
-    shutil.copy(ck / "stage3.pt", ck / "stage2.pt")  # keep_checkpoints: last kept only stage 3's
+    assert (d / "checkpoints" / "full_ft" / "seed1" / "stage2.pt").is_file()  # keep_checkpoints: all
     doc = yaml.safe_load(path.read_text())
     doc["slurm"] = {"cluster": "local", "timeout_min": 10, "cpus_per_task": 1}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -322,3 +323,31 @@ def test_wandb_offline_runs_per_method_and_seed(tmp_path, monkeypatch):
             tr.log_step("full_ft", seed, 1, 0, loss=4.0, lr=1e-3)
             tr.log_stage("full_ft", seed, 1, {"tiny_parity": 0.5})
     assert len(list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))) == 2
+
+
+def test_fresh_sweep_starts_every_run_over(local_sweep, tmp_path, monkeypatch):
+    """--fresh: complete runs are launched too, each as `clbench run --fresh` (launcher stubbed;
+    on a copy of the sweep so the module's other tests keep theirs)."""
+    import io
+
+    from clbench import sweep as S
+
+    path, out = local_sweep
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    launched = []
+
+    def fake_local(units, parallel, done):
+        for run, (cmd, *_rest) in units:
+            launched.append((run.id, cmd))
+            done(run, {"rc": 0, "seconds": 0.0})
+
+    monkeypatch.setattr(S, "_launch_local", fake_local)
+    text = io.StringIO()
+    S.run_sweep(S.load_sweep(path, copy), out=text)  # without --fresh: everything is complete
+    assert launched == [] and "4 complete, 0 to run" in text.getvalue()
+    text = io.StringIO()
+    S.run_sweep(S.load_sweep(path, copy), out=text, fresh=True)
+    assert "0 complete, 4 to run from scratch (--fresh)" in text.getvalue()
+    assert sorted(i for i, _ in launched) == run_dirs(copy)
+    assert all(cmd[-1] == "--fresh" and cmd[cmd.index("--output-dir") + 1] == str((copy / i).resolve()) for i, cmd in launched)
