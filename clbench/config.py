@@ -160,7 +160,8 @@ class RunConfig(Strict):
         "LLM-CL-Benchmark_5000/, natural-instructions/), relative to the config file; default $CLBENCH_DATA_ROOT")
     offline: bool = Field(True, description="forbid hub access (HF_HUB_OFFLINE=1)")
     keep_checkpoints: Literal["last", "all", "none"] = Field(
-        "last", description="stage checkpoints for resume: the last one per (method, seed), all, or none (a crash restarts that method)")
+        "last", description="stage checkpoints for resume: last = the latest one per (method, seed) while it runs, "
+        "deleted when it completes; all = every stage's, kept; none = no checkpoints (a crash restarts that method)")
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="experiment trackers fed the per-step loss and lr and each stage's scores "
         "(clbench/trackers.py); never change results")

@@ -683,12 +683,13 @@ def _run_sequential(job: Job, prev):
         rec.drop(name, seed, -1)
         _add_row(job, 0, None, job.base_scores)
     base_state = job.base_model.state_dict() if job.spec.merge else None
+    last = len(job.pl.task_names)
     for t, task in enumerate(job.pl.task_names, 1):
         if t < start:
             continue
         def start_save(model, secs, pk, t=t):
-            if reference is None or not D.is_main():
-                return None
+            if reference is None or not D.is_main() or (t == last and not job.spec.merge and cfg.keep_checkpoints == "last"):
+                return None  # (the last stage completes the method: nothing will resume from its checkpoint)
             return checkpoint.save_in_background(
                 ckpt_dir / f"stage{t}.pt", model, reference, M.call(meth, "state_dict"),
                 {"train_seconds": train_s + secs, "eval_seconds_before": eval_s, "peak_mem_mb": max(peak, pk), "stage": t})
@@ -706,6 +707,9 @@ def _run_sequential(job: Job, prev):
         eval_s += _run_merges(job, "sequential")
         _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="sequential")
         rec.flush()
+    if reference is not None and cfg.keep_checkpoints == "last" and D.is_main():
+        for t in range(1, last + 1):  # complete: a stage checkpoint is only ever read to resume
+            (ckpt_dir / f"stage{t}.pt").unlink(missing_ok=True)
     return model
 
 
