@@ -170,10 +170,13 @@ class PendingSave:
 
 def save_in_background(path: Path, model, reference, method_state, extra: dict) -> PendingSave:
     """Start writing one stage checkpoint atomically. The model's weights and the method state
-    must not change until wait() returns (the loop evaluates meanwhile, which only reads them)."""
-    state, rng = model.state_dict(), rng_state()
-    return PendingSave(path, lambda: {"diff": state_diff(state, reference, copy=False), "method": method_state,
-                                      "rng": rng, **extra})
+    must not change until wait() returns (the loop evaluates meanwhile, which only reads them).
+    The diff is computed here, in the caller's thread: torch ops in the writer thread would
+    start a second pool of compute threads next to the evaluation's (measured on 2 cores: the
+    evaluation then lost ~1 s per 513 MB checkpoint; with only the file writing in the thread,
+    ~0.1 to 0.6 s)."""
+    payload = {"diff": model_diff(model, reference, copy=False), "method": method_state, "rng": rng_state(), **extra}
+    return PendingSave(path, lambda: payload)
 
 
 def save(path: Path, model, reference, method_state, extra: dict) -> float:
