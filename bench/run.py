@@ -294,11 +294,12 @@ def bare_run(pl) -> dict:
     """The stream without the harness: a plain PyTorch loop over the same batches (same seeds,
     loss, autocast, fused AdamW, clipping; constant lr; no methods, hooks, model copy,
     checkpoints, results files or progress bars) and the same simple_evaluate calls on one HFLM
-    (clbench's subclass, as clbench.evaluate builds it)."""
+    (clbench's subclass, as clbench.evaluate builds it, and without lm-eval's environment
+    report, which clbench skips too)."""
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
-    from clbench.evaluate import _lm_class
+    from clbench.evaluate import _lm_class, without_env_info
 
     cfg, seed = pl.cfg, pl.cfg.seeds[0]
     device, autocast = select_device(cfg)
@@ -312,7 +313,7 @@ def bare_run(pl) -> dict:
 
     def ev():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), without_env_info():  # as clbench calls it: the ratio is about the harness
             out = evaluator.simple_evaluate(model=lm, tasks=list(lm_tasks.values()), limit=cfg.eval.limit,
                                             bootstrap_iters=cfg.eval.bootstrap_iters, log_samples=cfg.eval.log_samples,
                                             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -351,15 +352,23 @@ def clbench_run(ctx: Ctx, overrides: list[str], out: Path, log: Path) -> dict:
 
 def bench_harness(ctx: Ctx, reps: int, out: Path, log: Path):
     pl = plan(*load_config(ctx.config, ctx.overrides + SHORT))
-    ours, bare = [], []
-    for _ in range(reps):
+    ours, bare, final = [], [], None
+
+    def run_ours():
         t0 = time.perf_counter()
         ctx.short = clbench_run(ctx, SHORT, out / "harness", log)  # eval shares use it when there is no demo run
         ours.append(time.perf_counter() - t0)
+
+    def run_bare():
+        nonlocal final
         t0 = time.perf_counter()
         with quiet(log):
             final = bare_run(pl)
         bare.append(time.perf_counter() - t0)
+
+    for rep in range(reps):  # alternate which side goes first: neither always inherits the other's state
+        for side in ((run_ours, run_bare) if rep % 2 == 0 else (run_bare, run_ours)):
+            side()
     row = ctx.short["full_ft"]["seeds"][str(pl.cfg.seeds[0])]["matrix"][-1]  # same batches: the scores should agree
     bare_row = [final[n] for n in pl.task_names]
     return {"harness_overhead_ratio": statistics.median(ours) / statistics.median(bare)}, {

@@ -129,6 +129,21 @@ def _score(results: dict, task: str, metric: str, filt: str) -> float:
     return float(res[key])
 
 
+@contextlib.contextmanager
+def without_env_info():
+    """simple_evaluate collects environment info (torch's collect_env, `pip list` and git
+    subprocesses: ~0.6 s per call) into its result; results.json records versions once, so
+    clbench's evaluations skip it."""
+    from lm_eval import evaluator
+
+    env_info = evaluator.add_env_info
+    evaluator.add_env_info = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = env_info
+
+
 def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str]], *, device, autocast_dtype,
              batch_size, limit=None, seed: int = 0, bootstrap_iters: int = 0, log_samples: bool = True,
              max_length: int | None = None, task_limits: dict[str, int | None] | None = None):
@@ -164,28 +179,21 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
             n = len(task.eval_docs)
             cap = task_limits.get(t, limit)
             per_task[t] = list(range(min(n, cap) if cap else n))
-    # simple_evaluate collects environment info (torch's collect_env, `pip list` subprocesses:
-    # ~1 s per call) into its result; results.json records versions once, so skip it here.
-    env_info = evaluator.add_env_info
-    evaluator.add_env_info = lambda *a, **k: None
-    try:
-        with torch.no_grad(), sink:
-            out = evaluator.simple_evaluate(
-                model=lm,
-                tasks=list(lm_tasks.values()),
-                limit=None if per_task else limit,
-                samples=per_task,
-                bootstrap_iters=bootstrap_iters,
-                log_samples=log_samples,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-                verbosity="ERROR",
-                task_manager=_TASK_MANAGER,
-            )
-    finally:
-        evaluator.add_env_info = env_info
+    with without_env_info(), torch.no_grad(), sink:
+        out = evaluator.simple_evaluate(
+            model=lm,
+            tasks=list(lm_tasks.values()),
+            limit=None if per_task else limit,
+            samples=per_task,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            verbosity="ERROR",
+            task_manager=_TASK_MANAGER,
+        )
     if was_training:
         model.train()
     scores = {t: _score(out, t, *primary[t]) for t in lm_tasks}
