@@ -19,7 +19,7 @@ from .errors import ConfigError
 
 
 # Fields that never change results: they may differ when a run directory is resumed.
-NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints", "trackers")
+NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints", "checkpoint_interval", "trackers")
 
 
 class Strict(BaseModel):
@@ -162,6 +162,10 @@ class RunConfig(Strict):
     keep_checkpoints: Literal["last", "all", "none"] = Field(
         "last", description="stage checkpoints for resume: last = the latest one per (method, seed) while it runs, "
         "deleted when it completes; all = every stage's, kept; none = no checkpoints (a crash restarts that method)")
+    checkpoint_interval: float = Field(
+        60.0, ge=0, description="keep_checkpoints last: write a stage checkpoint once at least this many seconds of "
+        "training and evaluation have passed since the last one (0 = after every stage); a crash redoes at most that "
+        "much work, and stages cheaper than their checkpoint do not pay for one")
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="experiment trackers fed the per-step loss and lr and each stage's scores "
         "(clbench/trackers.py); never change results")

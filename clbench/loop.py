@@ -345,10 +345,28 @@ class Recorder:
                 by_stage.setdefault(r["stage"], {})[r["eval_task"]] = r["value"]
         return [[by_stage[s][t] for t in names] for s in sorted(by_stage)]
 
+    def _ordered_rows(self) -> list[dict]:
+        """The rows in the config's order (methods, seeds, stages, then extra rows, tasks), the order
+        an uninterrupted run computes them in: a resumed run may redo stages after other rows."""
+        m_ix = {s.run_name: i for i, s in enumerate(self.plan.method_specs)}
+        s_ix = {s: i for i, s in enumerate(self.cfg.seeds)}
+        t_ix = {t: i for i, t in enumerate(self.plan.eval_names)}
+        extra_ix: dict = {}
+        for r in self.rows:
+            if not isinstance(r["stage"], int):
+                extra_ix.setdefault(r["stage"], len(extra_ix))
+
+        def key(r):
+            st = r["stage"]
+            return (m_ix.get(r["method"], len(m_ix)), s_ix.get(r["seed"], len(s_ix)),
+                    (0, st) if isinstance(st, int) else (1, extra_ix[st]), t_ix.get(r["eval_task"], len(t_ix)))
+
+        return sorted(self.rows, key=key)  # stable: rows of methods no longer in the config keep their order
+
     def flush(self):
         if not D.is_main():  # one writer: the other ranks hold the same results
             return
-        results.write_csv(self.out / "matrix.csv", results.MATRIX_COLUMNS, self.rows)
+        results.write_csv(self.out / "matrix.csv", results.MATRIX_COLUMNS, self._ordered_rows())
         results.write_csv(self.out / "summary.csv", results.SUMMARY_COLUMNS, self.summary)
         results.write_json(self.out / "results.json", {
             "run": {"name": self.cfg.name, "stream": self.cfg.stream or "custom", "order": self.cfg.order if self.cfg.stream else "custom",
@@ -655,6 +673,10 @@ def _run_stage(job: Job, meth, model, run_ctx, t: int, task: str, base_state, st
     return model, stats, secs, pk, scores, es, pending
 
 
+def _stages(a: int, b: int) -> str:
+    return f"stage {a} is" if a == b else f"stages {a}-{b} are"
+
+
 def _run_sequential(job: Job, prev):
     """The continual stream: one model through stages 1..T."""
     from . import checkpoint
@@ -666,30 +688,45 @@ def _run_sequential(job: Job, prev):
     ckpt_dir, rec = job.ckpt_dir, job.rec
     train_s, eval_s, peak, stage_log, start = 0.0, job.base_eval_s, 0.0, [], 1
     done = len(prev.get("stages", [])) if prev else 0
-    if done and reference is not None and (ckpt_dir / f"stage{done}.pt").is_file():
-        ck = checkpoint.load(ckpt_dir / f"stage{done}.pt")
+    # the latest stage checkpoint at or before the last recorded stage (with checkpoint_interval
+    # not every stage has one: the stages after it are redone, with the same results)
+    resume_at = next((k for k in range(done, 0, -1) if (ckpt_dir / f"stage{k}.pt").is_file()), 0) \
+        if done and reference is not None else 0
+    if resume_at:
+        ck = checkpoint.load(ckpt_dir / f"stage{resume_at}.pt")
         checkpoint.apply_diff(model, reference, ck["diff"])
         if ck.get("method") is not None:
             M.call(meth, "load_state_dict", ck["method"])
         checkpoint.set_rng_state(ck["rng"])
-        stage_log = list(prev["stages"][:done])
+        stage_log = list(prev["stages"][:resume_at])
         train_s, peak = ck["train_seconds"], ck["peak_mem_mb"]
-        # written while stage `done` was evaluated: its evaluation time is in the results
+        # written while stage `resume_at` was evaluated: its evaluation time is in the results
         eval_s = ck["eval_seconds"] if "eval_seconds" in ck else ck["eval_seconds_before"] + stage_log[-1]["eval_seconds"]
-        start = done + 1
-        rec.drop(name, seed, done)
-        job.console.print(f"{job.tag()} resumed after stage {done} from {ckpt_dir / f'stage{done}.pt'}")
+        start = resume_at + 1
+        rec.drop(name, seed, resume_at)
+        job.console.print(f"{job.tag()} resumed after stage {resume_at} from {ckpt_dir / f'stage{resume_at}.pt'}"
+                          + (f"; {_stages(resume_at + 1, done)} redone (no later checkpoint)" if resume_at < done else ""))
     else:
+        if done:
+            job.console.print(f"{job.tag()} has no stage checkpoint to resume from; {_stages(1, done)} redone")
         rec.drop(name, seed, -1)
         _add_row(job, 0, None, job.base_scores)
+    since_ck = 0.0  # training and evaluation seconds since the last checkpoint (or the method's start)
+    last_ck = resume_at or None
     base_state = job.base_model.state_dict() if job.spec.merge else None
     last = len(job.pl.task_names)
     for t, task in enumerate(job.pl.task_names, 1):
         if t < start:
             continue
         def start_save(model, secs, pk, t=t):
-            if reference is None or not D.is_main() or (t == last and not job.spec.merge and cfg.keep_checkpoints == "last"):
-                return None  # (the last stage completes the method: nothing will resume from its checkpoint)
+            if reference is None or not D.is_main():
+                return None
+            if cfg.keep_checkpoints == "last":
+                if t == last and not job.spec.merge:
+                    return None  # the last stage completes the method: nothing will resume from its checkpoint
+                expected_eval = stage_log[-1]["eval_seconds"] if stage_log else job.base_eval_s
+                if since_ck + secs + expected_eval < cfg.checkpoint_interval:
+                    return None  # cheaper to redo than to write
             return checkpoint.save_in_background(
                 ckpt_dir / f"stage{t}.pt", model, reference, M.call(meth, "state_dict"),
                 {"train_seconds": train_s + secs, "eval_seconds_before": eval_s, "peak_mem_mb": max(peak, pk), "stage": t})
@@ -698,11 +735,14 @@ def _run_sequential(job: Job, prev):
                                                                  start_save)
         train_s, peak, eval_s = train_s + secs, max(peak, pk), eval_s + es
         ck_mb = pending.wait() if pending is not None else None  # before the results say the stage is done
+        since_ck = 0.0 if pending is not None else since_ck + secs + es
         _finish_stage(job, meth, model, _stage_entry(t, task, stats, es, ck_mb), scores, stage_log, train_s, eval_s,
                       peak, "sequential")
         # Only now that the results say stage t is done may the previous checkpoint go.
-        if reference is not None and cfg.keep_checkpoints == "last" and t > 1 and D.is_main():
-            (ckpt_dir / f"stage{t - 1}.pt").unlink(missing_ok=True)
+        if pending is not None:
+            if cfg.keep_checkpoints == "last" and last_ck is not None:
+                (ckpt_dir / f"stage{last_ck}.pt").unlink(missing_ok=True)
+            last_ck = t
     if job.spec.merge:
         eval_s += _run_merges(job, "sequential")
         _record_method(rec, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="sequential")

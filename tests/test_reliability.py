@@ -8,13 +8,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, TINY_CONFIG
 
 TINY_TASKS = REPO / "configs" / "tiny_tasks"
+EVERY_STAGE = ("--set", "checkpoint_interval=0")  # tiny stages take ~1 s: by default none would get a checkpoint
 
 
 def clbench(*args, env=None, **kw):
@@ -25,7 +25,7 @@ def clbench(*args, env=None, **kw):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    r = clbench("run", TINY_CONFIG, "--output-dir", out)
+    r = clbench("run", TINY_CONFIG, "--output-dir", out, *EVERY_STAGE)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -55,7 +55,7 @@ def test_different_seed_changes_data_order():
 
 def test_resume_after_sigkill_gives_identical_matrix(reference_run, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "clbench", "run", str(TINY_CONFIG), "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "clbench", "run", str(TINY_CONFIG), "--output-dir", str(out), *EVERY_STAGE]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = out / "checkpoints" / "full_ft" / "seed0" / "stage1.pt"
 
@@ -75,7 +75,7 @@ def test_resume_after_sigkill_gives_identical_matrix(reference_run, tmp_path):
     rows = (out / "matrix.csv").read_text().splitlines()
     assert len(rows) - 1 < 2 * 4 * 3, "the kill came after the run had finished"
     assert (out / ".lock").exists()  # SIGKILL leaves the lock: the next run must see it is stale
-    r = clbench("run", TINY_CONFIG, "--output-dir", out)
+    r = clbench("run", TINY_CONFIG, "--output-dir", out, *EVERY_STAGE)
     assert r.returncode == 0, r.stderr
     assert "resum" in r.stderr
     assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
@@ -196,6 +196,7 @@ def test_nan_loss_stops_with_clear_error_and_resumes_after_change(tmp_path):
         train: {{steps: 3, max_length: 64}}
         eval: {{limit: 8}}
         precision: fp32
+        checkpoint_interval: 0
     """))
     out = tmp_path / "out"
     r = clbench("run", cfg, "--output-dir", out)
@@ -426,7 +427,7 @@ def test_failed_checkpoint_write_stops_the_run_and_keeps_earlier_stages(referenc
 
     monkeypatch.setattr(checkpoint, "_save_atomic", failing)
     out = tmp_path / "out"
-    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out)
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, *EVERY_STAGE)
     assert code != 0
     assert "writing the checkpoint" in err and "stage2.pt" in err and "No space left" in err
     res = json.loads((out / "results.json").read_text())
@@ -434,7 +435,42 @@ def test_failed_checkpoint_write_stops_the_run_and_keeps_earlier_stages(referenc
     assert not (out / "checkpoints" / "full_ft" / "seed0" / "stage2.pt").exists()
     assert not list((out / "checkpoints" / "full_ft" / "seed0").glob(".stage2.pt.*"))  # no partial file left
     monkeypatch.setattr(checkpoint, "_save_atomic", real)
-    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out)
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, *EVERY_STAGE)
     assert code == 0, err
     assert "resumed after stage 1" in err
+    assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
+
+
+def test_checkpoint_interval_skips_cheap_stages_and_resume_redoes_them(reference_run, tmp_path, run_cli):
+    """Default checkpoint_interval (60 s): the tiny stages (~1 s) are cheaper to redo than to
+    write, so none gets a checkpoint; a run that died after stage 2 then redoes stages 1-2, and
+    one whose latest checkpoint is older than its last recorded stage resumes from it. Either way
+    the matrix is the uninterrupted run's."""
+    out = tmp_path / "out"
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert all(s["checkpoint_mb"] is None for m in res["methods"].values() for s in m["seeds"]["0"]["stages"])
+    assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
+
+    def cut_after(stage):  # as if the process had died after stage `stage` of full_ft
+        res = json.loads((out / "results.json").read_text())
+        s = res["methods"]["full_ft"]["seeds"]["0"]
+        s["stages"], s["complete"] = s["stages"][:stage], False
+        (out / "results.json").write_text(json.dumps(res))
+
+    cut_after(2)
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out)
+    assert code == 0, err
+    assert "no stage checkpoint to resume from; stages 1-2 are redone" in err
+    assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
+
+    # every stage's checkpoint kept; then stage 2's is lost: resume from stage 1's
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, "--fresh", "--set", "keep_checkpoints=all")
+    assert code == 0, err
+    (out / "checkpoints" / "full_ft" / "seed0" / "stage2.pt").unlink()
+    cut_after(2)
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, "--set", "keep_checkpoints=all")
+    assert code == 0, err
+    assert "resumed after stage 1" in err and "stage 2 is redone (no later checkpoint)" in err
     assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
