@@ -353,8 +353,8 @@ def clbench_run(ctx: Ctx, overrides: list[str], out: Path, log: Path) -> dict:
 def bench_harness(ctx: Ctx, reps: int, out: Path, log: Path):
     """The short stream through clbench as configured (stage checkpoints by checkpoint_interval)
     and with a checkpoint after every stage (checkpoint_interval=0: on this machine each 513 MB
-    full-FT checkpoint costs ~2-3 s of a ~40 s run), against the bare loop; the sides rotate
-    which goes first, and each ratio is of the medians."""
+    full-FT checkpoint costs ~2-3 s of a ~40 s run), against the bare loop; after one untimed
+    run of each, the sides rotate which goes first, and each ratio is of the medians."""
     pl = plan(*load_config(ctx.config, ctx.overrides + SHORT))
     times: dict[str, list] = {"clbench": [], "every_stage": [], "bare": []}
     final = None
@@ -374,6 +374,10 @@ def bench_harness(ctx: Ctx, reps: int, out: Path, log: Path):
         times["bare"].append(time.perf_counter() - t0)
 
     sides = [lambda: run_ours("clbench", []), lambda: run_ours("every_stage", ["checkpoint_interval=0"]), run_bare]
+    for side in sides:  # untimed warm-up: the first run in the process pays imports and caches the others share
+        side()
+    for v in times.values():
+        v.clear()
     for rep in range(reps):  # rotate which side goes first: none always inherits another's state
         for side in sides[rep % 3:] + sides[:rep % 3]:
             side()
