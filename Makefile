@@ -25,6 +25,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	# the benchmark measures the demo stream's real batches: fetch them first (no-op when cached)
+	$(VENV)/bin/clbench data prepare --config configs/demo.yaml
 	$(PY) bench/run.py
 
 clean-venv:
