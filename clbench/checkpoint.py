@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import tempfile
 import threading
 from pathlib import Path
 
@@ -184,20 +183,11 @@ def save(path: Path, model, reference, method_state, extra: dict) -> float:
     return save_in_background(path, model, reference, method_state, extra).wait()
 
 
-def remove_partial_files(folder: Path) -> list[Path]:
-    """Delete the temporary files of writes that never finished (a process killed mid-write
-    leaves its `.<name>.pt.<random>` file; a full-FT one is a whole model copy). Only call this
-    while holding the run directory's lock: no other process is writing there."""
-    gone = [p for p in folder.glob(".*.pt.*") if p.is_file()] if folder.is_dir() else []
-    for p in gone:
-        p.unlink(missing_ok=True)
-    return gone
-
-
 def _save_atomic(path: Path, payload: dict) -> float:
+    from .results import temp_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file(path)
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)

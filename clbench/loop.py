@@ -688,8 +688,6 @@ def _run_sequential(job: Job, prev):
     ckpt_dir, rec = job.ckpt_dir, job.rec
     train_s, eval_s, peak, stage_log, start = 0.0, job.base_eval_s, 0.0, [], 1
     done = len(prev.get("stages", [])) if prev else 0
-    if D.is_main() and (partial := checkpoint.remove_partial_files(ckpt_dir)):
-        job.console.print(f"{job.tag()} removed {len(partial)} unfinished checkpoint file(s) of an interrupted write")
     # the latest stage checkpoint at or before the last recorded stage (with checkpoint_interval
     # not every stage has one: the stages after it are redone, with the same results)
     resume_at = next((k for k in range(done, 0, -1) if (ckpt_dir / f"stage{k}.pt").is_file()), 0) \

@@ -15,7 +15,9 @@
   samples/      lm-eval's per-example records, samples/<method>/seed<k>/stage<t>/<task>.jsonl
                 (the base model's under samples/base/stage0/)
 
-Every file is written atomically (temp file + rename): a crash never leaves half a file.
+Every file is written atomically (temp file + rename): a crash never leaves half a file, only
+the temp file `.<name>.<8 random characters>` beside it, which the next run of the directory
+deletes (remove_unfinished_writes). clbench.checkpoint writes its files the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -35,12 +38,32 @@ SUMMARY_COLUMNS = ["method", "seed", "mode", "acc", "bwt", "fwt", "forgetting", 
                    "train_seconds", "eval_seconds", "peak_mem_mb"]
 
 
+def temp_file(path: Path) -> str:
+    """A new empty temp file beside `path` (`.<name>.<8 random characters>`), to be renamed onto it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+_UNFINISHED = re.compile(r"\..+\.[a-z0-9_]{8}")  # temp_file's names
+
+
+def remove_unfinished_writes(folder: Path) -> list[Path]:
+    """Delete the temp files of writes that never finished anywhere under `folder` (a process
+    killed mid-write leaves one; a full-FT checkpoint's is a whole model copy). Only call this
+    while holding the run directory's lock: no other process is writing there."""
+    gone = sorted(p for p in Path(folder).rglob(".*") if p.is_file() and _UNFINISHED.fullmatch(p.name))
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = temp_file(path)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -13,6 +13,7 @@ import yaml
 from .config import NON_RESULT_FIELDS
 from .errors import ClbenchError
 from .loop import Plan, run
+from .results import remove_unfinished_writes
 
 RESULT_FILES = ("config.yaml", "matrix.csv", "summary.csv", "results.json")
 
@@ -108,6 +109,8 @@ def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = Fals
         if D.is_main():
             try:
                 changes = check_run_dir(pl, out, fresh, allow_changes)
+                for f in remove_unfinished_writes(out):
+                    console.print(f"removed {f.relative_to(out)}: the temp file of a write that was interrupted", soft_wrap=True)
             except ClbenchError as e:
                 if not D.enabled():
                     raise
