@@ -165,6 +165,22 @@ class Ctx:
 # --- 1 and 3: step times ----------------------------------------------------------------
 
 
+def interleaved(ctx: Ctx, arms: list, rounds: int, n_batches: int) -> dict[str, list[list[float]]]:
+    """{label: per batch, its step times}: each round every arm (label, (model, method, stage),
+    train config) runs one timed train_stage, the arms' order rotated from round to round."""
+    times = {label: [[] for _ in range(n_batches)] for label, *_ in arms}
+    for r in range(rounds):
+        for label, subj, tc in arms[r % len(arms):] + arms[:r % len(arms)]:
+            for i, d in enumerate(ctx.timed_steps(*subj, tc)):
+                times[label][i].append(d)
+    return times
+
+
+def mean_step(times: dict) -> dict[str, float]:
+    """An arm's step time: the mean over the batches of the per-batch median."""
+    return {label: statistics.fmean(statistics.median(x) for x in per) for label, per in times.items()}
+
+
 def bench_steps(ctx: Ctx, rounds: int):
     """Each round every arm (order rotated) runs one train_stage over [b1, b1, b2, .., bT], bt =
     stage t's first batch (cls4: 33 to 108 tokens). An arm's step time is the mean over the
@@ -179,12 +195,8 @@ def bench_steps(ctx: Ctx, rounds: int):
                 subjects[method] = (M.call(meth, "stage_start", model, st, default=model), meth, st)
             arms.append((label, subjects[method], with_train(tcfg, head_only_targets=hot)))
         ctx.timed_steps(*subjects["full_ft"], tcfg)  # warm-up
-        times = {label: [[] for _ in ctx.batches] for label, *_ in arms}
-        for r in range(rounds):
-            for label, subj, tc in arms[r % len(arms):] + arms[:r % len(arms)]:
-                for i, d in enumerate(ctx.timed_steps(*subj, tc)):
-                    times[label][i].append(d)
-    step = {label: statistics.fmean(statistics.median(x) for x in per) for label, per in times.items()}
+        times = interleaved(ctx, arms, rounds, len(ctx.batches))
+    step = mean_step(times)
     fastest = {label: statistics.fmean(min(x) for x in per) for label, per in times.items()}
     raw = {label: {"step_seconds": step[label], "per_batch_median_seconds": [statistics.median(x) for x in per],
                    "samples_seconds": per} for label, per in times.items()}
@@ -282,19 +294,16 @@ def bench_long(ctx: Ctx, rounds: int, out: Path, length: int):
     tcfg = with_train(ctx.tcfg, steps=len(seq), max_length=length)
     model, meth, st = ctx.subject("full_ft", {}, ctx.model)
     model = M.call(meth, "stage_start", model, st, default=model)
-    arms = [(label, with_train(tcfg, head_only_targets=hot)) for label, hot in (("full_ft", True), ("full_ft_no_head_only", False))]
-    times = {label: [[] for _ in batches] for label, _ in arms}
+    arms = [(label, (model, meth, st), with_train(tcfg, head_only_targets=hot))
+            for label, hot in (("full_ft", True), ("full_ft_no_head_only", False))]
     with fixed_batches(seq):
         ctx.timed_steps(model, meth, st, tcfg)  # warm-up
-        for r in range(rounds):
-            for label, tc in arms[r % 2:] + arms[:r % 2]:
-                for i, d in enumerate(ctx.timed_steps(model, meth, st, tc)):
-                    times[label][i].append(d)
-    step = {label: statistics.fmean(statistics.median(x) for x in per) for label, per in times.items()}
-    mem = peak_memory(ctx, batches, out / "batches_long.json", [label for label, _ in arms])
+        times = interleaved(ctx, arms, rounds, len(batches))
+    step = mean_step(times)
+    mem = peak_memory(ctx, batches, out / "batches_long.json", [label for label, *_ in arms])
     raw = {"prompt_tokens": length, "batch_shapes": [list(collate(b, 0)["input_ids"].shape) for b in batches],
            "target_tokens": [sum(len(e.input_ids) - e.n_prompt for e in b) for b in batches],
-           **{label: {"step_seconds": step[label], "samples_seconds": times[label], "memory": mem[label]} for label, _ in arms}}
+           **{label: {"step_seconds": step[label], "samples_seconds": times[label], "memory": mem[label]} for label, *_ in arms}}
     return {"head_only_targets_step_ratio_long": step["full_ft"] / step["full_ft_no_head_only"],
             "head_only_targets_mem_ratio_long": mem["full_ft"]["peak_increase_mb"] / mem["full_ft_no_head_only"]["peak_increase_mb"]}, raw
 
@@ -375,12 +384,6 @@ def bare_run(pl, split: dict | None = None) -> dict:
 
     def ev():
         t0 = time.perf_counter()
-        try:
-            return _ev()
-        finally:
-            split["eval_seconds"] += time.perf_counter() - t0
-
-    def _ev():
         model.eval()
         with torch.no_grad(), without_env_info():  # as clbench calls it: the ratio is about the harness
             out = evaluator.simple_evaluate(model=lm, tasks=list(lm_tasks.values()), limit=cfg.eval.limit,
@@ -388,6 +391,7 @@ def bare_run(pl, split: dict | None = None) -> dict:
                                             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                             fewshot_random_seed=seed, verbosity="ERROR", task_manager=tm)
         model.train()
+        split["eval_seconds"] += time.perf_counter() - t0
         return {n: float(out["results"][n][",".join(pl.task_defs[n].primary_metric)]) for n in lm_tasks}
 
     scores = ev()
@@ -430,49 +434,47 @@ def bench_harness(ctx: Ctx, reps: int, out: Path, log: Path):
     full-FT checkpoint costs ~2-3 s of a ~40 s run), against the bare loop; after one untimed
     run of each, the sides rotate which goes first, and each ratio is of the medians."""
     pl = plan(*load_config(ctx.config, ctx.overrides + SHORT))
-    times: dict[str, list] = {"clbench": [], "every_stage": [], "bare": []}
-    splits: dict[str, list] = {k: [] for k in times}  # (train, eval) seconds of each timed run
+    runs: dict[str, list] = {"clbench": [], "every_stage": [], "bare": []}  # per timed run: (wall, cpu, train, eval) s
     final = None
 
-    cpu: dict[str, list] = {k: [] for k in times}  # CPU seconds (all threads) of each timed run
+    def timed(key, fn):
+        t0, c0 = time.perf_counter(), time.process_time()  # CPU: all threads of this process
+        train_s, eval_s = fn()
+        runs[key].append((time.perf_counter() - t0, time.process_time() - c0, train_s, eval_s))
 
     def run_ours(key, extra):
-        t0, c0 = time.perf_counter(), time.process_time()
         res = clbench_run(ctx, SHORT + extra, out / "harness", log)
-        times[key].append(time.perf_counter() - t0)
-        cpu[key].append(time.process_time() - c0)
-        s = res["full_ft"]["seeds"][str(pl.cfg.seeds[0])]
-        splits[key].append((s["train_seconds"], s["eval_seconds"]))
         if key == "clbench":
             ctx.short = res  # eval shares use it when there is no demo run
+        s = res["full_ft"]["seeds"][str(pl.cfg.seeds[0])]
+        return s["train_seconds"], s["eval_seconds"]
 
     def run_bare():
         nonlocal final
-        t0, c0, split = time.perf_counter(), time.process_time(), {}
+        split = {}
         with quiet(log):
             final = bare_run(pl, split)
-        times["bare"].append(time.perf_counter() - t0)
-        cpu["bare"].append(time.process_time() - c0)
-        splits["bare"].append((split["train_seconds"], split["eval_seconds"]))
+        return split["train_seconds"], split["eval_seconds"]
 
     sides = [lambda: run_ours("clbench", []), lambda: run_ours("every_stage", ["checkpoint_interval=0"]), run_bare]
+    keys = list(runs)
     for side in sides:  # untimed warm-up: the first run in the process pays imports and caches the others share
         side()
-    for v in (*times.values(), *splits.values(), *cpu.values()):
-        v.clear()
     for rep in range(reps):  # rotate which side goes first: none always inherits another's state
-        for side in sides[rep % 3:] + sides[:rep % 3]:
-            side()
+        for i in [*range(rep % 3, 3), *range(rep % 3)]:
+            timed(keys[i], sides[i])
     row = ctx.short["full_ft"]["seeds"][str(pl.cfg.seeds[0])]["matrix"][-1]  # same batches: the scores should agree
     bare_row = [final[n] for n in pl.task_names]
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    med = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
     # a cross-check: CPU time is less sensitive than wall time to what else the host runs
+    med_cpu = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
     return {"harness_overhead_ratio": med["clbench"] / med["bare"],
             "harness_overhead_ratio_checkpoint_every_stage": med["every_stage"] / med["bare"],
-            "harness_overhead_ratio_cpu": med_cpu["clbench"] / med_cpu["bare"]}, {"cpu_seconds": cpu, 
-        "clbench_seconds": times["clbench"], "every_stage_checkpoint_seconds": times["every_stage"],
-        "bare_seconds": times["bare"], "train_eval_seconds": splits, "overrides": SHORT, "final_row_clbench": row,
+            "harness_overhead_ratio_cpu": med_cpu["clbench"] / med_cpu["bare"]}, {
+        "cpu_seconds": {k: [r[1] for r in v] for k, v in runs.items()},
+        "clbench_seconds": [r[0] for r in runs["clbench"]], "every_stage_checkpoint_seconds": [r[0] for r in runs["every_stage"]],
+        "bare_seconds": [r[0] for r in runs["bare"]], "train_eval_seconds": {k: [r[2:] for r in v] for k, v in runs.items()},
+        "overrides": SHORT, "final_row_clbench": row,
         "final_row_bare": bare_row, "final_row_max_abs_diff": max(abs(a - b) for a, b in zip(row, bare_row))}
 
 
