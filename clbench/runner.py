@@ -6,13 +6,15 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import yaml
 
 from .config import NON_RESULT_FIELDS
 from .errors import ClbenchError
-from .loop import Plan, run
+from .loop import run
+from .planning import Plan
 from .results import remove_unfinished_writes
 
 RESULT_FILES = ("config.yaml", "matrix.csv", "summary.csv", "results.json")
@@ -23,41 +25,70 @@ class RunDirError(ClbenchError):
 
 
 class RunLock:
-    """One process per run directory. A lock whose process is gone is stale and taken over."""
+    """One process per run directory: an exclusive flock on `<out>/.lock`, which holds the
+    holder's pid for the message others get. The OS releases the lock when its process ends
+    (a SIGKILL included), so a lock left by a dead process is never mistaken for a live one.
+
+    fcntl.flock rather than the filelock package: filelock opens its file with O_TRUNC, so every
+    process that merely tries the lock would erase the holder's pid."""
 
     def __init__(self, out: Path):
         self.path = out / ".lock"
+        self._fd: int | None = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise RunDirError(f"output directory {self.path.parent} is not a directory") from None
+        except OSError as e:
+            raise RunDirError(f"cannot create the output directory {self.path.parent}: {e.strerror}") from None
         while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RunDirError(f"cannot write in the output directory {self.path.parent}: {e.strerror} "
+                                  f"({self.path})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 os.close(fd)
-                return self
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid) and pid != os.getpid():
-                    raise RunDirError(f"run directory {self.path.parent} is in use by process {pid} "
-                                      f"(lock file {self.path}); wait for it or stop it") from None
-                self.path.unlink(missing_ok=True)  # stale lock: its process is gone
+                raise RunDirError(f"run directory {self.path.parent} is in use by process {self._holder()} "
+                                  f"(lock file {self.path}); wait for it or stop it") from None
+            # The holder before us may have deleted the file after we opened it (__exit__): then we
+            # hold a lock on a file nobody else sees, and must lock the file that is there now.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def _holder(self) -> str:
+        """The holder's pid; it writes it right after taking the lock, so an empty file is read again."""
+        for _ in range(200):
+            try:
+                pid = self.path.read_text().strip()
+            except FileNotFoundError:
+                pid = ""
+            if pid:
+                return pid
+            time.sleep(0.005)
+        return "(pid not known)"
 
     def __exit__(self, *exc):
+        # Deleted while still locked, so no other process can have taken it meanwhile; one that
+        # opened the old file before the delete notices the inode change above.
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        os.close(self._fd)
+        self._fd = None
 
 
 def _diff(old: dict, new: dict, prefix="") -> list[str]:
@@ -99,7 +130,7 @@ def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = Fals
     from rich.console import Console
 
     from . import distributed as D
-    from .loop import select_device
+    from .runtime import select_device
 
     D.init(cpu=select_device(pl.cfg)[0].type == "cpu")
     console = Console(stderr=True, quiet=not D.is_main())

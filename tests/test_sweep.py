@@ -224,16 +224,18 @@ def test_ray_sweep_lr_by_seed(ray_cluster, tmp_path, run_cli):
 def test_failed_run_is_named_with_its_log(tmp_path, run_cli):
     """A run that fails (here: its run directory is locked by a live process) fails the sweep,
     naming the run and its log, and the other runs still complete."""
-    path = write_sweep(tmp_path, name="fail", grid={"seeds": [0]})
+    from clbench.runner import RunLock
+
+    path = write_sweep(tmp_path, name="fail", grid={"seeds": [0, 1]})
     doc = yaml.safe_load(path.read_text())
     doc["set"]["methods"] = [{"name": "full_ft"}]
     path.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    (out / "seed=0").mkdir(parents=True)
-    (out / "seed=0" / ".lock").write_text(str(os.getpid()))
-    code, text, err = run_cli("sweep", path, "--output-dir", out)
+    with RunLock(out / "seed=0"):  # this process holds seed=0's directory while the sweep runs
+        code, text, err = run_cli("sweep", path, "--output-dir", out)
     assert code == 2
-    assert "seed=0" in err and "in use by process" in err and "logs/seed=0.log" in err
+    assert "seed=0" in err and f"in use by process {os.getpid()}" in err and "logs/seed=0.log" in err
+    assert run_dirs(out) == ["seed=1"] and complete(out / "seed=1")
 
 
 # --- trackers ----------------------------------------------------------------------------------------
