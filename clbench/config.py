@@ -219,6 +219,8 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
         if isinstance(cur, list):
             cur = cur[_index(cur, k, dotted)]
             continue
+        if not isinstance(cur, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i])} is {cur!r}, not a mapping with key {k!r}")
         if k not in cur or cur[k] is None:
             cur[k] = {}
         cur = cur[k]
@@ -228,7 +230,7 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
     elif isinstance(cur, dict):
         cur[last] = value
     else:
-        raise ConfigError(f"--set {dotted}: {'.'.join(keys[:-1])} is not a mapping")
+        raise ConfigError(f"--set {dotted}: {'.'.join(keys[:-1])} is {cur!r}, not a mapping with key {last!r}")
 
 
 def _index(lst: list, k: str, dotted: str) -> int:

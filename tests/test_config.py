@@ -67,6 +67,17 @@ def test_set_overrides_any_field(tmp_path):
         load_config(write(tmp_path, BASE), ["train.lr"])
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("train.lr.x.y=1", "--set train.lr.x.y: train.lr is 0.003, not a mapping with key 'x'"),
+    ("train.lr.x=1", "--set train.lr.x: train.lr is 0.003, not a mapping with key 'x'"),
+    ("methods.0.name.x=1", "--set methods.0.name.x: methods.0.name is 'full_ft', not a mapping with key 'x'"),
+])
+def test_set_below_a_scalar_is_one_clear_error(tmp_path, override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE + "train: {lr: 0.003}\n"), [override])
+    assert str(e.value) == needle
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
