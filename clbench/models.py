@@ -137,6 +137,7 @@ def check(spec: str, cache: Path | None = None, offline: bool = True) -> None:
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelError(f"model folder {p} has no config.json (expected a transformers model folder)")
+        _check_config(p)
         return
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model path {spec!r} does not exist")
@@ -174,12 +175,54 @@ def resolve(spec: str, cache: Path | None = None, seed: int = 0):
         ) from None
 
 
+def _check_config(folder: Path) -> None:
+    """The folder's config.json must be a transformers config of a known model type, and its
+    tokenizer must load (both cheap: no weights are read)."""
+    from transformers import AutoConfig
+
+    f = folder / "config.json"
+    try:
+        json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"model folder {folder}: {f} is not valid JSON: {e}") from None
+    try:
+        AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"model folder {folder}: {f} is not a usable transformers config: {_first_line(e)}") from None
+    from transformers import AutoTokenizer
+
+    try:  # a second or less for a local folder, and a missing tokenizer file is a common slip
+        AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"model folder {folder}: its tokenizer does not load: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[0] if len(lines[0]) <= 300 else lines[0][:297] + "..."
+
+
 def _load_folder(where):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(where)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+    # A local folder whose tokenizer or weights do not load is a user error: one line naming it.
+    # (A hub id's OSError is left to resolve(), which explains the offline setting.)
+    local = Path(where).expanduser().exists()
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not local:
+            raise
+        raise ModelError(f"model folder {where}: its tokenizer does not load: {_first_line(e)}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+    except Exception as e:  # safetensors, torch and transformers each raise their own kinds for a bad file
+        if not local:
+            raise
+        raise ModelError(f"model folder {where}: its model does not load: {type(e).__name__}: {_first_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

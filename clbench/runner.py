@@ -15,7 +15,7 @@ from .config import NON_RESULT_FIELDS
 from .errors import ClbenchError
 from .loop import run
 from .planning import Plan
-from .results import remove_unfinished_writes
+from .results import remove_unfinished_writes, write_json, write_yaml
 
 RESULT_FILES = ("config.yaml", "matrix.csv", "summary.csv", "results.json")
 
@@ -102,28 +102,90 @@ def _diff(old: dict, new: dict, prefix="") -> list[str]:
     return out
 
 
+def _results_config(out: Path) -> tuple[dict, dict] | None:
+    """(the config that the directory's numbers were computed with, results.json's methods), or
+    None when the directory holds no results: a config.yaml alone (a run that failed before its
+    first result) binds nothing."""
+    res_file = out / "results.json"
+    if not (res_file.is_file() and (out / "matrix.csv").is_file()):
+        return None
+    try:
+        res = json.loads(res_file.read_text())
+        cfg = res["run"]["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunDirError(f"run directory {out}: {res_file} cannot be read ({e}); use --fresh to start over "
+                          "or another --output-dir") from None
+    return cfg, res.get("methods", {})
+
+
+def _comparable(cfg: dict) -> dict:
+    cfg = json.loads(json.dumps(cfg))
+    for ignore in NON_RESULT_FIELDS:
+        cfg.pop(ignore, None)
+    return cfg
+
+
+def _complete_entries(methods: dict) -> dict[str, list[str]]:
+    return {name: [s for s, e in m.get("seeds", {}).items() if e.get("complete")] for name, m in methods.items()}
+
+
+def _affected(old: dict, new: dict, methods: dict) -> list[str]:
+    """The results the config change would leave disagreeing with the config: a complete
+    (method, seed) is never run again, so any change that bears on it. Changes outside `methods`
+    bear on every method; a method's own entry only on that method (by result name); a method
+    dropped from the config leaves its results behind."""
+    done = _complete_entries(methods)
+    spec = {m.get("label") or m["name"]: m for m in old.get("methods", [])}
+    new_spec = {m.get("label") or m["name"]: m for m in new.get("methods", [])}
+    shared = {k: v for k, v in old.items() if k != "methods"} != {k: v for k, v in new.items() if k != "methods"}
+    out = []
+    for name in methods:
+        if name not in new_spec:
+            out.append(f"{name} (not in the new config, its results stay in the directory)")
+        elif (shared or spec.get(name) != new_spec[name]) and done.get(name):
+            out.append(f"{name} seed {', '.join(done[name])} (complete: it would not be run again)")
+    return out
+
+
 def check_run_dir(pl: Plan, out: Path, fresh: bool, allow_changes: bool = False) -> list[str]:
-    old_cfg = out / "config.yaml"
     if fresh:
         for f in RESULT_FILES:
             (out / f).unlink(missing_ok=True)
         for d in ("samples", "checkpoints", "report"):
             shutil.rmtree(out / d, ignore_errors=True)
         return []
-    if old_cfg.is_file():
-        old = yaml.safe_load(old_cfg.read_text()) or {}
-        new = json.loads(json.dumps(pl.cfg.model_dump(mode="json")))
-        for ignore in NON_RESULT_FIELDS:
-            old.pop(ignore, None)
-            new.pop(ignore, None)
-        diffs = _diff(old, new)
-        if diffs and not allow_changes:
-            raise RunDirError(f"run directory {out} holds results of a different config; differences:\n  "
-                              + "\n  ".join(diffs[:20]) + "\nuse --fresh to start over, --allow-config-change to continue "
-                              "from the last completed stage with the new config (e.g. after a non-finite loss), "
-                              "or another --output-dir")
-        return diffs
-    return []
+    prev = _results_config(out)
+    if prev is None:
+        return []
+    old, new = _comparable(prev[0]), _comparable(pl.cfg.model_dump(mode="json"))
+    diffs = _diff(old, new)
+    if diffs and not allow_changes:
+        raise RunDirError(f"run directory {out} holds results of a different config; differences:\n  "
+                          + "\n  ".join(diffs[:20]) + "\nuse --fresh to start over, --allow-config-change to continue "
+                          "from the last completed stage with the new config (e.g. after a non-finite loss), "
+                          "or another --output-dir")
+    if diffs:
+        affected = _affected(old, new, prev[1])
+        if affected:
+            raise RunDirError(f"run directory {out}: --allow-config-change only continues unfinished methods, but "
+                              f"these results would disagree with the new config: {'; '.join(affected)}; "
+                              "differences:\n  " + "\n  ".join(diffs[:20])
+                              + "\nuse --fresh to start over or another --output-dir")
+    return diffs
+
+
+def record_config_change(out: Path, cfg, diffs: list[str]) -> None:
+    """Write an accepted config change into results.json before anything runs: from now on the
+    directory's config (config.yaml, results.json) is the new one, and the change is on record
+    even if the run stops before its next stage."""
+    res_file = out / "results.json"
+    res = json.loads(res_file.read_text())
+    run_info = res.setdefault("run", {})
+    run_info["config_changes"] = list(run_info.get("config_changes") or []) + [diffs]
+    run_info["config"] = cfg.model_dump(mode="json")
+    run_info["config_hash"] = cfg.hash()
+    write_json(res_file, res)
+    write_yaml(out / "config.yaml", cfg.model_dump(mode="json"))
 
 
 def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = False):
@@ -149,7 +211,11 @@ def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = Fals
         changes, err = D.broadcast((changes, err))
         if err:  # every rank stops, not only rank 0
             raise RunDirError(err)
-        rec = run(pl, out, console, config_changes=changes)
+        if changes and D.is_main():
+            record_config_change(out, pl.cfg, changes)
+            console.print(f"config changed ({len(changes)} difference(s), recorded in results.json config_changes): "
+                          + "; ".join(changes[:5]), soft_wrap=True)
+        rec = run(pl, out, console)
     if D.is_main():
         print_results(rec, Console(width=max(120, Console().width)))
     return rec

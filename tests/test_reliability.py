@@ -134,6 +134,48 @@ def test_different_config_is_refused_and_fresh_starts_over(reference_run, tmp_pa
     assert "train.lr: 0.5" not in r.stderr and (out / "matrix.csv").read_text() != (reference_run / "matrix.csv").read_text()
 
 
+def test_config_change_on_complete_results_is_refused_and_changes_nothing(reference_run, tmp_path, run_cli):
+    """--allow-config-change continues unfinished methods only: a complete method is never run
+    again, so a change bearing on it would leave numbers that disagree with the config."""
+    import shutil
+
+    out = tmp_path / "r"
+    shutil.copytree(reference_run, out)
+    before = {f: (out / f).read_bytes() for f in ("config.yaml", "results.json", "matrix.csv", "summary.csv")}
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, "--set", "methods.1.options.r=8", "--allow-config-change")
+    assert code == 2 and err.startswith("clbench: error: ") and "Traceback" not in err
+    assert "lora seed 0 (complete" in err and "full_ft" not in err.split("differences:")[0], err
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, "--set", "eval.limit=10", "--allow-config-change")
+    assert code == 2 and "full_ft seed 0 (complete" in err and "lora seed 0 (complete" in err and "eval.limit: 20 -> 10" in err
+    assert {f: (out / f).read_bytes() for f in before} == before
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out)  # the original config is still this directory's
+    assert code == 0, err
+    assert "already complete" in err and (out / "matrix.csv").read_bytes() == before["matrix.csv"]
+
+
+def test_run_that_failed_before_any_result_does_not_bind_the_directory(tmp_path, run_cli):
+    """A run that stops before its first result (here the model's weights do not load) leaves no
+    config that refuses the corrected re-run."""
+    model = tmp_path / "model"
+    model.mkdir()
+    tok = __import__("clbench.models", fromlist=["x"]).build_tiny_tokenizer()
+    tok.save_pretrained(model)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": len(tok), "hidden_size": 64,
+                                                   "intermediate_size": 128, "num_hidden_layers": 1,
+                                                   "num_attention_heads": 4, "num_key_value_heads": 2}))
+    (model / "model.safetensors").write_bytes(b"not safetensors")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(GOOD.replace("model: tiny", f"model: {model}").replace("stream: tiny3", "tasks: [tiny_parity]"))
+    out = tmp_path / "out"
+    code, _, err = run_cli("run", cfg, "--output-dir", out)
+    assert code == 2 and "Traceback" not in err and f"model folder {model}: its model does not load" in err, err
+    assert not (out / "results.json").exists()
+    cfg.write_text(GOOD.replace("stream: tiny3", "tasks: [tiny_parity]"))
+    code, _, err = run_cli("run", cfg, "--output-dir", out)
+    assert code == 0, err
+    assert "different config" not in err and (out / "results.json").is_file()
+
+
 def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
     from clbench import results
 
@@ -197,6 +239,12 @@ def test_nan_loss_stops_with_clear_error_and_resumes_after_change(tmp_path):
     assert "resumed after stage 1" in r.stderr
     stages = [line.split(",")[2] for line in (out / "matrix.csv").read_text().splitlines()[1:]]
     assert sorted(set(stages)) == ["0", "1", "2", "3"] and len(stages) == 12
+    res = json.loads((out / "results.json").read_text())
+    assert res["run"]["config_changes"] == [["methods: [{'name': 'nan_after', 'label': None, 'options': {}, 'train': "
+                                             "None, 'mode': 'sequential', 'merge': []}] -> [{'name': 'nan_after', "
+                                             "'label': None, 'options': {'nan_at_stage': 99}, 'train': None, 'mode': "
+                                             "'sequential', 'merge': []}]"]]
+    assert res["run"]["config"]["methods"][0]["options"] == {"nan_at_stage": 99}
 
 
 # --- bad input: each case fails early, one readable message, no traceback ------------
@@ -231,6 +279,13 @@ clbench: {data: {train: t.train.jsonl, test: t.test.jsonl}}
 """
 
 
+def _model_dir(tmp_path, name, config_json):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(config_json)
+    return d
+
+
 def _case(tmp_path, name):
     """(config text, extra args, expected message parts) for one bad-input case."""
     cases = {
@@ -246,13 +301,21 @@ def _case(tmp_path, name):
         "bad_method_option": (GOOD.replace("{name: full_ft}", "{name: lora, options: {r: 0}}"), [], ["lora options", "r", "greater than 0"]),
         "missing_model": (GOOD.replace("model: tiny", f"model: {tmp_path}/no-such-model"), [], ["no-such-model", "does not exist"]),
         "unknown_alias": (GOOD.replace("model: tiny", "model: smollm3-9b"), [], ["smollm3-9b", "not an alias"]),
+        "model_config_not_json": (GOOD.replace("model: tiny", f"model: {_model_dir(tmp_path, 'm1', '{not json')}"), [],
+                                  [f"{tmp_path}/m1/config.json is not valid JSON"]),
+        "model_type_unknown": (GOOD.replace("model: tiny", "model: " + str(_model_dir(tmp_path, "m2", json.dumps({"model_type": "lama"})))),
+                               [], [f"{tmp_path}/m2/config.json is not a usable transformers config", "`lama`"]),
+        "model_without_tokenizer": (GOOD.replace("model: tiny", "model: " + str(_model_dir(tmp_path, "m3", json.dumps({"model_type": "llama"})))),
+                                    [], [f"model folder {tmp_path}/m3: its tokenizer does not load"]),
+        "set_below_scalar": (GOOD, ["--set", "train.steps.x.y=1"], ["--set train.steps.x.y: train.steps is 2, not a mapping"]),
     }
     return cases[name]
 
 
 @pytest.mark.parametrize("name", ["unknown_method", "unknown_task", "unknown_stream", "malformed_yaml", "unknown_key",
                                   "wrong_type", "lr_not_positive", "empty_stream", "duplicate_task", "bad_method_option",
-                                  "missing_model", "unknown_alias"])
+                                  "missing_model", "unknown_alias", "model_config_not_json", "model_type_unknown",
+                                  "model_without_tokenizer", "set_below_scalar"])
 def test_bad_config_input(tmp_path, run_cli, name):
     text, extra, needles = _case(tmp_path, name)
     cfg = tmp_path / "c.yaml"
@@ -262,7 +325,7 @@ def test_bad_config_input(tmp_path, run_cli, name):
     assert err.startswith("clbench: error: ") and "Traceback" not in err
     for n in needles:
         assert n in err, (n, err)
-    assert not (tmp_path / "out" / "matrix.csv").exists()  # failed before any training
+    assert not (tmp_path / "out").exists()  # failed before anything was written
 
 
 def _run_with_tasks(tmp_path, run_cli, task_yaml, train_lines=None):
