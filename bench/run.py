@@ -40,7 +40,9 @@ import yaml  # noqa: E402
 
 from clbench import method as M, models, tasks as T, train  # noqa: E402
 from clbench.config import EvalConfig, TrainConfig, load_config  # noqa: E402
-from clbench.loop import M_over, plan, quiet_libraries, select_device, stage_seed  # noqa: E402
+from clbench.planning import plan  # noqa: E402
+from clbench.runtime import quiet_libraries, select_device  # noqa: E402
+from clbench.stage import stage_seed, start_stage  # noqa: E402
 from clbench.train import Example, collate, lm_loss, num_steps, tokenize, train_stage  # noqa: E402
 
 SHORT = ["train.steps=4", "eval.limit=20", "methods=[{name: full_ft}]"]  # the harness-overhead stream
@@ -122,21 +124,13 @@ class Ctx:
                 self.batches.append(next(train.batch_stream(ex, min(tc.batch_size, len(ex)), gen)))
 
     def subject(self, method, options, model):
-        """(model, method, stage) after setup, and a stage-1 context with the calibrate() closure
-        that clbench.loop.run_method gives methods. stage_start is left to the caller."""
+        """(model, method, stage) after setup and stage 1's start (clbench.stage.start_stage, as the
+        loop runs it, on stage 1's first batch)."""
         meth = M.make(method, options)
         run = M.RunContext(method=method, seed=0, tasks=self.names, device=self.device, tokenizer=self.tok)
-        model = meth.setup(model, run).to(self.device).train()
-        st = M.StageContext(stage=1, task=self.names[0], seed=0, run=run, train_config=self.tcfg,
-                            generator=torch.Generator().manual_seed(stage_seed(0, 1)))
-        st.total_steps = self.tcfg.steps
-
-        def calibrate(m, steps=None, lr=None, weight_decay=None, desc="calibrate"):
-            c = self.tcfg.merged(M_over(steps=steps, lr=lr, weight_decay=weight_decay))
-            return train_stage(m, meth, self.batches[0], c, st, device=self.device, autocast_dtype=self.autocast,
-                               pad_id=self.tok.pad_token_id, dense=True)
-
-        st.calibrate = calibrate
+        model = M.call(meth, "setup", model, run).to(self.device).train()
+        model, st = start_stage(model, meth, self.batches[0], self.tcfg, run, 1, self.names[0], device=self.device,
+                                autocast_dtype=self.autocast, pad_id=self.tok.pad_token_id)
         return model, meth, st
 
     def timed_steps(self, model, meth, st, tcfg, on_step=None) -> list[float]:
@@ -192,7 +186,7 @@ def bench_steps(ctx: Ctx, rounds: int):
         for label, method, options, hot in ARMS:
             if method not in subjects:  # the two full FT arms share one model
                 model, meth, st = ctx.subject(method, options, ctx.model if method == "full_ft" else copy.deepcopy(ctx.model))
-                subjects[method] = (M.call(meth, "stage_start", model, st, default=model), meth, st)
+                subjects[method] = (model, meth, st)
             arms.append((label, subjects[method], with_train(tcfg, head_only_targets=hot)))
         ctx.timed_steps(*subjects["full_ft"], tcfg)  # warm-up
         times = interleaved(ctx, arms, rounds, len(ctx.batches))
@@ -217,7 +211,7 @@ def mem_child(args):
     ctx.batches = [[Example(ids, n) for ids, n in b] for b in json.loads(Path(args.batches).read_text())]
     seq = [ctx.batches[0]] + ctx.batches
     _, method, options, hot = next(a for a in ARMS if a[0] == args.mem_child)
-    model, meth, st = ctx.subject(method, options, ctx.model)
+    model, meth, st = ctx.subject(method, options, ctx.model)  # (SIFT's dense selection runs at its first step, below)
     with torch.no_grad():  # page the lazily mapped weights in: they belong to the loaded model, not to training
         for p in model.parameters():
             p.sum()
@@ -230,7 +224,6 @@ def mem_child(args):
 
     proc_mb("VmHWM", reset=True)
     with fixed_batches(seq):
-        model = M.call(meth, "stage_start", model, st, default=model)
         ctx.timed_steps(model, meth, st, with_train(ctx.tcfg, steps=len(seq), head_only_targets=hot), on_step)
     rest = proc_mb("VmHWM")  # steps 2..N
     peak = max(first["hwm"], rest)
@@ -293,7 +286,6 @@ def bench_long(ctx: Ctx, rounds: int, out: Path, length: int):
     seq = [batches[0]] + batches
     tcfg = with_train(ctx.tcfg, steps=len(seq), max_length=length)
     model, meth, st = ctx.subject("full_ft", {}, ctx.model)
-    model = M.call(meth, "stage_start", model, st, default=model)
     arms = [(label, (model, meth, st), with_train(tcfg, head_only_targets=hot))
             for label, hot in (("full_ft", True), ("full_ft_no_head_only", False))]
     with fixed_batches(seq):

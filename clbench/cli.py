@@ -88,7 +88,7 @@ def _dispatch(args) -> int:
 
     if args.cmd == "run":
         from .config import load_config
-        from .loop import plan
+        from .planning import plan
         from .runner import execute
 
         cfg, cdir = load_config(args.config, args.overrides)
@@ -159,7 +159,7 @@ def _dispatch(args) -> int:
             names = list(dict.fromkeys(n for s in streams.values() if not s.get("preset")
                                        for o in s["orders"].values() for n in o))
         if cfg and cfg.heldout and not args.tasks:  # the config's held-out probes too
-            from .loop import expand_heldout
+            from .planning import expand_heldout
 
             names = list(dict.fromkeys(names + [n for n in expand_heldout(cfg.heldout, tasks) if n in tasks]))
         unknown = [n for n in names if n not in tasks]

@@ -57,7 +57,6 @@ class MaskedUpdate:
                 self.full.add(name)
             elif bool(m.any()):
                 self.partial[name] = m
-        self._lr_cache: tuple | None = None
 
     @classmethod
     def whole(cls, names) -> "MaskedUpdate":
@@ -92,27 +91,12 @@ class MaskedUpdate:
                   {"params": masked, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
-    def _lr(self, stage) -> float:
-        """The lr of the optimizer step about to be taken: the loop's optimizer while it
-        trains (its scheduler steps after the optimizer), else the loop's schedule."""
-        opt = getattr(stage, "optimizer", None)
-        if opt is not None:
-            return opt.param_groups[0]["lr"]
-        cfg, step, total = stage.train_config, stage.global_step, stage.total_steps
-        key = (cfg.lr, cfg.warmup_steps, cfg.lr_schedule, total)
-        if self._lr_cache is None or self._lr_cache[0] != key:
-            from .train import make_scheduler
-
-            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
-            self._lr_cache = (key, make_scheduler(dummy, cfg, total).lr_lambdas[0])
-        return cfg.lr * self._lr_cache[1](step)
-
     @torch.no_grad()
     def after_backward(self, model: torch.nn.Module, stage) -> None:
         if not self.partial:
             return
         wd = stage.train_config.weight_decay
-        factor = 1.0 - self._lr(stage) * wd if wd else 1.0
+        factor = 1.0 - stage.lr * wd if wd else 1.0  # the lr of the step being taken
         for name, p in model.named_parameters():
             m = self.partial.get(name)
             if m is None:
@@ -133,7 +117,7 @@ class MaskedUpdate:
         return n
 
 
-class MaskedMethod:
+class MaskedMethod(M.Method):
     """Mixin for a method that holds `self.update: MaskedUpdate | None`; forwards the hooks."""
 
     update: MaskedUpdate | None = None

@@ -1,42 +1,54 @@
-"""The method protocol and registry.
+"""The method protocol, as code, and the method registry.
 
 A method is one Python file (built-in ones live in methods/, user ones are listed in the
-config's `method_files`) that defines a class decorated with `@register("name")`. The
-continual loop owns the only training loop; a method acts through hooks the loop calls:
+config's `method_files` or published under the `clbench.methods` entry point) that defines a
+subclass of `Method` decorated with `@register("name")`. The continual loop owns the only
+training loop; a method acts through the hooks below, whose defaults (in `Method`) do nothing,
+so a method file states only what it changes. The hook names are the only public callables a
+method may define with a hook-like name: a misspelt hook (`after_backwards`) fails at load time
+instead of never being called.
 
-    setup(model, run)            once per (method, seed), before stage 1; may wrap the
-                                 model (e.g. a peft adapter) and returns the model to train
-    stage_start(model, stage)    before a stage's training: calibration passes, mask draws,
-                                 fresh adapters; returns the model to train
-    param_groups(model, stage)   the optimizer's parameter groups for this stage
-    after_backward(model, stage) after the (accumulated) backward, before clipping and the
-                                 optimizer step: gradient masking lives here
-    after_step(model, stage)     after each optimizer step: sparse flushes, rank allocation
-    extra_loss(model, batch, stage) -> tensor | None   added to the task loss (regularisers)
-    stage_end(model, stage)      after training, before evaluation; returns the model to evaluate
-    trainable_params(model) -> int   entries the method trains (default: requires_grad count)
+Per (method, seed):
+    needs_tasks() -> [task]        tasks read besides the stream (checked before the run)
+    setup(model, run) -> model     once, before stage 1; may wrap the model (a peft adapter)
+Per stage (`stage` is a read-only `Stage` view):
+    stage_examples(model, stage) -> [Example] | None   the stage's training set, if the
+                                   method changes it (rewritten targets, synthetic rehearsal)
+    stage_start(model, stage) -> model   calibration passes, mask draws, fresh adapters
+    param_groups(model, stage) -> [group] | None   the optimizer's parameter groups
+Per micro-batch:
+    batch(examples, stage) -> [Example] | None   the micro-batch's examples before collation
+                                   (replay appends buffered ones; EWC records them)
+    extra_loss(model, batch, stage, out) -> tensor | None   added to the task loss; `out` is the
+                                   loop's forward (`train.Forward`: loss, target logits, targets)
+Per optimizer step:
+    after_backward(model, stage)   after the (accumulated) backward, before clipping: masks
+    after_step(model, stage)       after the optimizer step: sparse flushes, rank allocation
+After training:
+    stage_end(model, stage) -> model     the model to evaluate
+    trainable_params(model) -> int | None   entries the method trains (None: requires_grad count)
     state_dict() / load_state_dict(state)   what is needed to resume after a stage
 
-Only `setup` is required; a missing optional hook is a no-op (the loop provides defaults,
-so a method file states just what it changes). Every method class has an `Options`
-pydantic model whose defaults are the method's documented defaults.
+Every method has an `Options` pydantic model whose defaults are its documented defaults;
+unknown option keys are refused whatever the author wrote (the registry enforces extra=forbid).
+The loop calls hooks through `call`, which names the method and hook in any error and checks
+what a hook returns.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ClbenchError, ConfigError
-
-HOOKS = ("stage_start", "param_groups", "trainable_params", "after_backward", "after_step", "extra_loss", "stage_end", "state_dict", "load_state_dict")
 
 
 class MethodError(ClbenchError):
@@ -45,14 +57,6 @@ class MethodError(ClbenchError):
 
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-@runtime_checkable
-class Method(Protocol):
-    name: ClassVar[str]
-    Options: ClassVar[type[BaseModel]]
-
-    def setup(self, model: torch.nn.Module, run: "RunContext") -> torch.nn.Module: ...
 
 
 @dataclass
@@ -64,29 +68,198 @@ class RunContext:
     tasks: list[str]
     device: torch.device
     tokenizer: Any = None
-    # examples(task) -> the tokenized training examples (clbench.train.Example) of any task with
-    # training data, also one outside the stream (e.g. general instruction data for replay). A
-    # method that uses it lists the task names in an attribute `needs_tasks`, checked before the run.
+    # examples(task) -> a fresh list of the tokenized training examples (clbench.train.Example) of
+    # any task with training data, also one outside the stream (general data for replay); a method
+    # that uses a task outside the stream returns it from needs_tasks(), checked before the run.
     examples: Callable[[str], list] | None = None
+    # pairs(task) -> the (context, target) strings those examples were tokenized from, rendered as
+    # lm-eval renders the task's evaluation requests; tokenize(pairs) -> Examples at the run's length
+    pairs: Callable[[str], list] | None = None
+    tokenize: Callable[[list], list] | None = None
+    # the loop's autocast for this run (a context manager factory): a method that runs its own
+    # forward outside the loop's (A-GEM's reference gradient, a teacher) uses the same precision
+    autocast: Callable[[], Any] | None = None
 
 
-@dataclass
-class StageContext:
-    """What a method sees of one stage. `calibrate(model, steps=None, lr=None,
-    weight_decay=None)` runs the loop's own training loop densely on this stage's data
-    (LoTA calibration, KS-Lottery's embedding pass); None keeps the stage's setting."""
+class _Clock:
+    """The loop's position inside a stage; the loop moves it, a method only reads it."""
 
-    stage: int
-    task: str
-    seed: int
-    run: RunContext
-    train_config: Any
-    generator: torch.Generator
-    calibrate: Callable[..., dict] = None
-    global_step: int = 0
-    total_steps: int = 0  # set before stage_start (and again by each calibration pass)
-    optimizer: Any = None  # the stage's optimizer while train_stage runs (after_step may read its lr)
-    extras: dict = field(default_factory=dict)
+    __slots__ = ("step", "lr")
+
+    def __init__(self):
+        self.step, self.lr = 0, None
+
+
+class Stage:
+    """The read-only view a method has of one stage.
+
+    stage, task, seed, run, train_config, generator (the stage's seeded generator),
+    examples (the stage's training examples, a tuple), total_steps (optimizer steps),
+    global_step (the current step, from 0), lr (the learning rate of the step being taken),
+    lr_at(step), calibrate(model, steps=None, lr=None, weight_decay=None) (the loop's own
+    training loop run densely on this stage's data: LoTA calibration, KS-Lottery's embedding
+    pass; None keeps the stage's setting), autocast() (the loop's autocast context)."""
+
+    __slots__ = ("_stage", "_task", "_seed", "_run", "_cfg", "_gen", "_examples", "_total", "_calibrate", "_clock")
+
+    def __init__(self, *, stage: int, task: str, seed: int, run: RunContext, train_config, generator: torch.Generator,
+                 examples=(), total_steps: int = 0, calibrate: Callable[..., dict] | None = None, clock: _Clock | None = None):
+        self._stage, self._task, self._seed, self._run = stage, task, seed, run
+        self._cfg, self._gen, self._examples, self._total = train_config, generator, tuple(examples), int(total_steps)
+        self._calibrate, self._clock = calibrate, clock or _Clock()
+
+    def replace(self, **kw) -> "Stage":
+        """A copy with some fields changed (the loop's use: the final examples and step count)."""
+        cur = dict(stage=self._stage, task=self._task, seed=self._seed, run=self._run, train_config=self._cfg,
+                   generator=self._gen, examples=self._examples, total_steps=self._total, calibrate=self._calibrate,
+                   clock=self._clock)
+        cur.update(kw)
+        return Stage(**cur)
+
+    stage = property(lambda self: self._stage)
+    task = property(lambda self: self._task)
+    seed = property(lambda self: self._seed)
+    run = property(lambda self: self._run)
+    train_config = property(lambda self: self._cfg)
+    generator = property(lambda self: self._gen)
+    examples = property(lambda self: self._examples)
+    total_steps = property(lambda self: self._total)
+    global_step = property(lambda self: self._clock.step)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the optimizer step being taken (the schedule's value at global_step)."""
+        return self._clock.lr if self._clock.lr is not None else self.lr_at(self._clock.step)
+
+    def lr_at(self, step: int) -> float:
+        from .train import lr_factor
+
+        return self._cfg.lr * lr_factor(self._cfg, self._total, step)
+
+    def calibrate(self, model, steps=None, lr=None, weight_decay=None, desc: str = "calibrate") -> dict:
+        if self._calibrate is None:
+            raise MethodError(f"stage {self._stage}: calibrate() is only available while the loop runs the stage")
+        return self._calibrate(model, steps=steps, lr=lr, weight_decay=weight_decay, desc=desc)
+
+    def autocast(self):
+        import contextlib
+
+        return self._run.autocast() if self._run is not None and self._run.autocast is not None else contextlib.nullcontext()
+
+    def __setattr__(self, name, value):
+        if name in Stage.__slots__ and not hasattr(self, name):  # the constructor's first assignment
+            object.__setattr__(self, name, value)
+            return
+        raise AttributeError(f"Stage is read-only: a method keeps its own state on itself, not on the stage ({name!r})")
+
+    def __repr__(self):
+        return f"Stage({self._stage}, {self._task!r}, seed={self._seed}, steps={self._total})"
+
+
+class Method:
+    """Base class of every method. Override the hooks you need; see the module docstring."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel):
+        self.options = options
+
+    def needs_tasks(self) -> list[str]:
+        return []
+
+    def setup(self, model: torch.nn.Module, run: RunContext) -> torch.nn.Module:
+        return model
+
+    def stage_examples(self, model, stage: Stage):
+        return None
+
+    def stage_start(self, model, stage: Stage):
+        return model
+
+    def param_groups(self, model, stage: Stage):
+        return None
+
+    def batch(self, examples: list, stage: Stage):
+        return None
+
+    def extra_loss(self, model, batch: dict, stage: Stage, out):
+        return None
+
+    def after_backward(self, model, stage: Stage) -> None:
+        return None
+
+    def after_step(self, model, stage: Stage) -> None:
+        return None
+
+    def stage_end(self, model, stage: Stage):
+        return model
+
+    def trainable_params(self, model):
+        return None
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state) -> None:
+        return None
+
+
+HOOKS = tuple(n for n, v in vars(Method).items() if callable(v) and not n.startswith("_") and not isinstance(v, type))
+_HOOK_PREFIXES = ("after_", "before_", "on_")  # the shape of a hook name: never a helper's
+
+
+def check_protocol(cls, where) -> None:
+    """A method class must subclass Method, define hooks only under their names and with the
+    base class's parameters, and have a pydantic Options."""
+    name = getattr(cls, "name", cls.__name__)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise MethodError(f"method {name!r} in {where} must subclass clbench.method.Method "
+                          f"(class {cls.__name__}(Method): ...)")
+    problems = []
+    for klass in cls.__mro__:
+        if klass in (Method, object):
+            break
+        for attr, value in vars(klass).items():
+            if attr.startswith("_") or not callable(value) or attr in HOOKS or isinstance(value, type):
+                continue
+            close = difflib.get_close_matches(attr, HOOKS, n=1, cutoff=0.9)
+            if close or attr.startswith(_HOOK_PREFIXES):
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{attr!r} is not a hook{hint}; hooks are: {', '.join(HOOKS)} "
+                                "(a helper with a hook-like name needs a leading underscore)")
+    for h in HOOKS:
+        mine, base = inspect.getattr_static(cls, h), vars(Method)[h]
+        if mine is base:
+            continue
+        if not callable(mine):
+            problems.append(f"{h} is not callable")
+            continue
+        try:
+            want = len(inspect.signature(base).parameters)
+            got = inspect.signature(mine).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is p.VAR_POSITIONAL for p in got):
+            continue
+        required = sum(1 for p in got if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        total = sum(1 for p in got if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        if not (required <= want <= total):
+            params = ", ".join(inspect.signature(base).parameters)
+            problems.append(f"{h} takes ({', '.join(p.name for p in got)}), the loop calls it as {h}({params})")
+    opts = getattr(cls, "Options", None)
+    if not (isinstance(opts, type) and issubclass(opts, BaseModel)):
+        problems.append("Options is not a pydantic BaseModel class")
+    if problems:
+        raise MethodError(f"method {name!r} in {where} does not implement the protocol: " + "; ".join(problems))
+
+
+def _forbid_extra(opts: type[BaseModel]) -> type[BaseModel]:
+    """The same Options class, refusing unknown keys (a misspelt option must never be ignored)."""
+    if opts.model_config.get("extra") == "forbid":
+        return opts
+    return type(opts.__name__, (opts,), {"model_config": ConfigDict(**{**opts.model_config, "extra": "forbid"}),
+                                         "__module__": opts.__module__, "__doc__": opts.__doc__})
 
 
 _REGISTRY: dict[str, type] = {}
@@ -97,15 +270,15 @@ def register(name: str, *aliases: str):
     """Class decorator: register a method under `name` (and aliases). Duplicates fail."""
 
     def deco(cls):
+        src = inspect.getsourcefile(cls) or "?"
+        cls.name = name
+        check_protocol(cls, src)
+        cls.Options = _forbid_extra(cls.Options)
         for n in (name, *aliases):
-            src = inspect.getsourcefile(cls) or "?"
             if n in _REGISTRY and _SOURCES.get(n) != src:
                 raise MethodError(f"method name {n!r} is registered twice: {_SOURCES[n]} and {src}")
             _REGISTRY[n] = cls
             _SOURCES[n] = src
-        cls.name = name
-        if not hasattr(cls, "Options"):
-            cls.Options = NoOptions
         return cls
 
     return deco
@@ -123,31 +296,19 @@ def load_method_file(path: Path) -> list[str]:
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
-    except MethodError:
-        raise
-    except Exception as e:  # a user file that fails to import: name the file and the error
+    except MethodError as e:
         sys.modules.pop(mod_name, None)
+        raise MethodError(f"method file {path}: {e}") from e
+    except BaseException as e:  # also SystemExit/KeyboardInterrupt raised by the file itself
+        sys.modules.pop(mod_name, None)
+        if isinstance(e, KeyboardInterrupt):
+            raise
         raise MethodError(f"method file {path} failed to import: {type(e).__name__}: {e}") from e
     new = [n for n, c in _REGISTRY.items() if before.get(n) is not c]
-    for n in new:
-        check_protocol(_REGISTRY[n], path)
     if not new and path.parent.name != "methods":
-        raise MethodError(f"method file {path} registered no method (decorate a class with @clbench.method.register('name'))")
+        raise MethodError(f"method file {path} registered no method (decorate a Method subclass with "
+                          "@clbench.method.register('name'))")
     return new
-
-
-def check_protocol(cls, where) -> None:
-    problems = []
-    if not callable(getattr(cls, "setup", None)):
-        problems.append("no setup(self, model, run) method")
-    opts = getattr(cls, "Options", None)
-    if not (isinstance(opts, type) and issubclass(opts, BaseModel)):
-        problems.append("Options is not a pydantic BaseModel class")
-    for h in HOOKS:
-        if hasattr(cls, h) and not callable(getattr(cls, h)):
-            problems.append(f"{h} is not callable")
-    if problems:
-        raise MethodError(f"method {getattr(cls, 'name', cls.__name__)!r} in {where} does not implement the protocol: " + "; ".join(problems))
 
 
 def load_builtin_methods(folder: Path) -> None:
@@ -174,17 +335,59 @@ def make(name: str, options: dict, where: str = "methods"):
         from .config import format_validation_error
 
         raise ConfigError(format_validation_error(e, f"{where} ({name} options)", cls.Options)) from None
-    return cls(opts)
+    try:
+        meth = cls(opts)
+    except ClbenchError:
+        raise
+    except Exception as e:
+        raise MethodError(f"method {name!r} could not be created from its options: {type(e).__name__}: {e}") from e
+    tasks = call(meth, "needs_tasks")
+    if not (isinstance(tasks, (list, tuple)) and all(isinstance(t, str) for t in tasks)):
+        raise MethodError(f"method {name!r}: needs_tasks() returned {tasks!r}, expected a list of task names")
+    return meth
 
 
-# --- defaults for optional hooks, used by the loop -----------------------------------
+# --- calling hooks ----------------------------------------------------------------------
+
+def _is_model(v) -> bool:
+    return isinstance(v, torch.nn.Module)
 
 
-def call(method, hook: str, *args, default=None):
-    fn = getattr(method, hook, None)
-    if fn is None:
-        return default
-    return fn(*args)
+def _is_examples(v) -> bool:
+    return v is None or (isinstance(v, (list, tuple)) and all(hasattr(e, "input_ids") and hasattr(e, "n_prompt") for e in v))
+
+
+# What each hook must return (None = anything: the hook's value is not used).
+_RETURNS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "setup": (_is_model, "the model to train (a torch.nn.Module)"),
+    "stage_start": (_is_model, "the model to train (a torch.nn.Module)"),
+    "stage_end": (_is_model, "the model to evaluate (a torch.nn.Module)"),
+    "stage_examples": (_is_examples, "None or a list of clbench.train.Example"),
+    "batch": (_is_examples, "None or a list of clbench.train.Example"),
+    "param_groups": (lambda v: v is None or (isinstance(v, list) and all(isinstance(g, dict) and "params" in g for g in v)),
+                     "None or a list of optimizer parameter groups (dicts with 'params')"),
+    "extra_loss": (lambda v: v is None or (isinstance(v, torch.Tensor) and v.numel() == 1), "None or a scalar tensor"),
+    "trainable_params": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                         "None or a non-negative int"),
+    "needs_tasks": (lambda v: isinstance(v, (list, tuple)), "a list of task names"),
+}
+
+
+def call(method, hook: str, *args):
+    """Run one hook; an exception or a wrong return type becomes an error naming the method and
+    the hook (the original exception stays attached for --debug)."""
+    fn = getattr(method, hook)
+    name = getattr(method, "name", type(method).__name__)
+    try:
+        value = fn(*args)
+    except ClbenchError:
+        raise
+    except Exception as e:
+        raise MethodError(f"method {name!r}, hook {hook}: {type(e).__name__}: {e}") from e
+    check = _RETURNS.get(hook)
+    if check is not None and not check[0](value):
+        raise MethodError(f"method {name!r}, hook {hook} returned {type(value).__name__}; expected {check[1]}")
+    return value
 
 
 def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -208,3 +411,15 @@ def count_trainable(model: torch.nn.Module) -> int:
             seen.add(id(p))
             n += p.numel()
     return n
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen deep copy of the model in eval mode: a teacher or reference that later training
+    cannot move (LwF's previous-stage model, a generator of synthetic data). It is rebuilt from
+    the weights at each stage start, so it is never part of a checkpoint."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()

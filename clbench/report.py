@@ -35,7 +35,7 @@ HIGHER_IS_BETTER = {"acc": True, "bwt": True, "fwt": True, "forgetting": False, 
                     "intransigence": False}
 LABELS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "Forgetting", "la": "LA", "aia": "AIA",
           "intransigence": "Intransigence"}
-MULTITASK = "multitask"  # the stage label of a multitask reference's row (clbench.loop.MULTITASK)
+MULTITASK = "multitask"  # the stage label of a multitask reference's row (clbench.recorder.MULTITASK)
 COST_LABELS = {"trainable_params": "trainable params", "train_seconds": "train time (s)",
                "eval_seconds": "eval time (s)", "peak_mem_mb": "peak memory (MB)"}
 CI_LEVEL = 0.95

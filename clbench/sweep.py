@@ -478,7 +478,7 @@ def prepare(sweep: Sweep, validate_plans: bool = True) -> None:
     """Validate every run as `clbench run` would (methods, options, tasks, data, model) before
     anything runs, then write the expanded configs and note each run's status."""
     if validate_plans:
-        from .loop import plan
+        from .planning import plan
 
         try:  # stream presets read releases from the user's disk; `clbench run` checks them first too
             from .presets import check_run

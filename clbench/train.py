@@ -2,6 +2,7 @@
 
     for each optimizer step:
         for each of grad_accum micro-batches:
+            examples = method.batch(examples) or examples   (replay mixes buffered ones in)
             loss = task loss (+ method.extra_loss) / grad_accum;  backward
         method.after_backward      (gradient masks)
         clip global grad norm;  optimizer.step;  scheduler.step
@@ -29,10 +30,21 @@ class TrainingError(ClbenchError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class Example:
     input_ids: list[int]
     n_prompt: int  # positions < n_prompt carry no loss
+
+
+@dataclass
+class Forward:
+    """The loop's forward of one micro-batch, as extra_loss sees it: the task loss, the logits
+    at the positions that predict a target token (rows in batch order, then position order:
+    the same rows whether or not the LM head ran only there) and those target tokens."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
 
 
 def tokenize(pairs, tokenizer, max_length: int) -> list[Example]:
@@ -79,23 +91,29 @@ def _split_head(model):
     return dec, head
 
 
-def lm_loss(model, batch: dict, head_only_targets: bool = True) -> torch.Tensor:
-    """Mean next-token cross entropy over target positions.
-
-    With head_only_targets the LM head runs only on positions whose next token is a
-    target: prompt positions carry no loss, and the vocabulary-wide logits over every
-    position otherwise dominate memory and time."""
+def target_logits(model, batch: dict, head_only_targets: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) at the positions whose next token is a target, rows in batch then
+    position order. With head_only_targets the LM head runs only on those positions: prompt
+    positions carry no loss, and the vocabulary-wide logits over every position otherwise
+    dominate memory and time."""
     labels = batch["labels"]
+    tgt = labels[:, 1:]
+    sel = tgt != IGNORE
     split = _split_head(model) if head_only_targets else None
     if split is not None:
         dec, head = split
         h = dec(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        tgt = labels[:, 1:]
-        sel = tgt != IGNORE
-        logits = head(h[:, :-1][sel])
-        return F.cross_entropy(logits.float(), tgt[sel])
+        return head(h[:, :-1][sel]), tgt[sel]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    return logits[:, :-1][sel], tgt[sel]
+
+
+def lm_loss(model, batch: dict, head_only_targets: bool = True, return_forward: bool = False):
+    """Mean next-token cross entropy over target positions (float32); with return_forward the
+    `Forward` (loss, target logits, targets) instead."""
+    logits, targets = target_logits(model, batch, head_only_targets)
+    loss = F.cross_entropy(logits.float(), targets)
+    return Forward(loss, logits, targets) if return_forward else loss
 
 
 def make_optimizer(groups, cfg):
@@ -109,18 +127,19 @@ def make_optimizer(groups, cfg):
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt, cfg, total: int):
+def lr_factor(cfg, total: int, step: int) -> float:
+    """The schedule's multiplier of cfg.lr at optimizer step `step` (from 0) of `total`."""
     warm = cfg.warmup_steps
+    if warm and step < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    frac = min(1.0, (step - warm) / max(1, total - warm))
+    return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
 
-    def factor(step):
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+def make_scheduler(opt, cfg, total: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, total, step))
 
 
 def num_steps(cfg, n_examples: int) -> int:
@@ -130,50 +149,56 @@ def num_steps(cfg, n_examples: int) -> int:
     return cfg.steps
 
 
-def train_stage(model, method, examples: list[Example], cfg, stage_ctx, *, device, autocast_dtype, pad_id: int,
+def train_stage(model, method, examples: list[Example], cfg, stage, *, device, autocast_dtype, pad_id: int,
                 progress=None, desc: str = "train", dense: bool = False, on_step=None) -> dict:
-    """Train `model` on `examples` for one stage. Returns stats (steps, losses, seconds).
+    """Train `model` on `examples` for one stage (`stage`: the method's clbench.method.Stage view).
+    Returns stats (steps, losses, seconds).
 
     dense=True is a calibration pass: all parameters that require grad train, and the
-    method's gradient hooks are not called (LoTA calibration, KS-Lottery's first pass)."""
+    method's hooks are not called (LoTA calibration, KS-Lottery's first pass)."""
     if not examples:
-        raise TrainingError(f"stage {stage_ctx.stage} ({stage_ctx.task}): no training examples")
+        raise TrainingError(f"stage {stage.stage} ({stage.task}): no training examples")
+    name = getattr(method, "name", "?")
     model.train()
-    if dense:
-        groups = M.default_param_groups(model, cfg.weight_decay)
-    else:
-        groups = M.call(method, "param_groups", model, stage_ctx) or M.default_param_groups(model, cfg.weight_decay)
-    if not groups or not any(g["params"] for g in groups):
-        raise TrainingError(f"stage {stage_ctx.stage}: method {stage_ctx.run.method!r} gave the optimizer no parameters")
+    groups = None if dense else M.call(method, "param_groups", model, stage)
+    groups = groups or M.default_param_groups(model, cfg.weight_decay)
+    if not any(g["params"] for g in groups):
+        raise TrainingError(f"stage {stage.stage}: method {name!r} gave the optimizer no parameters")
     opt = make_optimizer(groups, cfg)  # fresh per stage
     total = num_steps(cfg, len(examples))
     sched = make_scheduler(opt, cfg, total)
-    saved = (stage_ctx.total_steps, stage_ctx.optimizer)
-    stage_ctx.total_steps, stage_ctx.optimizer = total, opt
-    batches = batch_stream(examples, min(cfg.batch_size, len(examples)), stage_ctx.generator)
+    clock = stage._clock  # the loop's position, which the method reads through the view
+    saved = (clock.step, clock.lr)
+    batches = batch_stream(examples, min(cfg.batch_size, len(examples)), stage.generator)
     params = [p for g in groups for p in g["params"]]
     multi, world = D.enabled(), D.world_size()
     losses: list[float] = []
     t0 = time.perf_counter()
-    task = None if progress is None else progress.add_task(desc, total=total, loss=float("nan"))
+    log = _StepLog(desc, total, progress)
     for step in range(total):
-        stage_ctx.global_step = step
+        lr = opt.param_groups[0]["lr"]  # this step's learning rate (before the scheduler moves it)
+        clock.step, clock.lr = step, lr
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(D.shard(next(batches)), pad_id).items()}
+            micro = D.shard(next(batches))
+            if not dense:
+                micro = M.call(method, "batch", micro, stage) or micro
+            batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = lm_loss(model, batch, cfg.head_only_targets)
+                out = lm_loss(model, batch, cfg.head_only_targets, return_forward=True)
+                loss = out.loss
                 if multi:  # this rank's share of the global batch's token-mean (see clbench.distributed)
                     n_local = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float32)
                     loss = loss * (n_local / D.all_reduce_sum(n_local.clone()).clamp(min=1))
-                extra = None if dense else M.call(method, "extra_loss", model, batch, stage_ctx)
+                extra = None if dense else M.call(method, "extra_loss", model, batch, stage, out)
                 if extra is not None:
                     loss = loss + (extra / world if multi else extra)
+            del out
             value = D.all_reduce_sum(loss.detach().float().clone()) if multi else loss.detach()
             if not torch.isfinite(value):  # after the all-reduce, so every rank stops together
                 raise TrainingError(
-                    f"non-finite loss ({value.item()}) at stage {stage_ctx.stage} ({stage_ctx.task}), step {step + 1}, "
-                    f"method {stage_ctx.run.method!r}: lower the learning rate (train.lr={cfg.lr}) or check the data; "
+                    f"non-finite loss ({value.item()}) at stage {stage.stage} ({stage.task}), step {step + 1}, "
+                    f"method {name!r}: lower the learning rate (train.lr={cfg.lr}) or check the data; "
                     "results of completed stages are kept"
                 )
             (loss / cfg.grad_accum).backward()
@@ -181,25 +206,51 @@ def train_stage(model, method, examples: list[Example], cfg, stage_ctx, *, devic
         if multi:  # the global batch's gradient on every rank, before any method looks at it
             D.sum_gradients(list(dict.fromkeys([*model.parameters(), *params])))
         if not dense:
-            M.call(method, "after_backward", model, stage_ctx)
+            M.call(method, "after_backward", model, stage)
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
-        lr = opt.param_groups[0]["lr"]  # this step's learning rate (before the scheduler moves it)
         opt.step()
         sched.step()
         if not dense:
-            M.call(method, "after_step", model, stage_ctx)
+            M.call(method, "after_step", model, stage)
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
         if on_step is not None:  # e.g. the run's trackers (TensorBoard, W&B)
             on_step(step, step_loss, lr)
-        if progress is not None:
-            progress.update(task, advance=1, loss=step_loss)
-    if progress is not None:
-        progress.remove_task(task)
-    if dense:  # a calibration pass must not leave its own step count behind for the real stage
-        stage_ctx.total_steps, stage_ctx.optimizer = saved
+        log.step(step, step_loss, lr)
+    log.close()
+    if dense:  # a calibration pass leaves the stage's position as it found it
+        clock.step, clock.lr = saved
     else:
-        stage_ctx.optimizer = None
+        clock.lr = None
     del opt
     return {"steps": total, "losses": losses, "seconds": time.perf_counter() - t0, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+class _StepLog:
+    """Progress of a training pass: a rich bar on a terminal; where output goes to a file (no
+    terminal), a plain line every CLBENCH_LOG_EVERY steps (default 10) and at the last, with the
+    loss and the rate, so a log shows progress while a long stage trains."""
+
+    def __init__(self, desc: str, total: int, progress):
+        import os
+        import sys
+
+        self.desc, self.total, self.progress = desc, total, progress
+        self.every = max(1, int(os.environ.get("CLBENCH_LOG_EVERY", "10")))
+        self.plain = progress is not None and not getattr(progress.console, "is_terminal", False) \
+            and not getattr(progress.console, "quiet", False)
+        self.task = progress.add_task(desc, total=total, loss=float("nan")) if progress is not None and not self.plain else None
+        self.t0, self.out = time.perf_counter(), sys.stderr
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, advance=1, loss=loss)
+        elif self.plain and ((step + 1) % self.every == 0 or step + 1 == self.total):
+            dt = time.perf_counter() - self.t0
+            print(f"{self.desc}: step {step + 1}/{self.total} loss {loss:.4f} lr {lr:.3g} "
+                  f"({(step + 1) / dt:.2f} steps/s)", file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)

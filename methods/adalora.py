@@ -52,7 +52,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import adapters
-from clbench.method import MethodError, register
+from clbench.method import MethodError, Method, register
 
 PLACEHOLDER_TOTAL = 1  # peft requires total_step > 0 at construction; the real value is set per stage
 
@@ -82,7 +82,7 @@ def _steps(value: float, total: int, what: str) -> int:
 
 
 @register("adalora")
-class AdaLoRA:
+class AdaLoRA(Method):
     Options = AdaLoraOptions
 
     def __init__(self, options: AdaLoraOptions):
@@ -141,7 +141,7 @@ class AdaLoRA:
         # after the optimizer step, before zero_grad: peft's documented place
         self._tuner(model).update_and_allocate(stage.global_step)
 
-    def extra_loss(self, model, batch, stage):
+    def extra_loss(self, model, batch, stage, out):
         """AdaLoraModel.forward's orthogonal regulariser (only added there when labels are given)."""
         w = self.options.orth_reg_weight
         if w == 0:

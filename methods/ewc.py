@@ -11,10 +11,10 @@ after the previous stage, weighted by how much the earlier tasks' likelihood dep
     F <- gamma * F + F_t after stage t;  theta* = the weights at the end of stage t
 
 How it runs here (no loop change needed):
-- Where the Fisher's data comes from: the loop passes no examples to stage_end, but it hands
-  every training micro-batch to `extra_loss`. EWC keeps the last `fisher_batches` of them
-  (the collated tensors; the loop draws batches from seeded shuffles of the whole training
-  set, so these are a random sample of the stage's training data) and at `stage_end` runs
+- Where the Fisher's data comes from: the loop hands every training micro-batch's examples to
+  the `batch` hook. EWC keeps the last `fisher_batches` of them (the loop draws batches from
+  seeded shuffles of the whole training set, so these are a random sample of the stage's
+  training data), collates them as the loop does, and at `stage_end` runs
   its own forward/backward passes over them AT the final weights theta*, with
   torch.autograd.grad (no .grad is touched, no optimizer state). This is the empirical
   Fisher (labels from the data, not sampled from the model) on the stage's training data.
@@ -69,8 +69,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.method import MethodError, register
-from clbench.train import IGNORE, lm_loss
+from clbench.method import MethodError, Method, register
+from clbench.train import IGNORE, collate, lm_loss
 
 
 class EwcOptions(BaseModel):
@@ -112,7 +112,7 @@ class _Penalty(torch.autograd.Function):
 
 
 @register("ewc")
-class EWC:
+class EWC(Method):
     Options = EwcOptions
 
     def __init__(self, options: EwcOptions):
@@ -121,8 +121,10 @@ class EWC:
         self.anchor: dict[str, torch.Tensor] = {}
         self.batches: deque = deque(maxlen=options.fisher_batches)
         self.stats: list[dict] = []  # per stage: Fisher samples, mean/max of F_t
+        self.pad_id = 0
 
     def setup(self, model, run):
+        self.pad_id = run.tokenizer.pad_token_id if run.tokenizer is not None and run.tokenizer.pad_token_id is not None else 0
         for p in model.parameters():
             p.requires_grad_(True)
         return model
@@ -138,8 +140,11 @@ class EWC:
             self.anchor = {n: params[n].detach().float().clone() for n in self.fisher}
         return model
 
-    def extra_loss(self, model, batch, stage):
-        self.batches.append({k: v.detach() for k, v in batch.items()})
+    def batch(self, examples, stage):
+        self.batches.append(list(examples))
+        return None
+
+    def extra_loss(self, model, batch, stage, out):
         if not self.fisher or self.options.ewc_lambda == 0:
             return None
         return self.penalty(model)
@@ -154,7 +159,9 @@ class EWC:
 
     def stage_end(self, model, stage):
         head_only = getattr(getattr(stage, "train_config", None), "head_only_targets", True)
-        f_t, n = self.compute_fisher(model, list(self.batches), head_only)
+        device = next(model.parameters()).device
+        batches = [{k: v.to(device) for k, v in collate(b, self.pad_id).items()} for b in self.batches]
+        f_t, n = self.compute_fisher(model, batches, head_only)
         self.batches.clear()
         if n == 0:
             raise MethodError(f"ewc stage {stage.stage}: no training batch with a target token to estimate the Fisher from")

@@ -3,11 +3,11 @@
 The baseline every forgetting number is compared against. No options.
 """
 
-from clbench.method import NoOptions, register
+from clbench.method import NoOptions, Method, register
 
 
 @register("full_ft")
-class FullFT:
+class FullFT(Method):
     Options = NoOptions
 
     def __init__(self, options: NoOptions):

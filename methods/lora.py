@@ -15,7 +15,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import adapters
-from clbench.method import register
+from clbench.method import Method, register
 
 
 class LoraOptions(BaseModel):
@@ -28,7 +28,7 @@ class LoraOptions(BaseModel):
 
 
 @register("lora")
-class LoRA:
+class LoRA(Method):
     Options = LoraOptions
 
     def __init__(self, options: LoraOptions):

@@ -32,7 +32,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import adapters
-from clbench.method import register
+from clbench.method import Method, register
 
 
 class MissOptions(BaseModel):
@@ -46,7 +46,7 @@ class MissOptions(BaseModel):
 
 
 @register("miss", "bone")
-class MiSS:
+class MiSS(Method):
     Options = MissOptions
 
     def __init__(self, options: MissOptions):

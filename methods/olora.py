@@ -59,7 +59,7 @@ from typing import Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.method import MethodError, register
+from clbench.method import MethodError, Method, register
 
 
 class OLoraOptions(BaseModel):
@@ -115,7 +115,7 @@ def l2_penalty(model, current: str) -> torch.Tensor | None:
 
 
 @register("olora")
-class OLoRA:
+class OLoRA(Method):
     Options = OLoraOptions
 
     def __init__(self, options: OLoraOptions):
@@ -156,7 +156,7 @@ class OLoRA:
         self._activate(model, t)
         return model
 
-    def extra_loss(self, model, batch, stage):
+    def extra_loss(self, model, batch, stage, out):
         o = self.options
         t = stage.stage if stage is not None else self.stage
         current = adapter_name(t)

@@ -66,7 +66,7 @@ import types
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.method import MethodError, register
+from clbench.method import MethodError, Method, register
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -181,7 +181,7 @@ def _sparse_mlp_forward(sift, names, mlp, x):
 
 
 @register("sift")
-class SIFT:
+class SIFT(Method):
     Options = SiftOptions
 
     def __init__(self, options: SiftOptions):

@@ -15,6 +15,7 @@ from clbench import merging
 from clbench import method as M
 from clbench import models
 from clbench.config import TrainConfig
+from clbench.stage import start_stage
 from conftest import REPO
 
 for _f in ("olora", "ewc", "replay", "lota", "lora"):
@@ -43,18 +44,18 @@ def fresh(tok, name, options=None, tasks=("t1", "t2")):
     return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
 
 
-def stage_ctx(run, cfg, t):
-    return M.StageContext(stage=t, task=f"t{t}", seed=0, run=run, train_config=cfg, generator=torch.Generator().manual_seed(t))
+def stage_ctx(run, cfg, t, examples=()):
+    return M.Stage(stage=t, task=f"t{t}", seed=0, run=run, train_config=cfg, generator=torch.Generator().manual_seed(t),
+                   examples=examples)
 
 
 def run_stage(meth, model, run, examples, tok, cfg, t, between=None):
-    """stage_start -> the loop's train_stage -> stage_end (between(model, stage) after stage_start)."""
-    stage = stage_ctx(run, cfg, t)
-    model = M.call(meth, "stage_start", model, stage, default=model)
+    """clbench.stage's stage t: start_stage, then (between(model, stage)) the loop's train_stage, stage_end."""
+    model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
     if between is not None:
         between(model, stage)
-    T.train_stage(model, meth, examples, cfg, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
-    return M.call(meth, "stage_end", model, stage, default=model), stage
+    T.train_stage(model, meth, list(stage.examples), cfg, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
+    return M.call(meth, "stage_end", model, stage), stage
 
 
 def bits(t):
@@ -163,13 +164,13 @@ def test_olora_penalty_zero_for_orthogonal_adapters_positive_otherwise(tok):
 
     _set_A(model, "stage1", rows(0))
     _set_A(model, "stage2", rows(4))
-    pen = meth.extra_loss(model, None, stage)
+    pen = meth.extra_loss(model, None, stage, None)
     assert float(pen.detach()) == 0.0 and pen.requires_grad
     # A_1[0,0] = 1, A_2[0,0] = 2, zero elsewhere: |A_1 A_2^T| sums to 2 per module, 4 modules
     _set_A(model, "stage1", lambda s: torch.zeros(s).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(1.0)))
     _set_A(model, "stage2", lambda s: torch.zeros(s).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(-2.0)))
-    assert float(meth.extra_loss(model, None, stage).detach()) == pytest.approx(0.5 * 4 * 2.0)
-    assert meth.extra_loss(model, None, stage_ctx(run, TrainConfig(), 1)) is None  # no earlier adapter
+    assert float(meth.extra_loss(model, None, stage, None).detach()) == pytest.approx(0.5 * 4 * 2.0)
+    assert meth.extra_loss(model, None, stage_ctx(run, TrainConfig(), 1), None) is None  # no earlier adapter
 
 
 def test_olora_earlier_adapters_frozen_but_active_and_overlap_shrinks(tok, data):
@@ -225,9 +226,9 @@ def test_ewc_fisher_is_the_mean_squared_per_example_gradient(tok, data):
     # nonzero where gradients flowed (in this model every tensor gets a gradient)
     assert all(float(f.sum()) > 0 for f in fisher.values())
     norm = M.make("ewc", {"normalize": "max"})
-    norm.batches.append(batch)
-    norm.stage_end(model, M.StageContext(stage=1, task="t1", seed=0, run=None, train_config=TrainConfig(),
-                                         generator=torch.Generator()))
+    norm.batches.append(parity[:3])  # what its batch hook keeps: the micro-batch's examples
+    norm.pad_id = tok.pad_token_id
+    norm.stage_end(model, stage_ctx(None, TrainConfig(), 1))
     assert max(float(f.max()) for f in norm.fisher.values()) == 1.0
     torch.testing.assert_close(norm.fisher[name := "model.norm.weight"], fisher[name] / norm.stats[0]["max"])
     fb, nb = M.make("ewc", {"fisher_mode": "batch"}).compute_fisher(model, [batch, batch])
@@ -250,7 +251,7 @@ def test_ewc_penalty_zero_at_anchor_and_online_fisher_and_resume(tok, data):
 
     stage = stage_ctx(run, cfg, 2)
     meth.stage_start(model, stage)
-    pen = meth.extra_loss(model, T.collate(compare[:4], tok.pad_token_id), stage)
+    pen = meth.extra_loss(model, T.collate(compare[:4], tok.pad_token_id), stage, None)
     assert float(pen.detach()) == 0.0  # theta = theta*
     named = dict(model.named_parameters())
     name = "model.layers.1.mlp.up_proj.weight"
@@ -285,7 +286,7 @@ def test_ewc_penalty_zero_at_anchor_and_online_fisher_and_resume(tok, data):
         real = meth.stage_end
 
         def spy(m2, st2):
-            captured["f2"], _ = meth.compute_fisher(m2, list(meth.batches))
+            captured["f2"], _ = meth.compute_fisher(m2, [T.collate(b, tok.pad_token_id) for b in meth.batches])
             return real(m2, st2)
         meth.stage_end = spy
 
@@ -302,15 +303,16 @@ def test_replay_buffer_share_and_only_past_tasks(tok, data, monkeypatch):
     meth, model, run = fresh(tok, "replay", {"m": 6, "ratio": 0.25})
     cfg = TrainConfig(lr=1e-2, steps=3, batch_size=6)
     calls = []
-    real = meth.extra_loss
+    real = meth.batch
 
-    def spy(m, batch, stage):
-        out = real(m, batch, stage)
-        calls.append((stage.stage, int(batch["input_ids"].shape[0]), list(meth.last_replay), list(meth.last_task_of_replay)))
+    def spy(examples, stage):
+        out = real(examples, stage)
+        calls.append((stage.stage, len(examples), list(meth.last_replay), list(meth.last_task_of_replay)))
+        assert out == list(examples) + meth.last_replay  # the loop trains on the new ones, then the replayed
         meth.last_replay, meth.last_task_of_replay = [], []
         return out
 
-    monkeypatch.setattr(meth, "extra_loss", spy)
+    monkeypatch.setattr(meth, "batch", spy)
     model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
     assert all(not rep for s, _, rep, _ in calls if s == 1)  # nothing to replay in stage 1
     buf = meth.buffers["t1"]
@@ -335,7 +337,7 @@ def test_replay_first_selection_keeps_the_first_m_seen(tok, data):
     stage = stage_ctx(run, TrainConfig(), 1)
     meth.stage_start(model, stage)
     for i in (0, 4, 8):
-        meth.extra_loss(model, T.collate(parity[i:i + 4], tok.pad_token_id), stage)
+        meth.batch(parity[i:i + 4], stage)
     meth.stage_end(model, stage)
     assert meth.buffers["t1"] == parity[:5]
 
@@ -349,14 +351,17 @@ def test_replay_loss_equals_the_mean_over_the_mixed_batch(tok, data, weighting):
     stage = stage_ctx(run, cfg, 2)
     meth.stage_start(model, stage)
     new = compare[:6]
-    batch = T.collate(new, tok.pad_token_id)
-    loss = T.lm_loss(model, batch)  # what the loop computes, then it adds extra_loss
-    total = loss + meth.extra_loss(model, batch, stage)
+    trained = meth.batch(new, stage)  # what the loop does: the batch hook, collate, lm_loss, extra_loss
+    batch = T.collate(trained, tok.pad_token_id)
+    out = T.lm_loss(model, batch, return_forward=True)
+    extra = meth.extra_loss(model, batch, stage, out)
+    total = out.loss if extra is None else out.loss + extra
     rep = meth.last_replay
+    assert trained == (new + rep if weighting == "mixed_mean" else new)
     assert len(rep) == 4  # round(0.4 * 6 / 0.6)
     mixed = T.collate(new + rep, tok.pad_token_id)
     ref = T.lm_loss(model, mixed)
-    n_new = int((batch["labels"][:, 1:] != T.IGNORE).sum())
+    n_new = int((T.collate(new, tok.pad_token_id)["labels"][:, 1:] != T.IGNORE).sum())
     n_rep = int((mixed["labels"][:, 1:] != T.IGNORE).sum()) - n_new
     scale = 1.0 if weighting == "mixed_mean" else (n_new + n_rep) / n_new
     torch.testing.assert_close(total, ref * scale, rtol=1e-5, atol=1e-6)
@@ -366,7 +371,6 @@ def test_replay_loss_equals_the_mean_over_the_mixed_batch(tok, data, weighting):
     g_ref = torch.autograd.grad(ref * scale, named[name])[0]
     torch.testing.assert_close(g_total, g_ref, rtol=1e-4, atol=1e-7)
     meth.stage_end(model, stage)
-    assert meth._hook is None  # the head hook lives only while a stage trains
 
 
 def test_replay_wraps_a_base_method(tok, data):
@@ -388,7 +392,7 @@ def test_replay_of_general_data_from_stage_one(tok, data, monkeypatch):
     parity, compare = data
     torch.manual_seed(0)
     meth = M.make("replay", {"m": 6, "ratio": 0.25, "general_task": "gen", "general_m": 5})
-    assert meth.needs_tasks == ["gen"]  # the loop checks it exists before the run
+    assert meth.needs_tasks() == ["gen"]  # the loop checks it exists before the run
     asked = []
 
     def examples(task):
@@ -400,14 +404,14 @@ def test_replay_of_general_data_from_stage_one(tok, data, monkeypatch):
     assert asked == ["gen"] and len(meth.general) == 5 and all(ex in compare for ex in meth.general)
     cfg = TrainConfig(lr=1e-2, steps=2, batch_size=6)
     draws = []
-    real = meth.extra_loss
+    real = meth.batch
 
-    def spy(m, batch, stage):
-        out = real(m, batch, stage)
-        draws.append((stage.stage, int(batch["input_ids"].shape[0]), list(meth.last_task_of_replay)))
+    def spy(examples, stage):
+        out = real(examples, stage)
+        draws.append((stage.stage, len(examples), list(meth.last_task_of_replay)))
         return out
 
-    monkeypatch.setattr(meth, "extra_loss", spy)
+    monkeypatch.setattr(meth, "batch", spy)
     model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
     for stage, B, tasks in draws:  # stage 1 already replays: general data only
         assert len(tasks) == round(0.25 * B / 0.75) and set(tasks) == {"general:gen"}

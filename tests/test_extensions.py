@@ -6,7 +6,7 @@ import textwrap
 USER_METHOD = '''
 """Train only the norms (a user method defined outside the package)."""
 from pydantic import BaseModel, ConfigDict
-from clbench.method import register
+from clbench.method import Method, register
 
 
 class Opts(BaseModel):
@@ -15,7 +15,7 @@ class Opts(BaseModel):
 
 
 @register("norms_only")
-class NormsOnly:
+class NormsOnly(Method):
     Options = Opts
 
     def __init__(self, options):

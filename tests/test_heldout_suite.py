@@ -12,7 +12,7 @@ from conftest import REPO
 
 def test_general_expands_to_every_builtin_heldout_task():
     from clbench import tasks as T
-    from clbench.loop import expand_heldout
+    from clbench.planning import expand_heldout
 
     defs = T.load_tasks([REPO / "configs" / "tiny_tasks"])
     got = expand_heldout(["general"], defs)

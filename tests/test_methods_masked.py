@@ -13,8 +13,10 @@ import yaml
 
 from clbench import method as M
 from clbench import models
-from clbench.config import TrainConfig, TrainOverrides
+from clbench.config import TrainConfig
 from clbench.masking import MaskedUpdate
+from clbench import stage as stage_mod
+from clbench.stage import start_stage
 from clbench.train import collate, lm_loss, make_optimizer, tokenize, train_stage
 from conftest import REPO
 
@@ -73,26 +75,33 @@ def make(name, tok, model, options=None, seed=0):
     return meth, meth.setup(model, run), run
 
 
-def make_stage(meth, run, t, examples, tok, cfg=CFG, autocast=BF16):
-    """A StageContext whose calibrate() runs the loop's train_stage densely, as loop.py does.
+def start(meth, model, run, t, examples, tok, cfg=CFG, autocast=BF16):
+    """clbench.stage.start_stage: stage t's view (its calibrate() runs the loop's train_stage
+    densely) and the method's stage_start. Returns (model, stage).
     (bf16 autocast where the invariant is tested; fp32 elsewhere: bf16 matmuls of this tiny
     size are ~50x slower than fp32 on a busy 2-core CPU.)"""
-    stage = M.StageContext(stage=t, task=f"t{t}", seed=run.seed, run=run, train_config=cfg.model_copy(),
-                           generator=torch.Generator().manual_seed(100 + t))
-
-    def calibrate(m, steps=None, lr=None, weight_decay=None, desc="calibrate"):
-        over = {"steps": steps, "lr": lr, "weight_decay": weight_decay}
-        c = stage.train_config.merged(TrainOverrides(**{k: v for k, v in over.items() if v is not None}))
-        return train_stage(m, meth, examples, c, stage, device=CPU, autocast_dtype=autocast, pad_id=tok.pad_token_id, dense=True)
-
-    stage.calibrate = calibrate
-    stage.extras["autocast"] = autocast
-    return stage
-
-
-def train(meth, model, stage, examples, tok):
-    return train_stage(model, meth, examples, stage.train_config, stage, device=CPU, autocast_dtype=stage.extras["autocast"],
+    return start_stage(model, meth, examples, cfg.model_copy(), run, t, f"t{t}", device=CPU, autocast_dtype=autocast,
                        pad_id=tok.pad_token_id)
+
+
+def train(meth, model, stage, tok, autocast=BF16):
+    return train_stage(model, meth, list(stage.examples), stage.train_config, stage, device=CPU, autocast_dtype=autocast,
+                       pad_id=tok.pad_token_id)
+
+
+def spy_calibration(monkeypatch, seen: dict, check=None):
+    """Record the weights each calibration pass (a dense train_stage) leaves, before the method resets them."""
+    real = stage_mod.train_stage
+
+    def spy(m, meth, ex, cfg, st, **kw):
+        if kw.get("dense") and check is not None:
+            check(m, cfg)
+        out = real(m, meth, ex, cfg, st, **kw)
+        if kw.get("dense"):
+            seen.update(params(m))
+        return out
+
+    monkeypatch.setattr(stage_mod, "train_stage", spy)
 
 
 def params(model):
@@ -136,13 +145,14 @@ def test_fused_adamw_leaves_zero_grad_entries_bit_identical():
     assert opt.defaults.get("fused") is True and opt.param_groups[0]["weight_decay"] == 0.0
     ref_opt = make_optimizer([{"params": [ref], "weight_decay": cfg.weight_decay}], cfg)
     scheds = [make_scheduler(opt, cfg, 6), make_scheduler(ref_opt, cfg, 6)]
-    stage = M.StageContext(stage=1, task="t", seed=0, run=None, train_config=cfg, generator=None, total_steps=6)
+    clock = M._Clock()
+    stage = M.Stage(stage=1, task="t", seed=0, run=None, train_config=cfg, generator=None, total_steps=6, clock=clock)
     w = holder.w
     lrs = []
     for step in range(6):
-        stage.global_step = step
-        stage.optimizer = None if step % 2 else opt  # both ways to the step's lr: the optimizer, the schedule
-        lrs.append(upd._lr(stage))
+        # both ways the view gives the step's lr: the loop's optimizer value, the schedule
+        clock.step, clock.lr = step, (None if step % 2 else opt.param_groups[0]["lr"])
+        lrs.append(stage.lr)
         g = torch.randn_like(w) * 10
         w.grad = g.clone()
         w.grad[~mask] = float("inf")  # an inf on a frozen entry must not become NaN
@@ -180,11 +190,10 @@ def test_frozen_entries_bit_identical_through_two_stages(name, tok, examples):
     model = build(tok, n_layers=3 if name == "spafit" else 2)
     meth, model, run = make(name, tok, model)
     for t in (1, 2):
-        stage = make_stage(meth, run, t, examples, tok)
-        model = meth.stage_start(model, stage)
+        model, stage = start(meth, model, run, t, examples, tok)
         before = params(model)
-        train(meth, model, stage, examples, tok)
-        model = meth.stage_end(model, stage) if hasattr(meth, "stage_end") else model
+        train(meth, model, stage, tok)
+        model = meth.stage_end(model, stage)
         check_only_trainable_changed(meth.update, before, params(model))
 
 
@@ -192,8 +201,7 @@ def test_frozen_entries_bit_identical_through_two_stages(name, tok, examples):
 def test_gradients_only_where_the_method_trains(name, tok, examples):
     model = build(tok, n_layers=3 if name == "spafit" else 2)
     meth, model, run = make(name, tok, model)
-    stage = make_stage(meth, run, 1, examples, tok, autocast=None)
-    model = meth.stage_start(model, stage)
+    model, stage = start(meth, model, run, 1, examples, tok, autocast=None)
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=BF16):
         lm_loss(model, collate(examples, tok.pad_token_id)).backward()
@@ -224,9 +232,8 @@ def test_lota_mask_count_reset_and_lotto_disjoint(tok, examples):
     assert len(cands) == 7 * 2 and not any("embed" in n or "norm" in n for n in cands)
     N = sum(dict(model.named_parameters())[n].numel() for n in cands)
     for t in (1, 2, 3):
-        stage = make_stage(meth, run, t, examples, tok, autocast=None)
         before = params(model)
-        model = meth.stage_start(model, stage)
+        model, stage = start(meth, model, run, t, examples, tok, autocast=None)
         after = params(model)
         assert all(torch.equal(before[n], after[n]) for n in before), "weights not reset to theta_0 after calibration"
         assert meth.calibration_stats[-1]["steps"] == 2
@@ -234,7 +241,7 @@ def test_lota_mask_count_reset_and_lotto_disjoint(tok, examples):
         assert set(masks) == set(cands)
         assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * N) == meth.trainable_params(model)
         assert {n for n, p in model.named_parameters() if p.requires_grad} == set(cands)
-        train(meth, model, stage, examples, tok)
+        train(meth, model, stage, tok, autocast=None)
         meth.stage_end(model, stage)
     for i in range(3):
         for j in range(i + 1, 3):
@@ -242,21 +249,13 @@ def test_lota_mask_count_reset_and_lotto_disjoint(tok, examples):
                 assert not (meth.masks[i][n] & meth.masks[j][n]).any(), f"stages {i + 1},{j + 1} overlap in {n}"
 
 
-def test_lota_mask_is_global_topk_of_calibration_delta(tok, examples):
+def test_lota_mask_is_global_topk_of_calibration_delta(tok, examples, monkeypatch):
     model = build(tok)
     meth, model, run = make("lota", tok, model, {"sparsity": 0.8, "calibration_steps": 2})
-    stage = make_stage(meth, run, 1, examples, tok, autocast=None)
     theta0 = params(model)
     seen = {}
-    calib = stage.calibrate
-
-    def spy(m, **kw):
-        out = calib(m, **kw)
-        seen.update(params(m))
-        return out
-
-    stage.calibrate = spy
-    meth.stage_start(model, stage)
+    spy_calibration(monkeypatch, seen)
+    start(meth, model, run, 1, examples, tok, autocast=None)
     delta = torch.cat([(seen[n] - theta0[n]).abs().flatten() for n in meth.candidates])
     sel = torch.cat([meth.masks[-1][n].flatten() for n in meth.candidates])
     assert delta[sel].min() >= delta[~sel].max() > 0  # one global threshold
@@ -267,9 +266,8 @@ def test_lota_additive_merge_equals_sequential_training(tok, examples):
     meth, model, run = make("lota", tok, model, {"sparsity": 0.9, "calibration_steps": 2})
     theta0 = params(model)
     for t in (1, 2, 3):
-        stage = make_stage(meth, run, t, examples, tok, autocast=None)
-        model = meth.stage_start(model, stage)
-        train(meth, model, stage, examples, tok)
+        model, stage = start(meth, model, run, t, examples, tok, autocast=None)
+        train(meth, model, stage, tok, autocast=None)
         meth.stage_end(model, stage)
     final = params(model)
     tvs = meth.task_vectors
@@ -319,7 +317,7 @@ def test_hft_count_rule_stage_redraws_and_seed(tok, examples):
     meth, model, run = make("hft", tok, model)
     draws = []
     for t in (1, 2, 3):
-        model = meth.stage_start(model, make_stage(meth, run, t, examples, tok, autocast=None))
+        model, _ = start(meth, model, run, t, examples, tok, autocast=None)
         fr = hft_frozen(model)
         assert sorted(fr) == list(range(L))
         n_mlp2 = 0
@@ -338,11 +336,11 @@ def test_hft_count_rule_stage_redraws_and_seed(tok, examples):
     # the same seed gives the same draw
     meth2, model2, run2 = make("hft", tok, build(tok, n_layers=L))
     for t in (1, 2, 3):
-        model2 = meth2.stage_start(model2, make_stage(meth2, run2, t, examples, tok, autocast=None))
+        model2, _ = start(meth2, model2, run2, t, examples, tok, autocast=None)
         assert hft_frozen(model2) == draws[t - 1]
     # another seed a different one
     meth3, model3, run3 = make("hft", tok, build(tok, n_layers=L), seed=1)
-    model3 = meth3.stage_start(model3, make_stage(meth3, run3, 1, examples, tok, autocast=None))
+    model3, _ = start(meth3, model3, run3, 1, examples, tok, autocast=None)
     assert hft_frozen(model3) != draws[0]
 
 
@@ -350,7 +348,7 @@ def test_hft_params_rule_freezes_half(tok, examples):
     model = build(tok, n_layers=4)
     meth, model, run = make("hft", tok, model, {"rule": "params"})
     for t in (1, 2):
-        model = meth.stage_start(model, make_stage(meth, run, t, examples, tok, autocast=None))
+        model, _ = start(meth, model, run, t, examples, tok, autocast=None)
         P = dict(model.named_parameters())
         total_frozen = total = 0
         for i, members in meth.layers.items():
@@ -368,35 +366,34 @@ def test_hft_params_rule_freezes_half(tok, examples):
 # --- KS-Lottery ----------------------------------------------------------------------
 
 
-def test_ks_lottery_selects_rows_by_scipy_ks_test_and_trains_only_them(tok, examples):
+def test_ks_lottery_selects_rows_by_scipy_ks_test_and_trains_only_them(tok, examples, monkeypatch):
     from scipy.stats import ks_2samp
 
     model = build(tok)
     meth, model, run = make("ks_lottery", tok, model, {"alpha": 0.05, "calibration_steps": 3})
-    stage = make_stage(meth, run, 1, examples, tok, autocast=None)
     E = model.get_input_embeddings().weight
     assert E is model.get_output_embeddings().weight  # tied
     E0 = E.detach().clone()
-    seen = {}
-    calib = stage.calibrate
+    seen, checked = {}, []
 
-    def spy(m, **kw):
-        assert kw.get("weight_decay") == 0.0  # the embedding pass has no weight decay
+    def check(m, cfg):
+        assert cfg.weight_decay == 0.0  # the embedding pass has no weight decay
         assert {n for n, p in m.named_parameters() if p.requires_grad} == {"model.embed_tokens.weight"}
-        out = calib(m, **kw)
-        seen["E1"] = m.get_input_embeddings().weight.detach().clone()
-        return out
+        checked.append(cfg.steps)
 
-    stage.calibrate = spy
-    model = meth.stage_start(model, stage)
+    spy_calibration(monkeypatch, seen, check)
+    model, stage = start(meth, model, run, 1, examples, tok, autocast=None)
+    seen["E1"] = seen["model.embed_tokens.weight"]
+    assert checked == [3]
     assert stage.train_config.weight_decay == CFG.weight_decay  # the stage's own setting is untouched
     assert torch.equal(E.detach(), E0)  # reset
     expect = [j for j in range(E0.shape[0]) if ks_2samp(E0[j].numpy(), seen["E1"][j].numpy()).pvalue < 0.05]
     assert 0 < len(expect) < E0.shape[0]
     assert meth.selected[-1] == expect
     assert meth.trainable_params(model) == len(expect) * E0.shape[1]
+    monkeypatch.undo()
     before = params(model)
-    train(meth, model, stage, examples, tok)
+    train(meth, model, stage, tok, autocast=None)
     after = params(model)
     changed = (after["model.embed_tokens.weight"] != before["model.embed_tokens.weight"]).any(1).nonzero().flatten().tolist()
     assert changed and set(changed) <= set(expect)
@@ -427,8 +424,7 @@ def test_spafit_groups(tok, examples):
     model = build(tok, n_layers=3)
     meth, model, run = make("spafit", tok, model)
     assert meth.groups == ([0], [1], [2])
-    stage = make_stage(meth, run, 1, examples, tok, autocast=None)
-    model = meth.stage_start(model, stage)
+    model, stage = start(meth, model, run, 1, examples, tok, autocast=None)
     with torch.autocast("cpu", dtype=BF16):
         lm_loss(model, collate(examples, tok.pad_token_id)).backward()
     meth.after_backward(model, stage)

@@ -12,7 +12,8 @@ import yaml
 import clbench.train as T
 from clbench import method as M
 from clbench import models
-from clbench.config import TrainConfig
+from clbench.config import TrainConfig, TrainOverrides
+from clbench.stage import start_stage
 
 REPO = Path(__file__).resolve().parents[1]
 for _f in ("sift", "adalora", "miss"):
@@ -38,20 +39,16 @@ def fresh(tok, name, options=None):
     return meth, model, run
 
 
-def stage_ctx(run, cfg, t=1):
-    return M.StageContext(stage=t, task=f"t{t}", seed=0, run=run, train_config=cfg, generator=torch.Generator().manual_seed(t))
-
-
 def run_stage(meth, model, run, examples, tok, cfg, t=1, autocast=None, monkeypatch=None):
-    """stage_start -> the loop's train_stage -> stage_end; returns (model, optimizer the loop built)."""
+    """clbench.stage.run_stage; returns (model, optimizer the loop built)."""
+    from clbench.stage import run_stage as stage_run
+
     built = []
     if monkeypatch is not None:
         real = T.make_optimizer
         monkeypatch.setattr(T, "make_optimizer", lambda groups, c: built.append(real(groups, c)) or built[-1])
-    stage = stage_ctx(run, cfg, t)
-    model = M.call(meth, "stage_start", model, stage, default=model)
-    T.train_stage(model, meth, examples, cfg, stage, device=torch.device("cpu"), autocast_dtype=autocast, pad_id=tok.pad_token_id)
-    model = M.call(meth, "stage_end", model, stage, default=model)
+    model, _, _ = stage_run(model, meth, examples, cfg, run, t, f"t{t}", device=torch.device("cpu"), autocast_dtype=autocast,
+                            pad_id=tok.pad_token_id)
     return model, (built[-1] if built else None)
 
 
@@ -60,14 +57,13 @@ def bits(t):
 
 
 def one_backward(meth, model, run, examples, tok, cfg):
-    stage = stage_ctx(run, cfg)
-    model = M.call(meth, "stage_start", model, stage, default=model)
+    model, stage = start_stage(model, meth, examples[:20], cfg.merged(TrainOverrides(steps=5)), run, 1, "t1",
+                               device=torch.device("cpu"), pad_id=tok.pad_token_id)
     groups = M.call(meth, "param_groups", model, stage) or M.default_param_groups(model, cfg.weight_decay)
-    stage.total_steps = 5
     batch = T.collate(examples[:4], tok.pad_token_id)
-    loss = T.lm_loss(model, batch)
-    extra = M.call(meth, "extra_loss", model, batch, stage)
-    (loss if extra is None else loss + extra).backward()
+    out = T.lm_loss(model, batch, return_forward=True)
+    extra = M.call(meth, "extra_loss", model, batch, stage, out)
+    (out.loss if extra is None else out.loss + extra).backward()
     M.call(meth, "after_backward", model, stage)
     return model, groups
 
@@ -217,7 +213,7 @@ def test_adalora_orth_reg_equals_peft_forward_term(tok, examples):
     batch = T.collate(examples[:4], tok.pad_token_id)
     with_reg = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     plain = T.lm_loss(model, batch)
-    extra = meth.extra_loss(model, batch, None)
+    extra = meth.extra_loss(model, batch, None, None)
     assert float(extra.detach()) > 0.1
     torch.testing.assert_close(plain + extra, with_reg, rtol=1e-5, atol=1e-5)
 

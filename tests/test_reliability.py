@@ -195,19 +195,19 @@ def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
 NAN_METHOD = '''
 import torch
 from pydantic import BaseModel
-from clbench.method import register
+from clbench.method import Method, register
 
 class Opts(BaseModel):
     nan_at_stage: int = 2
 
 @register("nan_after")
-class NanAfter:
+class NanAfter(Method):
     Options = Opts
     def __init__(self, o):
         self.o = o
     def setup(self, model, run):
         return model
-    def extra_loss(self, model, batch, stage):
+    def extra_loss(self, model, batch, stage, out):
         return torch.tensor(float("nan")) if stage.stage == self.o.nan_at_stage else None
 '''
 

@@ -1,0 +1,89 @@
+"""Planning a run: everything cheap is validated and resolved before anything expensive starts
+(config, methods and their options, tasks, data files), so a typo fails in a second, not after
+an hour of training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import method as M
+from . import paths
+from . import tasks as taskcat
+from .config import RunConfig
+from .errors import ConfigError
+
+
+@dataclass
+class Plan:
+    """Everything validated and resolved before the first expensive step."""
+
+    cfg: RunConfig
+    config_dir: Path
+    cache: Path
+    task_names: list[str]
+    task_defs: dict[str, taskcat.TaskDef]
+    method_specs: list = field(default_factory=list)
+    heldout: list[str] = field(default_factory=list)
+
+    @property
+    def eval_names(self) -> list[str]:
+        return self.task_names + self.heldout
+
+
+def plan(cfg: RunConfig, config_dir: Path) -> Plan:
+    from . import models
+
+    cache = paths.cache_dir(cfg.cache_dir)
+    paths.set_offline_env(cache, cfg.offline)
+    models.check(cfg.model, cache, cfg.offline)
+    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+    for f in cfg.method_files:
+        M.load_method_file((config_dir / f).resolve())
+    made = [M.make(spec.name, spec.options, where=f"methods.{i}") for i, spec in enumerate(cfg.methods)]  # validates
+    task_defs = taskcat.load_tasks([(config_dir / d).resolve() for d in cfg.task_dirs])
+    for i, meth in enumerate(made):  # tasks a method reads besides the stream (e.g. replay's general data)
+        for n in meth.needs_tasks():
+            if n not in task_defs:
+                raise ConfigError(f"methods.{i} ({cfg.methods[i].name}) needs task {n!r}, which does not exist; "
+                                  f"available: {', '.join(sorted(task_defs))}")
+            task_defs[n].check_data(paths.cache_dir(cfg.cache_dir))
+    from .data import load_streams
+
+    streams = load_streams([(config_dir / d).resolve() for d in cfg.task_dirs])
+    names = taskcat.resolve_stream(cfg, task_defs, streams)
+    for n in names:
+        if task_defs[n].lm_eval.get("output_type") == "loglikelihood_rolling":
+            raise ConfigError(f"task {n!r} ({task_defs[n].path}) is a perplexity probe (loglikelihood_rolling): "
+                              "it can only be held out (`heldout:`), not trained in the stream")
+        task_defs[n].check_data(cache)
+    heldout = expand_heldout(cfg.heldout, task_defs)
+    unknown = [n for n in heldout if n not in task_defs]
+    if unknown and cfg.offline:
+        raise ConfigError(f"unknown held-out task(s) {', '.join(map(repr, unknown))}; available: "
+                          f"{', '.join(sorted(task_defs))}, or `general` (every built-in held-out task). lm-eval's "
+                          "standard tasks (arc_easy, hellaswag, ...) load from the hub: set `offline: false`")
+    for n in unknown:  # offline: false: lm-eval's own task of that name, data from the hub
+        task_defs[n] = taskcat.hub_task(n)
+    both = sorted(set(heldout) & set(names))
+    if both:
+        raise ConfigError(f"task(s) {', '.join(both)} are both in the stream and held out: a held-out task is never trained")
+    for n in heldout:
+        if not task_defs[n].hub:
+            task_defs[n].check_data(cache, need_train=False)
+    return Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods), heldout)
+
+
+GENERAL_SUITE = "general"
+
+
+def expand_heldout(names: list[str], task_defs: dict) -> list[str]:
+    """`general` stands for every built-in held-out task (tasks/ with clbench.heldout: true)."""
+    out: list[str] = []
+    for n in names:
+        if n == GENERAL_SUITE:
+            out += sorted(k for k, d in task_defs.items()
+                          if d.heldout and d.path is not None and d.path.parent == paths.BUILTIN_TASKS_DIR)
+        else:
+            out.append(n)
+    return list(dict.fromkeys(out))

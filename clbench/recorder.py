@@ -1,0 +1,230 @@
+"""The results store of a run: every row and summary so far, the provenance, and the results
+files (clbench.results defines their columns), rewritten atomically after every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from . import distributed as D
+from . import method as M
+from . import metrics, results
+from .config import RunConfig
+
+MULTITASK = "multitask"  # the stage label of the joint reference's row in matrix.csv
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def meta_info(model_desc: str, device, autocast) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("clbench", "torch", "transformers", "peft", "lm_eval", "datasets", "accelerate", "pydantic"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    hw = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+          "device": str(device), "autocast": str(autocast) if autocast else "none",
+          "torch_threads": torch.get_num_threads(), "processes": D.world_size()}
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+    return {"versions": versions, "model": model_desc, "hardware": hw}
+
+
+def _stage_label(v: str):
+    """matrix.csv's stage: an int for the stream's stages, a label for extra rows (multitask, merged:*)."""
+    return int(v) if str(v).lstrip("-").isdigit() else str(v)
+
+
+class Recorder:
+    """Holds every result so far and rewrites the results files atomically after each stage."""
+
+    def __init__(self, out: Path, cfg: RunConfig, plan):
+        self.out, self.cfg, self.plan = out, cfg, plan
+        self.rows: list[dict] = []
+        self.summary: list[dict] = []
+        self.methods: dict = {}
+        self.meta: dict = {}
+        self.config_changes: list = []
+
+    def load_existing(self) -> bool:
+        """Pick up the results of an earlier, interrupted run of the same config."""
+        f = self.out / "results.json"
+        if not (f.is_file() and (self.out / "matrix.csv").is_file()):
+            return False
+        prev = json.loads(f.read_text())
+        self.methods = prev.get("methods", {})
+        self.config_changes = prev.get("run", {}).get("config_changes", [])
+        self.rows = [{**r, "seed": int(r["seed"]), "stage": _stage_label(r["stage"]), "value": float(r["value"])}
+                     for r in results.read_csv(self.out / "matrix.csv")]
+        self.summary = [{**r, "seed": int(r["seed"])} for r in results.read_csv(self.out / "summary.csv")] \
+            if (self.out / "summary.csv").is_file() else []
+        for r in self.summary:
+            for k, v in r.items():
+                if k not in ("method", "seed", "mode"):
+                    r[k] = (int if k == "trainable_params" else float)(v) if v not in ("", None) else None
+        return True
+
+    def drop(self, method, seed, after_stage: int) -> None:
+        """Forget the rows of stages after `after_stage`, and every extra row (multitask, merged:*)."""
+        self.rows = [r for r in self.rows if not (r["method"] == method and r["seed"] == seed
+                                                  and (not isinstance(r["stage"], int) or r["stage"] > after_stage))]
+
+    def drop_extra(self, method, seed) -> None:
+        self.rows = [r for r in self.rows if not (r["method"] == method and r["seed"] == seed
+                                                  and not isinstance(r["stage"], int))]
+
+    def base_scores(self) -> dict | None:
+        base = {r["eval_task"]: r["value"] for r in self.rows if r["stage"] == 0}
+        return base if set(base) == set(self.plan.eval_names) else None
+
+    def stage_scores(self, method, seed, stage) -> dict | None:
+        """{eval_task: value} of one row (an int stage or a label such as `multitask`), or None."""
+        got = {r["eval_task"]: r["value"] for r in self.rows
+               if r["method"] == method and r["seed"] == seed and r["stage"] == stage}
+        return got if set(got) >= set(self.plan.task_names) else None
+
+    def extra_rows(self, method, seed) -> dict[str, dict]:
+        """merged:* rows: {stage label: {eval_task: value}}."""
+        out: dict[str, dict] = {}
+        for r in self.rows:
+            if r["method"] == method and r["seed"] == seed and str(r["stage"]).startswith("merged:"):
+                out.setdefault(r["stage"], {})[r["eval_task"]] = r["value"]
+        return out
+
+    def update_intransigence(self) -> None:
+        """Intransigence of every complete sequential (method, seed) against the run's multitask
+        reference of the same seed (metrics.intransigence; a* = the joint model's score on task k).
+        With several multitask references, a method is paired with the one of the same method name."""
+        refs = {(m, s): r for m in self.methods if self.methods[m].get("mode") == MULTITASK
+                for s in self.cfg.seeds if (r := self.stage_scores(m, s, MULTITASK)) is not None}
+        if not refs:
+            return
+        names = self.plan.task_names
+        spec_name = {m.run_name: m.name for m in self.plan.method_specs}
+        for row in self.summary:
+            m, s = row["method"], row["seed"]
+            if self.methods.get(m, {}).get("mode", "sequential") != "sequential" or row.get("acc") is None:
+                continue
+            cands = [k for k in refs if k[1] == s]
+            if len(cands) > 1:
+                cands = [k for k in cands if spec_name.get(k[0]) == spec_name.get(m)]
+            if len(cands) != 1:
+                continue
+            joint = [refs[cands[0]][t] for t in names]
+            per_task = metrics.intransigence(self.matrix(m, s), joint)
+            row["intransigence"] = float(sum(per_task) / len(per_task))
+            seed_entry = self.methods[m]["seeds"].get(str(s))
+            if seed_entry is not None:
+                seed_entry["intransigence"] = {"reference": cands[0][0], "per_task": per_task,
+                                               "mean": row["intransigence"]}
+
+    def add_row(self, method, seed, stage, trained, scores: dict):
+        for task in self.plan.eval_names:
+            self.rows.append({"method": method, "seed": seed, "stage": stage, "trained_task": trained or "",
+                              "eval_task": task, "metric": self.plan.task_defs[task].metric_name, "value": scores[task],
+                              "eval_group": "heldout" if task in self.plan.heldout else "stream"})
+
+    def heldout_matrix(self, method, seed) -> list[list[float]]:
+        return self._grid(method, seed, self.plan.heldout)
+
+    def matrix(self, method, seed) -> list[list[float]]:
+        return self._grid(method, seed, self.plan.task_names)
+
+    def _grid(self, method, seed, names: list[str]) -> list[list[float]]:
+        """Rows of the stream's stages 0..t (extra rows left out), columns `names`."""
+        by_stage: dict[int, dict] = {}
+        for r in self.rows:
+            if r["method"] == method and r["seed"] == seed and r["eval_task"] in names and isinstance(r["stage"], int):
+                by_stage.setdefault(r["stage"], {})[r["eval_task"]] = r["value"]
+        return [[by_stage[s][t] for t in names] for s in sorted(by_stage)]
+
+    def _ordered_rows(self) -> list[dict]:
+        """The rows in the config's order (methods, seeds, stages, then extra rows, tasks), the order
+        an uninterrupted run computes them in: a resumed run may redo stages after other rows."""
+        m_ix = {s.run_name: i for i, s in enumerate(self.plan.method_specs)}
+        s_ix = {s: i for i, s in enumerate(self.cfg.seeds)}
+        t_ix = {t: i for i, t in enumerate(self.plan.eval_names)}
+        extra_ix: dict = {}
+        for r in self.rows:
+            if not isinstance(r["stage"], int):
+                extra_ix.setdefault(r["stage"], len(extra_ix))
+
+        def key(r):
+            st = r["stage"]
+            return (m_ix.get(r["method"], len(m_ix)), s_ix.get(r["seed"], len(s_ix)),
+                    (0, st) if isinstance(st, int) else (1, extra_ix[st]), t_ix.get(r["eval_task"], len(t_ix)))
+
+        return sorted(self.rows, key=key)  # stable: rows of methods no longer in the config keep their order
+
+    def flush(self):
+        if not D.is_main():  # one writer: the other ranks hold the same results
+            return
+        results.write_csv(self.out / "matrix.csv", results.MATRIX_COLUMNS, self._ordered_rows())
+        results.write_csv(self.out / "summary.csv", results.SUMMARY_COLUMNS, self.summary)
+        results.write_json(self.out / "results.json", {
+            "run": {"name": self.cfg.name, "stream": self.cfg.stream or "custom", "order": self.cfg.order if self.cfg.stream else "custom",
+                    "tasks": self.plan.task_names, "seeds": self.cfg.seeds, "git_sha": git_sha(),
+                    "config_hash": self.cfg.hash(), "config_changes": self.config_changes,
+                    "config": self.cfg.model_dump(mode="json")},
+            "meta": self.meta,
+            "methods": self.methods,
+        })
+
+    def record_method(self, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="sequential",
+                      merges_pending=False):
+        """The matrix, metrics and costs of one (method, seed) as they stand, into the summary and results.json."""
+        rec = self
+        T = len(rec.plan.task_names)
+        trainable = M.call(meth, "trainable_params", model)
+        if trainable is None:
+            trainable = M.count_trainable(model)
+        if mode == "multitask":
+            joint = rec.stage_scores(name, seed, MULTITASK)
+            done = joint is not None
+            summ = {"acc": float(sum(joint[t] for t in rec.plan.task_names) / T)} if done else {}
+            base = rec.stage_scores(name, seed, 0)
+            R = [[base[t] for t in rec.plan.task_names]] if base else []
+            if done:
+                R.append([joint[t] for t in rec.plan.task_names])
+        else:
+            R = rec.matrix(name, seed)
+            done = len(R) - 1 == T
+            if not done:
+                summ = {}
+            elif mode == "single":  # only the diagonal means something: each task's single-task score
+                summ = {"la": metrics.learning_accuracy(R)}
+            else:
+                summ = metrics.summary(R)
+        G = rec.heldout_matrix(name, seed) if rec.plan.heldout and mode == "sequential" and len(R) > 0 else None
+        if summ and G is not None:
+            summ["general_delta"] = metrics.general_ability_delta(G)[-1]
+        complete = done and not merges_pending
+        row = {"method": name, "seed": seed, "mode": mode, **summ, "trainable_params": int(trainable),
+               "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak}
+        rec.summary = [r for r in rec.summary if not (r["method"] == name and r["seed"] == seed)]
+        if summ:
+            rec.summary.append(row)
+        entry = rec.methods.setdefault(name, {"seeds": {}})
+        entry["mode"] = mode
+        merged = rec.extra_rows(name, seed)
+        entry["seeds"][str(seed)] = {
+            "matrix": R, "complete": complete, "metrics": summ, "trainable_params": int(trainable),
+            **({"merged": merged} if merged else {}),
+            **({"heldout_tasks": rec.plan.heldout, "heldout_matrix": G,
+                "general_delta_per_stage": metrics.general_ability_delta(G)} if G is not None else {}),
+            "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stages": list(stage_log)}
+        rec.update_intransigence()

@@ -1,0 +1,89 @@
+"""The checkpoint policy of one (method, seed) in sequential mode: when a stage checkpoint is
+written, where a resumed run starts, and when checkpoints are deleted.
+
+- Checkpoints are diffs against the post-setup state (rebuilt identically on resume), written by
+  clbench.checkpoint in a background thread while the stage is evaluated; the results record a
+  stage only after its checkpoint is complete.
+- keep_checkpoints `last` (default): a checkpoint is written once `checkpoint_interval` seconds of
+  training and evaluation have passed since the last one (a stage cheaper than its checkpoint
+  does not pay for it; a crash redoes at most that much), never for the last stage (a complete
+  method is never resumed), and the previous one is deleted once the results say the newer
+  stage is done; all are deleted when the method completes. `all` keeps every stage's; `none`
+  writes none.
+- A resumed run starts from the latest checkpoint at or before the last recorded stage and redoes
+  the stages after it, with the same results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import checkpoint
+from . import distributed as D
+from . import method as M
+
+
+class StageCheckpoints:
+    def __init__(self, job, model):
+        self.job, self.cfg, self.dir = job, job.s.cfg, job.ckpt_dir
+        share = job.s.base_model.state_dict()
+        self.reference = checkpoint.snapshot(model, share=share) if self.cfg.keep_checkpoints != "none" else None
+        self.since = 0.0  # training and evaluation seconds since the last checkpoint (or the method's start)
+        self.last: int | None = None
+        self.n = len(job.s.pl.task_names)
+
+    def path(self, t: int) -> Path:
+        return self.dir / f"stage{t}.pt"
+
+    def resume_point(self, done: int) -> int:
+        """The latest stage checkpoint at or before the last recorded stage `done` (0: none)."""
+        if not done or self.reference is None:
+            return 0
+        k = next((k for k in range(done, 0, -1) if self.path(k).is_file()), 0)
+        self.last = k or None
+        return k
+
+    def restore(self, k: int, model, meth, prev_stages: list) -> dict:
+        """Weights, method state and RNG of stage k into the model; returns the checkpoint's costs
+        (train_seconds, eval_seconds up to and including stage k, peak_mem_mb)."""
+        ck = checkpoint.load(self.path(k))
+        checkpoint.apply_diff(model, self.reference, ck["diff"])
+        if ck.get("method") is not None:
+            M.call(meth, "load_state_dict", ck["method"])
+        checkpoint.set_rng_state(ck["rng"])
+        # written while stage k was evaluated: its evaluation time is in the results
+        ev = ck["eval_seconds"] if "eval_seconds" in ck else ck["eval_seconds_before"] + prev_stages[k - 1]["eval_seconds"]
+        return {"train_seconds": ck["train_seconds"], "eval_seconds": ev, "peak_mem_mb": ck["peak_mem_mb"]}
+
+    def start_save(self, t: int, model, meth, log, secs: float, peak: float):
+        """Start writing stage t's checkpoint (or not, by the policy); `log` holds the costs before
+        stage t, `secs`/`peak` stage t's training. Returns the pending save or None."""
+        if self.reference is None or not D.is_main():
+            return None
+        if self.cfg.keep_checkpoints == "last":
+            if t == self.n and not self.job.spec.merge:
+                return None  # the last stage completes the method: nothing will resume from its checkpoint
+            expected_eval = log.stages[-1]["eval_seconds"] if log.stages else self.job.s.base_eval_s
+            if self.since + secs + expected_eval < self.cfg.checkpoint_interval:
+                return None  # cheaper to redo than to write
+        return checkpoint.save_in_background(
+            self.path(t), model, self.reference, M.call(meth, "state_dict"),
+            {"train_seconds": log.train_s + secs, "eval_seconds_before": log.eval_s, "peak_mem_mb": max(log.peak, peak),
+             "stage": t})
+
+    def stage_done(self, t: int, seconds: float, pending) -> None:
+        self.since = 0.0 if pending is not None else self.since + seconds
+
+    def stage_recorded(self, t: int, pending) -> None:
+        """The results now say stage t is done: the previous checkpoint may go."""
+        if pending is None:
+            return
+        if self.cfg.keep_checkpoints == "last" and self.last is not None:
+            self.path(self.last).unlink(missing_ok=True)
+        self.last = t
+
+    def method_complete(self) -> None:
+        """A complete method is never resumed: with keep last its stage checkpoints go."""
+        if self.reference is not None and self.cfg.keep_checkpoints == "last" and D.is_main():
+            for t in range(1, self.n + 1):
+                self.path(t).unlink(missing_ok=True)

@@ -1,0 +1,114 @@
+"""Where a run executes: device and precision, seeding, memory accounting, quiet libraries."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from . import distributed as D
+from .config import RunConfig
+from .errors import ConfigError
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def select_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None). Master weights always stay float32."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was requested but no CUDA device is available")
+    dev = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and D.enabled():
+        dev = torch.device("cuda", D.local_rank())
+    if cfg.precision == "fp32":
+        return dev, None
+    ok = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_supports_bf16()
+    if cfg.precision == "bf16" and not ok:
+        raise ConfigError(f"precision: bf16 was requested but {dev.type} here does not support it; use auto or fp32")
+    return dev, (torch.bfloat16 if ok else None)
+
+
+def release_freed_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA's allocator peak, or sampled process RSS on CPU.
+
+    On CPU this is the whole process (the kept base model, the checkpoint reference copy and
+    the method's own copies included), so compare methods within one run, not across runs.
+    release=True first hands freed memory back to the OS, so that RSS starts from what is live,
+    not from an earlier method's peak; the loop does that once per method, not per stage:
+    memory handed back must be faulted in again by the next stage (0.7 s per stage on the
+    demo model), while a method's own earlier stages cannot raise its peak above itself."""
+
+    def __init__(self, device: torch.device, release: bool = True):
+        self.device, self.peak_mb, self.release = device, 0.0, release
+        self._stop = threading.Event()
+
+    def _rss_mb(self) -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:
+            return 0.0
+
+    def _sample(self):
+        while not self._stop.wait(0.05):
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            if self.release:
+                release_freed_memory()
+            self.peak_mb = self._rss_mb()
+            self._t = threading.Thread(target=self._sample, daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = max(self.peak_mb, torch.cuda.max_memory_allocated(self.device) / 2**20)
+        else:
+            self._stop.set()
+            self._t.join()
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+
+
+def quiet_libraries() -> None:
+    """The run prints its own progress; the libraries' per-file bars would drown it."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

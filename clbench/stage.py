@@ -1,0 +1,75 @@
+"""One stage of a method, driven the one way the loop, the tests and the benchmark all use:
+
+    start_stage:  the stage view (seeded generator, the task's examples)
+                  examples = method.stage_examples(model, stage) or the task's examples
+                  model = method.stage_start(model, stage)    # may calibrate: stage.calibrate(...)
+    train_stage(model, method, examples, ...)                 # the one training loop (clbench.train)
+    model = method.stage_end(model, stage)
+
+A test or benchmark that looks at the model between stage_start and training calls start_stage,
+then train_stage itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import method as M
+from .train import num_steps, train_stage
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """The seed of stage `stage` of a (method, seed) run: its batch order and the loop's RNG."""
+    return seed * 1_000_003 + stage * 7919
+
+
+def start_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str, *, device, autocast_dtype=None,
+                pad_id: int, progress=None):
+    """Everything of stage t before its training: the seeded stage view (whose calibrate() runs
+    the loop's training loop densely on the stage's examples), the method's stage_examples and
+    stage_start. Returns (model, stage view); the stage's examples are `stage.examples`."""
+    from .config import TrainOverrides
+
+    torch.manual_seed(stage_seed(run.seed, t))
+    kw = dict(device=device, autocast_dtype=autocast_dtype, pad_id=pad_id, progress=progress)
+    holder: dict = {}
+
+    def calibrate(m, steps=None, lr=None, weight_decay=None, desc="calibrate"):
+        over = {k: v for k, v in dict(steps=steps, lr=lr, weight_decay=weight_decay).items() if v is not None}
+        st = holder["stage"]
+        return train_stage(m, method, list(st.examples), cfg.merged(TrainOverrides(**over)), st,
+                           desc=f"{run.method} seed {run.seed} stage {t} {desc}", dense=True, **kw)
+
+    gen = torch.Generator().manual_seed(stage_seed(run.seed, t))
+    stage = M.Stage(stage=t, task=task, seed=run.seed, run=run, train_config=cfg, generator=gen, examples=examples,
+                    total_steps=num_steps(cfg, len(examples)) if examples else 0, calibrate=calibrate)
+    holder["stage"] = stage
+    changed = M.call(method, "stage_examples", model, stage)
+    if changed is not None:
+        if not changed:
+            raise M.MethodError(f"method {run.method!r}, hook stage_examples returned no examples for stage {t} ({task})")
+        stage = stage.replace(examples=changed, total_steps=num_steps(cfg, len(changed)))
+        holder["stage"] = stage
+    return M.call(method, "stage_start", model, stage), stage
+
+
+def run_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str, *, device, autocast_dtype=None,
+              pad_id: int, progress=None, on_step=None, desc: str | None = None):
+    """Stage t of `method` on `examples` (clbench.train.Example) with train config `cfg`: start_stage,
+    the one training loop, stage_end. Returns (model, stats, stage view)."""
+    model, stage = start_stage(model, method, examples, cfg, run, t, task, device=device, autocast_dtype=autocast_dtype,
+                               pad_id=pad_id, progress=progress)
+    stats = train_stage(model, method, list(stage.examples), cfg, stage, device=device, autocast_dtype=autocast_dtype,
+                        pad_id=pad_id, progress=progress, desc=desc or f"{run.method} seed {run.seed} stage {t} {task}",
+                        on_step=on_step)
+    model = M.call(method, "stage_end", model, stage)
+    return model, stats, stage
+
+
+def autocast_factory(device: torch.device, dtype):
+    """RunContext.autocast: the loop's autocast as a context-manager factory."""
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
