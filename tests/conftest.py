@@ -54,3 +54,42 @@ def tok():
     from clbench import models
 
     return models.build_tiny_tokenizer()
+
+
+def two_stage_run_and_resume(tmp_path, methods: list[dict], tasks=("tiny_parity", "tiny_compare"), train=None) -> dict:
+    """Run `methods` (config method specs) for two stages of the tiny model through the CLI, then
+    pretend the run died after stage 1 and resume it: every method's matrix and stage losses must
+    repeat exactly. Returns results.json of the first run."""
+    import json
+
+    import yaml
+
+    from clbench.cli import main
+
+    cfg = {"name": "two-stage", "model": "tiny", "tasks": list(tasks), "task_dirs": [str(REPO / "configs" / "tiny_tasks")],
+           "methods": methods, "seeds": [0], "threads": 1,
+           "train": {"steps": 3, "lr": 3e-3, "batch_size": 8, "max_length": 64, **(train or {})},
+           "eval": {"limit": 8, "batch_size": 16, "log_samples": False}, "precision": "fp32", "keep_checkpoints": "all"}
+    path = tmp_path / "two-stage.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output-dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    names = [m.get("label") or m["name"] for m in methods]
+    first = {}
+    for m in names:
+        seed = res["methods"][m]["seeds"]["0"]
+        assert seed["complete"] and len(seed["matrix"]) == 3 and len(seed["stages"]) == 2, m
+        first[m] = (seed["matrix"], [(s["first_loss"], s["last_loss"]) for s in seed["stages"]])
+    saved = json.loads(json.dumps(res))
+    for m in names:  # the run "died" after stage 1: stage 2 is resumed from stage 1's checkpoint
+        seed = res["methods"][m]["seeds"]["0"]
+        seed["stages"], seed["complete"] = seed["stages"][:1], False
+        (out / "checkpoints" / m / "seed0" / "stage2.pt").unlink()
+    (out / "results.json").write_text(json.dumps(res))
+    assert main(["run", str(path), "--output-dir", str(out)]) == 0
+    res2 = json.loads((out / "results.json").read_text())
+    for m in names:
+        seed = res2["methods"][m]["seeds"]["0"]
+        assert (seed["matrix"], [(s["first_loss"], s["last_loss"]) for s in seed["stages"]]) == first[m], m
+    return saved

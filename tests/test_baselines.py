@@ -16,7 +16,7 @@ from clbench import method as M
 from clbench import models
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
-from conftest import REPO
+from conftest import REPO, two_stage_run_and_resume
 
 for _f in ("olora", "ewc", "replay", "lota", "lora"):
     M.load_method_file(REPO / "methods" / f"{_f}.py")
@@ -428,8 +428,6 @@ def test_replay_of_general_data_from_stage_one(tok, data, monkeypatch):
 
 
 def test_two_stage_run_and_resume(tmp_path):
-    from clbench.cli import main
-
     methods = [
         {"name": "olora", "options": {"r": 4, "alpha": 8}, "train": {"lr": 1e-2}},
         {"name": "ewc", "options": {"ewc_lambda": 100.0, "fisher_batches": 2}},
@@ -438,36 +436,11 @@ def test_two_stage_run_and_resume(tmp_path):
          "train": {"lr": 1e-2}},
         {"name": "replay", "label": "replay-general", "options": {"m": 8, "general_task": "tiny_copy", "general_m": 6}},
     ]
-    cfg = {"name": "baselines", "model": "tiny", "tasks": ["tiny_parity", "tiny_compare"],
-           "task_dirs": [str(REPO / "configs" / "tiny_tasks")], "methods": methods, "seeds": [0], "threads": 1,
-           "train": {"steps": 3, "lr": 3e-3, "batch_size": 8, "max_length": 64},
-           "eval": {"limit": 8, "batch_size": 16, "log_samples": False}, "precision": "fp32", "keep_checkpoints": "all"}
-    path = tmp_path / "baselines.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "out"
-    assert main(["run", str(path), "--output-dir", str(out)]) == 0
-    res = json.loads((out / "results.json").read_text())
-    names = ["olora", "ewc", "replay", "replay-lora", "replay-general"]
-    first = {}
-    for m in names:
-        seed = res["methods"][m]["seeds"]["0"]
-        assert seed["complete"] and len(seed["matrix"]) == 3 and len(seed["stages"]) == 2
-        first[m] = (seed["matrix"], [(s["first_loss"], s["last_loss"]) for s in seed["stages"]])
-    assert res["methods"]["olora"]["seeds"]["0"]["trainable_params"] < res["methods"]["ewc"]["seeds"]["0"]["trainable_params"]
-
-    # pretend the run died after stage 1: the resumed stage 2 must repeat exactly
-    for m in names:
-        seed = res["methods"][m]["seeds"]["0"]
-        seed["stages"], seed["complete"] = seed["stages"][:1], False
-        (out / "checkpoints" / m / "seed0" / "stage2.pt").unlink()
-    (out / "results.json").write_text(json.dumps(res))
-    assert main(["run", str(path), "--output-dir", str(out)]) == 0
-    res2 = json.loads((out / "results.json").read_text())
-    for m in names:
-        seed = res2["methods"][m]["seeds"]["0"]
-        assert (seed["matrix"], [(s["first_loss"], s["last_loss"]) for s in seed["stages"]]) == first[m], m
+    res = two_stage_run_and_resume(tmp_path, methods)
+    seeds = {m: res["methods"][m]["seeds"]["0"] for m in res["methods"]}
+    assert seeds["olora"]["trainable_params"] < seeds["ewc"]["trainable_params"]
     # replaying general data from stage 1 changes stage 1's training
-    assert first["replay-general"][1][0] != first["replay"][1][0]
+    assert seeds["replay-general"]["stages"][0]["first_loss"] != seeds["replay"]["stages"][0]["first_loss"]
 
 
 def test_replay_general_task_must_exist_before_anything_runs(tmp_path, run_cli):
