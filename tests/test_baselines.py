@@ -3,7 +3,6 @@
 model through the loop's real train_stage, or on hand-made tensors with hand-computed
 results; one 2-stage CLI run of every method, resumed after stage 1 with identical losses."""
 
-import json
 import sys
 
 import pytest
