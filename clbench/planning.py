@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import datacheck
 from . import method as M
 from . import paths
 from . import tasks as taskcat
@@ -71,7 +72,7 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
     for n in heldout:
         if not task_defs[n].hub:
             task_defs[n].check_data(cache, need_train=False)
-    return Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods), heldout)
+    return datacheck.check_plan(Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods), heldout))
 
 
 GENERAL_SUITE = "general"
