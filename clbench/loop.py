@@ -130,6 +130,7 @@ class Job:
                                examples=lambda task: s.examples(task, run_cfg),
                                pairs=s.task_pairs,
                                tokenize=lambda pairs: tokenize(pairs, s.tok, run_cfg.max_length),
+                               task=lambda name: s.lm_tasks[name],
                                autocast=autocast_factory(s.device, s.autocast))
         model = M.call(meth, "setup", copy.deepcopy(s.base_model), run_ctx)
         model.to(s.device)

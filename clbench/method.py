@@ -76,6 +76,9 @@ class RunContext:
     # lm-eval renders the task's evaluation requests; tokenize(pairs) -> Examples at the run's length
     pairs: Callable[[str], list] | None = None
     tokenize: Callable[[list], list] | None = None
+    # task(name) -> the lm-eval Task object that renders and scores a task of the run (read only):
+    # its output type, choices, generation settings and answer filters (clbench.generation.TaskView)
+    task: Callable[[str], Any] | None = None
     # the loop's autocast for this run (a context manager factory): a method that runs its own
     # forward outside the loop's (A-GEM's reference gradient, a teacher) uses the same precision
     autocast: Callable[[], Any] | None = None
