@@ -23,6 +23,7 @@ deletes (remove_unfinished_writes). clbench.checkpoint writes its files the same
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -31,6 +32,8 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
+from .errors import ClbenchError
 
 MATRIX_COLUMNS = ["method", "seed", "stage", "trained_task", "eval_task", "metric", "value", "eval_group"]
 SUMMARY_COLUMNS = ["method", "seed", "mode", "acc", "bwt", "fwt", "forgetting", "la", "aia", "general_delta", "intransigence",
@@ -58,16 +61,34 @@ def remove_unfinished_writes(folder: Path) -> list[Path]:
     return gone
 
 
+class WriteError(ClbenchError):
+    """A results, samples or checkpoint file could not be written (disk full, read-only, ...)."""
+
+
+def write_failed(path: Path, e: OSError) -> WriteError:
+    """One readable line for a failed write: the file meant, and why (an OSError raised by write()
+    or fsync() names no file of its own)."""
+    why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return WriteError(f"writing {path} failed: {why}; the files written before it are kept")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_file(path)
+    except OSError as e:
+        raise write_failed(path, e) from e
     try:
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise write_failed(path, e) from e
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

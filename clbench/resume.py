@@ -30,23 +30,44 @@ class StageCheckpoints:
         self.reference = checkpoint.snapshot(model, share=share) if self.cfg.keep_checkpoints != "none" else None
         self.since = 0.0  # training and evaluation seconds since the last checkpoint (or the method's start)
         self.last: int | None = None
+        self._loaded: tuple[int, dict] | None = None  # (stage, checkpoint) read by resume_point for restore
         self.n = len(job.s.pl.task_names)
 
     def path(self, t: int) -> Path:
         return self.dir / f"stage{t}.pt"
 
     def resume_point(self, done: int) -> int:
-        """The latest stage checkpoint at or before the last recorded stage `done` (0: none)."""
+        """The latest readable stage checkpoint at or before the last recorded stage `done` (0:
+        none). One that cannot be read (truncated, not a checkpoint) is said so and deleted, and
+        an earlier one, or the start, is used instead: the stages after it are redone."""
+        self._loaded = None
         if not done or self.reference is None:
             return 0
-        k = next((k for k in range(done, 0, -1) if self.path(k).is_file()), 0)
-        self.last = k or None
-        return k
+        for k in range(done, 0, -1):
+            if not self.path(k).is_file():
+                continue
+            try:
+                ck = checkpoint.load(self.path(k))
+                missing = {"diff", "rng", "train_seconds", "peak_mem_mb"} - set(ck)
+                if missing:
+                    raise KeyError(f"no {', '.join(sorted(missing))}")
+            except Exception as e:  # torch.load's errors for a broken file are RuntimeError, EOFError, pickle's, ...
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                self.job.s.console.print(f"{self.job.tag()} stage checkpoint {self.path(k)} cannot be read "
+                                         f"({type(e).__name__}: {why}); deleted it, resuming from an earlier stage",
+                                         soft_wrap=True)
+                self.path(k).unlink(missing_ok=True)
+                continue
+            self._loaded, self.last = (k, ck), k
+            return k
+        self.last = None
+        return 0
 
     def restore(self, k: int, model, meth, prev_stages: list) -> dict:
         """Weights, method state and RNG of stage k into the model; returns the checkpoint's costs
         (train_seconds, eval_seconds up to and including stage k, peak_mem_mb)."""
-        ck = checkpoint.load(self.path(k))
+        ck = self._loaded[1] if self._loaded and self._loaded[0] == k else checkpoint.load(self.path(k))
+        self._loaded = None
         checkpoint.apply_diff(model, self.reference, ck["diff"])
         if ck.get("method") is not None:
             M.call(meth, "load_state_dict", ck["method"])

@@ -15,7 +15,7 @@ from .config import NON_RESULT_FIELDS
 from .errors import ClbenchError
 from .loop import run
 from .planning import Plan
-from .results import remove_unfinished_writes, write_json, write_yaml
+from .results import remove_unfinished_writes, write_failed, write_json, write_yaml
 
 RESULT_FILES = ("config.yaml", "matrix.csv", "summary.csv", "results.json")
 
@@ -66,8 +66,12 @@ class RunLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            os.close(fd)
+            raise write_failed(self.path, e) from None
         self._fd = fd
         return self
 

@@ -186,7 +186,7 @@ def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(results.WriteError, match=f"writing {f} failed: disk full"):
         results.atomic_write_text(f, "new\n")
     assert f.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["matrix.csv"]
@@ -522,4 +522,42 @@ def test_checkpoint_interval_skips_cheap_stages_and_resume_redoes_them(reference
     code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, "--set", "keep_checkpoints=all")
     assert code == 0, err
     assert "resumed after stage 1" in err and "stage 2 is redone (no later checkpoint)" in err
+    assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
+
+
+def test_unreadable_checkpoint_on_resume_is_said_and_its_stages_redone(reference_run, tmp_path, run_cli):
+    """A truncated stage checkpoint (e.g. a disk that filled up outside clbench) is not a dead end:
+    the resume says which file cannot be read, deletes it, and starts from an earlier checkpoint,
+    or from the start, to the uninterrupted run's matrix."""
+    out = tmp_path / "out"
+    keep_all = ("--set", "keep_checkpoints=all", *EVERY_STAGE)
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, *keep_all)
+    assert code == 0, err
+    ck = out / "checkpoints" / "full_ft" / "seed0"
+
+    def cut_after(stage):  # as if the process had died after stage `stage` of full_ft
+        res = json.loads((out / "results.json").read_text())
+        s = res["methods"]["full_ft"]["seeds"]["0"]
+        s["stages"], s["complete"] = s["stages"][:stage], False
+        (out / "results.json").write_text(json.dumps(res))
+
+    def truncate(f):
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+
+    cut_after(2)
+    truncate(ck / "stage2.pt")
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, *keep_all)
+    assert code == 0, err
+    assert f"stage checkpoint {ck / 'stage2.pt'} cannot be read" in err.replace("\n", "") and "resumed after stage 1" in err
+    assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
+
+    cut_after(2)
+    truncate(ck / "stage2.pt")
+    (ck / "stage1.pt").write_bytes(b"not a checkpoint")
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, *keep_all)
+    assert code == 0, err
+    flat = err.replace("\n", "")
+    assert f"{ck / 'stage2.pt'} cannot be read" in flat and f"{ck / 'stage1.pt'} cannot be read" in flat
+    assert "has no stage checkpoint to resume from; stages 1-2 are redone" in err
     assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
