@@ -17,6 +17,7 @@ after the evaluation. The loop waits for it before the results files record the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import threading
@@ -191,6 +192,12 @@ def _save_atomic(path: Path, payload: dict) -> float:
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
+    except RuntimeError as e:
+        # torch's zip writer reports a failed write as "enforce fail ... unexpected pos": say why
+        st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < 2**20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
