@@ -1,0 +1,191 @@
+"""A-GEM, averaged gradient episodic memory (Chaudhry et al., ICLR 2019, arXiv 1812.00420).
+
+Idea: keep a small episodic memory of every finished task. At each optimizer step of a later
+task, compute the gradient g_ref of the loss on a batch drawn from the memory; if the new
+task's gradient g points against it (g . g_ref < 0, the step would increase the memory's
+loss to first order), replace g by its projection onto the half-space g . g_ref >= 0:
+
+    g <- g - (g . g_ref / g_ref . g_ref) g_ref      if g . g_ref < 0;  g unchanged otherwise
+
+(one dot product over all trainable parameters, as the authors' model/model.py does for the
+whole gradient vector), so the step never increases the average episodic loss to first order.
+
+How it runs here:
+- Memory: at stage_end of stage t, m examples of the stage's training set (`stage.examples`)
+  are sampled without replacement with a generator seeded from the run seed and the stage
+  (every process draws the same); a stage with fewer examples stores them all. Stage t
+  projects against the memories of tasks < t only; stage 1 has an empty memory and is
+  exactly full fine-tuning (the hook returns before touching anything or drawing a number).
+- Reference batch: at every optimizer step, ref_batch_size examples drawn without replacement
+  from the pooled memory of all finished tasks (a generator seeded from the run seed and the
+  stage, the same on every process); the whole memory when it holds fewer (the authors use all
+  of it when it is smaller than their reference batch).
+- after_backward (gradients accumulated over the micro-batches and, with several processes,
+  already summed over the ranks, before clipping): g_ref = torch.autograd.grad of the loop's
+  lm_loss (token mean of the target NLL, the stage's head_only_targets) on the reference
+  batch under stage.autocast(), in the model's training mode; .grad is not touched by it.
+  The dot products are per-tensor (torch.dot on views of each gradient) summed into float64
+  scalars: no flat copy of the parameters. The projection is applied in place to .grad.
+- Several processes: each rank computes its share (examples rank, rank + N, ...) of the same
+  reference batch, weighted by its share of the batch's target tokens as the loop weights the
+  task loss, and the shares are summed over the ranks: every rank holds the same g_ref (the
+  all-reduce gives each rank the same sum, where N separate full computations could differ
+  in their last bits), so every rank takes the same decision and the same projected step.
+- Every parameter trains (as full_ft). The optimizer is the loop's AdamW: A-GEM constrains
+  the gradient it is given, not Adam's per-coordinate update (the authors use plain SGD).
+- Cost: one extra forward and backward of ref_batch_size examples per optimizer step, and
+  one gradient-sized set of tensors (g_ref) while the hook runs.
+
+Options (defaults and sources):
+  m 50              examples kept per finished task. Unconfirmed for LMs: the authors keep 65
+                    per task on Split CIFAR (13 per class, conv_split_cifar.py) and 250 on
+                    Permuted MNIST (fc_permute_mnist.py); 50 as methods/replay.py.
+  ref_batch_size    none = the stage's train.batch_size (one more micro-batch of work per
+                    step). Unconfirmed for LMs: the authors draw 256 memory examples, or all
+                    when fewer (conv_split_cifar.py).
+
+State: the memory (token ids) and per-stage counts of projected steps; checkpointed with
+state_dict, so a resumed run projects against the same memory.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from clbench import distributed as D
+from clbench.masking import derive_seed
+from clbench.method import MethodError, Method, register
+from clbench.train import IGNORE, Example, collate, lm_loss
+
+SALT_MEMORY, SALT_DRAW = 21, 22
+
+
+class AgemOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    m: int = Field(50, gt=0, description="examples kept per finished task")
+    ref_batch_size: Optional[int] = Field(None, gt=0, description="memory examples per reference gradient "
+                                          "(none = train.batch_size; all of the memory when it holds fewer)")
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
+        return torch.dot(a.reshape(-1), b.reshape(-1)).double()
+    return torch.dot(a.reshape(-1).float(), b.reshape(-1).float()).double()
+
+
+@register("agem")
+class AGEM(Method):
+    Options = AgemOptions
+
+    def __init__(self, options: AgemOptions):
+        self.options = options
+        self.memory: dict[str, list[Example]] = {}  # finished tasks, in stream order
+        self.stats: list[dict] = []  # per stage: optimizer steps, projected steps
+        self.last: dict = {}  # the latest step's dot products (inspection, tests)
+        self.pad_id = 0
+        self._draw: torch.Generator | None = None
+        self._steps = self._projected = 0
+
+    def setup(self, model, run):
+        tok = getattr(run, "tokenizer", None)
+        if tok is not None and tok.pad_token_id is not None:
+            self.pad_id = tok.pad_token_id
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def stage_start(self, model, stage):
+        self._draw = torch.Generator().manual_seed(derive_seed(stage.seed, stage.stage, SALT_DRAW))
+        self._steps = self._projected = 0
+        return model
+
+    def pool(self) -> list[Example]:
+        return [ex for exs in self.memory.values() for ex in exs]
+
+    def reference_examples(self, stage) -> list[Example]:
+        """The memory examples of this step's reference gradient (the same on every rank)."""
+        pool = self.pool()
+        k = self.options.ref_batch_size or stage.train_config.batch_size
+        if k >= len(pool):
+            return pool
+        idx = torch.randperm(len(pool), generator=self._draw)[:k].tolist()
+        return [pool[i] for i in idx]
+
+    def reference_gradient(self, model, params, examples, stage) -> list[torch.Tensor | None]:
+        """Gradient of the loop's lm_loss on `examples` w.r.t. `params`, .grad untouched; with
+        several processes each rank takes its share and the shares are summed over the ranks."""
+        multi = D.enabled()
+        if multi:
+            n = D.world_size()
+            if len(examples) < n:
+                raise MethodError(f"agem: a reference batch of {len(examples)} memory examples cannot be split over "
+                                  f"{n} processes: raise m or ref_batch_size to at least {n}")
+            examples = D.shard(examples)
+        device = params[0].device
+        batch = {k: v.to(device) for k, v in collate(examples, self.pad_id).items()}
+        n_local = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float32)
+        n_global = D.all_reduce_sum(n_local.clone()) if multi else n_local
+        if float(n_global) == 0:
+            return [None] * len(params)
+        head_only = getattr(stage.train_config, "head_only_targets", True)
+        if float(n_local) > 0:
+            with stage.autocast():
+                loss = lm_loss(model, batch, head_only)
+            if multi:
+                loss = loss * (n_local / n_global)
+            grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+        else:
+            grads = [None] * len(params)
+        if multi:  # the same set of tensors on every rank for the all-reduce
+            grads = [D.all_reduce_sum(torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)]
+        return grads
+
+    def after_backward(self, model, stage):
+        if not self.memory:
+            return
+        self._steps += 1
+        params = [p for p in model.parameters() if p.requires_grad]
+        refs = self.reference_gradient(model, params, self.reference_examples(stage), stage)
+        device = params[0].device
+        dot = torch.zeros((), dtype=torch.float64, device=device)
+        ref2 = torch.zeros((), dtype=torch.float64, device=device)
+        for p, r in zip(params, refs):
+            if r is None:
+                continue
+            ref2 += _dot(r, r)
+            if p.grad is not None:
+                dot += _dot(p.grad, r)
+        dot, ref2 = float(dot), float(ref2)
+        projected = dot < 0 and ref2 > 0
+        self.last = {"dot": dot, "ref_norm2": ref2, "projected": projected}
+        if not projected:
+            return
+        self._projected += 1
+        coef = dot / ref2
+        for p, r in zip(params, refs):
+            if r is None:
+                continue
+            if p.grad is None:  # a parameter the task loss did not reach: its part of g is 0
+                p.grad = (r * -coef).to(p.dtype)
+            else:
+                p.grad.add_(r.to(p.grad.dtype), alpha=-coef)
+
+    def stage_end(self, model, stage):
+        if self.memory:
+            self.stats.append({"stage": stage.stage, "steps": self._steps, "projected": self._projected})
+        examples = list(stage.examples)
+        rng = random.Random(derive_seed(stage.seed, stage.stage, SALT_MEMORY))
+        self.memory[stage.task] = rng.sample(examples, min(self.options.m, len(examples)))
+        return model
+
+    def state_dict(self):
+        return {"memory": {t: [(list(ex.input_ids), ex.n_prompt) for ex in exs] for t, exs in self.memory.items()},
+                "stats": [dict(s) for s in self.stats]}
+
+    def load_state_dict(self, state):
+        self.memory = {t: [Example(list(ids), int(n)) for ids, n in exs] for t, exs in state.get("memory", {}).items()}
+        self.stats = [dict(s) for s in state.get("stats", [])]
