@@ -741,6 +741,28 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
         warnings.warn(n, stacklevel=2)
 
     out = Path(out) if out is not None else Path(run_dirs[0]) / "report"
+    _check_writable(out)
+    try:
+        return _write_report(out, runs, groups, notes)
+    except OSError as e:  # e.g. the disk filled up while drawing
+        raise ReportError(f"writing the report into {out} failed: {e.strerror or e}"
+                          + (f" ({e.filename})" if e.filename else "")) from None
+
+
+def _check_writable(out: Path) -> None:
+    """Before anything is drawn: the report folder can be created and written."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ReportError(f"cannot write the report into {out}: {e.strerror or e}; choose another folder "
+                          "with --out") from None
+
+
+def _write_report(out: Path, runs, groups, notes) -> Path:
     fig_dir, tab_dir = out / "figures", out / "tables"
     _clear_previous(out)
     fig_dir.mkdir(parents=True, exist_ok=True)

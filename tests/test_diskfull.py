@@ -1,5 +1,5 @@
-"""Writes that fail for real: a full disk (a small tmpfs) while writing samples, results and
-checkpoints, and an output directory that is read-only or a file. Each stops the run with one
+"""Writes that fail for real: a full disk (a small tmpfs) while writing samples, results,
+checkpoints and a report, and an output or report directory that is read-only or a file. Each stops the run with one
 line naming the file and the cause, keeps what was computed, and a re-run with space finishes
 with the uninterrupted run's matrix. Mounting needs root (CI runs as root); without it these
 tests are skipped, saying so."""
@@ -60,7 +60,7 @@ def uninterrupted(tmp_path_factory):
     d = tmp_path_factory.mktemp("small")
     (d / "c.yaml").write_text(SMALL)
     assert main(["run", str(d / "c.yaml"), "--output-dir", str(d / "out"), "--set", "eval.log_samples=false"]) == 0
-    return (d / "out" / "matrix.csv").read_text()
+    return d / "out"
 
 
 def _config(tmp_path):
@@ -94,7 +94,7 @@ def test_full_disk_names_the_file_and_a_rerun_finishes(tmpfs, tmp_path, run_cli,
     filler.unlink()
     code, _, err = run_cli("run", _config(tmp_path), "--output-dir", out, *sets)
     assert code == 0, err
-    assert (out / "matrix.csv").read_text() == uninterrupted
+    assert (out / "matrix.csv").read_text() == (uninterrupted / "matrix.csv").read_text()
 
 
 def test_read_only_output_directory(tmp_path, run_cli):
@@ -119,3 +119,21 @@ def test_output_directory_that_is_a_file(tmp_path, run_cli):
     assert f.read_text() == "a file\n"
     code, _, err = run_cli("run", _config(tmp_path), "--output-dir", f / "sub")
     assert code == 2 and f"output directory {f / 'sub'} is not a directory" in err, err
+
+
+def test_report_into_a_read_only_or_full_folder(tmpfs, tmp_path, run_cli, uninterrupted):
+    where, fill = tmpfs
+    code, _, err = run_cli("report", uninterrupted, "--out", where / "report")
+    assert code == 0, err  # the folder works while there is space
+    fill(0)
+    code, _, err = run_cli("report", uninterrupted, "--out", where / "report2")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"clbench: error: writing the report into {where / 'report2'} failed: No space left on device" in err, err
+    ro = tmp_path / "ro"
+    _mount(ro, "size=1m", "ro")
+    try:
+        code, _, err = run_cli("report", uninterrupted, "--out", ro / "report")
+        assert code == 2 and "Traceback" not in err, err
+        assert f"clbench: error: cannot write the report into {ro / 'report'}: Read-only file system" in err, err
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
