@@ -92,10 +92,7 @@ def _dispatch(args) -> int:
         from .runner import execute
 
         cfg, cdir = load_config(args.config, args.overrides)
-        from .presets import check_run
-
-        check_run(cfg, cdir)  # a preset's release missing or unprepared: say where, before any model
-        pl = plan(cfg, cdir)
+        pl = plan(cfg, cdir)  # a preset's release missing or unprepared: says where, before any model
         out = Path(args.output_dir or Path("runs") / cfg.name)
         execute(pl, out, fresh=args.fresh, allow_changes=args.allow_config_change)
         return 0
@@ -120,32 +117,30 @@ def _dispatch(args) -> int:
                 have = all(f.is_file() for f in t.data_files(cache).values())
                 print(f"{name:22s} {t.lm_eval['output_type']:16s} {'ready  ' if have else 'no data'} {t.clbench.get('description', '')}")
         else:
-            from .data import load_streams
-            from .tasks import load_tasks
+            from .presets import config_data_root, data_root, stream_status
+            from .tasks import load_streams, load_tasks
 
             cache = paths.cache_dir(cfg.cache_dir if cfg else None)
             tasks = load_tasks(tdirs)
-            from .presets import config_data_root, data_root, stream_status
-
             root = config_data_root(cfg, Path(args.config).resolve().parent) if cfg else data_root()
-            for name, s in load_streams(tdirs).items():
+            for name, s in load_streams(tdirs, tasks).items():
                 print(f"{name}: {s.get('description', '')}")
                 if s.get("preset"):
-                    print(stream_status(s, root, cache))
+                    print(stream_status(s, tasks, root, cache))
                 for oname, names in s["orders"].items():
                     ready = all(n in tasks and all(f.is_file() for f in tasks[n].data_files(cache).values()) for n in names)
                     print(f"  order {oname}: {' -> '.join(names)}  [{'data ready' if ready else 'run: clbench data prepare ' + name}]")
         return 0
 
     if args.cmd == "data":
-        from .data import load_streams, prepare_tasks
-        from .tasks import load_tasks
+        from .data import prepare_tasks
+        from .tasks import load_streams, load_tasks
 
         cfg, tdirs, _ = _user_dirs(args.config)
         cache = paths.cache_dir(cfg.cache_dir if cfg else None)
         paths.set_offline_env(cache)
         tasks = load_tasks(tdirs)
-        streams = load_streams(tdirs)
+        streams = load_streams(tdirs, tasks)
         if args.tasks:
             names = [n.strip() for n in args.tasks.split(",") if n.strip()]
         elif args.stream or (cfg and cfg.stream):
@@ -167,11 +162,10 @@ def _dispatch(args) -> int:
             raise ClbenchError(f"unknown task(s) {unknown}; available: {', '.join(sorted(tasks))}")
         todo = [n for n in names if tasks[n].prepared]
         seed = cfg.data_seed if cfg else 1234
-        raw = {n: {**tasks[n].lm_eval, "clbench": tasks[n].clbench} for n in todo}
         from .presets import config_data_root
 
         root = args.data_root or (config_data_root(cfg, Path(args.config).resolve().parent) if cfg else None)
-        out = prepare_tasks(todo, raw, cache, seed=seed, force=args.force, data_root=root)
+        out = prepare_tasks([tasks[n] for n in todo], cache, seed=seed, force=args.force, data_root=root)
         for n, files in out.items():
             print(f"{n}: " + ", ".join(f"{k}={v}" for k, v in files.items()))
         return 0

@@ -7,3 +7,7 @@ class ClbenchError(Exception):
 
 class ConfigError(ClbenchError):
     pass
+
+
+class DataError(ClbenchError):
+    """Task data that cannot be read or prepared (a malformed file, a missing release, ...)."""

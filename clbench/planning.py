@@ -42,22 +42,24 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
     for f in cfg.method_files:
         M.load_method_file((config_dir / f).resolve())
     made = [M.make(spec.name, spec.options, where=f"methods.{i}") for i, spec in enumerate(cfg.methods)]  # validates
-    task_defs = taskcat.load_tasks([(config_dir / d).resolve() for d in cfg.task_dirs])
+    from .presets import config_data_root
+
+    root = config_data_root(cfg, config_dir)  # where a preset's release is read from
+    dirs = [(config_dir / d).resolve() for d in cfg.task_dirs]
+    task_defs = taskcat.load_tasks(dirs)
     for i, meth in enumerate(made):  # tasks a method reads besides the stream (e.g. replay's general data)
         for n in meth.needs_tasks():
             if n not in task_defs:
                 raise ConfigError(f"methods.{i} ({cfg.methods[i].name}) needs task {n!r}, which does not exist; "
                                   f"available: {', '.join(sorted(task_defs))}")
-            task_defs[n].check_data(paths.cache_dir(cfg.cache_dir))
-    from .data import load_streams
-
-    streams = load_streams([(config_dir / d).resolve() for d in cfg.task_dirs])
+            task_defs[n].check_data(cache, data_root=root)
+    streams = taskcat.load_streams(dirs, task_defs)
     names = taskcat.resolve_stream(cfg, task_defs, streams)
     for n in names:
         if task_defs[n].lm_eval.get("output_type") == "loglikelihood_rolling":
             raise ConfigError(f"task {n!r} ({task_defs[n].path}) is a perplexity probe (loglikelihood_rolling): "
                               "it can only be held out (`heldout:`), not trained in the stream")
-        task_defs[n].check_data(cache)
+        task_defs[n].check_data(cache, data_root=root, stream=None if cfg.tasks else cfg.stream)
     heldout = expand_heldout(cfg.heldout, task_defs)
     unknown = [n for n in heldout if n not in task_defs]
     if unknown and cfg.offline:
@@ -71,7 +73,7 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
         raise ConfigError(f"task(s) {', '.join(both)} are both in the stream and held out: a held-out task is never trained")
     for n in heldout:
         if not task_defs[n].hub:
-            task_defs[n].check_data(cache, need_train=False)
+            task_defs[n].check_data(cache, need_train=False, data_root=root)
     return datacheck.check_plan(Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods), heldout))
 
 

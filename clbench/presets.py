@@ -57,7 +57,6 @@ data root); clbench does not automate it.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -67,22 +66,19 @@ from pathlib import Path
 from random import Random
 from typing import Any, Callable, Iterable
 
-import yaml
-
 from . import leakage, paths
-from .data import _parse_stream, _sha256_file, _write_atomic
-from .errors import ClbenchError
-from .tasks import TaskDef, TaskError
+from .errors import DataError
+from .files import sha256_file as _sha256_file
+from .files import write_atomic as _write_atomic
 
 log = logging.getLogger(__name__)
 
-PRESETS_DIR = paths.BUILTIN_TASKS_DIR / "presets"
 ENV_VAR = "CLBENCH_DATA_ROOT"
 SOURCE_PREFIX = "release:"
 READER_VERSION = 1  # bump when the documents a reader makes change (re-prepares the data)
 
 
-class ReleaseDataError(ClbenchError):
+class ReleaseDataError(DataError):
     """A release is missing, malformed, or no data root is set (the message says what to do)."""
 
 
@@ -407,90 +403,23 @@ def _count(items: Iterable[str]) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------
-# Preset task YAMLs and streams
+# What the catalogue and the CLI say about a preset's data
 # --------------------------------------------------------------------------------------
 
-_MODULES: dict[Path, Any] = {}
+
+def not_prepared_message(task: str, spec: dict, root: Path | None, stream: str | None = None) -> str:
+    """Why a preset task has no prepared data, and what to do: where its release is expected, or
+    the `clbench data prepare` command that reads it."""
+    root = data_root(root)
+    _, missing = source_files(spec, root)
+    if missing:
+        return missing_message(task, spec, root, missing)
+    what = f"clbench data prepare {stream}" if stream else f"clbench data prepare --tasks {task}"
+    return f"task {task} is not prepared (its release is at {root / spec['path']}): run `{what} --config <this config>`"
 
 
-def _import_function(yaml_path: Path, dotted: str):
-    """`!function module.name` -> the function `name` of <yaml folder>/module.py (lm-eval's rule)."""
-    mod_name, _, fn = dotted.rpartition(".")
-    mpath = (yaml_path.parent / f"{mod_name}.py").resolve()
-    if mpath not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"clbench_presets_{mod_name}", mpath)
-        if spec is None or spec.loader is None or not mpath.is_file():
-            raise TaskError(f"{yaml_path}: !function {dotted}: no module {mpath}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _MODULES[mpath] = module
-    try:
-        return getattr(_MODULES[mpath], fn)
-    except AttributeError:
-        raise TaskError(f"{yaml_path}: !function {dotted}: {mpath} has no {fn}") from None
-
-
-def _load_yaml(path: Path) -> Any:
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_constructor("!function", lambda loader, node: _import_function(path, loader.construct_scalar(node)))
-    try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
-    except yaml.YAMLError as e:
-        raise TaskError(f"{path}: malformed task YAML: {e}") from None
-
-
-class ReleaseTaskDef(TaskDef):
-    """A preset task: prepared like a registry task, but its error names the release layout."""
-
-    def check_data(self, cache: Path, need_train: bool = True) -> dict[str, Path]:
-        files = self.data_files(cache)
-        if all(files[s].is_file() for s in (["test"] + (["train"] if need_train else []))):
-            return super().check_data(cache, need_train)
-        spec = self.clbench["data"]
-        root = data_root()
-        _, missing = source_files(spec, root)
-        if missing:
-            raise TaskError(missing_message(self.name, spec, root, missing))
-        raise TaskError(f"task {self.name!r} is not prepared; its release is at {root / spec['path']}: "
-                        f"run `clbench data prepare --tasks {self.name}` (or the preset's name)")
-
-
-def load_preset_tasks() -> dict[str, ReleaseTaskDef]:
-    """The preset tasks of tasks/presets/*.yaml (`!function` resolved next to the YAML)."""
-    out = {}
-    for f in sorted(PRESETS_DIR.glob("*.yaml")):
-        if f.name == "streams.yaml":
-            continue
-        raw = _load_yaml(f)
-        if not isinstance(raw, dict) or "task" not in raw or not isinstance(raw.get("clbench"), dict):
-            raise TaskError(f"{f}: a preset task YAML needs `task` and a `clbench:` block")
-        cl = raw.pop("clbench")
-        if not is_release_task({"clbench": cl}):
-            raise TaskError(f"{f}: clbench.data.source must be one of "
-                            + ", ".join(SOURCE_PREFIX + k for k in LAYOUTS))
-        out[str(raw["task"])] = ReleaseTaskDef(name=str(raw["task"]), path=f.resolve(), lm_eval=raw, clbench=cl)
-    return out
-
-
-def load_preset_streams() -> dict[str, dict]:
-    """{name: {"description", "orders", "preset": layout}} from tasks/presets/streams.yaml."""
-    p = PRESETS_DIR / "streams.yaml"
-    raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    tasks = load_preset_tasks()
-    out = {}
-    for name, body in raw.items():
-        s = _parse_stream(str(name), body, p)
-        first = tasks[next(iter(s["orders"].values()))[0]]
-        s["preset"] = layout_of(first.clbench["data"]).name
-        out[str(name)] = s
-    return out
-
-
-def stream_status(stream: dict, root: Path | None, cache: Path) -> str:
+def stream_status(stream: dict, tasks: dict, root: Path | None, cache: Path) -> str:
     """One line for `clbench list streams`: the release, and whether its data is present."""
-    tasks = load_preset_tasks()
     names = list(dict.fromkeys(t for o in stream["orders"].values() for t in o))
     lay = LAYOUTS[stream["preset"]]
     missing = []
@@ -504,30 +433,3 @@ def stream_status(stream: dict, root: Path | None, cache: Path) -> str:
     else:
         state = f"release data present under {root}"
     return f"  source: {lay.title} ({lay.url}); {state}; {'prepared' if prepared else 'not prepared'}"
-
-
-def check_run(cfg, config_dir: Path) -> None:
-    """Fail before planning a run whose preset tasks are neither prepared nor on disk.
-
-    Called by `clbench run` before the model is touched. A prepared task passes even when
-    its release has been moved away (the manifest vouches for the files)."""
-    names = list(cfg.tasks or [])
-    if not names and cfg.stream:
-        streams = load_preset_streams()
-        if cfg.stream in streams:
-            names = list(dict.fromkeys(t for o in streams[cfg.stream]["orders"].values() for t in o))
-    names += list(cfg.heldout)
-    tasks = load_preset_tasks()
-    cache = paths.cache_dir(cfg.cache_dir)
-    root = config_data_root(cfg, config_dir)
-    for n in names:
-        t = tasks.get(n)
-        if t is None or all(f.is_file() for f in t.data_files(cache).values()):
-            continue
-        spec = t.clbench["data"]
-        _, missing = source_files(spec, root)
-        if missing:
-            raise ReleaseDataError(missing_message(n, spec, root, missing))
-        what = f"clbench data prepare {cfg.stream}" if cfg.stream and not cfg.tasks else f"clbench data prepare --tasks {n}"
-        raise ReleaseDataError(f"task {n} is not prepared (its release is at {root / spec['path']}): "
-                               f"run `{what} --config <this config>`")

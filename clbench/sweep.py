@@ -480,15 +480,9 @@ def prepare(sweep: Sweep, validate_plans: bool = True) -> None:
     if validate_plans:
         from .planning import plan
 
-        try:  # stream presets read releases from the user's disk; `clbench run` checks them first too
-            from .presets import check_run
-        except ImportError:
-            check_run = None
         cdir = (sweep.out / "configs").resolve()
         for run in sweep.runs:
-            try:
-                if check_run is not None:
-                    check_run(run.cfg, cdir)
+            try:  # (planning also checks that a preset's release is on disk or prepared)
                 plan(run.cfg, cdir)
             except ClbenchError as e:
                 raise type(e)(f"sweep {sweep.path}: run {run.id}: {e}") from None

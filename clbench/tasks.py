@@ -1,28 +1,38 @@
-"""Tasks: an lm-eval task YAML plus a `clbench:` block saying where its data comes from.
+"""The task catalogue: every task definition and stream, read in one place.
 
-The same lm-eval Task object that evaluates a task also renders its training examples
-(`fewshot_context` with zero shots = description + doc_to_text, then target_delimiter +
-the target), so training and evaluation prompts cannot drift apart.
+A task is an lm-eval task YAML plus a `clbench:` block saying where its data comes from. The
+same lm-eval Task object that evaluates a task also renders its training examples
+(`fewshot_context` with zero shots = description + doc_to_text, then target_delimiter + the
+target), so training and evaluation prompts cannot drift apart.
 
-Built-in tasks live in tasks/*.yaml; users add folders of YAMLs with `task_dirs`.
-A task's data is either prepared by `clbench data prepare` (clbench.data.source) into
-<cache>/data/<task>/{train,test}.jsonl, or given by the user as files relative to the
-YAML (clbench.data.train / clbench.data.test).
+Where tasks come from: tasks/*.yaml (built in), tasks/presets/*.yaml (the canonical benchmark
+presets, data from the original releases on the user's disk) and the folders of a config's
+`task_dirs`; streams from the streams.yaml of each. YAML is read by one loader, which also
+resolves lm-eval's `!function module.name` (a function of module.py beside the YAML).
+
+A task's data is either prepared by `clbench data prepare` (clbench.data: a registry package
+and a builder, or `release:<layout>` for a preset) into <cache>/data/<task>/{train,test}.jsonl,
+or given by the user as files relative to the YAML (clbench.data.train / clbench.data.test).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
 from . import paths
-from .errors import ClbenchError, ConfigError
+from .errors import ClbenchError, ConfigError, DataError
 
 REQUIRED = ("task", "output_type", "doc_to_text", "doc_to_target", "metric_list")
+PRESETS_DIR = paths.BUILTIN_TASKS_DIR / "presets"
+RELEASE_PREFIX = "release:"  # clbench.data.source of a preset: read from a release on the user's disk
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood_rolling")  # rolling: held-out probes only
 
 
@@ -50,6 +60,11 @@ class TaskDef:
         return "source" in self.clbench.get("data", {})
 
     @property
+    def release(self) -> bool:
+        """True for a preset task: its data is read from a release on the user's disk (clbench.presets)."""
+        return str(self.clbench.get("data", {}).get("source", "")).startswith(RELEASE_PREFIX)
+
+    @property
     def heldout(self) -> bool:
         return bool(self.clbench.get("heldout", False))
 
@@ -69,9 +84,17 @@ class TaskDef:
             files = {k: (self.path.parent / data[k]).resolve() for k in ("train", "test") if k in data}
         return files
 
-    def check_data(self, cache: Path, need_train: bool = True) -> dict[str, Path]:
+    def check_data(self, cache: Path, need_train: bool = True, data_root: Path | None = None,
+                   stream: str | None = None) -> dict[str, Path]:
+        """The task's data files, each checked to exist and parse; a missing file fails saying how to
+        get it (for a preset: where its release is expected, `data_root` or $CLBENCH_DATA_ROOT, and
+        the command that prepares it: for `stream` when given)."""
         files = self.data_files(cache)
         needed = ["test"] + (["train"] if need_train else [])
+        if self.release and not all(files[s].is_file() for s in needed):
+            from . import presets
+
+            raise TaskError(presets.not_prepared_message(self.name, self.clbench["data"], data_root, stream))
         for split in needed:
             f = files.get(split)
             if f is None:
@@ -79,8 +102,6 @@ class TaskDef:
             if not f.is_file():
                 hint = (f"; run `clbench data prepare` (or `clbench data prepare --tasks {self.name}`)" if self.prepared else "")
                 raise TaskError(f"task {self.name!r}: {split} data file not found: {f}{hint}")
-            from .data import read_jsonl
-
             if not read_jsonl(f):  # names file and line of a malformed line
                 raise TaskError(f"task {self.name!r}: {split} data file {f} holds no documents")
         return files
@@ -127,17 +148,66 @@ class TaskDef:
         return metric, (filters[0]["name"] if filters else "none")
 
 
-def _read_yaml(path: Path) -> Any:
+_MODULES: dict[Path, Any] = {}
+
+
+def _import_function(yaml_path: Path, dotted: str):
+    """`!function module.name` -> the function `name` of <yaml folder>/module.py (lm-eval's rule)."""
+    mod_name, _, fn = dotted.rpartition(".")
+    mpath = (yaml_path.parent / f"{mod_name.replace('.', '/')}.py").resolve()
+    if mpath not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"clbench_tasks_{mpath.stem}_{len(_MODULES)}", mpath)
+        if spec is None or spec.loader is None or not mpath.is_file():
+            raise TaskError(f"{yaml_path}: !function {dotted}: no module {mpath}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MODULES[mpath] = module
     try:
-        return yaml.safe_load(path.read_text())
+        return getattr(_MODULES[mpath], fn)
+    except AttributeError:
+        raise TaskError(f"{yaml_path}: !function {dotted}: {mpath} has no {fn}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """A task or streams YAML (`!function` resolved); a syntax error names the file, line and column."""
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: _import_function(path, loader.construct_scalar(node)))
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise TaskError(f"{where}: malformed task YAML: {getattr(e, 'problem', None) or e}") from None
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All documents of a JSONL file (blank lines skipped); a bad line raises DataError
+    naming the file and the line number."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e})") from e
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{n}: malformed JSON line: {e}") from None
+        if not isinstance(doc, dict):
+            raise DataError(f"{path}:{n}: malformed JSON line: expected an object, got {type(doc).__name__}")
+        docs.append(doc)
+    return docs
+
+
 def parse_task_file(path: Path) -> TaskDef:
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise TaskError(f"{path}: a task YAML must be a mapping")
     missing = [k for k in REQUIRED if k not in raw]
@@ -153,14 +223,21 @@ def parse_task_file(path: Path) -> TaskDef:
     data = cl["data"]
     if "source" not in data and "test" not in data:
         raise TaskError(f"{path}: clbench.data needs either `source` (prepared data) or `test` (and `train`) file paths")
-    return TaskDef(name=str(raw["task"]), path=path.resolve(), lm_eval=raw, clbench=cl)
+    t = TaskDef(name=str(raw["task"]), path=path.resolve(), lm_eval=raw, clbench=cl)
+    if (path.parent.resolve() == PRESETS_DIR.resolve()) != t.release:
+        raise TaskError(f"{path}: clbench.data.source `{RELEASE_PREFIX}<layout>` is for the presets in {PRESETS_DIR} only"
+                        if t.release else f"{path}: a preset task's clbench.data.source must be `{RELEASE_PREFIX}<layout>`")
+    return t
 
 
-def load_tasks(extra_dirs: list[Path] = ()) -> dict[str, TaskDef]:
-    """All tasks: built-in ones, then user folders (a user task may not shadow another)."""
+def _folders(extra_dirs: Iterable) -> list[Path]:
+    return [paths.BUILTIN_TASKS_DIR, PRESETS_DIR, *map(Path, extra_dirs)]
+
+
+def load_tasks(extra_dirs: Iterable = ()) -> dict[str, TaskDef]:
+    """All tasks: built-in ones, the presets, then user folders (a user task may not shadow another)."""
     tasks: dict[str, TaskDef] = {}
-    for d in [paths.BUILTIN_TASKS_DIR, *extra_dirs]:
-        d = Path(d)
+    for d in _folders(extra_dirs):
         if not d.is_dir():
             raise ConfigError(f"task folder not found: {d}")
         for f in sorted(d.glob("*.yaml")):
@@ -170,13 +247,54 @@ def load_tasks(extra_dirs: list[Path] = ()) -> dict[str, TaskDef]:
             if t.name in tasks:
                 raise TaskError(f"task {t.name!r} is defined twice: {tasks[t.name].path} and {f}")
             tasks[t.name] = t
-    from .presets import load_preset_tasks  # canonical presets: tasks/presets/, data from the releases
-
-    for name, t in load_preset_tasks().items():
-        if name in tasks:
-            raise TaskError(f"task {name!r} is defined twice: {tasks[name].path} and {t.path}")
-        tasks[name] = t
     return tasks
+
+
+def load_streams(extra_dirs: Iterable = (), tasks: dict[str, TaskDef] | None = None) -> dict[str, dict]:
+    """{name: {"description", "orders": {order: [task, ...]}}} from the streams.yaml of tasks/, the
+    presets and each user task folder. Each order must be a permutation of the same tasks; a
+    stream defined twice is an error naming both files. A preset's stream also says which release
+    its data comes from ("preset": the layout name, clbench.presets)."""
+    streams: dict[str, dict] = {}
+    origin: dict[str, Path] = {}
+    for d in _folders(extra_dirs):
+        p = d / "streams.yaml"
+        if not p.is_file():
+            continue
+        raw = read_yaml(p) or {}
+        if not isinstance(raw, dict):
+            raise DataError(f"{p}: expected a mapping of stream names")
+        for name, body in raw.items():
+            name = str(name)
+            if name in streams:
+                raise DataError(f"stream {name} is defined twice: {origin[name]} and {p}")
+            streams[name] = _parse_stream(name, body, p)
+            origin[name] = p
+            if d == PRESETS_DIR:
+                tasks = tasks if tasks is not None else load_tasks(extra_dirs)
+                first = tasks[next(iter(streams[name]["orders"].values()))[0]]
+                streams[name]["preset"] = first.clbench["data"]["source"][len(RELEASE_PREFIX):]
+    return streams
+
+
+def _parse_stream(name: str, body: Any, where: Path) -> dict:
+    if not isinstance(body, dict) or not isinstance(body.get("orders"), dict) or not body["orders"]:
+        raise DataError(f"{where}: stream {name} needs `orders: {{\"1\": [task, ...], ...}}`")
+    unknown = set(body) - {"description", "orders"}
+    if unknown:
+        raise DataError(f"{where}: stream {name} has unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    orders: dict[str, list[str]] = {}
+    first = None
+    for oname, tasks in body["orders"].items():
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+            raise DataError(f"{where}: stream {name} order {oname} must be a non-empty list of task names")
+        if len(set(tasks)) != len(tasks):
+            raise DataError(f"{where}: stream {name} order {oname} repeats a task: {tasks}")
+        if first is not None and sorted(tasks) != sorted(first):
+            raise DataError(f"{where}: stream {name} order {oname} {tasks} is not a reordering of {first}")
+        first = first or tasks
+        orders[str(oname)] = list(tasks)
+    return {"description": str(body.get("description", "")), "orders": orders}
 
 
 def resolve_stream(cfg, tasks: dict[str, TaskDef], streams: dict[str, dict]) -> list[str]:

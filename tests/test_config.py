@@ -104,7 +104,7 @@ def test_every_shipped_config_validates(path):
     """Shipped configs parse, name registered methods with valid options, and known tasks."""
     from clbench import method as M
     from clbench import paths
-    from clbench.data import load_streams
+    from clbench.tasks import load_streams
     from clbench.tasks import load_tasks, resolve_stream
 
     cfg, cdir = load_config(path)

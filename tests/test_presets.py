@@ -5,14 +5,14 @@ the published layout (O-LoRA CL_Benchmark, TRACE LLM-CL-Benchmark_5000, SuperNI 
 import json
 import logging
 import random
-import textwrap
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from clbench import data, leakage, presets
-from clbench.tasks import load_tasks
+from clbench import tasks as catalog
+from clbench.tasks import load_streams, load_tasks, read_jsonl
 
 OLORA = {  # task -> (group, folder, labels)
     "cl_dbpedia": ("TC", "dbpedia", ["Company", "Educational Institution", "Artist"]),
@@ -99,8 +99,8 @@ def test_std_cl_prepare_from_olora_layout(tmp_path, std_root, run_cli, caplog):
     for t in ("cl_dbpedia", "cl_amazon", "cl_yahoo", "cl_agnews"):
         assert f"{t}: train=" in out
     d = tmp_path / "cache" / "data" / "cl_dbpedia"
-    train = data.read_jsonl(d / "train.jsonl")
-    test = data.read_jsonl(d / "test.jsonl")
+    train = read_jsonl(d / "train.jsonl")
+    test = read_jsonl(d / "test.jsonl")
     # 1,000 per class at most, sampled per class; smaller classes kept whole
     assert Counter(x["label"] for x in train) == {"Company": 1000, "Educational Institution": 7, "Artist": 3}
     assert len(test) == 6 and {x["label"] for x in test} == {"Company", "Educational Institution", "Artist"}
@@ -134,11 +134,11 @@ def test_std_cl_prepare_from_olora_layout(tmp_path, std_root, run_cli, caplog):
 def test_lm_eval_renders_the_olora_prompt(tmp_path, std_root):
     cache = tmp_path / "cache"
     tasks = load_tasks()
-    raw = {n: {**tasks[n].lm_eval, "clbench": tasks[n].clbench} for n in ("cl_agnews", "cl_copa")}
+    raw = [tasks[n] for n in ("cl_agnews", "cl_copa")]
     write_olora(std_root, "cl_copa", [{"label": "A", "sentence": 'Which sentence is the cause of "X."? Choose one between A and B.\nA: a\nB: b'},
                                       {"label": "B", "sentence": "Q2\nA: c\nB: d"}],
                 [{"label": "B", "sentence": "Q3\nA: e\nB: f"}])
-    data.prepare_tasks(list(raw), raw, cache, data_root=std_root)
+    data.prepare_tasks(raw, cache, data_root=std_root)
     from clbench.tasks import build_lm_eval_tasks, training_examples
 
     lm = build_lm_eval_tasks([tasks["cl_agnews"], tasks["cl_copa"]], cache)
@@ -161,17 +161,17 @@ def test_long_seq_prepares_all_fifteen_tasks(tmp_path):
         if t == "cl_mnli":
             test.append({"label": "-", "sentence": "sentence 1: a\nsentence 2: b"})  # as in O-LoRA's MNLI test.json
         write_olora(root, t, olora_examples(t, 4, "train"), test)
-    streams = data.load_streams()
+    streams = load_streams()
     names = streams["long-seq-o4"]["orders"]["1"]
     assert len(names) == 15 and streams["long-seq-o5"]["orders"]["1"][0] == "cl_multirc"
     assert streams["long-seq-o6"]["orders"]["1"][-1] == "cl_wic" and streams["long-seq-o4"]["preset"] == "o-lora"
     tasks = load_tasks()
-    raw = {n: {**tasks[n].lm_eval, "clbench": tasks[n].clbench} for n in names}
-    out = data.prepare_tasks(names, raw, tmp_path / "cache", seed=3, data_root=root)
+    raw = [tasks[n] for n in names]
+    out = data.prepare_tasks(raw, tmp_path / "cache", seed=3, data_root=root)
     for t in names:
-        train = data.read_jsonl(out[t]["train"])
+        train = read_jsonl(out[t]["train"])
         assert Counter(x["label"] for x in train) == {lab: 4 for lab in OLORA[t][2]}, t
-    mnli_test = data.read_jsonl(out["cl_mnli"]["test"])
+    mnli_test = read_jsonl(out["cl_mnli"]["test"])
     assert len(mnli_test) == 6 and "-" not in {x["label"] for x in mnli_test}
 
 
@@ -190,16 +190,16 @@ def write_trace(root: Path, n_train=6, n_test=3) -> Path:
 def test_trace_prepares_and_scores(tmp_path):
     root = tmp_path / "releases"
     write_trace(root)
-    names = data.load_streams()["trace"]["orders"]["1"]
+    names = load_streams()["trace"]["orders"]["1"]
     assert names == ["trace_cstance", "trace_fomc", "trace_meetingbank", "trace_py150", "trace_scienceqa",
                      "trace_numglue_cm", "trace_numglue_ds", "trace_20minuten"]
     tasks = load_tasks()
-    raw = {n: {**tasks[n].lm_eval, "clbench": tasks[n].clbench} for n in names}
+    raw = [tasks[n] for n in names]
     cache = tmp_path / "cache"
-    out = data.prepare_tasks(names, raw, cache, data_root=root)
-    docs = data.read_jsonl(out["trace_py150"]["train"])
+    out = data.prepare_tasks(raw, cache, data_root=root)
+    docs = read_jsonl(out["trace_py150"]["train"])
     assert len(docs) == 6 and set(docs[0]) == {"prompt", "answer"} and docs[0]["prompt"].startswith("Py150 train")
-    assert len(data.read_jsonl(out["trace_py150"]["test"])) == 3
+    assert len(read_jsonl(out["trace_py150"]["test"])) == 3
     m = json.loads((cache / "data" / "trace_fomc" / "manifest.json").read_text())
     assert {f["role"] for f in m["source"]["files"]} == {"train", "eval", "test"}
     assert m["leakage"] == []  # distinct eval and test files, no shared prompts
@@ -218,7 +218,7 @@ def test_trace_prepares_and_scores(tmp_path):
 
 
 def test_trace_metric_functions():
-    m = presets._import_function(presets.PRESETS_DIR / "x.yaml", "cl_metrics.lcs_length").__globals__
+    m = catalog._import_function(catalog.PRESETS_DIR / "x.yaml", "cl_metrics.lcs_length").__globals__
     rng = random.Random(0)
     for _ in range(200):  # bit-parallel LCS equals the dynamic programme
         a = "".join(rng.choice("abc d") for _ in range(rng.randint(0, 30)))
@@ -249,17 +249,17 @@ def write_superni(root: Path, tasks: list[str], n: int) -> None:
 
 
 def test_superni_prepares_500_test_then_train(tmp_path):
-    streams = data.load_streams()
+    streams = load_streams()
     assert len(streams["superni-o1"]["orders"]["1"]) == 10
     names = streams["superni-o2"]["orders"]["1"]
     assert streams["superni-o3"]["orders"]["1"] == streams["superni-o1"]["orders"]["1"][5:]
     root = tmp_path / "releases"
     write_superni(root, [n.removeprefix("sni_") for n in names], 503)
     tasks = load_tasks()
-    raw = {n: {**tasks[n].lm_eval, "clbench": tasks[n].clbench} for n in names}
-    out = data.prepare_tasks(names, raw, tmp_path / "cache", data_root=root)
-    train = data.read_jsonl(out["sni_task024"]["train"])
-    test = data.read_jsonl(out["sni_task024"]["test"])
+    raw = [tasks[n] for n in names]
+    out = data.prepare_tasks(raw, tmp_path / "cache", data_root=root)
+    train = read_jsonl(out["sni_task024"]["train"])
+    test = read_jsonl(out["sni_task024"]["test"])
     assert len(test) == 500 and len(train) == 3
     assert not {d["input"] for d in train} & {d["input"] for d in test}
     assert train[0]["definition"] == "Do task024." and train[0]["outputs"] == [train[0]["target"], train[0]["outputs"][1]]
@@ -309,7 +309,7 @@ def test_list_streams_shows_presets_and_data_state(tmp_path, std_root, run_cli, 
     assert "natural-instructions" in status("superni-o1")
     assert "cls4:" in out  # the registry streams are still there
     # data prepare without a stream prepares the registry streams only, never the presets
-    assert all(not s.get("preset") for n, s in data.load_streams().items() if n in ("cls4", "qa4"))
+    assert all(not s.get("preset") for n, s in load_streams().items() if n in ("cls4", "qa4"))
 
 
 # ----------------------------------------------------------------------------- leakage
