@@ -33,13 +33,9 @@ from typing import Mapping, Union
 import torch
 
 from . import method as M
+from .runtime import derive_seed  # noqa: F401  (methods' own seeded draws: clbench.runtime)
 
 MaskLike = Union[torch.Tensor, bool]
-
-
-def derive_seed(seed: int, stage: int, salt: int = 0) -> int:
-    """A seed for a method's own random draws at a stage, independent of the loop's batch RNG."""
-    return (int(seed) * 1_000_003 + int(stage) * 7919 + int(salt) * 104_729) % (2**63 - 1)
 
 
 class MaskedUpdate:
@@ -137,7 +133,7 @@ class MaskedMethod(M.Method):
         return self.update.trainable_params(model)
 
 
-def snapshot(model: torch.nn.Module, names=None) -> dict[str, torch.Tensor]:
+def copy_params(model: torch.nn.Module, names=None) -> dict[str, torch.Tensor]:
     """Detached clones of the named parameters (all of them by default)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if names is None or n in names}
 

@@ -92,6 +92,13 @@ class PeakMemory:
             self.peak_mb = max(self.peak_mb, self._rss_mb())
 
 
+def derive_seed(seed: int, stage: int, salt: int = 0) -> int:
+    """The one seed derivation: a seed for stage `stage` of a run with seed `seed`; salt 0 is the
+    stage's own seed (its batch order), another salt a method's own draws at that stage,
+    independent of the batch order."""
+    return (int(seed) * 1_000_003 + int(stage) * 7919 + int(salt) * 104_729) % (2**63 - 1)
+
+
 def seed_everything(seed: int) -> None:
     import random
 

@@ -17,12 +17,13 @@ import contextlib
 import torch
 
 from . import method as M
+from .runtime import derive_seed
 from .train import num_steps, train_stage
 
 
 def stage_seed(seed: int, stage: int) -> int:
     """The seed of stage `stage` of a (method, seed) run: its batch order and the loop's RNG."""
-    return seed * 1_000_003 + stage * 7919
+    return derive_seed(seed, stage)
 
 
 def start_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str, *, device, autocast_dtype=None,
