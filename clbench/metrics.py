@@ -2,8 +2,8 @@
 
 R is a (T+1) x T array: R[t, i] is the score on task i (0-based column i is the
 paper's task i+1) after training through stage t; row 0 is the base model before
-any training. Every score is "higher is better". All formulas follow
-../shared/docs/benchmarks.md; each docstring names its source and sign convention.
+any training. Every score is "higher is better". Each docstring names its source (GEM,
+Chaudhry et al. 2018, Riemer et al. 2019, TRACE) and its sign convention.
 Indices in the docstrings are 1-based like the papers: R[t, i] with t = 0..T, i = 1..T.
 """
 

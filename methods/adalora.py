@@ -26,7 +26,7 @@ How it runs in clbench:
   AdaLoRA adapter starts the next stage.
 
 Options (defaults and their source):
-  init_r 12, target_r 8        the project brief (../shared/docs/methods.md; peft's defaults too)
+  init_r 12, target_r 8        peft's AdaLoraConfig defaults
   tinit 0.1, tfinal 0.2        warm-up and final phases. A value < 1 is a fraction of the stage's
                                steps (floored), a value >= 1 a step count. The paper's GLUE
                                settings are step counts for long runs; fractions are this

@@ -5,8 +5,9 @@ Two continual variants:
   inc  after each stage the adapter is merged into the weights and a fresh adapter starts
        the next stage (each stage learns a low-rank increment on top of the last).
 
-Options (defaults: r=8, alpha=16, all linear layers of the decoder, as in
-../shared/docs/methods.md; dropout 0.05 is peft's common choice, not confirmed by a source):
+Options (defaults: r=8, alpha=16, all linear layers of the decoder — the usual LoRA baseline
+of continual-learning papers, not one paper's setting; dropout 0.05 is peft's common choice,
+not confirmed by a source):
   r, alpha, dropout, target_modules ("all-linear" or a list of module names), variant.
 """
 

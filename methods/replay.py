@@ -36,10 +36,10 @@ How it runs here:
   a base every parameter trains (as full_ft).
 
 Options (defaults and sources):
-  m 50                 examples kept per past task (the project brief; unconfirmed)
+  m 50                 examples kept per past task (this suite's choice; unconfirmed by a source)
   selection reservoir  `reservoir` or `first` (see above)
-  ratio 0.25           share of replayed examples in each mixed batch (the project brief;
-                       unconfirmed)
+  ratio 0.25           share of replayed examples in each mixed batch (this suite's choice;
+                       unconfirmed by a source)
   weighting mixed_mean see above
   general_task         none; a task name whose training data is replayed as general
                        instruction data from stage 1 on (pooled with the past tasks' buffers;
