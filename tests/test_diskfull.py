@@ -91,6 +91,8 @@ def test_full_disk_names_the_file_and_a_rerun_finishes(tmpfs, tmp_path, run_cli,
     assert code == 2 and last.startswith("clbench: error: ") and "Traceback" not in err, err
     assert re.search(needle.format(out=re.escape(str(out))), last), err
     assert not [p for p in out.rglob(".*") if p.name != ".lock"]  # no temp file left behind
+    if what == "checkpoint":  # a stage is recorded only once its checkpoint is complete
+        assert not (out / "results.json").exists() and not (out / "checkpoints/full_ft/seed0/stage1.pt").exists()
     filler.unlink()
     code, _, err = run_cli("run", _config(tmp_path), "--output-dir", out, *sets)
     assert code == 0, err
