@@ -67,7 +67,7 @@ def test_penalty_is_dense_l1_of_BA_and_its_gradient_is_sign_BA_A_T(tok):
     # by hand, in float64: lambda1 * sum over modules of sum_ij |(B A)_ij|; the earlier adapter does not count
     expected = 0.7 * sum(float((b.double() @ a.double()).abs().sum().detach()) for a, b in pairs.values())
     pen = meth.extra_loss(model, None, stage, None)
-    assert float(pen) == pytest.approx(expected, rel=1e-5)
+    assert float(pen.detach()) == pytest.approx(expected, rel=1e-5)
     pen.backward()
     for name, (a, b) in pairs.items():
         s = torch.sign(b.double() @ a.double())
