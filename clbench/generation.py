@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _context_limit(model, max_length: int | None) -> int:
+def context_limit(model, max_length: int | None = None) -> int:
+    """max_length, or the longest sequence the model takes (its max_position_embeddings; 2048
+    when it has none, as lm-eval's HFLM)."""
     if max_length:
         return int(max_length)
     cfg = getattr(model, "config", None)
@@ -89,7 +91,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         generator = torch.Generator().manual_seed(int(seed))
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    keep = max(1, _context_limit(model, max_length) - max_new_tokens)
+    keep = max(1, context_limit(model, max_length) - max_new_tokens)
     encoded = []
     for p in prompts:
         ids = tokenizer(p, add_special_tokens=False)["input_ids"][-keep:]
@@ -160,7 +162,7 @@ def loglikelihoods(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_
     from .tasks import encode_pair
     from .train import _split_head
 
-    limit = _context_limit(model, max_length)
+    limit = context_limit(model, max_length)
     items = []
     for ctx, cont in pairs:
         c, t = encode_pair(tokenizer, ctx, cont)
