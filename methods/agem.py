@@ -7,8 +7,9 @@ loss to first order), replace g by its projection onto the half-space g . g_ref 
 
     g <- g - (g . g_ref / g_ref . g_ref) g_ref      if g . g_ref < 0;  g unchanged otherwise
 
-(one dot product over all trainable parameters, as the authors' model/model.py does for the
-whole gradient vector), so the step never increases the average episodic loss to first order.
+(one dot product over all trainable parameters: the authors' model/model.py,
+create_stochastic_gem_ops, flattens every trainable variable's gradient into one vector), so
+the step never increases the average episodic loss to first order.
 
 How it runs here:
 - Memory: at stage_end of stage t, m examples of the stage's training set (`stage.examples`)
@@ -16,6 +17,9 @@ How it runs here:
   (every process draws the same); a stage with fewer examples stores them all. Stage t
   projects against the memories of tasks < t only; stage 1 has an empty memory and is
   exactly full fine-tuning (the hook returns before touching anything or drawing a number).
+  A uniform sample of the task's training set is a choice: the authors fill the memory with
+  a fixed number of the finished task's examples per class, which a generative LM task has
+  no analogue of.
 - Reference batch: at every optimizer step, ref_batch_size examples drawn without replacement
   from the pooled memory of all finished tasks (a generator seeded from the run seed and the
   stage, the same on every process); the whole memory when it holds fewer (the authors use all
@@ -23,7 +27,8 @@ How it runs here:
 - after_backward (gradients accumulated over the micro-batches and, with several processes,
   already summed over the ranks, before clipping): g_ref = torch.autograd.grad of the loop's
   lm_loss (token mean of the target NLL, the stage's head_only_targets) on the reference
-  batch under stage.autocast(), in the model's training mode; .grad is not touched by it.
+  batch under stage.autocast(), in the model's training mode (the authors feed the memory
+  batch with train_phase True); .grad is not touched by it.
   The dot products are per-tensor (torch.dot on views of each gradient) summed into float64
   scalars: no flat copy of the parameters. The projection is applied in place to .grad.
 - Several processes: each rank computes its share (examples rank, rank + N, ...) of the same
