@@ -81,9 +81,10 @@ Options (defaults and sources):
 Choices no source confirms: the consistency mean over real positions only (the authors' buffer
 batches are left-padded with token 0 and run without an attention mask, and their buffer labels
 are padded with 0, so padding is trained on as a target; here padding is masked and never a
-target); `stable_init`; after a task the authors call a `load_ema_model` that does not exist
-(which47/LLMCL#10), meant to load the saved plastic adapter into the stable one: not done here,
-the stable adapter stays the running average across stages.
+target); `stable_init`; after a task the authors call `load_ema_model` (ILORA.py:295), defined
+nowhere in their repository (their `update_ema_model`, :180, would load the saved plastic
+adapter into the stable one): not done here, the stable adapter stays the running average
+across stages.
 
 Memory: two adapters; optimizer state for the plastic one only; the buffer holds token ids.
 Per micro-batch from stage 2 on: one extra no-grad forward and one extra forward and backward

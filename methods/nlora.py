@@ -13,7 +13,8 @@ sparse by an l1 penalty, so the updates of different tasks rarely touch the same
 
 How it runs here: the adapter structure is O-LoRA's (methods/olora.py, whose class this one
 extends): setup creates one peft adapter per stage (`stage1`, `stage2`, ...), stage t makes
-1..t active and trains only t, so the earlier adapters and the base weights stay bit-identical.
+the adapters of the earlier stages this run trained and adapter t active and trains only t, so
+the earlier adapters and the base weights stay bit-identical.
 extra_loss returns the penalty, from stage 1 on (the authors' trainer adds it for every task),
 in float32 outside autocast; the loop adds it to each micro-batch's loss before dividing by
 grad_accum, so per optimizer step it acts once with weight lambda1. The authors' trainer adds it
@@ -24,8 +25,11 @@ The reported stage losses include the penalty.
 Penalty (option `penalty`):
   delta_w  the paper's |Delta W_t|_1 with Delta W_t = B_t A_t (out x in) per adapted module,
            WITHOUT the alpha / r factor: the paper writes Delta W_i = A_i B_i and the authors'
-           code has no scale, so the lambda1 values of both carry over. The update the forward
-           adds is (alpha / r) B_t A_t, so the penalty is (r / alpha) times its l1 norm.
+           code has no scale either. The update the forward adds is (alpha / r) B_t A_t, so the
+           penalty is (r / alpha) times its l1 norm. The scripts' lambda1 values were tuned on
+           the code's r x r product, a sum of r^2 entries per module instead of out * in, so
+           under delta_w the same lambda1 weighs a far larger term (on SmolLM2-135M at lr 3e-4
+           the default makes the penalty most of the stage loss within a few steps): tune it.
            Cost: a dense out x in product (and its backward) per module and micro-batch.
   code     what the authors' code computes: sum |A_w B_w|_1 with A_w the down-projection's
            weight (r x in) and B_w the up-projection's (out x r), an r x r product, no scale.
@@ -44,8 +48,9 @@ Options (defaults and sources):
   penalty delta_w  the paper's objective (see above); `code` for the authors' r x r product
 
 Choices no source confirms: the penalty without the alpha / r factor under `delta_w` (the paper
-leaves the LoRA scale out of Delta W_i), and its weight per optimizer step rather than per
-micro-batch (see above). The authors merge each finished task's adapter into one growing
+leaves the LoRA scale out of Delta W_i), lambda1's default for `delta_w` (taken from the scripts,
+which computed the r x r product), and the weight per optimizer step rather than per micro-batch
+(see above). The authors merge each finished task's adapter into one growing
 lora_A / lora_B pair; keeping one peft adapter per stage gives the same forward.
 """
 

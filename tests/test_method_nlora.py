@@ -78,11 +78,12 @@ def test_penalty_is_dense_l1_of_BA_and_its_gradient_is_sign_BA_A_T(tok):
     # stage 1 is penalised too (unlike O-LoRA's orthogonality term, which needs an earlier adapter)
     model = meth.stage_start(model, stage_view(run, 1))
     one = adapter_pairs(model, "stage1")
-    assert float(meth.extra_loss(model, None, stage_view(run, 1), None)) == pytest.approx(
-        0.7 * sum(float((b.double() @ a.double()).abs().sum()) for a, b in one.values()), rel=1e-5)
-    # at setup B = 0, so Delta W = 0: no penalty and no gradient from it
-    meth0, model0, run0 = fresh(tok, {"r": 4, "alpha": 8})
-    assert float(meth0.extra_loss(model0, None, stage_view(run0, 1), None)) == 0.0
+    with torch.no_grad():
+        assert float(meth.extra_loss(model, None, stage_view(run, 1), None)) == pytest.approx(
+            0.7 * sum(float((b.double() @ a.double()).abs().sum()) for a, b in one.values()), rel=1e-5)
+        # at setup B = 0, so Delta W = 0: no penalty
+        meth0, model0, run0 = fresh(tok, {"r": 4, "alpha": 8})
+        assert float(meth0.extra_loss(model0, None, stage_view(run0, 1), None)) == 0.0
 
 
 def test_code_penalty_is_the_r_by_r_product_and_refused_for_non_square_modules(tok):
