@@ -51,12 +51,28 @@ def test_matrix_shape_and_base_row(tiny_run):
         assert all(0.0 <= float(r["value"]) <= 1.0 for r in mine)
 
 
+def test_matrix_csv_equals_the_per_example_samples(tiny_run):
+    """Each cell of matrix.csv is the mean of its per-example metric in lm-eval's own records."""
+    n = 0
+    for r in read(tiny_run / "matrix.csv"):
+        folder = ("base/stage0" if r["stage"] == "0" else f"{r['method']}/seed{r['seed']}/stage{r['stage']}")
+        recs = [json.loads(line) for line in (tiny_run / "samples" / folder / f"{r['eval_task']}.jsonl").read_text().splitlines()]
+        assert len(recs) == 20 and float(r["value"]) == pytest.approx(sum(x[r["metric"]] for x in recs) / len(recs))
+        n += 1
+    assert n == 2 * 4 * 3
+
+
 def test_summary_equals_metrics_of_matrix(tiny_run):
     from clbench import metrics
 
     res = json.loads((tiny_run / "results.json").read_text())
+    tasks = res["run"]["tasks"]
+    cells = {(r["method"], r["seed"], int(r["stage"]), r["eval_task"]): float(r["value"])
+             for r in read(tiny_run / "matrix.csv")}
     for r in read(tiny_run / "summary.csv"):
-        R = res["methods"][r["method"]]["seeds"][r["seed"]]["matrix"]
+        # R rebuilt from matrix.csv, not taken from the same in-memory matrix the summary came from
+        R = [[cells[(r["method"], r["seed"], s, t)] for t in tasks] for s in range(len(tasks) + 1)]
+        assert R == res["methods"][r["method"]]["seeds"][r["seed"]]["matrix"]
         assert float(r["acc"]) == pytest.approx(metrics.acc(R))
         assert float(r["bwt"]) == pytest.approx(metrics.bwt(R))
         assert float(r["forgetting"]) == pytest.approx(metrics.forgetting(R))
