@@ -311,22 +311,6 @@ def test_run_logs_to_tensorboard(tmp_path, run_cli, one_thread):
     assert parity[-1][1] == pytest.approx(R[3][0])
 
 
-def test_wandb_offline_runs_per_method_and_seed(tmp_path, monkeypatch):
-    """Only where the optional `wandb` extra is installed (checked by hand with wandb 0.31.0)."""
-    pytest.importorskip("wandb")
-    from clbench.config import load_config
-    from clbench.trackers import open_trackers
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg, _ = load_config(TINY_CONFIG, ["trackers=[wandb]"])
-    with open_trackers(cfg, tmp_path) as tr:
-        for seed in (0, 1):
-            tr.log_step("full_ft", seed, 1, 0, loss=4.0, lr=1e-3)
-            tr.log_stage("full_ft", seed, 1, {"tiny_parity": 0.5})
-    assert len(list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))) == 2
-
-
 def test_fresh_sweep_starts_every_run_over(local_sweep, tmp_path, monkeypatch):
     """--fresh: complete runs are launched too, each as `clbench run --fresh` (launcher stubbed;
     on a copy of the sweep so the module's other tests keep theirs)."""
