@@ -96,9 +96,10 @@ def test_code_penalty_is_the_r_by_r_product_and_refused_for_non_square_modules(t
     pairs = adapter_pairs(model, "stage2")
     assert len(pairs) == 2
     # A_w (r x in) @ B_w (out x r) is r x r; no alpha / r
-    expected = 0.3 * sum(float((a.double() @ b.double()).abs().sum()) for a, b in pairs.values())
-    assert all((a @ b).shape == (4, 4) for a, b in pairs.values())
-    assert float(meth.extra_loss(model, None, stage, None)) == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        expected = 0.3 * sum(float((a.double() @ b.double()).abs().sum()) for a, b in pairs.values())
+        assert all((a @ b).shape == (4, 4) for a, b in pairs.values())
+        assert float(meth.extra_loss(model, None, stage, None)) == pytest.approx(expected, rel=1e-5)
 
 
 def train(meth, model, run, examples, tok, cfg, t):
