@@ -52,8 +52,11 @@ Options (defaults and sources):
   eps 0.995          GainLoRA's scripts (--threshold 0.995); ViT: 0.95 (CIFAR-100), 0.98
                      (ImageNet-R), configs/*_inflora.json `lamb`
   init random        GainLoRA (random projected); svd: the ViT code's design from H
-  max_batches None   all of the stage's examples in each pass (the ViT code); GainLoRA stops
-                     after 1001 batches (cl_trainer_inflora.py:189)
+  max_batches None   all of the stage's examples in each pass (the ViT code); an int: a seeded
+                     random subset of that many batches (the same in both passes of a stage).
+                     GainLoRA stops after its first 1001 batches (cl_trainer_inflora.py:189).
+                     A pass is a forward per batch: over a large training set and a short stage
+                     it costs more than the training itself
 
 Not confirmed by a source: the passes run in eval mode (no dropout; the ViT code runs its
 passes in the network's current mode, GainLoRA under no_grad in training mode), and H of the
@@ -72,8 +75,11 @@ from typing import Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from clbench.masking import derive_seed
 from clbench.method import MethodError, load_method_file, register
 from clbench.train import collate
+
+_SUBSET_SALT = 401  # the examples of a capped H pass: a draw of its own, apart from the batch order
 
 
 def _olora():
@@ -140,7 +146,7 @@ def gpm_update(m: torch.Tensor | None, h: torch.Tensor, thr: float) -> torch.Ten
 def project_rows(a: torch.Tensor, m: torch.Tensor | None, rescale: bool) -> torch.Tensor:
     """a (I - M M^T) in float64 (three times: rounding), rows rescaled to norm 1/sqrt(3) if
     `rescale`; a row the projection leaves at (numerically) zero becomes zero."""
-    a = a.double()
+    a = a.detach().double().cpu()  # M lives on the CPU
     if m is None or m.shape[1] == 0:
         return a
     before = a.norm(dim=1, keepdim=True)
@@ -156,7 +162,7 @@ def project_rows(a: torch.Tensor, m: torch.Tensor | None, rescale: bool) -> torc
 
 
 @torch.no_grad()
-def input_moments(model, examples, batch_size: int, pad_id: int, autocast, max_batches=None):
+def input_moments(model, examples, batch_size: int, pad_id: int, autocast):
     """{module name: (mean x x^T over the non-padding positions, float64 CPU; the group leader)}:
     one no_grad pass of the decoder over `examples` with pre-hooks on the LoRA layers. Modules
     fed the same tensor in a forward share the leader's matrix."""
@@ -196,8 +202,6 @@ def input_moments(model, examples, batch_size: int, pad_id: int, autocast, max_b
     model.eval()
     try:
         for i in range(0, len(examples), batch_size):
-            if max_batches is not None and i // batch_size >= max_batches:
-                break
             batch = collate(list(examples[i:i + batch_size]), pad_id)
             mask_box[:] = [batch["attention_mask"].to(device).bool()]
             seen.clear()
@@ -224,10 +228,16 @@ class InfLoRA(_OLoRA):
         self.M: dict[str, torch.Tensor] = {}  # module name -> orthonormal basis (d x k, float32, CPU)
 
     def _pass(self, model, stage):
+        """H of every LoRA layer on the stage's examples: all of them, or with max_batches a
+        seeded random subset of that many batches (the same subset in both passes of a stage)."""
         o = self.options
         tok = stage.run.tokenizer if stage.run is not None else None
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-        return input_moments(model, stage.examples, stage.train_config.batch_size, pad, stage.autocast, o.max_batches)
+        examples, bs = list(stage.examples), stage.train_config.batch_size
+        if o.max_batches is not None and o.max_batches * bs < len(examples):
+            gen = torch.Generator().manual_seed(derive_seed(stage.seed, stage.stage, _SUBSET_SALT))
+            examples = [examples[i] for i in torch.randperm(len(examples), generator=gen)[:o.max_batches * bs].tolist()]
+        return input_moments(model, examples, bs, pad, stage.autocast)
 
     def _basis(self, name: str):
         m = self.M.get(name)

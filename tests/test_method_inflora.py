@@ -168,4 +168,21 @@ def test_moments_use_non_padding_positions_only(tok, data, one_thread):
 
 def test_two_stage_run_and_resume(tmp_path, one_thread):
     two_stage_run_and_resume(tmp_path, [{"name": "inflora", "options": {"eps": 0.9}},
-                                        {"name": "inflora", "label": "inflora_svd", "options": {"init": "svd"}}])
+                                        {"name": "inflora", "label": "inflora_svd", "options": {"init": "svd", "max_batches": 1}}])
+
+
+def test_max_batches_draws_one_seeded_subset_for_both_passes(tok, data, monkeypatch, one_thread):
+    """max_batches=1 with batch size 4: each pass sees 4 of the stage's 6 examples, the same 4
+    at stage start (init svd) and stage end."""
+    ex1, _ = data
+    meth = M.make("inflora", {**OPTS, "init": "svd", "max_batches": 1})
+    mod = sys.modules[type(meth).__module__]  # the module of the registered class (a CLI run re-imports the file)
+    seen, real = [], mod.input_moments
+    monkeypatch.setattr(mod, "input_moments", lambda model, examples, *a: seen.append(list(examples)) or real(model, examples, *a))
+    run = M.RunContext(method="inflora", seed=0, tasks=["a"], device=CPU, tokenizer=tok)
+    model = meth.setup(models.build_tiny_model(0, len(tok)), run)
+    model, stage = start(meth, model, run, 1, ex1, tok)
+    train(meth, model, stage, tok)
+    M.call(meth, "stage_end", model, stage)
+    assert len(seen) == 2 and seen[0] == seen[1] and len(seen[0]) == 4
+    assert all(e in ex1 for e in seen[0]) and len({id(e) for e in seen[0]}) == 4
