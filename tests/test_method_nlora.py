@@ -121,7 +121,7 @@ def test_earlier_adapters_and_base_bit_identical_and_penalty_sparsifies(tok):
         moved = {n for n, p in model.named_parameters() if not torch.equal(p, after1[n])}
         assert moved and all(".stage2." in n for n in moved)  # stage 1's adapter, stage 3's and the base: untouched
         assert any("lora_A.stage2" in n for n in moved) and any("lora_B.stage2" in n for n in moved)
-        l1[lam] = sum(float((b @ a).abs().sum()) for a, b in adapter_pairs(model, "stage2").values())
+        l1[lam] = sum(float((b @ a).abs().sum().detach()) for a, b in adapter_pairs(model, "stage2").values())
     assert 0 < l1[2.0] < l1[0.0]  # same seed and data: the penalty shrinks |Delta W_2|_1
 
 
