@@ -35,10 +35,14 @@ import yaml
 
 from .errors import ClbenchError
 
+# The results contract: what a run directory holds, written by the loop (clbench.recorder) and
+# read by everything else (clbench.report, clbench.runner, outside tools) from these names only.
+RESULT_FILES = ("config.yaml", "matrix.csv", "summary.csv", "results.json")
 MATRIX_COLUMNS = ["method", "seed", "stage", "trained_task", "eval_task", "metric", "value", "eval_group"]
-SUMMARY_COLUMNS = ["method", "seed", "mode", "acc", "bwt", "fwt", "forgetting", "la", "aia", "general_delta", "intransigence",
-                   "trainable_params",
-                   "train_seconds", "eval_seconds", "peak_mem_mb"]
+MATRIX_OPTIONAL = ("eval_group",)  # absent in files written before held-out probes existed: read as "stream"
+METRIC_COLUMNS = ["acc", "bwt", "fwt", "forgetting", "la", "aia", "general_delta", "intransigence"]
+COST_COLUMNS = ["trainable_params", "train_seconds", "eval_seconds", "peak_mem_mb"]
+SUMMARY_COLUMNS = ["method", "seed", "mode", *METRIC_COLUMNS, *COST_COLUMNS]
 
 
 def temp_file(path: Path) -> str:

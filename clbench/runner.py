@@ -15,9 +15,8 @@ from .config import NON_RESULT_FIELDS
 from .errors import ClbenchError
 from .loop import run
 from .planning import Plan
-from .results import remove_unfinished_writes, write_failed, write_json, write_yaml
+from .results import RESULT_FILES, remove_unfinished_writes, write_failed, write_json, write_yaml
 
-RESULT_FILES = ("config.yaml", "matrix.csv", "summary.csv", "results.json")
 
 
 class RunDirError(ClbenchError):

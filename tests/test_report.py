@@ -18,7 +18,8 @@ import yaml
 from scipy import stats
 
 from clbench import metrics
-from clbench.report import ReportError, build_report, load_run, mean_ci
+from clbench.report import ReportError, build_report, load_run
+from clbench.rundirs import mean_ci
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 COST = {"trainable_params": 1000, "train_seconds": 2.0, "eval_seconds": 1.0, "peak_mem_mb": 100.0}

@@ -1,0 +1,156 @@
+"""The report's tables: metrics (mean ± std, best bold, n), references, costs, held-out probes, as
+Markdown and booktabs LaTeX."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+
+from . import metrics
+from .rundirs import COST_COLUMNS, COST_LABELS, DECIMALS, HIGHER_IS_BETTER, LABELS, METRICS, Group
+
+
+
+def _num(v: float, decimals: int = DECIMALS) -> str:
+    s = f"{v:.{decimals}f}"
+    return s[1:] if s.startswith("-") and float(s) == 0 else s  # no "-0.000"
+
+
+def _printed(v: float) -> float:
+    return float(_num(v))
+
+
+def _best(agg: pd.DataFrame, metric: str) -> float | None:
+    """Best printed mean of a column (so printed ties are all bold), or None when fewer than two
+    methods can be compared."""
+    means = [_printed(v) for v in agg.loc[agg["metric"] == metric, "mean"] if not math.isnan(v)]
+    if len(means) < 2:
+        return None
+    return max(means) if HIGHER_IS_BETTER[metric] else min(means)
+
+
+def metrics_table(agg: pd.DataFrame, fmt: str) -> str:
+    """Summary metrics as Markdown (fmt="md") or LaTeX booktabs (fmt="tex"): mean ± std, the best
+    mean per column in bold, n = samples per method. With n = 1 the cell holds the mean alone."""
+    methods = sorted(agg["method"].unique())
+    cols = _shown_metrics(agg)
+    best = {m: _best(agg, m) for m in cols}
+    arrow = {True: ("↑", r"$\uparrow$"), False: ("↓", r"$\downarrow$")}
+    head, body = [], []
+    for m in cols:
+        a = arrow[HIGHER_IS_BETTER[m]][0 if fmt == "md" else 1]
+        head.append(f"{LABELS[m]} {a}")
+    for method in methods:
+        cells = []
+        for m in cols:
+            r = agg[(agg["method"] == method) & (agg["metric"] == m)].iloc[0]
+            bold = best[m] is not None and not math.isnan(r["mean"]) and _printed(r["mean"]) == best[m]
+            cells.append(_cell(r["mean"], r["std"], bold=bold, fmt=fmt))
+        n = int(agg.loc[agg["method"] == method, "samples"].iloc[0])
+        body.append([_esc(method, fmt), *cells, str(n)])
+    n_head = "n" if fmt == "md" else "$n$"
+    return _render(["method", *head, n_head], body, fmt, align="l" + "r" * (len(cols) + 1))
+
+
+def _shown_metrics(agg: pd.DataFrame) -> list[str]:
+    """Every metric, but intransigence only when a multitask reference gave it a value."""
+    has = agg.loc[agg["metric"] == "intransigence", "mean"].notna().any()
+    return [m for m in METRICS if m != "intransigence" or has]
+
+
+def reference_table(g: "Group") -> tuple[pd.DataFrame, str] | None:
+    """Per-task scores of the reference runs (multitask joint model, single-task models) and each
+    sequential method's per-task intransigence, means over seeds and runs, as a frame and Markdown."""
+    rows = []
+    for lab, tasks, runs in g.orders():
+        for r in runs:
+            for (m, s), v in r.joint.items():
+                rows += [{"order": lab, "row": f"{m} (multitask)", "task": t, "value": v[i]} for i, t in enumerate(tasks)]
+            for (m, s), R in r.R.items():
+                if r.mode(m) == "single":
+                    rows += [{"order": lab, "row": f"{m} (single-task)", "task": t, "value": R[i + 1, i]}
+                             for i, t in enumerate(tasks)]
+                elif r.mode(m) == "sequential" and (ref := r.joint_for(m, s)) is not None:
+                    per = metrics.intransigence(R, ref[1])
+                    rows += [{"order": lab, "row": f"{m}: intransigence vs {ref[0]}", "task": t, "value": per[i]}
+                             for i, t in enumerate(tasks)]
+                    rows += [{"order": lab, "row": f"{m}: R[k, k]", "task": t, "value": R[i + 1, i]}
+                             for i, t in enumerate(tasks)]
+    if not rows:
+        return None
+    df = pd.DataFrame(rows).groupby(["order", "row", "task"], sort=False)["value"].agg(["mean", "count"]).reset_index()
+    lines = []
+    for lab, tasks, _ in g.orders():
+        d = df[df["order"] == lab]
+        if d.empty:
+            continue
+        wide = d.pivot(index="row", columns="task", values="mean").reindex(columns=tasks)
+        body = [[_esc(str(row), "md"), *[_num(v) if not pd.isna(v) else "–" for v in vals], _num(np.nanmean(vals))]
+                for row, vals in zip(wide.index, wide.to_numpy())]
+        lines.append(f"Order {lab}:\n\n" + _render(["row", *tasks, "mean"], body, "md", align="l" + "r" * (len(tasks) + 1)))
+    return df, "\n".join(lines)
+
+
+def cost_table(agg: pd.DataFrame, fmt: str) -> str:
+    decimals = {"trainable_params": 0, "train_seconds": 1, "eval_seconds": 1, "peak_mem_mb": 0}
+    body = []
+    for method in sorted(agg["method"].unique()):
+        cells = []
+        for c in COST_COLUMNS:
+            r = agg[(agg["method"] == method) & (agg["metric"] == c)].iloc[0]
+            std = math.nan if c == "trainable_params" else r["std"]  # a count, fixed by the method
+            cells.append(_cell(r["mean"], std, fmt=fmt, decimals=decimals[c], thousands=True))
+        n = int(agg.loc[agg["method"] == method, "samples"].iloc[0])
+        body.append([_esc(method, fmt), *cells, str(n)])
+    return _render(["method", *(COST_LABELS[c] for c in COST_COLUMNS), "n" if fmt == "md" else "$n$"], body, fmt,
+                   align="lrrrrr")
+
+
+def _cell(mean, std, fmt, bold=False, decimals=DECIMALS, thousands=False) -> str:
+    if mean is None or math.isnan(mean):
+        return "–" if fmt == "md" else "--"
+    num = (lambda v: f"{v:,.{decimals}f}") if thousands else (lambda v: _num(v, decimals))
+    text = num(mean)
+    has_std = std is not None and not math.isnan(std)
+    if fmt == "md":
+        text += f" ± {num(std)}" if has_std else ""
+        return f"**{text}**" if bold else text
+    text = text.replace(",", "{,}") + (rf" \pm {num(std).replace(',', '{,}')}" if has_std else "")
+    return rf"$\mathbf{{{text}}}$" if bold else f"${text}$"
+
+
+def _esc(text: str, fmt: str) -> str:
+    return text if fmt == "md" else re.sub(r"([_&%#${}])", r"\\\1", text)
+
+
+def _render(head: list[str], body: list[list[str]], fmt: str, align: str) -> str:
+    if fmt == "md":
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
+    lines = [r"% requires \usepackage{booktabs}", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+             " & ".join(head) + r" \\", r"\midrule"]
+    lines += [" & ".join(row) + r" \\" for row in body]
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+def heldout_table(group: Group) -> tuple[pd.DataFrame, str] | None:
+    """Per-stage general-ability delta (TRACE), mean over samples, as a frame and Markdown."""
+    rows = []
+    for r in group.runs:
+        for (method, seed), (_, G) in r.heldout.items():
+            if r.mode(method) != "sequential":  # a single-task reference's rows are not a stream's stages
+                continue
+            for stage, delta in enumerate(metrics.general_ability_delta(G)):
+                rows.append({"method": method, "stage": stage, "delta": delta})
+    if not rows:
+        return None
+    df = pd.DataFrame(rows).groupby(["method", "stage"])["delta"].agg(["mean", "count"]).reset_index()
+    wide = df.pivot(index="method", columns="stage", values="mean")
+    head = ["method"] + [f"stage {s}" for s in wide.columns]
+    body = [[m] + [_num(v) for v in wide.loc[m]] for m in wide.index]
+    return df, _render(head, body, "md", align="l" + "r" * len(wide.columns))
+
+
