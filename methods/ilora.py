@@ -78,6 +78,10 @@ Options (defaults and sources):
   evaluate plastic    the adapter the stage's evaluation uses: the authors save and evaluate
                       the plastic one (ILORA.py:298-303, inference.py); `stable` for the EMA.
 
+The authors' training setting is the run's train config here, not an option: their one script
+(scripts/train_seq.sh, written out for the `seq` baseline, the method being an argument) trains
+with lr 1e-5 (constant after 500 warm-up steps), 3 epochs per task, batch 1.
+
 Choices no source confirms: the consistency mean over real positions only (the authors' buffer
 batches are left-padded with token 0 and run without an attention mask, and their buffer labels
 are padded with 0, so padding is trained on as a target; here padding is masked and never a

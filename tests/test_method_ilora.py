@@ -60,7 +60,7 @@ class Watch:
 
     def __init__(self, meth, model, decay):
         self.meth, self.model, self.decay = meth, model, decay
-        self.steps, self.moved_after_step1 = 0, None
+        self.steps, self.moved_after_step1, self.in_stage = 0, None, {}
         self.setup_stable = {k: p.detach().clone() for k, p in by_adapter(model, "stable").items()}
         self._after_step = meth.after_step
         meth.after_backward = self.after_backward
@@ -76,7 +76,7 @@ class Watch:
         stable, plastic = by_adapter(model, "stable"), by_adapter(model, "plastic")
         old = {k: p.detach().clone() for k, p in stable.items()}
         self._after_step(model, stage)
-        k = stage.global_step + 1  # optimizer steps of the stage so far, this one included
+        self.in_stage[stage.stage] = k = self.in_stage.get(stage.stage, 0) + 1  # this stage's steps so far
         lam = min(1 - 1 / (k + 1), self.decay)
         assert self.meth.last_decay == pytest.approx(lam)
         for name, s in stable.items():
@@ -115,7 +115,7 @@ def test_ema_after_every_step_by_hand_stable_gets_no_gradient_base_bit_identical
         assert watch.moved_after_step1 == {k for k in stable if k.endswith("lora_B")}
     assert not any(torch.equal(stable[k], watch.setup_stable[k]) for k in stable)  # all moved by stage 1's end
     model = train(meth, model, run, compare, tok, cfg, 2)
-    assert watch.steps == 6
+    assert watch.steps == 6 and watch.in_stage == {1: 3, 2: 3}
     assert meth.last["consistency"] > 0 and meth.last["ce_buffer"] > 0  # stage 2 replays
     for n, p in base_params(model).items():
         assert torch.equal(p, base0[n]), n
