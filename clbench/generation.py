@@ -70,7 +70,7 @@ def _processors(do_sample: bool, temperature: float, top_k: int, top_p: float, r
     return procs
 
 
-def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """text up to the first occurrence of any stop string, and whether one occurred."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -145,7 +145,7 @@ def _decode_batch(model, tokenizer, rows, max_new_tokens, stop, do_sample, procs
                 done[i] = True
                 continue
             gen[i].append(tid)
-            if stop and _cut(tokenizer.decode(gen[i]), stop)[1]:
+            if stop and cut_at_stop(tokenizer.decode(gen[i]), stop)[1]:
                 done[i] = True
         if all(done):
             break
@@ -153,7 +153,7 @@ def _decode_batch(model, tokenizer, rows, max_new_tokens, stop, do_sample, procs
         seen = torch.cat([seen, step_ids], dim=1)
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         pos = pos[:, -1:] + 1
-    return [_cut(tokenizer.decode(g), stop)[0] for g in gen]
+    return [cut_at_stop(tokenizer.decode(g), stop)[0] for g in gen]
 
 
 def loglikelihoods(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16,

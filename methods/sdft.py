@@ -20,10 +20,11 @@ How it maps onto clbench:
   stay the choice string lm-eval scores, so on such a task SDFT is plain SFT (stage_examples
   returns None and the stage's stats say so).
 - Generation tasks: instruction = the rendered context, reference = the target without its
-  target delimiter and EOS. The rewrite is decoded up to the task's `until` strings (as the
-  task's own generation would stop), stripped (the authors strip predictions,
-  eval/gen_distilled_data.py), and trained as target_delimiter + rewrite + EOS, the form of
-  every generation target in clbench.
+  target delimiter and EOS. The rewrite is decoded up to EOS or max_new_tokens, its leading
+  whitespace dropped (after "### Response:\n" models start with a newline, the usual `until`),
+  cut before the task's first `until` string (what the task's own generation would keep),
+  stripped (the authors strip predictions, eval/gen_distilled_data.py), and trained as
+  target_delimiter + rewrite + EOS, the form of every generation target in clbench.
 - Checks, in order (a failed one keeps the original target, bit-identical):
   empty        the stripped rewrite is empty;
   phrase       it contains one of `reject_phrases` (case-insensitive) or starts with one of
@@ -129,7 +130,7 @@ class Sdft(W.Wrapping):
                 raise MethodError(f"sdft: prompt must be a format string with {{instruction}} and {{reference}} only: {e}")
         self.run = None
         self.stats: dict[int, dict] = {}
-        self.last_rewrites: list[str] = []  # the stage's raw rewrites, in example order (inspection)
+        self.last_rewrites: list[str] = []  # the stage's rewrites as checked, in example order (inspection)
 
     def setup(self, model, run):
         self.run = run
@@ -177,15 +178,14 @@ class Sdft(W.Wrapping):
             refs.append((ref[:-len(eos)] if eos and ref.endswith(eos) else ref).strip())
         o = self.options
         rewrites = G.generate(model, run.tokenizer, [self._render(ctx, ref) for (ctx, _), ref in zip(pairs, refs)],
-                              max_new_tokens=o.max_new_tokens or view.max_gen_toks, stop=view.until,
+                              max_new_tokens=o.max_new_tokens or view.max_gen_toks,
                               do_sample=o.do_sample, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                               repetition_penalty=o.repetition_penalty,
                               seed=derive_seed(stage.seed, stage.stage, SALT_SAMPLE), batch_size=o.batch_size,
                               autocast=run.autocast)
-        self.last_rewrites = [r[0] for r in rewrites]
+        self.last_rewrites = [G.cut_at_stop(r[0].lstrip(), view.until)[0].strip() for r in rewrites]
         out = []
-        for ex, (ctx, _), ref, doc, (raw,) in zip(examples, pairs, refs, view.docs, rewrites):
-            rewrite = raw.strip()
+        for ex, (ctx, _), ref, doc, rewrite in zip(examples, pairs, refs, view.docs, self.last_rewrites):
             why = self._why_rejected(rewrite, view, doc, ref)
             new = None
             if why is None:

@@ -60,7 +60,8 @@ def sdft_stage(tok, lm, task, options, noise=0.0):
 
 
 def hf_rewrites(model, tok, prompts, n):
-    """transformers' greedy search on the prompts in one left-padded batch, decoded and cut at '\\n'."""
+    """transformers' greedy search on the prompts in one left-padded batch, decoded, leading
+    whitespace dropped, cut at tiny_copy's '\\n' and stripped."""
     enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     width = max(map(len, enc))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
@@ -71,7 +72,7 @@ def hf_rewrites(model, tok, prompts, n):
     texts = []
     for r in out[:, width:].tolist():
         r = r[:r.index(tok.eos_token_id)] if tok.eos_token_id in r else r
-        texts.append(tok.decode(r).split("\n")[0])
+        texts.append(tok.decode(r).lstrip().split("\n")[0].strip())
     return texts
 
 
@@ -89,7 +90,7 @@ def test_targets_are_the_greedy_rewrite_or_the_original(tok, lm):
     pairs, orig = run.pairs("tiny_copy")[:N], run.examples("tiny_copy")
     words = [ctx.split("Repeat the word: ")[1].split("\n")[0] for ctx, _ in pairs]
     want = [w.strip() for w in hf_rewrites(model, tok, [f"{ctx} {w}" for (ctx, _), w in zip(pairs, words)], 8)]
-    assert meth.last_rewrites and [r.strip() for r in meth.last_rewrites] == want
+    assert meth.last_rewrites == want
     # a reject phrase taken from one rewrite: that example (and any other holding it) falls back
     phrase = next(w for w in want if len(w) >= 3)[:3]
     meth2, _, _, stage2 = sdft_stage(tok, lm, "tiny_copy", {**greedy, "reject_phrases": [phrase.upper()]})
@@ -105,15 +106,28 @@ def test_targets_are_the_greedy_rewrite_or_the_original(tok, lm):
 
 
 def test_paper_template_and_empty_rewrites_fall_back(tok, lm):
-    meth, run, model, stage = sdft_stage(tok, lm, "tiny_copy", {"do_sample": False, "accept": "phrases", "batch_size": N})
+    opts = {"do_sample": False, "accept": "phrases", "batch_size": N}
+    meth, run, model, stage = sdft_stage(tok, lm, "tiny_copy", opts)
     pairs = run.pairs("tiny_copy")[:N]
     words = [ctx.split("Repeat the word: ")[1].split("\n")[0] for ctx, _ in pairs]
     prompts = [USING.format(x=ctx, y=w) for (ctx, _), w in zip(pairs, words)]
     assert [meth._render(ctx, w) for (ctx, _), w in zip(pairs, words)] == prompts
-    want = [w.strip() for w in hf_rewrites(model, tok, prompts, 8)]
-    assert [r.strip() for r in meth.last_rewrites] == want
-    assert want == [""] * N  # the untrained model answers the template with its stop string
-    assert list(stage.examples) == run.examples("tiny_copy") and meth.stats[1]["rejected"] == {"empty": N}
+    assert meth.last_rewrites == hf_rewrites(model, tok, prompts, 8)
+    # EOS's output row made a slightly larger copy of the row of the token the model answers the
+    # template with first: EOS comes first, every rewrite is empty and every example is kept
+    ids = torch.tensor([tok(prompts[0], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        first = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                               pad_token_id=0, eos_token_id=0)[0, -1].item()
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[tok.eos_token_id] = 1.05 * head[first]
+    meth2 = M.make("sdft", opts)
+    M.call(meth2, "setup", model, run)
+    cfg = TrainConfig(steps=1, lr=1e-3, batch_size=4, max_length=64)
+    _, stage2 = start_stage(model, meth2, run.examples("tiny_copy"), cfg, run, 1, "tiny_copy", device=CPU, pad_id=0)
+    assert meth2.last_rewrites == hf_rewrites(model, tok, prompts, 8) == [""] * N
+    assert list(stage2.examples) == run.examples("tiny_copy") and meth2.stats[1]["rejected"] == {"empty": N}
 
 
 def test_answer_check_keeps_originals_the_task_scores_lower(tok, lm):
