@@ -73,7 +73,7 @@ def ks_counts(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tens
         ca = torch.searchsorted(sa, both, right=True)
         cb = torch.searchsorted(sb, both, right=True)
         out.append((ca - cb).abs().amax(dim=1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=a.device)
 
 
 def ks_pvalues(k: torch.Tensor, d: int) -> torch.Tensor:
@@ -89,13 +89,13 @@ def ks_rows(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, to
     """(statistic D, p-value) per row and the number of rows tested: only changed rows are
     tested (unchanged rows: D=0, p=1)."""
     rows, d = before.shape
-    D = torch.zeros(rows, dtype=torch.float64)
-    p = torch.ones(rows, dtype=torch.float64)
+    D = torch.zeros(rows, dtype=torch.float64, device=before.device)
+    p = torch.ones(rows, dtype=torch.float64, device=before.device)
     changed = (before != after).any(dim=1).nonzero().flatten()
     if changed.numel():
         k = ks_counts(before[changed], after[changed])
         D[changed] = k.double() / d
-        p[changed] = ks_pvalues(k, d)
+        p[changed] = ks_pvalues(k, d).to(p.device)  # scipy's p-values come back on the CPU
     return D, p, changed.numel()
 
 

@@ -51,7 +51,7 @@ from typing import Mapping, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.masking import MaskedMethod, MaskedUpdate, pack_mask, restore, snapshot, unpack_mask
+from clbench.masking import MaskedMethod, MaskedUpdate, copy_params, pack_mask, restore, unpack_mask
 from clbench.method import MethodError, register
 
 CANDIDATES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -80,7 +80,7 @@ def global_topk_mask(scores: Mapping[str, torch.Tensor], k: int) -> tuple[dict[s
     vals, idx = torch.topk(flat, k, sorted=False)
     tau = float(vals.min())
     del vals
-    sel = torch.zeros(flat.numel(), dtype=torch.bool)
+    sel = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     sel[idx] = True
     masks, off = {}, 0
     for n, s in scores.items():
@@ -96,7 +96,8 @@ def lota_additive_merge(base_state: Mapping[str, torch.Tensor], deltas) -> dict[
     for d in deltas:
         for n, (mask, values) in d.items():
             t = out[n]
-            t[mask] = t[mask] + values.to(t.dtype)
+            mask = mask.to(t.device)
+            t[mask] = t[mask] + values.to(device=t.device, dtype=t.dtype)
     return out
 
 
@@ -122,7 +123,7 @@ class LoTA(MaskedMethod):
 
     def stage_start(self, model, stage):
         o = self.options
-        theta0 = snapshot(model)  # every parameter: calibration moves them all
+        theta0 = copy_params(model)  # every parameter: calibration moves them all
         self.update = None
         for p in model.parameters():
             p.requires_grad_(True)
@@ -135,7 +136,7 @@ class LoTA(MaskedMethod):
             for n in self.candidates:
                 s = (params[n].detach().float() - theta0[n].float()).abs_()
                 if o.lotto and n in self.used:
-                    s.masked_fill_(self.used[n], 0.0)
+                    s.masked_fill_(self.used[n].to(s.device), 0.0)  # restored masks come back on the CPU
                 scores[n] = s
         N = sum(s.numel() for s in scores.values())
         k = round((1 - o.sparsity) * N)
@@ -151,7 +152,7 @@ class LoTA(MaskedMethod):
         del theta0
         if o.lotto:
             for n, m in masks.items():
-                self.used[n] = self.used[n] | m if n in self.used else m.clone()
+                self.used[n] = self.used[n].to(m.device) | m if n in self.used else m.clone()
         self.masks.append(masks)
         self.update = MaskedUpdate(masks)
         return self.update.apply(model)
