@@ -129,6 +129,9 @@ class MethodSpec(Strict):
             raise ValueError(f"two merges share the row name {dup}: give one a `label`")
         if self.merge and self.mode == "multitask":
             raise ValueError("merge needs per-stage task vectors; mode multitask trains one joint model")
+        if self.mode == "sequential" and any(m.how == "lota_additive" for m in self.merge):
+            raise ValueError("lota_additive needs mode: single (each stage's sparse task vector from the base model); "
+                             "in the sequential stream theta_0 + sum_t (theta_t - theta_{t-1}) is just the final model")
         return self
 
     @property

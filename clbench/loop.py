@@ -440,17 +440,13 @@ def _run_merges(job: Job, mode: str) -> float:
     s.rec.drop_extra(job.name, job.seed)
     if not D.is_main():  # merging trains nothing: rank 0 does it alone and writes the rows
         return 0.0
-    base_state = s.base_model.state_dict()
     n = len(s.pl.task_names)
-    diffs = [checkpoint.load_state_diff(job.ckpt_dir / f"taskvec{t}.pt") for t in range(1, n + 1)]
-    vectors = merging.vectors_from_diffs(base_state, diffs, cumulative=(mode == "sequential"))
-    del diffs
+    # read tensor by tensor while merging: memory stays the model plus a few tensors, whatever n
+    diffs = [checkpoint.open_state_diff(job.ckpt_dir / f"taskvec{t}.pt") for t in range(1, n + 1)]
     spent = 0.0
     for ms in job.spec.merge:
         t0 = time.perf_counter()
-        state = merging.merge(base_state, vectors, ms)
-        model = merging.load_merged(s.base_model, state)
-        del state
+        model = merging.merged_model(s.base_model, diffs, ms, cumulative=(mode == "sequential"))
         scores, es = job.evaluate(model, ms.row_name, None, ms.row_name.replace(":", "_"), everywhere=False)
         del model
         spent += es
