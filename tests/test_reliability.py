@@ -88,6 +88,36 @@ def test_resume_after_sigkill_gives_identical_matrix(reference_run, tmp_path):
     assert not (out / ".lock").exists()
 
 
+def test_ctrl_c_then_resume_gives_identical_matrix(reference_run, tmp_path):
+    """SIGINT (Ctrl-C) mid-run: exit 130 with one line saying where the results are, the lock
+    released, and the same command finishes with the uninterrupted matrix."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "clbench", "run", str(TINY_CONFIG), "--output-dir", str(out), *EVERY_STAGE]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stage1_recorded():
+        try:
+            res = json.loads((out / "results.json").read_text())
+            return len(res["methods"]["full_ft"]["seeds"]["0"]["stages"]) >= 1
+        except (FileNotFoundError, KeyError, ValueError):
+            return False
+
+    deadline = time.time() + 240
+    while not stage1_recorded() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "clbench: interrupted; results of completed stages are in the run directory" in err
+    assert "Traceback" not in err and not (out / ".lock").exists()
+    rows = (out / "matrix.csv").read_text().splitlines()
+    assert len(rows) - 1 < 2 * 4 * 3, "the interrupt came after the run had finished"
+    r = clbench("run", TINY_CONFIG, "--output-dir", out, *EVERY_STAGE)
+    assert r.returncode == 0, r.stderr
+    assert "resum" in r.stderr
+    assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
+
+
 def test_checkpoints_are_diffs_and_keep_last(reference_run):
     """keep_checkpoints: last keeps one stage checkpoint while a method runs (the sigkill test
     resumes from it) and none once the method is complete: nothing resumes from them then, so
