@@ -16,8 +16,9 @@ How it runs here (peft multi-adapter, no merging):
   (`stage1`, `stage2`, ...; LoraConfig each, A kaiming-uniform as peft initialises it, B = 0).
   Creating them all at setup keeps the parameter set fixed for the whole run, so stage
   checkpoints (diffs against the post-setup model) restore exactly on resume.
-- stage_start(t): `base_model.set_adapter(["stage1", ..., "stage<t>"])` makes adapters 1..t
-  active: peft's LoRA layer sums the outputs of every active adapter, each with its own
+- stage_start(t): `base_model.set_adapter([...the trained adapters..., "stage<t>"])` makes the
+  adapters of the stages this run has trained (1..t-1 in the stream; none in mode single,
+  where every stage is a fresh run from the base model) and adapter t active: peft's LoRA layer sums the outputs of every active adapter, each with its own
   scaling alpha / r, which is what O-LoRA's modified layer computes (it keeps the earlier
   adapters concatenated as one rank-r_sum lora_A/lora_B and adds loranew_B loranew_A with the
   same scaling). Then requires_grad is True on adapter t only: the earlier adapters (and the
@@ -30,7 +31,9 @@ How it runs here (peft multi-adapter, no merging):
   Their code takes the abs-sum of A_prev A_t^T with A_prev the row-wise concatenation of all
   earlier A's; that equals the sum over earlier adapters s of the abs-sums of A_s A_t^T,
   which is what is computed here.
-  Stage 1 has no earlier adapter: no penalty (unless lambda2 > 0).
+  The penalty runs over trained adapters only: stage 1, and every stage in mode single, has
+  none (an untrained adapter's random A would only push the single-task reference away from
+  plain LoRA); no penalty then, unless lambda2 > 0.
 - The reported stage losses include the penalty.
 
 Options (defaults and sources):
@@ -122,6 +125,7 @@ class OLoRA(Method):
         self.options = options
         self.n_stages = 0
         self.stage = 0
+        self.trained: list[int] = []  # stages whose adapter this run has trained (in order)
 
     def _config(self):
         from peft import LoraConfig
@@ -142,7 +146,9 @@ class OLoRA(Method):
         return model
 
     def _activate(self, model, t: int) -> None:
-        names = [adapter_name(s) for s in range(1, t + 1)]
+        # the trained adapters and the current one: in mode single a fresh run trains only
+        # stage t's adapter, and the never-trained adapters of other stages stay out of it
+        names = [adapter_name(s) for s in self.trained if s != t] + [adapter_name(t)]
         model.base_model.set_adapter(names)  # the forward sums every active adapter
         current = f".{adapter_name(t)}."
         for n, p in model.named_parameters():
@@ -161,8 +167,9 @@ class OLoRA(Method):
         t = stage.stage if stage is not None else self.stage
         current = adapter_name(t)
         total = None
-        if o.lambda1 > 0 and t > 1:
-            ortho = orthogonality_penalty(model, current, [adapter_name(s) for s in range(1, t)])
+        previous = [adapter_name(s) for s in self.trained if s != t]
+        if o.lambda1 > 0 and previous:
+            ortho = orthogonality_penalty(model, current, previous)
             if ortho is not None:
                 total = o.lambda1 * ortho
         if o.lambda2 > 0:
@@ -171,10 +178,17 @@ class OLoRA(Method):
                 total = o.lambda2 * l2 if total is None else total + o.lambda2 * l2
         return total
 
+    def stage_end(self, model, stage):
+        if stage.stage not in self.trained:
+            self.trained.append(stage.stage)
+        return model
+
     def state_dict(self):
         # the adapters live in the model (checkpointed as diffs); which ones are active and
-        # trainable follows from the stage number, set again by the next stage_start
-        return {"stage": self.stage}
+        # trainable follows from the trained stages, set again by the next stage_start
+        return {"stage": self.stage, "trained": list(self.trained)}
 
     def load_state_dict(self, state):
         self.stage = int(state.get("stage", 0))
+        # a checkpoint of the sequential stream before `trained` was kept: stages 1..stage
+        self.trained = [int(s) for s in state.get("trained", range(1, self.stage + 1))]

@@ -160,6 +160,7 @@ def test_an_interrupted_merge_is_redone_without_training_again(refs_run, run_cli
 @pytest.mark.parametrize("method, msg", [
     ({"name": "full_ft", "mode": "multitask", "merge": [{"how": "ties"}]}, "merge needs per-stage task vectors"),
     ({"name": "full_ft", "merge": [{"how": "lota_additive", "lam": 0.5}]}, "lota_additive has no lam"),
+    ({"name": "lota", "merge": [{"how": "lota_additive"}]}, "lota_additive needs mode: single"),
     ({"name": "full_ft", "merge": [{"how": "ties"}, {"how": "ties", "density": 0.1}]}, "share the row name"),
     ({"name": "full_ft", "mode": "joint"}, "mode"),
     ({"name": "full_ft", "merge": [{"how": "average"}]}, "merge.0.how"),
@@ -169,3 +170,47 @@ def test_bad_reference_and_merge_config_is_named(tmp_path, run_cli, method, msg)
     code, _, err = run_cli("run", tmp_path / "c.yaml", "--output-dir", tmp_path / "run")
     assert code == 2 and msg in err
     assert not (tmp_path / "run" / "matrix.csv").exists()
+
+
+# --- O-LoRA's single-task reference: no penalty against adapters never trained ----------------
+
+
+def test_olora_single_mode_has_no_penalty_against_untrained_adapters():
+    """Mode single trains every stage as a fresh run from the base model: stage 2's adapter alone
+    is active and has no orthogonality penalty (the other adapters were never trained: random A,
+    B = 0), so the reference is plain LoRA on the task. In the stream, stage 2's penalty is
+    lambda1 * sum |A_1 A_2^T| over the adapted layers."""
+    from clbench import method as M
+    from clbench import models
+    from clbench.config import TrainConfig
+    from clbench.stage import run_stage, start_stage
+    from clbench.train import tokenize
+
+    M.load_method_file(REPO / "methods" / "olora.py")
+    tok = models.build_tiny_tokenizer()
+    ex = tokenize([("Copy: abc\nAnswer:", " abc"), ("Copy: 4421\nAnswer:", " 4421")], tok, 64)
+    cfg = TrainConfig(lr=1e-2, steps=2, batch_size=2, max_length=64)
+    cpu = torch.device("cpu")
+
+    def fresh():
+        torch.manual_seed(0)
+        meth = M.make("olora", {"lambda1": 0.5})
+        run = M.RunContext(method="olora", seed=0, tasks=["a", "b"], device=cpu, tokenizer=tok)
+        return meth, M.call(meth, "setup", models.build_tiny_model(0, len(tok)), run), run
+
+    def penalty_at_stage_2(meth, model, run):
+        model, stage = start_stage(model, meth, ex, cfg, run, 2, "b", device=cpu, pad_id=tok.pad_token_id)
+        active = model.base_model.active_adapters
+        return active, M.call(meth, "extra_loss", model, {}, stage, None), model
+
+    meth, model, run = fresh()  # mode single: stage 2 is a fresh run
+    active, pen, _ = penalty_at_stage_2(meth, model, run)
+    assert list(active) == ["stage2"] and pen is None
+
+    meth, model, run = fresh()  # the stream: stage 1 trained first
+    model, _, _ = run_stage(model, meth, ex, cfg, run, 1, "a", device=cpu, pad_id=tok.pad_token_id)
+    active, pen, model = penalty_at_stage_2(meth, model, run)
+    assert list(active) == ["stage1", "stage2"]
+    want = sum((m.lora_A["stage1"].weight @ m.lora_A["stage2"].weight.T).abs().sum()
+               for m in model.modules() if hasattr(m, "lora_A") and "stage1" in getattr(m, "lora_A", {}))
+    torch.testing.assert_close(pen, 0.5 * want)
