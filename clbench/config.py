@@ -215,30 +215,51 @@ class RunConfig(Strict):
 # --- loading -------------------------------------------------------------------------
 
 
-def _set_path(d: dict, dotted: str, value: Any) -> None:
+def method_index(methods: list, key: str) -> int | None:
+    """The index of the method whose result name (label or name) is `key`, or `key` as an index."""
+    for i, m in enumerate(methods):
+        if isinstance(m, dict) and (m.get("label") or m.get("name")) == key:
+            return i
+    if key.isdigit() and int(key) < len(methods):
+        return int(key)
+    return None
+
+
+def set_path(d: dict, dotted: str, value: Any, where: str = "--set", missing_method: str = "error") -> bool:
+    """Set a key path (`train.lr`, `methods.1.options.r`, `methods.lora.options.r`: a method by index
+    or result name) in a raw config, creating mappings on the way. A path through a scalar, or an
+    index past a list, fails naming the path; a method the config does not hold fails, or with
+    missing_method="skip" returns False (a sweep axis of a method that is not in this run)."""
     keys = dotted.split(".")
     cur: Any = d
-    for i, k in enumerate(keys[:-1]):
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
         if isinstance(cur, list):
-            cur = cur[_index(cur, k, dotted)]
+            j = method_index(cur, k) if i and keys[i - 1] == "methods" else _index(cur, k, dotted, where)
+            if j is None:
+                if missing_method == "skip":
+                    return False
+                what = f"{k!r} is not an index of a list of length {len(cur)}" if k.isdigit() else f"no method {k!r}"
+                raise ConfigError(f"{where} {dotted}: {what} (methods are named by label, name or index)")
+            if last:
+                cur[j] = value
+                return True
+            cur = cur[j]
             continue
         if not isinstance(cur, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i])} is {cur!r}, not a mapping with key {k!r}")
+            raise ConfigError(f"{where} {dotted}: {'.'.join(keys[:i])} is {cur!r}, not a mapping with key {k!r}")
+        if last:
+            cur[k] = value
+            return True
         if k not in cur or cur[k] is None:
             cur[k] = {}
         cur = cur[k]
-    last = keys[-1]
-    if isinstance(cur, list):
-        cur[_index(cur, last, dotted)] = value
-    elif isinstance(cur, dict):
-        cur[last] = value
-    else:
-        raise ConfigError(f"--set {dotted}: {'.'.join(keys[:-1])} is {cur!r}, not a mapping with key {last!r}")
+    return True
 
 
-def _index(lst: list, k: str, dotted: str) -> int:
+def _index(lst: list, k: str, dotted: str, where: str = "--set") -> int | None:
     if not k.isdigit() or int(k) >= len(lst):
-        raise ConfigError(f"--set {dotted}: {k!r} is not an index of a list of length {len(lst)}")
+        raise ConfigError(f"{where} {dotted}: {k!r} is not an index of a list of length {len(lst)}")
     return int(k)
 
 
@@ -319,7 +340,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping, got {type(raw).__name__}")
     for k, v in parse_overrides(overrides or []):
-        _set_path(raw, k, v)
+        set_path(raw, k, v)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:

@@ -9,8 +9,6 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
-
 from .config import NON_RESULT_FIELDS
 from .errors import ClbenchError
 from .loop import run
@@ -105,7 +103,7 @@ def _diff(old: dict, new: dict, prefix="") -> list[str]:
     return out
 
 
-def _results_config(out: Path) -> tuple[dict, dict] | None:
+def results_config(out: Path) -> tuple[dict, dict] | None:
     """(the config that the directory's numbers were computed with, results.json's methods), or
     None when the directory holds no results: a config.yaml alone (a run that failed before its
     first result) binds nothing."""
@@ -121,7 +119,8 @@ def _results_config(out: Path) -> tuple[dict, dict] | None:
     return cfg, res.get("methods", {})
 
 
-def _comparable(cfg: dict) -> dict:
+def comparable_config(cfg: dict) -> dict:
+    """A config as compared between runs: JSON values, without the fields that do not change results."""
     cfg = json.loads(json.dumps(cfg))
     for ignore in NON_RESULT_FIELDS:
         cfg.pop(ignore, None)
@@ -157,10 +156,10 @@ def check_run_dir(pl: Plan, out: Path, fresh: bool, allow_changes: bool = False)
         for d in ("samples", "checkpoints", "report"):
             shutil.rmtree(out / d, ignore_errors=True)
         return []
-    prev = _results_config(out)
+    prev = results_config(out)
     if prev is None:
         return []
-    old, new = _comparable(prev[0]), _comparable(pl.cfg.model_dump(mode="json"))
+    old, new = comparable_config(prev[0]), comparable_config(pl.cfg.model_dump(mode="json"))
     diffs = _diff(old, new)
     if diffs and not allow_changes:
         raise RunDirError(f"run directory {out} holds results of a different config; differences:\n  "

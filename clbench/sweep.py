@@ -52,7 +52,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from .config import NON_RESULT_FIELDS, RunConfig, Strict, format_validation_error, load_yaml
+from .config import RunConfig, Strict, format_validation_error, load_yaml, method_index, set_path
 from .errors import ClbenchError, ConfigError
 
 AXES = ("methods", "seeds", "orders")  # grid keys that are not key paths of the run config
@@ -165,41 +165,6 @@ def check_key_path(path: str, where: str) -> None:
         done.append(part)
 
 
-def _method_index(methods: list, key: str) -> int | None:
-    """The index of the method whose result name (label or name) is `key`, or `key` as an index."""
-    for i, m in enumerate(methods):
-        if isinstance(m, dict) and (m.get("label") or m.get("name")) == key:
-            return i
-    if key.isdigit() and int(key) < len(methods):
-        return int(key)
-    return None
-
-
-def _set(raw: dict, path: str, value: Any) -> bool:
-    """Set a key path in a raw config; False when it names a method this config does not hold."""
-    parts = path.split(".")
-    cur: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(cur, list):
-            j = _method_index(cur, part) if parts[i - 1] == "methods" else (int(part) if part.isdigit() and int(part) < len(cur) else None)
-            if j is None:
-                return False
-            cur = cur[j]
-            continue
-        if not isinstance(cur.get(part), (dict, list)):
-            cur[part] = {}
-        cur = cur[part]
-    last = parts[-1]
-    if isinstance(cur, list):
-        j = _method_index(cur, last) if len(parts) > 1 and parts[-2] == "methods" else None
-        if j is None:
-            return False
-        cur[j] = value
-    else:
-        cur[last] = value
-    return True
-
-
 # --- expansion -----------------------------------------------------------------------------
 
 
@@ -272,7 +237,7 @@ def load_sweep(path: str | Path, output_dir: str | Path | None = None, launcher:
 def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, where: str) -> list[Run]:
     base = copy.deepcopy(base)
     for k, v in cfg.set.items():
-        if not _set(base, k, v):
+        if not set_path(base, k, v, where=f"{where}: set:", missing_method="skip"):
             raise ConfigError(f"{where}: set: {k!r} names a method the base config does not hold")
     hyper = [k for k in cfg.grid if k not in AXES]
     short = {k: k.rsplit(".", 1)[-1] for k in hyper}
@@ -291,7 +256,7 @@ def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, w
         if "methods" in point:
             m = point["methods"]
             if isinstance(m, str):
-                i = _method_index(raw.get("methods") or [], m) if not m.isdigit() else None
+                i = method_index(raw.get("methods") or [], m) if not m.isdigit() else None
                 m = copy.deepcopy(raw["methods"][i]) if i is not None else {"name": m}
             raw["methods"] = [m]
         applied: dict[str, Any] = {}
@@ -305,12 +270,12 @@ def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, w
                 if not targets:
                     continue
             elif parts[0] == "methods":
-                targets = [_method_index(methods, parts[1])]
+                targets = [method_index(methods, parts[1])]
             elif k in ("model", "stream", "order", "tasks"):
                 targets = []  # the report groups by these anyway
             else:
                 targets = range(len(methods))
-            if _set(raw, k, point[k]):
+            if set_path(raw, k, point[k], where=f"{where}: grid:", missing_method="skip"):
                 applied[k] = point[k]
                 applied_any.add(k)
                 for i in targets:
@@ -364,26 +329,22 @@ def _point_str(point: dict) -> str:
 
 
 def run_status(run: Run, run_dir: Path) -> str:
-    """complete: results.json says every (method, seed) of this config is complete, and the run
-    directory's config equals this one (ignoring the non-result fields); partial: results to
-    resume from; new: nothing yet."""
-    res, saved = run_dir / "results.json", run_dir / "config.yaml"
-    if not res.is_file():
-        return "partial" if saved.is_file() else "new"
+    """complete: results.json says every (method, seed) of this config is complete, and the config
+    its numbers were computed with equals this one (ignoring the non-result fields: the same check
+    as `clbench run`'s); changed: another config's results; partial: results or a started run to
+    resume; new: nothing yet."""
+    from .runner import RunDirError, comparable_config, results_config
+
     try:
-        data = json.loads(res.read_text())
-        old = yaml.safe_load(saved.read_text()) or {}
-    except (OSError, ValueError, yaml.YAMLError):
+        prev = results_config(run_dir)
+    except RunDirError:
         return "partial"
-    new = json.loads(json.dumps(run.cfg.model_dump(mode="json")))
-    for k in NON_RESULT_FIELDS:
-        old.pop(k, None)
-        new.pop(k, None)
-    if old != new:
+    if prev is None:
+        return "partial" if (run_dir / "config.yaml").is_file() else "new"
+    if comparable_config(prev[0]) != comparable_config(run.cfg.model_dump(mode="json")):
         return "changed"
-    methods = data.get("methods") or {}
     for spec in run.cfg.methods:
-        seeds = (methods.get(spec.run_name) or {}).get("seeds") or {}
+        seeds = (prev[1].get(spec.run_name) or {}).get("seeds") or {}
         if not all((seeds.get(str(s)) or {}).get("complete") for s in run.cfg.seeds):
             return "partial"
     return "complete"

@@ -156,13 +156,15 @@ def test_run_status_partial_and_changed(local_sweep, tmp_path):
     res["methods"]["lora"]["seeds"]["1"]["complete"] = False
     (d / "results.json").write_text(json.dumps(res))
     assert S.run_status(run, d) == "partial"
-    cfg = yaml.safe_load((d / "config.yaml").read_text())
-    cfg["threads"] = 2  # a non-result field: no difference
-    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # the config the numbers were computed with is results.json's (as `clbench run` reads it)
+    res["run"]["config"]["threads"] = 2  # a non-result field: no difference
+    (d / "results.json").write_text(json.dumps(res))
     assert S.run_status(run, d) == "partial"
-    cfg["train"]["lr"] = 0.5
-    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res["run"]["config"]["train"]["lr"] = 0.5
+    (d / "results.json").write_text(json.dumps(res))
     assert S.run_status(run, d) == "changed"
+    (d / "results.json").unlink()  # a started run that has no result yet
+    assert S.run_status(run, d) == "partial"
     assert S.run_status(run, tmp_path / "nothing") == "new"
 
 
