@@ -58,9 +58,9 @@ Options (defaults and sources):
                      A pass is a forward per batch: over a large training set and a short stage
                      it costs more than the training itself
 
-Not confirmed by a source: the passes run in eval mode (no dropout; the ViT code runs its
-passes in the network's current mode, GainLoRA under no_grad in training mode), and H of the
-GPM update is taken on the stage's training examples (both codes use the train loader).
+Not confirmed by a source: the passes run in eval mode (no adapter dropout in H; neither
+code sets a mode for its passes). H is taken on the stage's training examples, as both codes
+take it on their train loader.
 Memory: H is d x d float64 per distinct module input during a pass (SmolLM2-135M, q/v: 30 of
 576 x 576, 80 MB); M is d x k float32.
 """
@@ -101,7 +101,7 @@ class InfLoraOptions(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="adapter dropout (GainLoRA: 0)")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(default_factory=lambda: ["q_proj", "v_proj"],
                                                                    description="adapted modules (GainLoRA: q and v)")
-    eps: float = Field(0.995, gt=0, lt=1, description="GPM energy threshold at stage 1; eps_t rises to 1 over the stream")
+    eps: float = Field(0.995, gt=0, lt=1, description="GPM energy threshold at stage 1; eps_t rises toward 1 over the stream")
     init: Literal["random", "svd"] = Field("random", description="A_t: random projected (GainLoRA) or from H's top "
                                                                  "singular vectors (the ViT paper)")
     max_batches: Optional[int] = Field(None, gt=0, description="batches per H pass (None: all the stage's examples)")
