@@ -55,7 +55,10 @@ Options (defaults and sources):
   n_demos 20, n_shots 2   demonstrations per task and per prompt: 20 x 19 = 380 prompts
                           (complete_param_nic010_cate.py:55 with cate_task_style False; ori.sh)
   samples_per_prompt 3    do_sample_retries 3 x num_return_sequences 1 (ori.sh)
-  temperature 0.9, top_p 0.6, repetition_penalty 1.2   ori.sh (scripts-ni-c012/llama2-7b)
+  temperature 0.9, top_p 0.6, repetition_penalty 1.2   ori.sh (scripts-ni-c012/llama2-7b; the
+                          script's own default for the penalty is 1.0). On SmolLM2-135M-Instruct
+                          the 1.2 penalty breaks the repeated template (seen on tiny_parity: 1 of 6
+                          samples parsed at 1.2, 6 of 6 with two inputs each at 1.0)
   top_k 50                transformers' generation default, which the authors' pipeline call
                           inherits (it passes no top_k)
   max_new_tokens 256      unconfirmed: the authors cap prompt + continuation at 2048 tokens
