@@ -48,9 +48,11 @@ Options (defaults and sources):
                        matrix smaller than the cap and trains nothing, so the text's rule is
                        used. peft's example (examples/orthogonal_subspace_learning/
                        osf_continual_learning.py) uses 0.3, 0.5, 0.7 over three tasks; the
-                       authors' T5 code k = floor(scale * max(out, in)) capped at min(out, in),
-                       scale 0.07 + 0.07 per task (notebooks/finetune_svd.py). k_t = min(out,
-                       in) leaves a matrix nothing to train.
+                       authors' T5 code (Red-Hat-AI-Innovation-Team/orthogonal-subspace-
+                       learning) k = floor(scale * max(out, in)) capped at min(out, in)
+                       (notebooks/finetune_svd.py:465), scale 0.07 + 0.07 per task
+                       (notebooks/run_finetuning.sh). k_t = min(out, in) leaves a matrix
+                       nothing to train.
   target_modules None  None: peft's OSF default for the model type (utils/constants.py
                        TRANSFORMERS_MODELS_TO_OSF_TARGET_MODULES_MAPPING; Llama: q, k, v, o,
                        gate, up, down projections); a list of module names or "all-linear".
@@ -58,8 +60,9 @@ Options (defaults and sources):
 
 Trainable entries per target matrix: (out + in + 1) * (min(out, in) - k_t); trainable_params
 reports them for the last stage run (at the default k about as many as full fine-tuning of the
-targets). Learning rate: the peft docs advise 1e-5 to 1e-4, the peft example 5e-6, the authors'
-code 1e-5 (AdamW).
+targets; at stage 1 of the default schedule, one frozen direction, about twice their entries).
+Learning rate: the peft docs advise 1e-5 to 1e-4, the peft example 5e-6, the authors' code 1e-5
+(AdamW after projecting the gradients, notebooks/finetune_svd.py:813, :830-831).
 """
 
 from __future__ import annotations
