@@ -43,6 +43,7 @@ frozen):
   t5_inflora.py counts padding). Modules fed the same tensor (q_proj and v_proj read the same
   normed hidden state) share one H and one M, as the ViT code keeps one per attention input.
 - state_dict: O-LoRA's plus M per module (float32, CPU); the adapters live in the model.
+  In mode single every stage is a fresh run: M is empty and A_t is designed as at stage 1.
 
 Options (defaults and sources):
   r 4, alpha 32, dropout 0.0, target_modules [q_proj, v_proj]

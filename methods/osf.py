@@ -57,6 +57,7 @@ Options (defaults and sources):
                        TRANSFORMERS_MODELS_TO_OSF_TARGET_MODULES_MAPPING; Llama: q, k, v, o,
                        gate, up, down projections); a list of module names or "all-linear".
   reproject False      the after_step re-projection above (a deviation; off = peft as is).
+In mode single every stage is a fresh run from the base model with that stage's k_t.
 
 Trainable entries per target matrix: (out + in + 1) * (min(out, in) - k_t); trainable_params
 reports them for the last stage run (at the default k about as many as full fine-tuning of the
