@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.clbench-installed
 PIP     := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,14 @@ bench: $(STAMP)
 	# the benchmark measures the demo stream's real batches: fetch them first (no-op when cached)
 	$(VENV)/bin/clbench data prepare --config configs/demo.yaml
 	$(PY) bench/run.py
+
+# The GPU check (docs/gpu.md): a bundle of what a GPU machine without network lacks (wheels,
+# tokenizer, task data; <= 64 MiB with the repository), then the check itself. Where the GPU is
+# another machine, carry $(GPU_BUNDLE) there and run only the second command.
+GPU_BUNDLE ?= build/gpu-bundle
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py prepare --bundle $(GPU_BUNDLE)
+	$(PY) bench/gpu_check.py run --bundle $(GPU_BUNDLE)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -238,3 +238,40 @@ def test_method_hooks_keep_to_the_model_device(name, lm, no_meta_autocast, one_t
         M.call(meth, "trainable_params", model)
         assert all(p.device == DEV for p in model.parameters())
         assert stats["steps"] == CFG.steps
+
+
+# --- the GPU check's dry run ------------------------------------------------------------------
+
+
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_dry_run_lists_every_method_and_names_missing_inputs(tmp_path, capsys):
+    gc = _gpu_check()
+    assert gc.main(["run", "--dry-run", "--bundle", str(tmp_path / "nothing")]) == 0
+    out = capsys.readouterr().out
+    assert f"bundle folder {tmp_path / 'nothing'} does not exist" in out
+    for name in _methods():
+        assert f"stream  {name}: " in out, name
+    assert "prefix-sharing vs lm-eval's own path" in out and "1b      full_ft" in out
+    assert "fsdp    skipped: no FSDP strategy yet" in out or "fsdp    1-GPU FSDP" in out
+    # a bundle without one of its parts is named part by part
+    (tmp_path / "b" / "wheels").mkdir(parents=True)
+    assert gc.main(["run", "--dry-run", "--bundle", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "holds no wheels" in out and "holds no tokenizer" in out and "smollm2-135m.json is missing" in out
+
+
+def test_gpu_check_refuses_a_missing_bundle_before_any_work(tmp_path, capsys):
+    gc = _gpu_check()
+    with pytest.raises(SystemExit) as e:
+        gc.main(["run", "--bundle", str(tmp_path / "nothing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clbench: error: bundle folder") and "prepare" in err[0]
