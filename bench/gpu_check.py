@@ -268,7 +268,7 @@ def run_stream(method: str, model_dir: Path, work: Path, device: str = "cuda") -
         seed = res["methods"][method]["seeds"]["0"]
         steps = sum(st["steps"] for st in seed["stages"])
         row.update(step_s=round(seed["train_seconds"] / max(1, steps), 4), peak_mb=round(seed["peak_mem_mb"], 1),
-                   scores=seed["matrix"][-1] if seed.get("matrix") else None)
+                   scores=dict(zip(TASKS, seed["matrix"][-1])) if seed.get("matrix") else None)  # rows: stages 0..T
     return row
 
 
@@ -284,7 +284,7 @@ def prefix_sharing_vs_lm_eval(model_dir: Path, work: Path, device: str = "cuda")
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     defs = taskcat.load_tasks()
-    task = taskcat.build_lm_eval_tasks([defs[TASKS[0]]], work / "lm-tasks")[TASKS[0]]
+    task = taskcat.build_lm_eval_tasks([defs[TASKS[0]]], paths.cache_dir())[TASKS[0]]
     task.build_all_requests(limit=STREAM["eval_limit"], rank=0, world_size=1)
     reqs = task.instances
     lm = evaluate._lm_class()(pretrained=model, tokenizer=tok, batch_size=16,
