@@ -37,7 +37,7 @@ from . import leakage, paths
 from .builders import BUILDERS, COMMON_KEYS, SAMPLINGS, Builder
 from .errors import DataError
 from .files import sha256_file as _sha256_file
-from .files import write_atomic as _write_atomic
+from .files import atomic_write as _write_atomic
 from .sources import Source, _archive_sha256, _find_package_file, parse_source, read_members
 
 log = logging.getLogger(__name__)

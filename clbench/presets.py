@@ -69,7 +69,7 @@ from typing import Any, Callable, Iterable
 from . import leakage, paths
 from .errors import DataError
 from .files import sha256_file as _sha256_file
-from .files import write_atomic as _write_atomic
+from .files import atomic_write as _write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,23 +17,19 @@
 
 Every file is written atomically (temp file + rename): a crash never leaves half a file, only
 the temp file `.<name>.<8 random characters>` beside it, which the next run of the directory
-deletes (remove_unfinished_writes). clbench.checkpoint writes its files the same way.
+deletes (clbench.files.remove_unfinished_writes). clbench.checkpoint writes its files the same way.
 """
 
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
-import os
-import re
-import tempfile
 from pathlib import Path
 
 import yaml
 
-from .errors import ClbenchError
+from .files import WriteError, atomic_write, temp_file, write_failed  # noqa: F401  (the writers' errors, re-exported)
 
 # The results contract: what a run directory holds, written by the loop (clbench.recorder) and
 # read by everything else (clbench.report, clbench.runner, outside tools) from these names only.
@@ -45,58 +41,8 @@ COST_COLUMNS = ["trainable_params", "train_seconds", "eval_seconds", "peak_mem_m
 SUMMARY_COLUMNS = ["method", "seed", "mode", *METRIC_COLUMNS, *COST_COLUMNS]
 
 
-def temp_file(path: Path) -> str:
-    """A new empty temp file beside `path` (`.<name>.<8 random characters>`), to be renamed onto it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
-_UNFINISHED = re.compile(r"\..+\.[a-z0-9_]{8}")  # temp_file's names
-
-
-def remove_unfinished_writes(folder: Path) -> list[Path]:
-    """Delete the temp files of writes that never finished anywhere under `folder` (a process
-    killed mid-write leaves one; a full-FT checkpoint's is a whole model copy). Only call this
-    while holding the run directory's lock: no other process is writing there."""
-    gone = sorted(p for p in Path(folder).rglob(".*") if p.is_file() and _UNFINISHED.fullmatch(p.name))
-    for p in gone:
-        p.unlink(missing_ok=True)
-    return gone
-
-
-class WriteError(ClbenchError):
-    """A results, samples or checkpoint file could not be written (disk full, read-only, ...)."""
-
-
-def write_failed(path: Path, e: OSError) -> WriteError:
-    """One readable line for a failed write: the file meant, and why (an OSError raised by write()
-    or fsync() names no file of its own)."""
-    why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    return WriteError(f"writing {path} failed: {why}; the files written before it are kept")
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_file(path)
-    except OSError as e:
-        raise write_failed(path, e) from e
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise write_failed(path, e) from e
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text)
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:

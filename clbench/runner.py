@@ -13,7 +13,8 @@ from .config import NON_RESULT_FIELDS
 from .errors import ClbenchError
 from .loop import run
 from .planning import Plan
-from .results import RESULT_FILES, remove_unfinished_writes, write_failed, write_json, write_yaml
+from .files import remove_unfinished_writes, write_failed
+from .results import RESULT_FILES, write_json, write_yaml
 
 
 

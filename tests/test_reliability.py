@@ -389,7 +389,7 @@ def test_task_yaml_missing_field(tmp_path, run_cli):
 def test_user_method_file_errors(tmp_path, run_cli):
     (tmp_path / "broken.py").write_text("import no_such_module_here\n")
     (tmp_path / "noproto.py").write_text("from clbench.method import register\n@register('noproto')\nclass X:\n    pass\n")
-    for f, needle in (("broken.py", "failed to import: ModuleNotFoundError"), ("noproto.py", "does not implement the protocol: no setup")):
+    for f, needle in (("broken.py", "failed to import: ModuleNotFoundError"), ("noproto.py", "must subclass clbench.method.Method")):
         cfg = tmp_path / "c.yaml"
         cfg.write_text(GOOD + f"method_files: [{f}]\n")
         code, _, err = run_cli("run", cfg, "--output-dir", tmp_path / "out")
