@@ -187,11 +187,11 @@ class DiffFile:
     def __init__(self, path: Path):
         import json
 
+        import zipfile
+
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            head = f.read(2)
         self._eager = None
-        if head == b"PK":  # a torch.save zip archive
+        if zipfile.is_zipfile(self.path):  # a torch.save archive (safetensors files are not zips)
             self._eager = load(self.path)["diff"]
             self.kinds = {k: e[0] for k, e in self._eager.items()}
             return

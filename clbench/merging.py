@@ -240,7 +240,8 @@ def lota_additive(base: StateDict, sparse_deltas: Sequence[Mapping]) -> dict[str
                 continue
             mask, values = entry
             t = out[k].clone()
-            t[mask] = t[mask] + _f32(values)
+            mask = mask.to(t.device)  # a restored method's masks and values are on the CPU
+            t[mask] = t[mask] + _f32(values).to(t.device)
             out[k] = t
     return out
 
