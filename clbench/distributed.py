@@ -155,3 +155,17 @@ def state_digest(model: torch.nn.Module, method_state) -> str:
 
     walk(method_state)
     return h.hexdigest()
+
+
+def check_ranks(tag: str, model: torch.nn.Module, method_state, entry: dict) -> None:
+    """With several processes: every rank must hold the same weights and method state (`method_state()`
+    gives it) after a stage; their digests go into the stage's entry, and a difference stops the run."""
+    if not enabled():
+        return
+    digests = gather(state_digest(model, method_state()))
+    entry["rank_digests"] = [d[:16] for d in digests]
+    if len(set(digests)) != 1:
+        from .errors import ClbenchError
+
+        raise ClbenchError(f"{tag} stage {entry['stage']}: ranks diverged (weights or method state differ: "
+                           f"{entry['rank_digests']}); results up to the previous stage are kept")

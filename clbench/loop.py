@@ -27,7 +27,7 @@ from . import results
 from . import tasks as taskcat
 from .errors import ClbenchError
 from .planning import Plan
-from .recorder import MULTITASK, Recorder, meta_info
+from .recorder import MULTITASK, CostLog, Recorder, meta_info, stage_entry
 from .runtime import PeakMemory, quiet_libraries, seed_everything, select_device
 from .stage import autocast_factory, run_stage
 
@@ -173,20 +173,10 @@ class Job:
         if self.s.tracker is not None:
             self.s.tracker.log_stage(self.name, self.seed, stage, scores)
 
-    def check_ranks(self, meth, model, entry: dict) -> None:
-        """With several processes: every rank must hold the same weights and method state after a stage."""
-        if not D.enabled():
-            return
-        digests = D.gather(D.state_digest(model, M.call(meth, "state_dict")))
-        entry["rank_digests"] = [d[:16] for d in digests]
-        if len(set(digests)) != 1:
-            raise ClbenchError(f"{self.tag()} stage {entry['stage']}: ranks diverged (weights or method state differ: "
-                               f"{entry['rank_digests']}); results up to the previous stage are kept")
-
-    def finish_stage(self, meth, model, entry: dict, scores: dict, log: "CostLog", mode: str) -> None:
+    def finish_stage(self, meth, model, entry: dict, scores: dict, log: CostLog, mode: str) -> None:
         """After a stage: log it, check that every rank agrees, record it and write the results files."""
         log.stages.append(entry)
-        self.check_ranks(meth, model, entry)
+        D.check_ranks(self.tag(), model, lambda: M.call(meth, "state_dict"), entry)
         n, ck_mb = len(self.s.pl.task_names), entry["checkpoint_mb"]
         self.s.console.print(f"{self.tag()} stage {entry['stage']}/{n} {entry['task']}: {entry['steps']} steps, loss "
                              f"{entry['first_loss']:.3f} -> {entry['last_loss']:.3f} ({entry['train_seconds']:.1f}s); "
@@ -194,7 +184,7 @@ class Job:
                              + (f"; checkpoint {ck_mb:.1f} MB" if ck_mb else ""))
         self.record(meth, model, log, mode, merges_pending=bool(self.spec.merge))
 
-    def record(self, meth, model, log: "CostLog", mode: str, merges_pending: bool = False) -> None:
+    def record(self, meth, model, log: CostLog, mode: str, merges_pending: bool = False) -> None:
         self.s.rec.record_method(self.name, self.seed, meth, model, log.train_s, log.eval_s, log.peak, log.stages,
                                  mode=mode, merges_pending=merges_pending)
         self.s.rec.flush()
@@ -208,27 +198,6 @@ class Job:
             checkpoint.save_state_diff(self.ckpt_dir / f"taskvec{t}.pt",
                                        checkpoint.state_diff(merging.effective_state(model),
                                                              self.s.base_model.state_dict(), copy=False))
-
-
-@dataclass
-class CostLog:
-    """The running costs and stage log of one (method, seed)."""
-
-    train_s: float = 0.0
-    eval_s: float = 0.0
-    peak: float = 0.0
-    stages: list = None
-
-    def __post_init__(self):
-        self.stages = list(self.stages or [])
-
-    def add(self, train_s: float, eval_s: float, peak: float) -> None:
-        self.train_s, self.eval_s, self.peak = self.train_s + train_s, self.eval_s + eval_s, max(self.peak, peak)
-
-
-def _stage_entry(t, task, stats, es, ck_mb=None) -> dict:
-    return {"stage": t, "task": task, "steps": stats["steps"], "first_loss": stats["first_loss"],
-            "last_loss": stats["last_loss"], "train_seconds": stats["seconds"], "eval_seconds": es, "checkpoint_mb": ck_mb}
 
 
 def _fmt_scores(scores: dict) -> str:
@@ -362,7 +331,7 @@ def _run_sequential(job: Job, prev):
         log.add(secs, es, pk)
         ck_mb = pending.wait() if pending is not None else None  # before the results say the stage is done
         ckpts.stage_done(t, secs + es, pending)
-        job.finish_stage(meth, model, _stage_entry(t, task, stats, es, ck_mb), scores, log, "sequential")
+        job.finish_stage(meth, model, stage_entry(t, task, stats, es, ck_mb), scores, log, "sequential")
         ckpts.stage_recorded(t, pending)  # only now may the previous checkpoint go
     if job.spec.merge:
         log.eval_s += _run_merges(job, "sequential")
@@ -395,7 +364,7 @@ def _run_single(job: Job, prev):
         meth, run_ctx, model = job.new_model()
         model, stats, secs, pk, scores, es, _ = _run_stage(job, meth, model, run_ctx, t, task)
         log.add(secs, es, pk)
-        job.finish_stage(meth, model, _stage_entry(t, task, stats, es), scores, log, "single")
+        job.finish_stage(meth, model, stage_entry(t, task, stats, es), scores, log, "single")
         if t < len(names):
             del model
     if meth is None:  # every stage was done before: the trainable count comes from a fresh setup
@@ -426,7 +395,7 @@ def _run_multitask(job: Job, prev):
     model, stats, train_s, peak = job.train(meth, model, run_ctx, 1, MULTITASK, examples, tcfg)
     scores, es = job.evaluate(model, MULTITASK, None, MULTITASK)
     job.add_row(MULTITASK, MULTITASK, scores)
-    job.finish_stage(meth, model, _stage_entry(1, MULTITASK, stats, es), scores,
+    job.finish_stage(meth, model, stage_entry(1, MULTITASK, stats, es), scores,
                      CostLog(train_s, s.base_eval_s + es, peak), "multitask")
     return model
 

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,28 @@ from . import metrics, results
 from .config import RunConfig
 
 MULTITASK = "multitask"  # the stage label of the joint reference's row in matrix.csv
+
+
+@dataclass
+class CostLog:
+    """The running costs and stage log of one (method, seed)."""
+
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    peak: float = 0.0
+    stages: list = None
+
+    def __post_init__(self):
+        self.stages = list(self.stages or [])
+
+    def add(self, train_s: float, eval_s: float, peak: float) -> None:
+        self.train_s, self.eval_s, self.peak = self.train_s + train_s, self.eval_s + eval_s, max(self.peak, peak)
+
+
+def stage_entry(t, task, stats, es, ck_mb=None) -> dict:
+    """One stage's entry of results.json's per-stage log."""
+    return {"stage": t, "task": task, "steps": stats["steps"], "first_loss": stats["first_loss"],
+            "last_loss": stats["last_loss"], "train_seconds": stats["seconds"], "eval_seconds": es, "checkpoint_mb": ck_mb}
 
 
 def git_sha() -> str | None:
