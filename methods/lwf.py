@@ -55,16 +55,16 @@ cached logits (TRACE caches per-step logits and reads them back in another order
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import method as M
-from clbench.errors import ConfigError
-from clbench.method import Method, register
+from clbench.method import register
 from clbench.train import target_logits
+from clbench.wrapping import BASE_FIELD, BASE_OPTIONS_FIELD, BaseName, BaseOptions, Wrapping
 
 
 class LwfOptions(BaseModel):
@@ -74,8 +74,8 @@ class LwfOptions(BaseModel):
     kl: Literal["forward", "reverse"] = Field("forward", description="forward = KL(teacher || student), "
                                               "reverse = KL(student || teacher)")
     t_squared: bool = Field(True, description="multiply the divergence by T^2")
-    base: Optional[str] = Field(None, description="a method to wrap (e.g. lora); none = full fine-tuning")
-    base_options: dict[str, Any] = Field(default_factory=dict, description="the wrapped method's options")
+    base: BaseName = BASE_FIELD
+    base_options: BaseOptions = BASE_OPTIONS_FIELD
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float, kl: str = "forward",
@@ -93,55 +93,12 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 
 @register("lwf")
-class LwF(Method):
+class LwF(Wrapping):
     Options = LwfOptions
 
     def __init__(self, options: LwfOptions):
-        self.options = options
-        self.inner = None
-        if options.base is not None:
-            if options.base == "lwf":
-                raise ConfigError("lwf: base cannot be lwf itself")
-            self.inner = M.make(options.base, options.base_options, where="lwf base")
-        elif options.base_options:
-            raise ConfigError("lwf: base_options given without base")
+        super().__init__(options)  # the base method, if any (clbench.wrapping)
         self.teacher: torch.nn.Module | None = None
-
-    def _inner(self, hook, *args, default=None):
-        if self.inner is None:
-            return default
-        value = M.call(self.inner, hook, *args)
-        return default if value is None else value
-
-    # --- delegation -----------------------------------------------------------------------
-
-    def needs_tasks(self):
-        return list(self._inner("needs_tasks", default=[]))
-
-    def setup(self, model, run):
-        if self.inner is not None:
-            return M.call(self.inner, "setup", model, run)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-
-    def stage_examples(self, model, stage):
-        return self._inner("stage_examples", model, stage)
-
-    def param_groups(self, model, stage):
-        return self._inner("param_groups", model, stage)
-
-    def batch(self, examples, stage):
-        return self._inner("batch", examples, stage)
-
-    def after_backward(self, model, stage):
-        self._inner("after_backward", model, stage)
-
-    def after_step(self, model, stage):
-        self._inner("after_step", model, stage)
-
-    def trainable_params(self, model):
-        return self._inner("trainable_params", model)
 
     # --- stages ---------------------------------------------------------------------------
 
@@ -171,8 +128,7 @@ class LwF(Method):
     # --- resume ---------------------------------------------------------------------------
 
     def state_dict(self):
-        return {"base": self._inner("state_dict")}
+        return {"base": self._base_state()}
 
     def load_state_dict(self, state):
-        if self.inner is not None and state and state.get("base") is not None:
-            M.call(self.inner, "load_state_dict", state["base"])
+        self._load_base_state((state or {}).get("base"))

@@ -51,16 +51,15 @@ Options (defaults and sources):
 from __future__ import annotations
 
 import random
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import method as M
-from clbench.errors import ConfigError
 from clbench.masking import derive_seed
-from clbench.method import MethodError, Method, register
+from clbench.method import MethodError, register
 from clbench.train import IGNORE, Example, collate, lm_loss
+from clbench.wrapping import BASE_FIELD, BASE_OPTIONS_FIELD, BaseName, BaseOptions, Wrapping
 
 SALT_BUFFER, SALT_DRAW, SALT_GENERAL = 11, 12, 13
 
@@ -74,8 +73,8 @@ class ReplayOptions(BaseModel):
     general_task: Optional[str] = Field(None, description="a task whose training data is replayed from stage 1 on "
                                         "as general instruction data (e.g. one not in the stream)")
     general_m: int = Field(50, gt=0, description="examples of general_task kept (a seeded sample)")
-    base: Optional[str] = Field(None, description="a method to wrap (e.g. lora); none = full fine-tuning")
-    base_options: dict[str, Any] = Field(default_factory=dict, description="the wrapped method's options")
+    base: BaseName = BASE_FIELD
+    base_options: BaseOptions = BASE_OPTIONS_FIELD
 
 
 def n_replay(batch_size: int, ratio: float) -> int:
@@ -83,18 +82,11 @@ def n_replay(batch_size: int, ratio: float) -> int:
 
 
 @register("replay")
-class Replay(Method):
+class Replay(Wrapping):
     Options = ReplayOptions
 
     def __init__(self, options: ReplayOptions):
-        self.options = options
-        self.inner = None
-        if options.base is not None:
-            if options.base == "replay":
-                raise ConfigError("replay: base cannot be replay itself")
-            self.inner = M.make(options.base, options.base_options, where="replay base")
-        elif options.base_options:
-            raise ConfigError("replay: base_options given without base")
+        super().__init__(options)  # the base method, if any (clbench.wrapping)
         self.buffers: dict[str, list[Example]] = {}  # finished tasks, in stream order
         self._current: list[Example] = []  # the running stage's selection
         self._seen: set = set()
@@ -107,16 +99,10 @@ class Replay(Method):
         self.last_replay: list[Example] = []  # the examples of the latest replay draw (tests, inspection)
         self.last_task_of_replay: list[str] = []
 
-    # --- delegation -----------------------------------------------------------------------
-
-    def _inner(self, hook, *args, default=None):
-        if self.inner is None:
-            return default
-        value = M.call(self.inner, hook, *args)
-        return default if value is None else value
+    # --- run ----------------------------------------------------------------------------------
 
     def needs_tasks(self):
-        return [self.options.general_task] if self.options.general_task else []
+        return ([self.options.general_task] if self.options.general_task else []) + list(super().needs_tasks())
 
     def setup(self, model, run):
         tok = getattr(run, "tokenizer", None)
@@ -128,26 +114,7 @@ class Replay(Method):
             pool = run.examples(self.options.general_task)
             rng = random.Random(derive_seed(run.seed, 0, SALT_GENERAL))
             self.general = rng.sample(pool, min(self.options.general_m, len(pool)))
-        if self.inner is not None:
-            return M.call(self.inner, "setup", model, run)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-
-    def stage_examples(self, model, stage):
-        return self._inner("stage_examples", model, stage)
-
-    def param_groups(self, model, stage):
-        return self._inner("param_groups", model, stage)
-
-    def after_backward(self, model, stage):
-        self._inner("after_backward", model, stage)
-
-    def after_step(self, model, stage):
-        self._inner("after_step", model, stage)
-
-    def trainable_params(self, model):
-        return self._inner("trainable_params", model)
+        return super().setup(model, run)
 
     # --- stages ---------------------------------------------------------------------------
 
@@ -222,9 +189,8 @@ class Replay(Method):
 
     def state_dict(self):
         return {"buffers": {t: [(ex.input_ids, ex.n_prompt) for ex in exs] for t, exs in self.buffers.items()},
-                "base": self._inner("state_dict")}
+                "base": self._base_state()}
 
     def load_state_dict(self, state):
         self.buffers = {t: [Example(list(ids), int(n)) for ids, n in exs] for t, exs in state.get("buffers", {}).items()}
-        if self.inner is not None and state.get("base") is not None:
-            M.call(self.inner, "load_state_dict", state["base"])
+        self._load_base_state(state.get("base"))
