@@ -132,16 +132,18 @@ def _score(results: dict, task: str, metric: str, filt: str) -> float:
 @contextlib.contextmanager
 def without_env_info():
     """simple_evaluate collects environment info (torch's collect_env, `pip list` and git
-    subprocesses: ~0.6 s per call) into its result; results.json records versions once, so
-    clbench's evaluations skip it."""
+    subprocesses: ~0.6 s per call) into its result, and its `git describe` prints "fatal: not a
+    git repository" at every evaluation of a run outside one; results.json records versions and
+    the git sha once, so clbench's evaluations skip both."""
     from lm_eval import evaluator
 
-    env_info = evaluator.add_env_info
+    env_info, git_hash = evaluator.add_env_info, evaluator.get_git_commit_hash
     evaluator.add_env_info = lambda *a, **k: None
+    evaluator.get_git_commit_hash = lambda: None
     try:
         yield
     finally:
-        evaluator.add_env_info = env_info
+        evaluator.add_env_info, evaluator.get_git_commit_hash = env_info, git_hash
 
 
 def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str]], *, device, autocast_dtype,

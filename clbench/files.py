@@ -27,10 +27,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_UMASK = os.umask(0o022)  # read once, at import (single-threaded): os.umask both reads and sets
+os.umask(_UMASK)
+
+
 def temp_file(path: Path) -> str:
-    """A new empty temp file beside `path` (`.<name>.<8 random characters>`), to be renamed onto it."""
+    """A new empty temp file beside `path` (`.<name>.<8 random characters>`), to be renamed onto it,
+    with the permissions of any new file under the user's umask (mkstemp makes it 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    finally:
+        os.close(fd)
     return tmp
 
 
