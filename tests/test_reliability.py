@@ -519,12 +519,13 @@ def test_background_save_writes_what_a_direct_save_writes(tmp_path):
 
 
 def test_checkpoint_interval_skips_cheap_stages_and_resume_redoes_them(reference_run, tmp_path, run_cli):
-    """Default checkpoint_interval (60 s): the tiny stages (~1 s) are cheaper to redo than to
-    write, so none gets a checkpoint; a run that died after stage 2 then redoes stages 1-2, and
-    one whose latest checkpoint is older than its last recorded stage resumes from it. Either way
-    the matrix is the uninterrupted run's."""
+    """A checkpoint_interval no tiny stage reaches (the default 60 s can be, on a loaded machine):
+    the stages are cheaper to redo than to write, so none gets a checkpoint; a run that died
+    after stage 2 then redoes stages 1-2, and one whose latest checkpoint is older than its last
+    recorded stage resumes from it. Either way the matrix is the uninterrupted run's."""
     out = tmp_path / "out"
-    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out)
+    cheap = ("--set", "checkpoint_interval=3600")
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, *cheap)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
     assert all(s["checkpoint_mb"] is None for m in res["methods"].values() for s in m["seeds"]["0"]["stages"])
@@ -537,17 +538,17 @@ def test_checkpoint_interval_skips_cheap_stages_and_resume_redoes_them(reference
         (out / "results.json").write_text(json.dumps(res))
 
     cut_after(2)
-    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out)
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, *cheap)
     assert code == 0, err
     assert "no stage checkpoint to resume from; stages 1-2 are redone" in err
     assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
 
     # every stage's checkpoint kept; then stage 2's is lost: resume from stage 1's
-    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, "--fresh", "--set", "keep_checkpoints=all")
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, "--fresh", "--set", "keep_checkpoints=all", *cheap)
     assert code == 0, err
     (out / "checkpoints" / "full_ft" / "seed0" / "stage2.pt").unlink()
     cut_after(2)
-    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, "--set", "keep_checkpoints=all")
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, "--set", "keep_checkpoints=all", *cheap)
     assert code == 0, err
     assert "resumed after stage 1" in err and "stage 2 is redone (no later checkpoint)" in err
     assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
