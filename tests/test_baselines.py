@@ -154,6 +154,8 @@ def _set_A(model, adapter, fn):
 
 def test_olora_penalty_zero_for_orthogonal_adapters_positive_otherwise(tok):
     meth, model, run = fresh(tok, "olora", {"r": 4, "alpha": 8, "dropout": 0.0})
+    one = stage_ctx(run, TrainConfig(), 1)
+    meth.stage_end(meth.stage_start(model, one), one)  # stage 1 done: its adapter is an earlier one at stage 2
     stage = stage_ctx(run, TrainConfig(), 2)
     meth.stage_start(model, stage)
     assert len(olora_mod.lora_layers(model)) == 4  # q_proj and v_proj of 2 layers
