@@ -314,6 +314,17 @@ def load_method_file(path: Path) -> list[str]:
     return new
 
 
+def method_module(path: Path):
+    """The module of a method file, imported through load_method_file if it is not yet: a method
+    that extends another's class (N-LoRA and InfLoRA extend O-LoRA's) imports it this way, whatever
+    order the files load in."""
+    path = Path(path)
+    name = f"clbench_methods.{path.stem}"
+    if name not in sys.modules:
+        load_method_file(path)
+    return sys.modules[name]
+
+
 def load_builtin_methods(folder: Path) -> None:
     for f in sorted(Path(folder).glob("*.py")):
         if not f.name.startswith("_"):

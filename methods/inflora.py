@@ -69,7 +69,6 @@ Memory: H is d x d float64 per distinct module input during a pass (SmolLM2-135M
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -77,21 +76,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench.masking import derive_seed
-from clbench.method import MethodError, load_method_file, register
+from clbench.method import MethodError, method_module, register
 from clbench.train import collate
 
 _SUBSET_SALT = 401  # the examples of a capped H pass: a draw of its own, apart from the batch order
 
 
-def _olora():
-    """methods/olora.py's module (its class is the adapter structure InfLoRA extends)."""
-    name = "clbench_methods.olora"
-    if name not in sys.modules:
-        load_method_file(Path(__file__).with_name("olora.py"))
-    return sys.modules[name]
-
-
-_olora_mod = _olora()
+_olora_mod = method_module(Path(__file__).with_name("olora.py"))  # its class is the structure InfLoRA extends
 adapter_name, lora_layers = _olora_mod.adapter_name, _olora_mod.lora_layers
 
 

@@ -56,26 +56,16 @@ lora_A / lora_B pair; keeping one peft adapter per stage gives the same forward.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.method import MethodError, load_method_file, register
+from clbench.method import MethodError, method_module, register
 
 
-def _olora_module():
-    """methods/olora.py as the method loader imported it (loading it first if this file comes
-    first: built-in methods load in name order)."""
-    name = "clbench_methods.olora"
-    if name not in sys.modules:
-        load_method_file(Path(__file__).with_name("olora.py"))
-    return sys.modules[name]
-
-
-_olora = _olora_module()
+_olora = method_module(Path(__file__).with_name("olora.py"))
 OLoRA, adapter_name, lora_layers = _olora.OLoRA, _olora.adapter_name, _olora.lora_layers
 
 
