@@ -85,7 +85,7 @@ def shard(examples: list) -> list:
         return examples
     n = torch.distributed.get_world_size()
     if len(examples) < n:
-        from .train import TrainingError
+        from .errors import TrainingError
 
         raise TrainingError(f"a batch of {len(examples)} examples cannot be split over {n} processes: "
                             f"set train.batch_size (the global batch) to at least {n}")

@@ -11,3 +11,7 @@ class ConfigError(ClbenchError):
 
 class DataError(ClbenchError):
     """Task data that cannot be read or prepared (a malformed file, a missing release, ...)."""
+
+
+class TrainingError(ClbenchError):
+    """Training cannot go on: a non-finite loss, a batch that cannot be split, no parameter to train."""

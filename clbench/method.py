@@ -135,7 +135,7 @@ class Stage:
         return self._clock.lr if self._clock.lr is not None else self.lr_at(self._clock.step)
 
     def lr_at(self, step: int) -> float:
-        from .train import lr_factor
+        from .schedule import lr_factor
 
         return self._cfg.lr * lr_factor(self._cfg, self._total, step)
 

@@ -21,13 +21,10 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from . import method as M
-from .errors import ClbenchError
+from .errors import TrainingError  # noqa: F401  (raised here; clbench.train.TrainingError for users)
+from .schedule import lr_factor
 
 IGNORE = -100
-
-
-class TrainingError(ClbenchError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -125,17 +122,6 @@ def make_optimizer(groups, cfg):
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_factor(cfg, total: int, step: int) -> float:
-    """The schedule's multiplier of cfg.lr at optimizer step `step` (from 0) of `total`."""
-    warm = cfg.warmup_steps
-    if warm and step < warm:
-        return (step + 1) / warm
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    frac = min(1.0, (step - warm) / max(1, total - warm))
-    return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def make_scheduler(opt, cfg, total: int):
