@@ -31,7 +31,7 @@ TIES, step by step (per key; `scope` says over which entries trimming ranks magn
      the task vectors where such a value is nonzero (0 where none is).
   Result: theta_0 + lam * disjoint mean.
 Choices no source fixes, or where this differs from the official code:
-  - scope "tensor" (default, as the project brief specifies): the top-k is taken per tensor
+  - scope "tensor" (default, this suite's choice): the top-k is taken per tensor
     per task vector. The official code flattens the whole model's task vector into one
     vector and trims globally; scope="global" does that.
   - k: the official code thresholds at kthvalue(n - int(density * n)) of |tau|, which keeps

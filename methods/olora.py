@@ -37,8 +37,8 @@ How it runs here (peft multi-adapter, no merging):
 - The reported stage losses include the penalty.
 
 Options (defaults and sources):
-  r 8                    O-LoRA code (hard-coded r=8) and the project brief
-  alpha 16               the project brief, as this benchmark's lora baseline; O-LoRA's code
+  r 8                    O-LoRA code (hard-coded r=8)
+  alpha 16               as this benchmark's lora baseline; O-LoRA's code
                          hard-codes lora_alpha=32 (scale 4 instead of 2): set alpha: 32 for theirs
   dropout 0.05           as the lora baseline here; O-LoRA's code uses 0.1. peft gives every
                          adapter its own dropout module, O-LoRA shares one dropout of x
