@@ -196,6 +196,11 @@ def _to_cpu(obj):
     return tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, obj)
 
 
+# options that keep a method's own generation small on the tiny model (every code path still runs):
+# SSR's defaults synthesise 380 prompts x 3 samples x 256 tokens per task
+SMALL = {"ssr": {"n_demos": 4, "samples_per_prompt": 1, "max_new_tokens": 24, "per_task": 4, "n_clusters": 2}}
+
+
 @pytest.mark.parametrize("name", _methods())
 def test_method_hooks_keep_to_the_model_device(name, lm, no_meta_autocast, one_thread):
     from clbench import tasks as taskcat
@@ -208,7 +213,7 @@ def test_method_hooks_keep_to_the_model_device(name, lm, no_meta_autocast, one_t
     def fresh():
         torch.manual_seed(0)  # as the loop seeds before setup, so a resumed run rebuilds the same adapters
         model = models.build_tiny_model(0, len(tok)).to(DEV)
-        meth = M.make(name, {})
+        meth = M.make(name, SMALL.get(name, {}))
         run = M.RunContext(method=name, seed=0, tasks=list(TASKS), device=DEV, tokenizer=tok,
                            examples=lambda t: list(examples[t]), pairs=lambda t: list(pairs[t]),
                            tokenize=lambda p: tokenize(p, tok, 64), task=lambda t: lm[t])
