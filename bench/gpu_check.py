@@ -85,12 +85,7 @@ def methods() -> list[str]:
     from clbench import method as M
 
     M.load_builtin_methods(REPO / "methods")
-    seen, out = set(), []
-    for name, cls in M.available().items():
-        if cls not in seen and Path(M._SOURCES[name]).parent == REPO / "methods":
-            seen.add(cls)
-            out.append(cls.name)
-    return out
+    return M.methods_in(REPO / "methods")
 
 
 def fsdp_available() -> bool:

@@ -331,6 +331,16 @@ def load_builtin_methods(folder: Path) -> None:
             load_method_file(f)
 
 
+def methods_in(folder: Path) -> list[str]:
+    """The names of the methods registered from the files of `folder`, each once (aliases left out)."""
+    folder, seen, out = Path(folder).resolve(), set(), []
+    for name, cls in available().items():
+        if cls not in seen and Path(_SOURCES[name]).resolve().parent == folder:
+            seen.add(cls)
+            out.append(cls.name)
+    return out
+
+
 def available() -> dict[str, type]:
     return dict(sorted(_REGISTRY.items()))
 

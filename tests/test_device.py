@@ -184,12 +184,7 @@ def lm(tmp_path_factory):
 
 def _methods():
     M.load_builtin_methods(REPO / "methods")
-    seen, out = set(), []
-    for name, cls in M.available().items():
-        if cls not in seen and Path(M._SOURCES[name]).parent == REPO / "methods":
-            seen.add(cls)
-            out.append(cls.name)
-    return out
+    return M.methods_in(REPO / "methods")
 
 
 def _to_cpu(obj):
