@@ -42,6 +42,17 @@ def context_limit(model, max_length: int | None = None) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or 2048)
 
 
+def right_padded(seqs: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token sequences padded on the right (pad id 0, masked out)."""
+    width = max(len(x) for x in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    return ids.to(device), mask.to(device)
+
+
 @contextlib.contextmanager
 def _eval_mode(model):
     was = model.training
@@ -177,13 +188,7 @@ def loglikelihoods(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_
     with _eval_mode(model):
         for b0 in range(0, len(items), batch_size):
             chunk = items[b0:b0 + batch_size]
-            width = max(len(x) for x, _ in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, (x, _) in enumerate(chunk):
-                ids[i, :len(x)] = torch.tensor(x)
-                mask[i, :len(x)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = right_padded([x for x, _ in chunk], device)
             with ac():
                 if split is not None:
                     hidden = split[0](input_ids=ids, attention_mask=mask).last_hidden_state

@@ -180,13 +180,7 @@ def mean_hidden(model, tokenizer, texts: list[str], batch_size: int = 16, autoca
         with torch.no_grad():
             for b0 in range(0, len(texts), batch_size):
                 enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[b0:b0 + batch_size]]
-                width = max(len(e) for e in enc)
-                ids = torch.zeros((len(enc), width), dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, e in enumerate(enc):
-                    ids[i, :len(e)] = torch.tensor(e)
-                    mask[i, :len(e)] = 1
-                ids, mask = ids.to(device), mask.to(device)
+                ids, mask = G.right_padded(enc, device)
                 with ac():
                     if split is not None:
                         h = split[0](input_ids=ids, attention_mask=mask).last_hidden_state
