@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="figures and tables from run directories")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", default=None)
+    rep.add_argument("--reference", default="full_ft",
+                     help="the method every other is compared with (paired differences, bootstrap CIs)")
 
     sw = sub.add_parser("sweep", help="run a grid of configs (local, Ray or Slurm via submitit) into one sweep directory")
     sw.add_argument("sweep", help="sweep file (clbench/sweep.py, configs/sweep-example.yaml)")
@@ -173,7 +175,7 @@ def _dispatch(args) -> int:
     if args.cmd == "report":
         from .report import build_report
 
-        out = build_report(args.run_dirs, args.out)
+        out = build_report(args.run_dirs, args.out, reference=args.reference)
         print(f"report written to {out}")
         return 0
 

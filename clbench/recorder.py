@@ -16,6 +16,7 @@ from . import distributed as D
 from . import method as M
 from . import metrics, results
 from .config import RunConfig
+from .stats import not_learned_by_margin
 
 MULTITASK = "multitask"  # the stage label of the joint reference's row in matrix.csv
 
@@ -232,6 +233,8 @@ class Recorder:
                 summ = {"la": metrics.learning_accuracy(R)}
             else:
                 summ = metrics.summary(R)
+                # "did not learn" (clbench.stats): the tasks whose learning gain is not above the margin
+                summ["did_not_learn"] = ";".join(rec.plan.task_names[i] for i in not_learned_by_margin(R))
         G = rec.heldout_matrix(name, seed) if rec.plan.heldout and mode == "sequential" and len(R) > 0 else None
         if summ and G is not None:
             summ["general_delta"] = metrics.general_ability_delta(G)[-1]

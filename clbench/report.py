@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from . import plotstyle
+from . import plotstyle, stats as cistats
 from .rundirs import (CI_LEVEL, COST_COLUMNS, COST_LABELS, HIGHER_IS_BETTER, LABELS, METRICS, Group, ReportError,
                       RunResults, _seed_key, _slug, aggregate, discover_runs, group_runs, load_run)
-from .tables import _render, cost_table, heldout_table, metrics_table, reference_table
+from .tables import _render, cost_table, heldout_table, metrics_table, paired_table, reference_table
 
 # --- figures: turn a group into the plain numbers plotstyle draws ----------------------------------
 
@@ -148,6 +148,66 @@ def _heldout_fig(g: Group, df: pd.DataFrame, styles):
     return plotstyle.lines(g.label, x, series, styles, "stage", "Δ held-out score vs. base")
 
 
+def _paired_fig(g: Group, paired: list[dict], reference: str, styles):
+    """Forest plot: per metric, each method's paired difference to the reference with its 95% CI."""
+    methods = sorted({p["method"] for p in paired})
+    by = {(p["method"], p["metric"]): p for p in paired}
+    fig = plotstyle.new_figure(plotstyle.SINGLE_COLUMN_IN, 0.9 + 0.22 * len(methods) * 2)
+    axes = fig.subplots(2, 2, squeeze=False).flat
+    for ax, metric in zip(axes, cistats.COMPARED):
+        for k, m in enumerate(methods):
+            p = by.get((m, metric))
+            if p is None or not np.isfinite(p["diff"]):
+                continue
+            y = len(methods) - 1 - k
+            if np.isfinite(p["lo"]):
+                ax.plot([p["lo"], p["hi"]], [y, y], color=styles.color(m), lw=1.2)
+            ax.plot([p["diff"]], [y], marker=styles.marker(m), color=styles.color(m), ms=4,
+                    mfc=styles.color(m) if p["significant"] else "white")
+        ax.axvline(0, color="0.3", lw=0.6)
+        ax.set_yticks(range(len(methods)), [plotstyle.short(m) for m in reversed(methods)])
+        ax.set_title(f"Δ {LABELS[metric]} {'↑' if HIGHER_IS_BETTER[metric] else '↓'}")
+    over = sorted({p["over"] for p in paired})
+    fig.suptitle(f"{g.label}\nmethod − {paired[0]['reference']}, 95% bootstrap CI over {', '.join(over)}; "
+                 "filled = CI excludes 0")
+    return fig
+
+
+def _learning_section(g: Group, checks: dict, lines: list[str], table) -> None:
+    """The learning check: per method and task the learning gain R[i, i] − R[0, i] and whether it
+    counts as learned (clbench.stats)."""
+    tasks = next(iter(checks.values()))["tasks"]  # the first run's training order
+    body = [[m + (f" ({cistats.flag_text(c)})" if c["not_learned"] else ""),
+             *[f"{c['gains'][t]:.3f}" + (" ✗" if t in c["not_learned"] else "") for t in tasks], c["over"]]
+            for m, c in checks.items()]
+    frame = pd.DataFrame([{"method": m, "task": t, "gain": c["gains"][t], "learned": t not in c["not_learned"],
+                           "decided_by": c["over"]} for m, c in checks.items() for t in c["tasks"]])
+    lines += ["### Learning check", "",
+             "Learning gain R[i, i] − R[0, i] per task (the score right after training task i minus the base "
+             "model's; mean over samples). ✗ = not learned: the gain's 95% bootstrap CI does not lie above 0 "
+             f"(over runs, or over test examples with one run), or, without a CI (`margin`), the gain is not above "
+             f"{cistats.LEARN_MARGIN}. A method that did not learn a task is flagged \"did not learn\" and never bold "
+             "for BWT or forgetting: it cannot forget what it never learned.", ""]
+    md = _render(["method", *tasks, "decided by"], body, "md", align="l" + "r" * len(tasks) + "l")
+    table(f"learning__{g.slug}", md, extra_csv=frame)
+
+
+def _paired_section(g: Group, paired: list[dict], reference: str, styles, lines: list[str], table, fig) -> None:
+    lines += [f"### Paired differences vs {reference}", ""]
+    if not paired:
+        lines += [f"No comparison: the group has no sequential method {reference!r} (`clbench report "
+                        "--reference METHOD` chooses another).", ""]
+        return
+    lines += [f"Each method minus {paired[0]['reference']}, paired by task order and seed; 95% percentile-bootstrap "
+              "CI over the (order, seed) pairs, or over test examples (the same examples for both methods and "
+              "every stage) when there is one pair and its per-example records are in `samples/`; no CI with one "
+              "pair and no records. † = the CI excludes 0.", ""]
+    table(f"paired__{g.slug}", paired_table(paired, "md"), paired_table(paired, "tex"), pd.DataFrame(paired))
+    if any(np.isfinite(p["lo"]) for p in paired):
+        fig(f"paired__{g.slug}", _paired_fig(g, paired, reference, styles),
+            f"{g.label}: paired difference of each method to {paired[0]['reference']} with its 95% bootstrap CI")
+
+
 # --- the report -------------------------------------------------------------------------------------
 
 DEFINITIONS = """\
@@ -182,8 +242,9 @@ streams are never averaged together.
 """
 
 
-def build_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
-    """Writes the report, returns the report directory. Every run is loaded and validated before
+def build_report(run_dirs: list[str | Path], out: str | Path | None = None, reference: str = "full_ft") -> Path:
+    """Writes the report, returns the report directory; `reference` is the method every other is
+    compared with (paired differences with bootstrap CIs, clbench.stats). Every run is loaded and validated before
     anything is drawn, so a bad file raises ReportError (naming it) without leaving half a report."""
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
@@ -203,7 +264,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     out = Path(out) if out is not None else Path(run_dirs[0]) / "report"
     _check_writable(out)
     try:
-        return _write_report(out, runs, groups, notes)
+        return _write_report(out, runs, groups, notes, reference)
     except OSError as e:  # e.g. the disk filled up while drawing
         raise ReportError(f"writing the report into {out} failed: {e.strerror or e}"
                           + (f" ({e.filename})" if e.filename else "")) from None
@@ -222,7 +283,7 @@ def _check_writable(out: Path) -> None:
                           "with --out") from None
 
 
-def _write_report(out: Path, runs, groups, notes) -> Path:
+def _write_report(out: Path, runs, groups, notes, reference: str) -> Path:
     fig_dir, tab_dir = out / "figures", out / "tables"
     _clear_previous(out)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +298,7 @@ def _write_report(out: Path, runs, groups, notes) -> Path:
             "## Runs", "", _runs_table(runs), ""]
     with plotstyle.styled():
         for g in groups:
-            page += _group_section(g, styles, vrange, fig_dir, tab_dir)
+            page += _group_section(g, styles, vrange, fig_dir, tab_dir, reference)
     page += ["## Metric definitions", "", DEFINITIONS]
     if notes:
         page += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -267,8 +328,11 @@ def _runs_table(runs: list[RunResults]) -> str:
                     "git"], body, "md", align="lllllllll")
 
 
-def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path) -> list[str]:
+def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path, reference: str) -> list[str]:
     agg = aggregate(g.samples)
+    checks = cistats.learning_check(g)
+    flags = {m: cistats.flag_text(c) for m, c in checks.items()}
+    paired = cistats.paired_differences(g, reference)
     n_by_method = g.samples.groupby("method").size()
     n_text = ", ".join(f"{m} n = {n}" for m, n in n_by_method.items())
     descs = sorted({r.model_desc for r in g.runs})
@@ -295,12 +359,16 @@ def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path) -> li
     n_note = _n_note(g)[1]
     lines += ["### Summary metrics", "",
               "Mean ± sample std over n samples (run × seed); bold = best per column (↑ higher is better, "
-              "↓ lower is better); – = undefined (one-task stream).", ""]
-    table(f"summary__{g.slug}", metrics_table(agg, "md"), metrics_table(agg, "tex"),
+              "↓ lower is better); – = undefined (one-task stream); † = the paired difference to "
+              f"{reference} has a 95% bootstrap CI that excludes 0 (section below); \"did not learn\": see "
+              "the learning check below (such a method is never bold for BWT or forgetting).", ""]
+    table(f"summary__{g.slug}", metrics_table(agg, "md", flags, paired), metrics_table(agg, "tex", flags, paired),
           agg[agg["metric"].isin(METRICS)])
     g.samples.to_csv(tab_dir / f"samples__{g.slug}.csv", index=False)
     lines += [f"Per-sample recomputed metrics: `tables/samples__{g.slug}.csv`.", ""]
 
+    _learning_section(g, checks, lines, table)
+    _paired_section(g, paired, reference, styles, lines, table, fig)
     lines += ["### Accuracy matrices", ""]
     for lab, tasks, runs in g.orders():
         fig(f"heatmap__{g.slug}__order-{_slug(lab)}", _heatmap_fig(g, lab, tasks, runs, vrange),

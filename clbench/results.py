@@ -7,7 +7,8 @@
                 run with mode multitask) and `merged:<how>` (a merge of the per-stage task vectors);
                 eval_group = stream (a task of R) or heldout (a general-ability probe)
   summary.csv   one row per (method, seed): method,seed,mode,acc,bwt,fwt,forgetting,la,aia,
-                general_delta,intransigence,trainable_params,train_seconds,eval_seconds,peak_mem_mb
+                general_delta,intransigence,did_not_learn,trainable_params,train_seconds,eval_seconds,
+                peak_mem_mb
                 mode sequential: every metric of R; single: la only (mean single-task score);
                 multitask: acc only (mean score of the joint model); intransigence: a sequential
                 method against the run's multitask reference of the same seed
@@ -38,7 +39,10 @@ MATRIX_COLUMNS = ["method", "seed", "stage", "trained_task", "eval_task", "metri
 MATRIX_OPTIONAL = ("eval_group",)  # absent in files written before held-out probes existed: read as "stream"
 METRIC_COLUMNS = ["acc", "bwt", "fwt", "forgetting", "la", "aia", "general_delta", "intransigence"]
 COST_COLUMNS = ["trainable_params", "train_seconds", "eval_seconds", "peak_mem_mb"]
-SUMMARY_COLUMNS = ["method", "seed", "mode", *METRIC_COLUMNS, *COST_COLUMNS]
+# did_not_learn: the tasks (";"-separated) whose learning gain R[i, i] - R[0, i] is not above
+# clbench.stats.LEARN_MARGIN in this (method, seed); empty = learned every task
+FLAG_COLUMNS = ["did_not_learn"]
+SUMMARY_COLUMNS = ["method", "seed", "mode", *METRIC_COLUMNS, *FLAG_COLUMNS, *COST_COLUMNS]
 
 
 def atomic_write_text(path: Path, text: str) -> None:

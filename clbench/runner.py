@@ -244,8 +244,8 @@ def print_results(rec, console) -> None:
                 t.add_row(label, *[f"{scores[task]:.3f}" for task in names])
             console.print(t)
     t = Table(title="summary")
-    cols = ["method", "seed", "mode", "acc", "bwt", "fwt", "forgetting", "la", "intransigence", "trainable_params",
-            "train_seconds", "eval_seconds", "peak_mem_mb"]
+    cols = ["method", "seed", "mode", "acc", "bwt", "fwt", "forgetting", "la", "intransigence", "did_not_learn",
+            "trainable_params", "train_seconds", "eval_seconds", "peak_mem_mb"]
     for c in cols:
         t.add_column(c, justify="right")
     for r in rec.summary:

@@ -23,21 +23,34 @@ def _printed(v: float) -> float:
     return float(_num(v))
 
 
-def _best(agg: pd.DataFrame, metric: str) -> float | None:
+# A method that did not learn some task forgets nothing of it: its BWT and forgetting are never best.
+NEEDS_LEARNING = ("bwt", "forgetting")
+
+
+def _best(agg: pd.DataFrame, metric: str, flagged: set[str] = frozenset()) -> float | None:
     """Best printed mean of a column (so printed ties are all bold), or None when fewer than two
-    methods can be compared."""
-    means = [_printed(v) for v in agg.loc[agg["metric"] == metric, "mean"] if not math.isnan(v)]
+    methods can be compared; flagged methods ("did not learn") are left out of BWT and forgetting."""
+    rows = agg[agg["metric"] == metric]
+    if metric in NEEDS_LEARNING:
+        rows = rows[~rows["method"].isin(flagged)]
+    means = [_printed(v) for v in rows["mean"] if not math.isnan(v)]
     if len(means) < 2:
         return None
     return max(means) if HIGHER_IS_BETTER[metric] else min(means)
 
 
-def metrics_table(agg: pd.DataFrame, fmt: str) -> str:
+def metrics_table(agg: pd.DataFrame, fmt: str, flags: dict[str, str] | None = None,
+                  paired: list[dict] | None = None) -> str:
     """Summary metrics as Markdown (fmt="md") or LaTeX booktabs (fmt="tex"): mean ± std, the best
-    mean per column in bold, n = samples per method. With n = 1 the cell holds the mean alone."""
+    mean per column in bold, n = samples per method. With n = 1 the cell holds the mean alone.
+    flags: {method: "did not learn ..."} (shown after the name; never best for BWT or forgetting);
+    paired: clbench.stats.paired_differences rows, a † on a cell whose difference to the reference
+    method has a 95% CI that excludes 0."""
+    flags = {m: f for m, f in (flags or {}).items() if f}
+    sig = {(p["method"], p["metric"]) for p in paired or [] if p["significant"]}
     methods = sorted(agg["method"].unique())
     cols = _shown_metrics(agg)
-    best = {m: _best(agg, m) for m in cols}
+    best = {m: _best(agg, m, set(flags)) for m in cols}
     arrow = {True: ("↑", r"$\uparrow$"), False: ("↓", r"$\downarrow$")}
     head, body = [], []
     for m in cols:
@@ -47,10 +60,13 @@ def metrics_table(agg: pd.DataFrame, fmt: str) -> str:
         cells = []
         for m in cols:
             r = agg[(agg["method"] == method) & (agg["metric"] == m)].iloc[0]
-            bold = best[m] is not None and not math.isnan(r["mean"]) and _printed(r["mean"]) == best[m]
-            cells.append(_cell(r["mean"], r["std"], bold=bold, fmt=fmt))
+            bold = (best[m] is not None and not math.isnan(r["mean"]) and _printed(r["mean"]) == best[m]
+                    and not (m in NEEDS_LEARNING and method in flags))
+            mark = ("†" if fmt == "md" else r"$^\dagger$") if (method, m) in sig else ""
+            cells.append(_cell(r["mean"], r["std"], bold=bold, fmt=fmt) + mark)
         n = int(agg.loc[agg["method"] == method, "samples"].iloc[0])
-        body.append([_esc(method, fmt), *cells, str(n)])
+        name = _esc(method, fmt) + (f" ({flags[method]})" if method in flags else "")
+        body.append([name, *cells, str(n)])
     n_head = "n" if fmt == "md" else "$n$"
     return _render(["method", *head, n_head], body, fmt, align="l" + "r" * (len(cols) + 1))
 
@@ -154,3 +170,27 @@ def heldout_table(group: Group) -> tuple[pd.DataFrame, str] | None:
     return df, _render(head, body, "md", align="l" + "r" * len(wide.columns))
 
 
+
+
+def paired_table(rows: list[dict], fmt: str) -> str:
+    """Paired differences against the reference method (clbench.stats.paired_differences): the mean
+    difference and its 95% bootstrap CI per metric, † where the CI excludes 0."""
+    from .stats import COMPARED
+
+    by = {(r["method"], r["metric"]): r for r in rows}
+    body = []
+    for method in sorted({r["method"] for r in rows}):
+        cells, n, over = [], "", ""
+        for m in COMPARED:
+            r = by.get((method, m))
+            if r is None or math.isnan(r["diff"]):
+                cells.append("–" if fmt == "md" else "--")
+                continue
+            n, over = str(r["n"]), r["over"]
+            text = _num(r["diff"]) + (f" [{_num(r['lo'])}, {_num(r['hi'])}]" if not math.isnan(r["lo"]) else "")
+            mark = ("†" if fmt == "md" else r"$^\dagger$") if r["significant"] else ""
+            cells.append((text if fmt == "md" else f"${text}$") + mark)
+        body.append([_esc(method, fmt), *cells, n, over])
+    head = ["method", *(f"Δ{LABELS[m]}" if fmt == "md" else rf"$\Delta$ {LABELS[m]}" for m in COMPARED),
+            "n" if fmt == "md" else "$n$", "CI over"]
+    return _render(head, body, fmt, align="l" + "r" * (len(COMPARED) + 1) + "l")

@@ -357,3 +357,29 @@ def test_method_colour_is_stable_across_figures():
     assert a.color("full_ft") == OKABE_ITO[0] and a.color("lora") == OKABE_ITO[1]
     assert b.color("full_ft") == OKABE_ITO[1]  # sorted names: ewc, full_ft, lora, replay
     assert len({b.color(m) for m in b.order}) == 4
+
+
+def test_did_not_learn_is_flagged_never_best_and_paired_differences_marked(tmp_path):
+    from clbench import stats as cistats
+    from clbench.rundirs import aggregate, group_runs
+    from clbench.tables import metrics_table, paired_table
+
+    # 'stuck' keeps the base model's scores at every stage: BWT 0 and forgetting 0, better than lora's
+    # (-0.017, 0.017 on average), but it learned nothing, so lora is bold for both
+    stuck = {s: [[0.2, 0.3, 0.1]] * 4 for s in (0, 1, 2)}
+    d = write_run(tmp_path / "r", {"full_ft": R_FT, "lora": R_LORA, "stuck": stuck})
+    g = group_runs([load_run(d)])[0]
+    flags = {m: cistats.flag_text(c) for m, c in cistats.learning_check(g).items()}
+    assert flags == {"full_ft": "", "lora": "", "stuck": "did not learn 3/3 tasks"}
+    paired = cistats.paired_differences(g, "full_ft")
+    table = parse_md_table(metrics_table(aggregate(g.samples), "md", flags, paired))
+    assert "stuck (did not learn 3/3 tasks)" in table
+    bwt, forgetting = METRIC_ORDER.index("bwt"), METRIC_ORDER.index("forgetting")
+    assert table["lora"][bwt].startswith("**") and table["lora"][forgetting].startswith("**")
+    assert not table["stuck (did not learn 3/3 tasks)"][bwt].startswith("**")
+    # BWT lora - full_ft by seed, by hand: 0 - (-0.25), 0 - (-0.25), -0.05 - (-0.2) -> all > 0: †
+    assert table["lora"][bwt].endswith("†")
+    assert not table["full_ft"][bwt].endswith("†")  # the reference is not compared with itself
+    pt = parse_md_table(paired_table(paired, "md"))
+    assert numbers(pt["lora"][1])[0] == pytest.approx((0.25 + 0.25 + 0.15) / 3, abs=5e-4) and pt["lora"][1].endswith("†")
+    assert pt["lora"][-1] == "runs" and pt["lora"][-2] == "3"
