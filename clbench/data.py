@@ -9,8 +9,11 @@
      so a later stream does not read the archive again;
   3. the builder turns those files into documents (JSON objects the task templates use);
   4. a seeded split picks the test set first, then the train set from what is left
-     (class-balanced for fixed-label multiple choice), capped at the YAML's sizes;
-  5. <cache>/data/<task>/{train,test}.jsonl and manifest.json are written atomically.
+     (class-balanced for fixed-label multiple choice), capped at the YAML's sizes; then the
+     validation set (clbench.data.validation, default the test size) from the documents in
+     neither (the shortfall, if too few are left, moved out of the train set), so model
+     selection never needs the test set (carve_validation);
+  5. <cache>/data/<task>/{train,validation,test}.jsonl and manifest.json are written atomically.
 
 A later call re-hashes the JSONL files against the manifest and returns without touching the
 network or the archives; a missing or changed file, or a changed spec (sizes, seed, builder,
@@ -42,7 +45,7 @@ from .sources import Source, _archive_sha256, _find_package_file, parse_source, 
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: a validation split (prepared data of format 1 is prepared again)
 DEFAULT_SEED = 1234
 
 
@@ -115,6 +118,34 @@ def split_documents(docs: list[dict], n_train: int, n_test: int, rng: Random,
     return train, test
 
 
+def carve_validation(docs: list[dict], train: list[dict], test: list[dict], n_val: int, rng: Random,
+                     sampling: str = "random") -> tuple[list[dict], list[dict], str]:
+    """(train, validation, how): a seeded validation set disjoint from train and test, drawn like the
+    test set (`sampling`) from the documents in neither; when fewer than n_val are left, all of those
+    plus the shortfall moved out of the train set (drawn the same way). `how` says which, for the
+    manifest. Train and test are unchanged when enough documents are left."""
+    used = {id(d) for d in train} | {id(d) for d in test}
+    rest = [d for d in docs if id(d) not in used]
+    if len(rest) >= n_val:
+        _, val = split_documents(rest, 0, n_val, rng, sampling)
+        return train, val, f"carved: {n_val} of the {len(rest)} documents in neither train nor test"
+    short = min(n_val - len(rest), max(len(train) - 1, 0))
+    # out of the train set in proportion to its classes, so no small class is emptied
+    _, moved = split_documents(train, 0, short, rng, "random" if sampling == "random" else "stratified")
+    gone = {id(d) for d in moved}
+    return [d for d in train if id(d) not in gone], rest + moved, (
+        f"carved: all {len(rest)} documents in neither train nor test, and {short} moved out of the train set "
+        "(in proportion to its classes; too few documents left)")
+
+
+def validation_count(spec: dict) -> int:
+    """clbench.data.validation: the validation size (default: the test size; 0 = none)."""
+    v = spec.get("validation", spec.get("test", 0))
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise DataError(f"clbench.data.validation must be a count >= 0, got {v!r}")
+    return v
+
+
 # --------------------------------------------------------------------------------------
 # Preparing tasks
 # --------------------------------------------------------------------------------------
@@ -132,7 +163,8 @@ class _Plan:
     out_dir: Path
 
     def paths(self) -> dict[str, Path]:
-        splits = (["train"] if self.spec.get("train", 0) > 0 else []) + ["test"]
+        has_train = self.spec.get("train", 0) > 0
+        splits = (["train"] if has_train else []) + (["validation"] if has_train and validation_count(self.spec) else []) + ["test"]
         return {s: self.out_dir / f"{s}.jsonl" for s in splits}
 
 
@@ -167,13 +199,13 @@ def _plan(task_name: str, task_yaml: dict, cache: Path, seed: int) -> _Plan:
     if bname not in BUILDERS:
         raise DataError(f"task {task_name}: unknown builder {bname!r}; known: {', '.join(sorted(BUILDERS))}")
     builder = BUILDERS[bname]
-    unknown = set(data) - COMMON_KEYS - builder.options
+    unknown = set(data) - COMMON_KEYS - builder.options - {"validation"}
     if unknown:
         raise DataError(
             f"task {task_name}: unknown key(s) {', '.join(sorted(unknown))} in clbench.data for "
-            f"builder {bname} (allowed: {', '.join(sorted(COMMON_KEYS | builder.options))})"
+            f"builder {bname} (allowed: {', '.join(sorted(COMMON_KEYS | builder.options | {'validation'}))})"
         )
-    for split in ("train", "test"):
+    for split in ("train", "test", "validation"):
         v = data.get(split, 0)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise DataError(f"task {task_name}: clbench.data.{split} must be a count >= 0, got {v!r}")
@@ -264,7 +296,10 @@ def _build_and_write(plan: _Plan, files: dict[str, bytes], archive: Path | None)
     _validate_docs(plan, docs)
     sampling = _default_sampling(plan)
     train, test = split_documents(docs, plan.spec.get("train", 0), plan.spec["test"], rng, sampling)
-    splits = {"train": train, "test": test}
+    validation, how = [], None
+    if "validation" in plan.paths():
+        train, validation, how = carve_validation(docs, train, test, validation_count(plan.spec), rng, sampling)
+    splits = {"train": train, "validation": validation, "test": test}
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for split, p in plan.paths().items():
@@ -290,6 +325,8 @@ def _build_and_write(plan: _Plan, files: dict[str, bytes], archive: Path | None)
         "sampling": sampling,
         "available": len(docs),
         "counts": {s: len(splits[s]) for s in plan.paths()},
+        **({"validation": {"source": how, "why": "the source package has no validation split of its own"}}
+           if how else {}),
         "label_counts": {s: _label_counts(plan, splits[s]) for s in plan.paths()},
         "leakage": leakage.check_splits(plan.name, splits),  # warns on train/test input overlap
         "files": written,
@@ -298,7 +335,7 @@ def _build_and_write(plan: _Plan, files: dict[str, bytes], archive: Path | None)
     # the manifest goes last: an interrupted run leaves no manifest that vouches for files
     _write_atomic(plan.out_dir / "manifest.json",
                   (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    short = [s for s in plan.paths() if len(splits[s]) < plan.spec.get(s, 0)]
+    short = [s for s in plan.paths() if s != "validation" and len(splits[s]) < plan.spec.get(s, 0)]
     if short:
         log.info("task %s: only %d documents available; %s", plan.name, len(docs),
                  ", ".join(f"{s} has {len(splits[s])} of {plan.spec[s]} asked" for s in short))

