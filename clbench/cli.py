@@ -1,7 +1,7 @@
 """clbench's command line.
 
   clbench run CONFIG.yaml [--set key.path=value ...] [--output-dir DIR] [--fresh]
-  clbench list methods|tasks|streams [--config CONFIG.yaml]
+  clbench list methods|tasks|streams [--config CONFIG.yaml]   (methods: with where each comes from)
   clbench data prepare [STREAM] [--config CONFIG.yaml] [--tasks a,b]
   clbench report RUN_DIR [RUN_DIR ...] [--out DIR]
   clbench sweep SWEEP.yaml [--output-dir DIR] [--launcher local|ray|slurm] [--parallel N] [--dry-run] [--fresh]
@@ -108,9 +108,9 @@ def _dispatch(args) -> int:
             M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
             for f in mfiles:
                 M.load_method_file(f)
-            for name, cls in M.available().items():
+            for name, cls in M.available().items():  # built-ins, clbench.methods plugins, method_files
                 doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-                print(f"{name:14s} {doc[0] if doc else ''}")
+                print(f"{name:14s} {doc[0] if doc else ''}  [{M.origin(name)}]")
         elif args.what == "tasks":
             from .tasks import load_tasks
 
