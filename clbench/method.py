@@ -267,6 +267,7 @@ def _forbid_extra(opts: type[BaseModel]) -> type[BaseModel]:
 
 _REGISTRY: dict[str, type] = {}
 _SOURCES: dict[str, str] = {}
+_PLUGIN_OF: dict[str, str] = {}  # name -> the entry point (clbench.paths.plugin_label) that registered it
 
 
 def register(name: str, *aliases: str):
@@ -282,6 +283,8 @@ def register(name: str, *aliases: str):
                 raise MethodError(f"method name {n!r} is registered twice: {_SOURCES[n]} and {src}")
             _REGISTRY[n] = cls
             _SOURCES[n] = src
+            if _PLUGINS["loading"]:
+                _PLUGIN_OF[n] = _PLUGINS["loading"]
         return cls
 
     return deco
@@ -331,6 +334,53 @@ def load_builtin_methods(folder: Path) -> None:
             load_method_file(f)
 
 
+# --- plugins: methods published as their own distribution ----------------------------------
+
+_PLUGINS: dict[str, Any] = {"done": False, "loading": None}
+
+
+def load_plugin_methods() -> None:
+    """Import every `clbench.methods` entry point once, before the registry is first read. A
+    target is a module (importing it registers its methods), a method file path, or a Method
+    class registered with @register; anything else, or an import failure, is an error naming the
+    entry point and its distribution."""
+    if _PLUGINS["done"] or _PLUGINS["loading"]:
+        return
+    import os
+    import types
+
+    from . import paths
+
+    try:
+        for ep in paths.plugin_entry_points(paths.METHODS_GROUP):
+            label = paths.plugin_label(ep)
+            _PLUGINS["loading"], before = label, dict(_REGISTRY)
+            try:
+                target = paths.load_plugin(ep)
+                if isinstance(target, (str, os.PathLike)):
+                    load_method_file(Path(target))
+            except ClbenchError as e:
+                raise MethodError(str(e) if label in str(e) else f"plugin {label}: {e}") from e
+            registered = isinstance(target, type) and _REGISTRY.get(getattr(target, "name", None)) is target
+            if not registered and not any(before.get(n) is not c for n, c in _REGISTRY.items()):
+                raise MethodError(f"plugin {label} registered no method: it must name a module or method file "
+                                  "defining a Method subclass decorated with @clbench.method.register('name'), or "
+                                  f"such a class; it gave {target!r}")
+        _PLUGINS["done"] = True
+    finally:
+        _PLUGINS["loading"] = None
+
+
+def origin(name: str) -> str:
+    """Where a registered method comes from: 'built-in', the plugin entry point, or its file."""
+    from . import paths
+
+    src = Path(_SOURCES[name]).resolve()
+    if name in _PLUGIN_OF:
+        return f"plugin {_PLUGIN_OF[name]}"
+    return "built-in" if src.parent == paths.BUILTIN_METHODS_DIR.resolve() else str(src)
+
+
 def methods_in(folder: Path) -> list[str]:
     """The names of the methods registered from the files of `folder`, each once (aliases left out)."""
     folder, seen, out = Path(folder).resolve(), set(), []
@@ -342,10 +392,12 @@ def methods_in(folder: Path) -> list[str]:
 
 
 def available() -> dict[str, type]:
+    load_plugin_methods()
     return dict(sorted(_REGISTRY.items()))
 
 
 def get(name: str) -> type:
+    load_plugin_methods()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

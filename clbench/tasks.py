@@ -31,7 +31,7 @@ from . import paths
 from .errors import ClbenchError, ConfigError, DataError
 
 REQUIRED = ("task", "output_type", "doc_to_text", "doc_to_target", "metric_list")
-PRESETS_DIR = paths.BUILTIN_TASKS_DIR / "presets"
+PRESETS_DIR = paths.PRESETS_DIR
 RELEASE_PREFIX = "release:"  # clbench.data.source of a preset: read from a release on the user's disk
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood_rolling")  # rolling: held-out probes only
 
@@ -231,7 +231,7 @@ def parse_task_file(path: Path) -> TaskDef:
 
 
 def _folders(extra_dirs: Iterable) -> list[Path]:
-    return [paths.BUILTIN_TASKS_DIR, PRESETS_DIR, *map(Path, extra_dirs)]
+    return [*paths.task_folders(), *map(Path, extra_dirs)]  # built-in, presets, clbench.tasks plugins
 
 
 def load_tasks(extra_dirs: Iterable = ()) -> dict[str, TaskDef]:
