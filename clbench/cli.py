@@ -5,6 +5,7 @@
   clbench data prepare [STREAM] [--config CONFIG.yaml] [--tasks a,b]
   clbench report RUN_DIR [RUN_DIR ...] [--out DIR]
   clbench sweep SWEEP.yaml [--output-dir DIR] [--launcher local|ray|slurm] [--parallel N] [--dry-run] [--fresh]
+  clbench tune TUNE.yaml [--output-dir DIR] [--dry-run] [--fresh] [--select-only]
 
 Errors print as one readable message and exit non-zero; --debug shows the traceback.
 """
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="expand, validate and list the runs with their status; run nothing")
     sw.add_argument("--fresh", action="store_true",
                     help="run every grid point again from scratch (complete ones too), discarding their results")
+    tu = sub.add_parser("tune", help="choose each method's setting on validation splits, then run the winners on test")
+    tu.add_argument("tune", help="tune file (clbench/tune.py)")
+    tu.add_argument("--output-dir", default=None, help="tune directory (default runs/<tune name>)")
+    tu.add_argument("--dry-run", action="store_true", help="validate and list the selection runs and the final plan")
+    tu.add_argument("--fresh", action="store_true", help="run every run again from scratch")
+    tu.add_argument("--select-only", action="store_true", help="stop after choosing the winners (tune.json)")
     return p
 
 
@@ -184,6 +191,13 @@ def _dispatch(args) -> int:
 
         run_sweep(load_sweep(args.sweep, args.output_dir, args.launcher, args.parallel), dry_run=args.dry_run,
                   fresh=args.fresh)
+        return 0
+
+    if args.cmd == "tune":
+        from .tune import load_tune, run_tune
+
+        run_tune(load_tune(args.tune, args.output_dir), dry_run=args.dry_run, fresh=args.fresh,
+                 select_only=args.select_only)
         return 0
     return 1
 

@@ -392,3 +392,23 @@ def read_manifest(task_name: str, cache: Path | None = None) -> dict:
         raise DataError(f"{p}: unreadable manifest ({e})") from e
 
 
+
+
+def validation_file(task, cache: Path) -> Path:
+    """The validation split of a task (clbench.tasks.TaskDef): <cache>/data/<task>/validation.jsonl for
+    prepared and preset tasks, the `clbench.data.validation` file (relative to the YAML) for a task with
+    its own files. Raises DataError saying how to get it."""
+    data = task.clbench.get("data", {})
+    if task.prepared:
+        p = paths.data_dir(cache) / task.name / "validation.jsonl"
+        if not p.is_file():
+            raise DataError(f"task {task.name}: no validation split ({p} missing; data prepared before validation "
+                            f"splits existed, or not prepared): run `clbench data prepare --tasks {task.name}`")
+        return p
+    if not isinstance(data.get("validation"), str):
+        raise DataError(f"task {task.name} ({task.path}): no validation split: add `validation: FILE.jsonl` "
+                        "(documents in neither its train nor its test file) to its clbench.data block")
+    p = (task.path.parent / data["validation"]).resolve()
+    if not p.is_file():
+        raise DataError(f"task {task.name} ({task.path}): validation file not found: {p}")
+    return p

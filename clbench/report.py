@@ -250,7 +250,11 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, refe
         run_dirs = [run_dirs]
     if not run_dirs:
         raise ReportError("no run directory given")
-    found, notes = discover_runs(run_dirs)
+    from .tune import is_tune_dir, read_record
+
+    tunes = [read_record(d) for d in run_dirs if is_tune_dir(d)]
+    # a tune directory is reported by its final (test) runs; its selection runs scored validation only
+    found, notes = discover_runs([Path(d) / "final" if is_tune_dir(d) else d for d in run_dirs])
     runs = [load_run(d) for d in found]
     for r in runs:
         notes += r.notes
@@ -264,7 +268,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, refe
     out = Path(out) if out is not None else Path(run_dirs[0]) / "report"
     _check_writable(out)
     try:
-        return _write_report(out, runs, groups, notes, reference)
+        return _write_report(out, runs, groups, notes, reference, tunes)
     except OSError as e:  # e.g. the disk filled up while drawing
         raise ReportError(f"writing the report into {out} failed: {e.strerror or e}"
                           + (f" ({e.filename})" if e.filename else "")) from None
@@ -283,7 +287,7 @@ def _check_writable(out: Path) -> None:
                           "with --out") from None
 
 
-def _write_report(out: Path, runs, groups, notes, reference: str) -> Path:
+def _write_report(out: Path, runs, groups, notes, reference: str, tunes: list[dict]) -> Path:
     fig_dir, tab_dir = out / "figures", out / "tables"
     _clear_previous(out)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +299,7 @@ def _write_report(out: Path, runs, groups, notes, reference: str) -> Path:
             f"{len(runs)} run(s), {len(groups)} model/stream group(s). Metrics are recomputed from "
             "`matrix.csv`; `summary.csv` is used for cost columns only. Figures as PDF (vector) and PNG "
             "in `figures/`, tables as Markdown and LaTeX (booktabs) in `tables/`.", "",
-            "## Runs", "", _runs_table(runs), ""]
+            "## Runs", "", _runs_table(runs), "", *_tuning_section(tunes)]
     with plotstyle.styled():
         for g in groups:
             page += _group_section(g, styles, vrange, fig_dir, tab_dir, reference)
@@ -315,6 +319,31 @@ def _clear_previous(out: Path) -> None:
         for f in (out / sub).glob("*"):
             if f.is_file() and f.suffix in exts:
                 f.unlink()
+
+
+def _tuning_section(tunes: list[dict]) -> list[str]:
+    """Every candidate of a `clbench tune` with its validation score, and the winner each method ran
+    with on test (tune.json)."""
+    lines = []
+    for t in tunes:
+        sel = t["select"]
+        what = (f"after the first {sel['k']} tasks ({', '.join(sel['tasks'])}), trained on those only"
+                if sel["protocol"] == "first_k" else "after the whole stream")
+        lines += [f"## Tuning: {t['name']}", "",
+                  f"Settings chosen on the validation splits only (never a test file): validation ACC {what}, "
+                  f"seed {sel['seed']}, order {sel['order']}; the winner of each method (bold; a tie goes to the "
+                  f"candidate listed first) ran on test over seeds {', '.join(map(str, t['final']['seeds']))} x "
+                  f"orders {', '.join(map(str, t['final']['orders']))}.", ""]
+        body = []
+        for m, c in t["methods"].items():
+            win = (c.get("winner") or {}).get("label")
+            for cand in c["candidates"]:
+                setting = ", ".join(f"{k}={v}" for k, v in cand["setting"].items())
+                score = "–" if cand["score"] is None or math.isnan(cand["score"]) else f"{cand['score']:.3f}"
+                cells = [m, cand["label"], setting, score]
+                body.append([f"**{x}**" for x in cells] if cand["label"] == win else cells)
+        lines += [_render(["method", "candidate", "setting", "validation ACC"], body, "md", align="lllr"), ""]
+    return lines
 
 
 def _runs_table(runs: list[RunResults]) -> str:
