@@ -196,6 +196,11 @@ class RunConfig(Strict):
         None, exclude=True, description="folder holding the original releases read by the presets (CL_Benchmark/, "
         "LLM-CL-Benchmark_5000/, natural-instructions/), relative to the config file; default $CLBENCH_DATA_ROOT")
     offline: bool = Field(True, description="forbid hub access (HF_HUB_OFFLINE=1)")
+    chat_template: bool = Field(
+        False, description="render training examples and evaluation requests through the tokenizer's chat template "
+        "(lm-eval's apply_chat_template; the loss on the assistant turn only)")
+    system_instruction: Optional[str] = Field(
+        None, description="lm-eval's system_instruction: the system turn under chat_template, else text before the prompt")
     keep_checkpoints: Literal["last", "all", "none"] = Field(
         "last", description="stage checkpoints for resume: last = the latest one per (method, seed) while it runs, "
         "deleted when it completes; all = every stage's, kept; none = no checkpoints (a crash restarts that method)")

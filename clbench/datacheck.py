@@ -71,32 +71,66 @@ def check_task(task, files: dict[str, Path]) -> int:
     cfg = task.lm_eval
     rows = {split: _rows(f) for split, f in files.items()}
     features = {k for docs in rows.values() for _, d in docs for k in d}
-    reads = {t: _fields_read(cfg.get(t), features) for t in TEMPLATES if cfg.get(t) is not None}
     render = _renderer(cfg, features)
-    mc = cfg.get("output_type") == "multiple_choice"
-    n = 0
+    if isinstance(cfg.get("description"), str):
+        render["description"] = lambda doc: apply_template(cfg["description"], doc)
+    check = _row_checker(task.name, cfg, features, render)
     for split, docs in rows.items():
-        path = files[split]
         for line, doc in docs:
-            where = f"{path}:{line}"
-            for t, fields in reads.items():
-                for f in fields:
-                    if doc.get(f) is None:
-                        what = "missing" if f not in doc else "null"
-                        raise DataCheckError(f"{where}: field {f!r} is {what}, but task {task.name!r}'s {t} reads it")
-            try:
-                if isinstance(cfg.get("description"), str):
-                    apply_template(cfg["description"], doc)
-                render["doc_to_text"](doc)
-                target = render["doc_to_target"](doc)
-                choices = render["doc_to_choice"](doc) if render["doc_to_choice"] else None
-            except Exception as e:  # jinja's, ast's and the templates' own errors alike
-                raise DataCheckError(f"{where}: task {task.name!r}'s templates do not render this row: "
-                                     f"{type(e).__name__}: {e}") from None
-            if mc:
-                _check_choice(where, task.name, target, choices, reads.get("doc_to_target", []))
-            n += 1
-    return n
+            check(f"{files[split]}:{line}", doc)
+    return sum(len(docs) for docs in rows.values())
+
+
+def check_lm_task(task, lm_task, need_train: bool) -> int:
+    """A task whose documents lm-eval loads itself (a plain lm-eval task YAML, a registry task):
+    with need_train its training documents must exist, and every training and evaluation document
+    (process_docs applied) must render through the lm-eval Task's own doc_to_* methods."""
+    c = lm_task.config
+    where = task.path or "lm-eval's registry"
+    splits = []
+    if need_train:
+        docs = list(lm_task.training_docs()) if lm_task.has_training_docs() else []
+        if not docs:
+            raise DataCheckError(f"task {task.name!r} ({where}) has no training documents (training_split "
+                                 f"{c.training_split!r}); a stream task needs them: hold it out (`heldout:`) instead")
+        splits.append((c.training_split, docs))
+    splits.append((c.test_split or c.validation_split, list(lm_task.eval_docs)))
+    render = {"doc_to_text": lm_task.doc_to_text, "doc_to_target": lm_task.doc_to_target,
+              "doc_to_choice": lm_task.doc_to_choice if c.doc_to_choice is not None else None,
+              "description": lambda doc: lm_task.resolve_field(doc, c.description)}
+    templates = {t: getattr(c, t, None) for t in TEMPLATES}
+    check = _row_checker(task.name, templates | {"output_type": c.output_type}, set(lm_task.features), render)
+    for split, docs in splits:
+        for i, doc in enumerate(docs, 1):
+            check(f"task {task.name!r} ({where}), {split} document {i}", doc)
+    return sum(len(docs) for _, docs in splits)
+
+
+def _row_checker(name: str, cfg: dict, features: set[str], render: dict):
+    """check(where, doc): every field the templates read is present and not null, the templates
+    render, and a multiple-choice target is one of the row's choices."""
+    reads = {t: _fields_read(cfg.get(t), features) for t in TEMPLATES if cfg.get(t) is not None}
+    mc = cfg.get("output_type") == "multiple_choice"
+
+    def check(where: str, doc: dict) -> None:
+        for t, fields in reads.items():
+            for f in fields:
+                if doc.get(f) is None:
+                    what = "missing" if f not in doc else "null"
+                    raise DataCheckError(f"{where}: field {f!r} is {what}, but task {name!r}'s {t} reads it")
+        try:
+            if "description" in render:
+                render["description"](doc)
+            render["doc_to_text"](doc)
+            target = render["doc_to_target"](doc)
+            choices = render["doc_to_choice"](doc) if render["doc_to_choice"] else None
+        except Exception as e:  # jinja's, ast's and the templates' own errors alike
+            raise DataCheckError(f"{where}: task {name!r}'s templates do not render this row: "
+                                 f"{type(e).__name__}: {e}") from None
+        if mc:
+            _check_choice(where, name, target, choices, reads.get("doc_to_target", []))
+
+    return check
 
 
 def _check_choice(where: str, name: str, target, choices, target_fields: list[str]) -> None:
@@ -125,12 +159,19 @@ def check_stage_keys(cfg, names: list[str]) -> None:
 def check_plan(pl):
     """Everything a run will read, before it starts: the `stages:` keys, every row of the stream's
     train and test files and of the local held-out tasks' test files. Returns the plan."""
+    from .tasks import build_lm_eval_tasks
+
     check_stage_keys(pl.cfg, pl.task_names)
     for name in pl.task_names:
         d = pl.task_defs[name]
-        check_task(d, d.check_data(pl.cache))
+        if d.hub or d.native:  # lm-eval loads the data: the built task's documents are checked
+            check_lm_task(d, build_lm_eval_tasks([d], pl.cache)[name], need_train=True)
+        else:
+            check_task(d, d.check_data(pl.cache))
     for name in pl.heldout:
         d = pl.task_defs[name]
-        if not d.hub:
+        if d.native:
+            check_lm_task(d, build_lm_eval_tasks([d], pl.cache)[name], need_train=False)
+        elif not d.hub:  # a held-out registry task is built (from the hub) when the run starts
             check_task(d, d.check_data(pl.cache, need_train=False))
     return pl

@@ -148,8 +148,12 @@ def without_env_info():
 
 def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str]], *, device, autocast_dtype,
              batch_size, limit=None, seed: int = 0, bootstrap_iters: int = 0, log_samples: bool = True,
-             max_length: int | None = None, task_limits: dict[str, int | None] | None = None):
+             max_length: int | None = None, task_limits: dict[str, int | None] | None = None,
+             apply_chat_template: bool = False, system_instruction: str | None = None):
     """Returns (scores {task: value}, samples {task: [records]} or {}, seconds).
+
+    apply_chat_template, system_instruction: lm-eval's own (the run's `chat_template` and
+    `system_instruction`; few-shot turns as separate messages, lm-eval's default).
 
     task_limits: a smaller limit for some tasks (off-diagonal cells on a subset); the
     first n test documents of the task are used, the same ones at every stage."""
@@ -193,6 +197,8 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
+            apply_chat_template=apply_chat_template,
+            system_instruction=system_instruction,
             verbosity="ERROR",
             task_manager=_TASK_MANAGER,
         )

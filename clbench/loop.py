@@ -68,7 +68,8 @@ class Session:
             scores, samples, seconds = evaluate(model, self.tok, self.lm_tasks, primary, seed=seed, device=self.device,
                                                 autocast_dtype=self.autocast, batch_size=e.batch_size, limit=e.limit,
                                                 bootstrap_iters=e.bootstrap_iters, log_samples=e.log_samples,
-                                                task_limits=limits)
+                                                task_limits=limits, apply_chat_template=self.cfg.chat_template,
+                                                system_instruction=self.cfg.system_instruction)
         return {t: self.pl.task_defs[t].score(v) for t, v in scores.items()}, samples, seconds
 
     def task_pairs(self, task: str) -> list[tuple[str, str]]:
@@ -79,7 +80,7 @@ class Session:
             if d is None:
                 raise ClbenchError(f"unknown task {task!r}")
             lm = taskcat.build_lm_eval_tasks([d], self.pl.cache)[task]
-            self.pairs[task] = taskcat.training_examples(lm, self.tok.eos_token if lm.OUTPUT_TYPE == "generate_until" else None)
+            self.pairs[task] = taskcat.run_examples(lm, self.tok, self.cfg)
         return list(self.pairs[task])
 
     def examples(self, task: str, tcfg) -> list:
@@ -231,8 +232,7 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
             lm_tasks = taskcat.build_lm_eval_tasks(defs, pl.cache)
         D.barrier()
     base_model.to(device)
-    pairs = {n: taskcat.training_examples(lm_tasks[n], tok.eos_token if lm_tasks[n].OUTPUT_TYPE == "generate_until" else None)
-             for n in pl.task_names}
+    pairs = {n: taskcat.run_examples(lm_tasks[n], tok, cfg) for n in pl.task_names}
     console.print(f"loaded model and {len(defs)} tasks in {time.perf_counter() - t0:.1f}s "
                   f"(train examples: {', '.join(f'{n}={len(p)}' for n, p in pairs.items())})")
 

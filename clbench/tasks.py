@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from . import paths
+from . import lmeval_yaml, paths
 from .errors import ClbenchError, ConfigError, DataError
 
 REQUIRED = ("task", "output_type", "doc_to_text", "doc_to_target", "metric_list")
@@ -76,12 +76,21 @@ class TaskDef:
 
     @property
     def hub(self) -> bool:
-        """lm-eval's own task of this name, its data from the hub (held-out only; offline: false)."""
+        """lm-eval's own registry task of this name, its data from the hub (offline: false)."""
         return bool(self.clbench.get("hub", False))
+
+    @property
+    def native(self) -> bool:
+        """A plain lm-eval task YAML (no clbench.data): lm-eval's `dataset_path` says where its data is."""
+        return not self.hub and "data" not in self.clbench
 
     def data_files(self, cache: Path) -> dict[str, Path]:
         data = self.clbench.get("data", {})
-        if self.prepared:
+        if self.hub:
+            files = {}
+        elif self.native:
+            files = lmeval_yaml.local_files(lmeval_yaml.resolve_data_files(self.lm_eval, self.path.parent))
+        elif self.prepared:
             d = paths.data_dir(cache) / self.name
             files = {"test": d / "test.jsonl"}
             if data.get("train", 1):  # held-out (test-only) tasks set train: 0
@@ -96,6 +105,8 @@ class TaskDef:
         get it (for a preset: where its release is expected, `data_root` or $CLBENCH_DATA_ROOT, and
         the command that prepares it: for `stream` when given)."""
         files = self.data_files(cache)
+        if self.hub or self.native:  # lm-eval loads the data; datacheck builds the task and reads every document
+            return self._check_lm_eval_data(files, need_train)
         needed = ["test"] + (["train"] if need_train else [])
         if self.release and not all(files[s].is_file() for s in needed):
             from . import presets
@@ -112,8 +123,24 @@ class TaskDef:
                 raise TaskError(f"task {self.name!r}: {split} data file {f} holds no documents")
         return files
 
+    def _check_lm_eval_data(self, files: dict[str, Path], need_train: bool) -> dict[str, Path]:
+        if need_train and not self.hub and not self.lm_eval.get("training_split"):
+            raise TaskError(f"task {self.name!r} ({self.path}) has no training documents: its YAML sets no "
+                            "`training_split` (a validation_split is evaluated, never trained on); set one, or hold "
+                            "the task out (`heldout:`)")
+        gone = lmeval_yaml.missing(files)
+        if gone:
+            raise TaskError(f"task {self.name!r} ({self.path}): data file not found: {gone[0]} (a relative data_files "
+                            f"path is read from the YAML's folder, else from the working directory {Path.cwd()})")
+        return files
+
     def lm_eval_config(self, cache: Path) -> dict:
         cfg = copy.deepcopy(self.lm_eval)
+        if self.native:  # as the YAML says, its local data files found (lmeval_yaml.resolve_data_files)
+            resolved = lmeval_yaml.resolve_data_files(cfg, self.path.parent)
+            if resolved is not None:
+                cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_files": resolved}
+            return cfg
         files = {k: str(v) for k, v in self.data_files(cache).items()}
         cfg["dataset_path"] = "json"
         cfg["dataset_kwargs"] = {"data_files": files}
@@ -212,10 +239,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return docs
 
 
-def parse_task_file(path: Path) -> TaskDef:
-    raw = read_yaml(path)
+def parse_task_file(path: Path, raw: dict | None = None) -> TaskDef:
+    """A task YAML, read by clbench's loader, or `raw` as lm-eval's loader read it (a task_dirs
+    folder: lmeval_yaml). Without a `clbench.data` block it is a plain lm-eval task."""
+    raw = read_yaml(path) if raw is None else dict(raw)
     if not isinstance(raw, dict):
         raise TaskError(f"{path}: a task YAML must be a mapping")
+    if not isinstance(raw.get("clbench") or {}, dict):
+        raise TaskError(f"{path}: the `clbench:` block must be a mapping")
+    if "data" not in (raw.get("clbench") or {}):
+        return _native_task(path, raw)
     missing = [k for k in REQUIRED if k not in raw]
     if missing:
         raise TaskError(f"{path}: task YAML is missing required field(s): {', '.join(missing)}")
@@ -239,6 +272,40 @@ def parse_task_file(path: Path) -> TaskDef:
     return t
 
 
+NATIVE_CLBENCH_KEYS = {"description", "license", "heldout", "score", "primary_metric"}
+
+
+def _native_task(path: Path, raw: dict) -> TaskDef:
+    """A plain lm-eval task: its data is wherever its `dataset_path` (with dataset_kwargs) says,
+    loaded by lm-eval; a `clbench:` block may add only what lm-eval cannot say (NATIVE_CLBENCH_KEYS)."""
+    cl = raw.pop("clbench", None) or {}
+    name = raw.get("task")
+    unknown = sorted(set(cl) - NATIVE_CLBENCH_KEYS)
+    if unknown:
+        raise TaskError(f"{path}: clbench.{unknown[0]} needs clbench.data; a task without it (lm-eval's dataset_path) "
+                        f"takes only {', '.join(sorted(NATIVE_CLBENCH_KEYS))} in its clbench block")
+    if not isinstance(name, str):
+        raise TaskError(f"{path}: task YAML is missing required field(s): task")
+    if "dataset_path" not in raw and "class" not in raw:
+        raise TaskError(f"{path}: task {name!r} has neither lm-eval's `dataset_path` nor a `clbench: {{data: ...}}` block "
+                        "(source+builder, or train/test files): nothing says where its documents are")
+    out_type = raw.setdefault("output_type", "generate_until")  # lm-eval's default
+    if out_type not in OUTPUT_TYPES:
+        raise TaskError(f"{path}: output_type {out_type!r} is not supported; choose one of {', '.join(OUTPUT_TYPES)}")
+    if out_type == "multiple_choice" and "doc_to_choice" not in raw:
+        raise TaskError(f"{path}: a multiple_choice task needs doc_to_choice")
+    return TaskDef(name=name, path=path.resolve(), lm_eval=raw, clbench=cl)
+
+
+def _task_files(d: Path, own: bool) -> Iterable[tuple[Path, dict | None]]:
+    """clbench's own folders (built-in, presets, plugins): their *.yaml, read by clbench's loader. A
+    task_dirs folder as lm-eval's --include_path reads it (every **/*.yaml through lm-eval's loader;
+    its groups and tags are streams: load_streams)."""
+    if own:
+        return ((f, None) for f in sorted(d.glob("*.yaml")) if f.name != "streams.yaml")
+    return ((f, raw) for f, raw in lmeval_yaml.folder_entries(d) if "group" not in raw or "class" in raw)
+
+
 def _folders(extra_dirs: Iterable) -> list[Path]:
     return [*paths.task_folders(), *map(Path, extra_dirs)]  # built-in, presets, clbench.tasks plugins
 
@@ -246,13 +313,14 @@ def _folders(extra_dirs: Iterable) -> list[Path]:
 def load_tasks(extra_dirs: Iterable = ()) -> dict[str, TaskDef]:
     """All tasks: built-in ones, the presets, then user folders (a user task may not shadow another)."""
     tasks: dict[str, TaskDef] = {}
-    for d in _folders(extra_dirs):
+    extra = list(extra_dirs)
+    folders = _folders(extra)
+    own = len(folders) - len(extra)
+    for i, d in enumerate(folders):
         if not d.is_dir():
             raise ConfigError(f"task folder not found: {d}")
-        for f in sorted(d.glob("*.yaml")):
-            if f.name == "streams.yaml":
-                continue
-            t = parse_task_file(f)
+        for f, raw in _task_files(d, own=i < own):
+            t = parse_task_file(f, raw)
             if t.name in tasks:
                 raise TaskError(f"task {t.name!r} is defined twice: {tasks[t.name].path} and {f}")
             tasks[t.name] = t
@@ -283,6 +351,12 @@ def load_streams(extra_dirs: Iterable = (), tasks: dict[str, TaskDef] | None = N
                 tasks = tasks if tasks is not None else load_tasks(extra_dirs)
                 first = tasks[next(iter(streams[name]["orders"].values()))[0]]
                 streams[name]["preset"] = first.clbench["data"]["source"][len(RELEASE_PREFIX):]
+    for name, g in lmeval_yaml.groups(map(Path, extra_dirs)).items():  # an lm-eval group or tag: a one-order stream
+        if name in streams:
+            raise DataError(f"stream {name} is defined twice: {origin[name]} and {g['path']} (an lm-eval group or tag)")
+        kind = "tag" if g.get("tag") else "group"
+        streams[name] = {"description": f"lm-eval {kind} ({g['path']})", "orders": {"1": g["members"]}, "group": True}
+        origin[name] = g["path"]
     return streams
 
 
@@ -317,9 +391,16 @@ def resolve_stream(cfg, tasks: dict[str, TaskDef], streams: dict[str, dict]) -> 
         if cfg.order not in orders:
             raise ConfigError(f"stream {cfg.stream!r} has no order {cfg.order!r}; orders: {', '.join(orders)}")
         names = list(orders[cfg.order])
+    try:  # an lm-eval group or tag of a task_dirs folder stands for its tasks
+        names = lmeval_yaml.expand(names, {k: {"members": s["orders"]["1"]} for k, s in streams.items() if s.get("group")})
+    except lmeval_yaml.LmEvalYamlError as e:
+        raise ConfigError(str(e)) from None
     unknown = [n for n in names if n not in tasks]
-    if unknown:
-        raise ConfigError(f"unknown task(s) {', '.join(map(repr, unknown))}; available: {', '.join(sorted(tasks))}")
+    if unknown and not cfg.offline:  # lm-eval's own registry tasks (boolq, arc_easy, ...), data from the hub
+        tasks.update({n: hub_task(n, heldout=False) for n in unknown})
+    elif unknown:
+        raise ConfigError(f"unknown task(s) {', '.join(map(repr, unknown))}; available: {', '.join(sorted(tasks))}; "
+                          "lm-eval's registry tasks (boolq, arc_easy, ...) load from the hub: set `offline: false`")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"duplicate task(s) in the stream: {', '.join(dup)}")
@@ -329,59 +410,105 @@ def resolve_stream(cfg, tasks: dict[str, TaskDef], streams: dict[str, dict]) -> 
 # --- lm-eval task objects and training examples --------------------------------------
 
 
-def hub_task(name: str) -> TaskDef:
-    """A held-out task that is one of lm-eval's standard tasks (arc_easy, hellaswag, ...): lm-eval
-    builds it and loads its data from the hub; its first metric fills R."""
-    return TaskDef(name=name, path=None, lm_eval={"task": name}, clbench={"hub": True, "heldout": True})
+def hub_task(name: str, heldout: bool = True) -> TaskDef:
+    """One of lm-eval's registry tasks (boolq, arc_easy, hellaswag, ...), held out or in the stream
+    (offline: false): lm-eval builds it and loads its data from the hub; its first metric fills R."""
+    return TaskDef(name=name, path=None, lm_eval={"task": name}, clbench={"hub": True, "heldout": heldout})
+
+
+_REGISTRY = None
+
+
+def _registry():
+    """lm-eval's default TaskManager, built once (it indexes ~14,000 built-in YAML files: 7-28 s)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        from lm_eval.tasks import TaskManager
+
+        _REGISTRY = TaskManager()
+    return _REGISTRY
+
+
+def _adopt_metrics(d: TaskDef, task) -> None:
+    """What lm-eval built decides the output type, and the metrics where the YAML names none."""
+    d.lm_eval["output_type"] = task.OUTPUT_TYPE
+    if not d.lm_eval.get("metric_list"):
+        d.lm_eval["metric_list"] = [{"metric": m["metric"]} for m in (task.config.metric_list or [])] \
+            or [{"metric": m} for m in task._metric_fn_list] or [{"metric": "acc"}]
 
 
 def build_lm_eval_tasks(defs: list[TaskDef], cache: Path) -> dict[str, Any]:
-    """lm-eval Task objects for these tasks: clbench's from local JSONL (no hub); `hub` ones by
-    name through lm-eval's own task registry (their first metric becomes the primary metric)."""
+    """lm-eval Task objects for these tasks: a clbench task from its JSONL, a plain lm-eval task
+    from its YAML as lm-eval's loader read it (data_files found: lmeval_yaml), `hub` ones by name
+    through lm-eval's own task registry."""
     from lm_eval.tasks import TaskManager
 
-    local = [d for d in defs if not d.hub]
     out = {}
-    if local:
-        loaded = TaskManager(include_defaults=False).load([d.lm_eval_config(cache) for d in local])["tasks"]
-        out.update({d.name: loaded[d.name] for d in local})
+    for d in defs:
+        if d.hub:
+            continue
+        try:
+            out[d.name] = TaskManager(include_defaults=False).load([d.lm_eval_config(cache)])["tasks"][d.name]
+        except Exception as e:  # datasets' and lm-eval's errors alike: name the task and its file
+            if not d.native:
+                raise
+            raise TaskError(f"task {d.name!r} ({d.path}): lm-eval cannot build it: {type(e).__name__}: {e}") from None
+        if d.native:
+            _adopt_metrics(d, out[d.name])
     hub = [d for d in defs if d.hub]
     if hub:
         from lm_eval.tasks import get_task_dict
 
-        got = get_task_dict([d.name for d in hub], TaskManager())
+        got = get_task_dict([d.name for d in hub], _registry())
         for d in hub:
             task = got.get(d.name)
             if task is None or isinstance(task, dict) or not hasattr(task, "config"):
-                raise TaskError(f"held-out task {d.name!r} is an lm-eval group, not one task; list its tasks by name")
-            d.lm_eval["output_type"] = task.OUTPUT_TYPE
-            d.lm_eval["metric_list"] = [{"metric": m["metric"]} for m in (task.config.metric_list or [])] \
-                or [{"metric": "acc"}]
+                raise TaskError(f"lm-eval task {d.name!r} is an lm-eval group or tag, not one task; list its tasks by name")
+            d.lm_eval.pop("metric_list", None)
+            _adopt_metrics(d, task)
             out[d.name] = task
     return {d.name: out[d.name] for d in defs}
 
 
-def training_examples(task, eos_token: str | None = None) -> list[tuple[str, str]] | list[str]:
-    """(context, continuation) pairs rendered by the task's own lm-eval templates; for a raw-text
-    task (loglikelihood_rolling) the document strings that lm-eval scores."""
+def training_examples(task, eos_token: str | None = None,
+                      prompting: lmeval_yaml.Prompting | None = None) -> list[tuple[str, str]] | list[str]:
+    """(context, continuation) pairs of the task's training documents (lm-eval's training_docs(),
+    process_docs applied), rendered as lm-eval renders its evaluation requests (_pair); for a
+    raw-text task (loglikelihood_rolling) the document strings that lm-eval scores."""
     if not task.has_training_docs():
         raise TaskError(f"task {task.config.task!r} has no training split")
     if task.OUTPUT_TYPE == "loglikelihood_rolling":  # a `kind: text` task: its documents, packed by clbench.packing
         return [task.doc_to_target(doc) for doc in task.training_docs()]
-    out = []
-    delim = task.config.target_delimiter
-    for doc in task.training_docs():
-        ctx = task.fewshot_context(doc, num_fewshot=0)
-        target = task.doc_to_target(doc)
-        if task.OUTPUT_TYPE == "multiple_choice":
-            choices = task.doc_to_choice(doc)
-            text = choices[target] if isinstance(target, int) else str(target)
-        else:
-            text = target[0] if isinstance(target, list) else str(target)
-            if eos_token:
-                text = text + eos_token
-        out.append((ctx, f"{delim}{text}"))
-    return out
+    return [_pair(task, doc, i, eos_token, prompting) for i, doc in enumerate(task.training_docs())]
+
+
+def run_examples(task, tokenizer, cfg) -> list:
+    """training_examples as a run (a RunConfig) renders them: EOS after a generation target, the
+    run's system_instruction and chat template (lmeval_yaml.prompting)."""
+    eos = tokenizer.eos_token if task.OUTPUT_TYPE == "generate_until" else None
+    return training_examples(task, eos, lmeval_yaml.prompting(cfg, tokenizer))
+
+
+def _pair(task, doc, i: int, eos_token: str | None, prompting: lmeval_yaml.Prompting | None) -> tuple[str, str]:
+    """One document as lm-eval's evaluator renders its request (fewshot_context with no shots, its
+    gen_prefix, the run's system instruction and chat template), then the target: for multiple
+    choice the gold choice's own request (construct_requests: target_delimiter, dropped under a chat
+    template as lm-eval drops it); for generation target_delimiter (the same rule) + target + EOS."""
+    kw = prompting.context_kwargs() if prompting else {}
+    chat = bool(kw.get("apply_chat_template"))
+    ctx = task.fewshot_context(doc, num_fewshot=0, gen_prefix=task.doc_to_prefix(doc), **kw)
+    target = task.doc_to_target(doc)
+    if task.OUTPUT_TYPE == "multiple_choice":
+        reqs = task.construct_requests(doc=doc, ctx=ctx, metadata=(task.config.task, i, task.config.repeats), apply_chat_template=chat)
+        gold = task.doc_to_text(doc) if task.multiple_input else target  # winogrande-style: the gold context
+        gold = gold[0] if isinstance(gold, list) else gold
+        if not isinstance(gold, int):
+            gold = list(task.doc_to_choice(doc)).index(str(gold))
+        return tuple(reqs[gold].arguments[:2])
+    prefix = task.config.gen_prefix
+    delim = task.config.target_delimiter if not chat or (prefix and not prefix[-1].isspace()) else ""
+    text = target[0] if isinstance(target, list) else str(target)
+    return ctx, f"{delim}{text}{eos_token or ''}"
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
