@@ -7,7 +7,9 @@ without a word (a test file with such a row can also end in a DatasetGenerationE
 each raw row is checked against the fields its templates read, then rendered by lm-eval's own
 ConfigurableTask methods (doc_to_text, doc_to_target, doc_to_choice, with its jinja
 environment), and a multiple-choice target must be one of the row's choices. A bad row fails
-naming the file, the line and the field.
+naming the file, the line and the field. A task whose data lm-eval loads itself (a plain lm-eval
+YAML, a registry task) is checked the same way on the documents of its built Task, named by
+split and position; a stream task among them must have training documents.
 
 lm-eval has no such check of its own; what is written here is only the bookkeeping around its
 rendering (which fields a template reads, which line a row is on).

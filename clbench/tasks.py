@@ -1,17 +1,20 @@
 """The task catalogue: every task definition and stream, read in one place.
 
-A task is an lm-eval task YAML plus a `clbench:` block saying where its data comes from. The
-same lm-eval Task object that evaluates a task also renders its training examples
-(`fewshot_context` with zero shots = description + doc_to_text, then target_delimiter + the
-target), so training and evaluation prompts cannot drift apart.
+A task is an lm-eval task YAML: a plain one (lm-eval's `dataset_path` says where its data is), or
+one with a `clbench:` block saying where clbench finds it. The same lm-eval Task object that
+evaluates a task also renders its training examples (the request lm-eval builds for the document
+with zero shots, then the target: _pair), so training and evaluation prompts cannot drift apart.
 
 Where tasks come from: tasks/*.yaml (built in), tasks/presets/*.yaml (the canonical benchmark
-presets, data from the original releases on the user's disk) and the folders of a config's
-`task_dirs`; streams from the streams.yaml of each. YAML is read by one loader, which also
-resolves lm-eval's `!function module.name` (a function of module.py beside the YAML).
+presets, data from the original releases on the user's disk), plugin folders, each read by
+clbench's loader (which resolves lm-eval's `!function module.name`: a function of module.py
+beside the YAML), and the folders of a config's `task_dirs`, read as lm-eval's --include_path
+reads them (clbench.lmeval_yaml: include:, groups and tags); streams from the streams.yaml of
+each, and the groups and tags of the task_dirs. With `offline: false` a name no folder defines is
+one of lm-eval's registry tasks.
 
-A task's data is either prepared by `clbench data prepare` (clbench.data: a registry package
-and a builder, or `release:<layout>` for a preset) into <cache>/data/<task>/{train,test}.jsonl,
+A clbench task's data is either prepared by `clbench data prepare` (clbench.data: a registry
+package and a builder, or `release:<layout>` for a preset) into <cache>/data/<task>/{train,test}.jsonl,
 or given by the user as files relative to the YAML (clbench.data.train / clbench.data.test).
 """
 
