@@ -45,7 +45,8 @@ from .sources import Source, _archive_sha256, _find_package_file, parse_source, 
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 2  # 2: a validation split (prepared data of format 1 is prepared again)
+MANIFEST_FORMAT = 3  # 2: a validation split; 3: at most MAX_MOVED of train moved into it (older data is prepared again)
+MAX_MOVED = 0.2  # the share of the train split a validation split may take when too few documents are left
 DEFAULT_SEED = 1234
 
 
@@ -122,20 +123,21 @@ def carve_validation(docs: list[dict], train: list[dict], test: list[dict], n_va
                      sampling: str = "random") -> tuple[list[dict], list[dict], str]:
     """(train, validation, how): a seeded validation set disjoint from train and test, drawn like the
     test set (`sampling`) from the documents in neither; when fewer than n_val are left, all of those
-    plus the shortfall moved out of the train set (drawn the same way). `how` says which, for the
-    manifest. Train and test are unchanged when enough documents are left."""
+    plus the shortfall moved out of the train set, at most MAX_MOVED of it (so the validation split
+    may be smaller than asked). `how` says which, for the manifest. Train and test are unchanged
+    when enough documents are left."""
     used = {id(d) for d in train} | {id(d) for d in test}
     rest = [d for d in docs if id(d) not in used]
     if len(rest) >= n_val:
         _, val = split_documents(rest, 0, n_val, rng, sampling)
         return train, val, f"carved: {n_val} of the {len(rest)} documents in neither train nor test"
-    short = min(n_val - len(rest), max(len(train) - 1, 0))
+    short = min(n_val - len(rest), int(MAX_MOVED * len(train)))
     # out of the train set in proportion to its classes, so no small class is emptied
     _, moved = split_documents(train, 0, short, rng, "random" if sampling == "random" else "stratified")
     gone = {id(d) for d in moved}
     return [d for d in train if id(d) not in gone], rest + moved, (
         f"carved: all {len(rest)} documents in neither train nor test, and {short} moved out of the train set "
-        "(in proportion to its classes; too few documents left)")
+        f"(in proportion to its classes; too few documents left; at most {MAX_MOVED:.0%} of train)")
 
 
 def validation_count(spec: dict) -> int:

@@ -471,3 +471,26 @@ def test_shipped_streams_name_existing_tasks():
             assert set(tasks) <= names, f"stream {name} order {order}: {set(tasks) - names}"
     assert all(not t.startswith("heldout_") for s in streams.values() for o in s["orders"].values() for t in o)
     assert {n for n, t in catalog.load_tasks().items() if t.path.parent == paths.BUILTIN_TASKS_DIR} == names
+
+
+def test_data_prepared_before_validation_splits_is_prepared_again(cache, caplog):
+    out = prepare_task("trec", trec_yaml(), cache, seed=7)
+    d = paths.data_dir(cache) / "trec"
+    before = {s: out[s].read_bytes() for s in ("train", "test")}
+    # what a cache of format 1 holds: train, test and a manifest without the validation split
+    m = json.loads((d / "manifest.json").read_text())
+    m["spec"]["format"] = 1
+    del m["files"]["validation"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    out["validation"].unlink()
+    from clbench.data import validation_file
+    from clbench.errors import DataError
+
+    with pytest.raises(DataError, match="no validation split .*clbench data prepare --tasks trec"):
+        validation_file(task_def("trec", trec_yaml()), cache)
+    with caplog.at_level(logging.WARNING):
+        again = prepare_task("trec", trec_yaml(), cache, seed=7)
+    assert "changed since it was prepared; preparing it again" in caplog.text
+    assert again["validation"].is_file()
+    # enough documents were left: train and test are byte for byte what they were
+    assert {s: again[s].read_bytes() for s in ("train", "test")} == before
