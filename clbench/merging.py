@@ -1,52 +1,63 @@
-"""Model merging over state dicts: task arithmetic, TIES, LoTA's additive merge.
+"""Model merging over state dicts: task arithmetic, TIES, DARE through peft, LoTA's additive merge.
+
+The merges are peft's (peft.utils.merge_utils, the functions behind add_weighted_adapter): this
+module feeds them, key by key, the stages' task vectors of one tensor stacked on a new dim 0,
+with weights = lam for every stage, and adds the result to the base. Written here: only what
+peft has no function for, LoTA's additive merge of sparse deltas and the whole-model trim of
+TIES scope "global".
 
 Pure functions: inputs are never modified; every result tensor is float32 (a floating-point
 tensor is upcast before any arithmetic; a non-floating tensor, e.g. an integer buffer, is
 copied from the base unchanged). A key missing from a task vector counts as a zero delta.
 
-Tensor by tensor: every merge is computed one key at a time from a source of task vectors
-(`_merged`), holding for that key a fixed number of float32 tensors (the running sums of TIES,
-the current stage's task vector, ...), never all stages' task vectors at once. In a run
-(`merged_model`) the source reads each stage's saved task vector file one tensor at a time, so
-a merge needs the base model, the merged copy and a few tensors, whatever the number of stages
-(TIES with scope "global" also holds one stage's |task vector| over the whole model, to find
-its threshold). Measured by `python bench/run.py --only storage` (docs/performance.md).
-
   task_vectors(base, finetuned_list)   tau_t = theta_t - theta_0
-  task_arithmetic(base, vectors, lam)  theta_0 + lam * sum_t tau_t
-                                       (Ilharco et al. 2023, arXiv 2212.04089)
-  ties(base, vectors, density, lam)    TIES-Merging (Yadav et al. 2023, arXiv 2306.01708):
+  task_arithmetic(base, vectors, lam)  theta_0 + lam * sum_t tau_t  (peft task_arithmetic;
+                                       Ilharco et al. 2023, arXiv 2212.04089)
+  ties(base, vectors, density, lam)    TIES-Merging (Yadav et al. 2023, arXiv 2306.01708), peft ties:
                                        trim, elect sign, disjoint mean; theta_0 + lam * merged
+  dare_linear / dare_ties(base, vectors, density, lam, seed)   DARE (Yu et al. 2024, arXiv
+                                       2311.03099), peft dare_linear / dare_ties: every entry kept
+                                       with probability density and rescaled by 1/density, then
+                                       summed (linear) or merged as TIES (ties)
   lota_additive(base, sparse_deltas)   theta_0 + sum_t delta_t for LoTA's sparse task vectors
-                                       (Panda et al. 2024, arXiv 2406.16797)
+                                       (Panda et al. 2024, arXiv 2406.16797); no peft function
 
-TIES, step by step (per key; `scope` says over which entries trimming ranks magnitudes):
-  1. Trim: in every task vector keep the k = round(density * n) entries of largest |tau|
-     (n entries in the scope; at least 1); entries tied with the k-th largest magnitude are
-     all kept (the official code keeps |tau| >= its threshold), everything else becomes 0.
-  2. Elect sign: gamma = sign(sum_t trimmed_t) per entry. Where that sum is exactly 0 but
-     some trimmed value is not, the official code (prateeky2806/ties-merging,
-     resolve_zero_signs "majority") uses the sign of sum(gamma) over the scope; so do we.
-  3. Disjoint mean: per entry, the mean of the trimmed values whose sign equals gamma, over
-     the task vectors where such a value is nonzero (0 where none is).
-  Result: theta_0 + lam * disjoint mean.
-Choices no source fixes, or where this differs from the official code:
-  - scope "tensor" (default, this suite's choice): the top-k is taken per tensor
-    per task vector. The official code flattens the whole model's task vector into one
-    vector and trims globally; scope="global" does that.
-  - k: the official code thresholds at kthvalue(n - int(density * n)) of |tau|, which keeps
-    int(density * n) + 1 entries when there are no ties; here exactly round(density * n)
-    (plus ties). Negligible at model scale, visible on hand-made tensors.
-  - lam default 1.0 (the paper tunes it on validation data).
+What peft computes, per tensor (peft 0.21.2; tests/test_baselines.py checks each by hand):
+  trim (peft magnitude_based_pruning): keep exactly k = int(density * n) entries of largest
+    |tau| (floor, so k = 0 zeroes a tensor with density * n < 1; ties at the k-th magnitude are
+    broken by torch.topk's order); density >= 1 keeps everything.
+  elect sign (calculate_majority_sign_mask "total"): gamma = +1 where sum_t trimmed_t >= 0,
+    else -1, so an entry whose trimmed values sum to exactly 0 elects +.
+  disjoint mean (disjoint_merge): per entry, the sum of lam * trimmed_t over the stages whose
+    sign equals gamma, divided by their count (0 where none).
+  Where this differs from the paper's code (github.com/prateeky2806/ties-merging): it trims the
+  whole model's flattened task vector at once, keeping |tau| >= the kthvalue(n - int(density*n))
+  threshold (int(density*n) + 1 entries without ties, all ties kept), and resolves a zero sum
+  with the majority sign over the model. scope "global" here trims over the whole model (keep
+  |tau| >= the int(density * n)-th largest magnitude, ties kept) and elects as peft does.
+  DARE's random drop uses torch's generator, seeded per (seed, key) from the run's seed: the
+  same seed gives the same merge whatever the order of the keys.
+
+Memory: one key at a time; for that key the T stages' float32 tensors stacked, and peft's
+intermediate copies of the stack (pruned, weighted, masked: a few times T tensors of that shape).
+In a run (`merged_model`) the stages' saved task vector files are read one tensor at a time, so a
+merge needs the base model, the merged copy and those stacks of the largest tensor (the
+embedding), never the stages' whole task vectors (TIES scope "global" also holds one stage's
+|task vector| over the whole model, to find its threshold). Measured by `python bench/run.py
+--only storage` (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import warnings
+import zlib
 from typing import Literal, Mapping, Sequence
 
 import torch
+from peft.utils import merge_utils
 
 StateDict = Mapping[str, torch.Tensor]
+HOWS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "lota_additive")
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -106,12 +117,6 @@ class _Vectors:
         return _f32(self.vectors[t][k]) if k in self.vectors[t] else None
 
 
-def task_arithmetic(base: StateDict, vectors: Sequence[StateDict], lam: float) -> dict[str, torch.Tensor]:
-    """theta_0 + lam * sum_t tau_t."""
-    _check_keys(base, vectors)
-    return _collect(base, _task_arithmetic(base, _Vectors(base, vectors), lam))
-
-
 def _collect(base: StateDict, merged) -> dict[str, torch.Tensor]:
     out = _start(base)
     for k, v in merged:
@@ -119,14 +124,51 @@ def _collect(base: StateDict, merged) -> dict[str, torch.Tensor]:
     return out
 
 
-def _task_arithmetic(base: StateDict, src, lam: float):
-    for k in src.keys:
-        acc = None
-        for d in src.stages(k):
-            if d is not None:
-                acc = d.clone() if acc is None else acc.add_(d)  # d may be the caller's own tensor
-        if acc is not None:
-            yield k, _f32(base[k]) + lam * acc
+class _Merge:
+    """The fields of a config.MergeSpec the merges read (the functions below build one)."""
+
+    def __init__(self, how: str, lam: float = 1.0, density: float = 1.0, scope: str = "tensor"):
+        self.how, self.lam, self.density, self.scope = how, lam, density, scope
+
+
+def _check(spec) -> None:
+    if spec.how not in HOWS:
+        raise ValueError(f"unknown merge {spec.how!r}; merges: {', '.join(HOWS)}")
+    if not 0 < spec.density <= 1:
+        raise ValueError(f"{spec.how}: density must be in (0, 1], got {spec.density}")
+    if spec.scope not in ("tensor", "global"):
+        raise ValueError(f"{spec.how}: scope must be 'tensor' or 'global', got {spec.scope!r}")
+    if spec.scope == "global" and spec.how != "ties":
+        raise ValueError(f"{spec.how}: scope 'global' is for ties only (its trim ranks magnitudes over the model)")
+
+
+def _in_memory(base: StateDict, vectors: Sequence[StateDict], spec, seed: int = 0) -> dict[str, torch.Tensor]:
+    _check(spec)
+    _check_keys(base, vectors)
+    return _collect(base, _merged(base, _Vectors(base, vectors), spec, seed))
+
+
+def task_arithmetic(base: StateDict, vectors: Sequence[StateDict], lam: float) -> dict[str, torch.Tensor]:
+    """theta_0 + lam * sum_t tau_t (peft task_arithmetic)."""
+    return _in_memory(base, vectors, _Merge("task_arithmetic", lam))
+
+
+def ties(base: StateDict, vectors: Sequence[StateDict], density: float, lam: float = 1.0,
+         scope: Literal["tensor", "global"] = "tensor") -> dict[str, torch.Tensor]:
+    """TIES-Merging: theta_0 + disjoint_merge(lam * trim(tau_t, density), elected sign) (peft ties)."""
+    return _in_memory(base, vectors, _Merge("ties", lam, density, scope))
+
+
+def dare_linear(base: StateDict, vectors: Sequence[StateDict], density: float, lam: float = 1.0,
+                seed: int = 0) -> dict[str, torch.Tensor]:
+    """DARE: theta_0 + sum_t lam * drop(tau_t) / density, entries kept with probability density (peft dare_linear)."""
+    return _in_memory(base, vectors, _Merge("dare_linear", lam, density), seed)
+
+
+def dare_ties(base: StateDict, vectors: Sequence[StateDict], density: float, lam: float = 1.0,
+              seed: int = 0) -> dict[str, torch.Tensor]:
+    """DARE then TIES' sign election and disjoint mean (peft dare_ties)."""
+    return _in_memory(base, vectors, _Merge("dare_ties", lam, density), seed)
 
 
 def _lota_additive(base: StateDict, src):
@@ -140,51 +182,30 @@ def _lota_additive(base: StateDict, src):
             yield k, out
 
 
-def _trim(flat: torch.Tensor, density: float, tau: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the round(density * n) largest |values| of a 1-D tensor (ties kept), zero the rest;
-    tau: a threshold found elsewhere (scope global) instead."""
-    n = flat.numel()
-    if n == 0:
-        return flat.clone()
-    mag = flat.abs()
-    if tau is None:
-        k = min(n, max(1, round(density * n)))
-        tau = torch.topk(mag, k, sorted=False).values.min()
-    return torch.where(mag >= tau, flat, torch.zeros_like(flat))
+def _stacked(src, k) -> list[torch.Tensor]:
+    """tau_t[k] for t = 1..T in the base's shape, zeros where vector t has no delta for k."""
+    ref = src.base[k]
+    return [d.view(ref.shape) if d is not None else torch.zeros(ref.shape, dtype=torch.float32, device=ref.device)
+            for d in src.stages(k)]
 
 
-def _trimmed(src, k, density, taus):
-    """tau_t[k] trimmed, flat, for t = 1..T (None where vector t has no delta for k)."""
-    for t, d in enumerate(src.stages(k)):
-        yield None if d is None else _trim(d.reshape(-1), density, None if taus is None else taus[t])
-
-
-def _elected_sum(src, k, density, taus) -> torch.Tensor:
-    total = torch.zeros(src.base[k].numel(), dtype=torch.float32, device=src.base[k].device)
-    for tr in _trimmed(src, k, density, taus):
-        if tr is not None:
-            total.add_(tr)
-    return total
-
-
-def _disjoint_mean(src, k, density, taus, sign: torch.Tensor) -> torch.Tensor:
-    selected = torch.zeros_like(sign, dtype=torch.float32)
-    count = torch.zeros_like(sign, dtype=torch.float32)
-    for tr in _trimmed(src, k, density, taus):
-        if tr is not None:
-            agree = torch.where(sign > 0, tr > 0, tr < 0)
-            selected.add_(tr * agree)
-            count.add_(agree)
-    return selected / count.clamp(min=1)
+def _key_seed(seed: int, key: str) -> int:
+    """DARE's generator seed for one key, from the run's seed and the key's name (stable across
+    runs); 32 bits, all that torch's CPU generator (mt19937) takes of a seed."""
+    return zlib.crc32(f"{int(seed)}:{key}".encode())
 
 
 def _global_thresholds(src, density) -> list[torch.Tensor]:
-    """Per task vector, the round(density * n)-th largest |entry| over all keys (n entries: every
-    key's, zeros where the vector has none): one vector's |values| in memory at a time."""
+    """Per task vector, the int(density * n)-th largest |entry| over all keys (n entries: every
+    key's, zeros where the vector has none; +inf when that is 0 entries): one vector's |values|
+    in memory at a time. Written here: peft trims one tensor at a time only."""
     n = sum(src.base[k].numel() for k in src.keys)
-    k_keep = min(n, max(1, round(density * n)))
+    k_keep = min(n, int(density * n))
     taus = []
     for t in range(src.T):
+        if k_keep == 0:
+            taus.append(torch.tensor(float("inf")))
+            continue
         parts = []
         for k in src.keys:
             d = src.stage(k, t)
@@ -196,32 +217,41 @@ def _global_thresholds(src, density) -> list[torch.Tensor]:
     return taus
 
 
-def _ties(base: StateDict, src, density: float, lam: float, scope: str):
+def _ties_of_trimmed(trimmed: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """peft's ties after its trim: elect sign ("total"), weight, disjoint merge."""
+    stacked = torch.stack(trimmed, dim=0)
+    mask = merge_utils.calculate_majority_sign_mask(stacked, method="total")
+    return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
+
+
+def _merged(base: StateDict, src, spec, seed: int = 0):
+    """(key, merged float32 tensor) for each key some task vector changes, one key at a time
+    (spec checked by the caller)."""
+    if spec.how == "lota_additive":
+        yield from _lota_additive(base, src)
+        return
     if not src.keys or not src.T:
         return
-    taus = _global_thresholds(src, density) if scope == "global" else None
-    if scope == "global":  # the zero-sum entries' sign: the majority of elected signs over the whole model
-        majority = torch.sign(sum(torch.sign(_elected_sum(src, k, density, taus)).sum() for k in src.keys))
+    taus = _global_thresholds(src, spec.density) if spec.how == "ties" and spec.scope == "global" else None
     for k in src.keys:
-        sign = torch.sign(_elected_sum(src, k, density, taus))
-        m = majority if scope == "global" else torch.sign(sign.sum())
-        sign = torch.where(sign == 0, m, sign)
-        yield k, _f32(base[k]) + lam * _disjoint_mean(src, k, density, taus, sign).view(base[k].shape)
-
-
-def ties(base: StateDict, vectors: Sequence[StateDict], density: float, lam: float = 1.0,
-         scope: Literal["tensor", "global"] = "tensor") -> dict[str, torch.Tensor]:
-    """TIES-Merging: theta_0 + lam * disjoint_mean(elect_sign(trim(tau_t, density)))."""
-    _check_ties(density, scope)
-    _check_keys(base, vectors)
-    return _collect(base, _ties(base, _Vectors(base, vectors), density, lam, scope))
-
-
-def _check_ties(density, scope) -> None:
-    if not 0 < density <= 1:
-        raise ValueError(f"ties: density must be in (0, 1], got {density}")
-    if scope not in ("tensor", "global"):
-        raise ValueError(f"ties: scope must be 'tensor' or 'global', got {scope!r}")
+        ts = _stacked(src, k)
+        w = torch.full((len(ts),), float(spec.lam), dtype=torch.float32, device=ts[0].device)
+        with warnings.catch_warnings():  # peft's prune warns at density 1 that it keeps everything: meant here
+            warnings.filterwarnings("ignore", message="The density .* no pruning", category=UserWarning)
+            if spec.how == "task_arithmetic":
+                m = merge_utils.task_arithmetic(ts, w)
+            elif spec.how == "ties" and taus is None:
+                m = merge_utils.ties(ts, w, spec.density, majority_sign_method="total")
+            elif spec.how == "ties":
+                m = _ties_of_trimmed([torch.where(t.abs() >= tau, t, 0.0) for t, tau in zip(ts, taus)], w)
+            else:
+                dare = merge_utils.dare_linear if spec.how == "dare_linear" else merge_utils.dare_ties
+                cuda = [ts[0].device] if ts[0].device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):  # peft's random_pruning draws from torch's generator
+                    torch.manual_seed(_key_seed(seed, k))
+                    m = dare(ts, w, spec.density)
+        del ts
+        yield k, _f32(base[k]) + m
 
 
 def lota_additive(base: StateDict, sparse_deltas: Sequence[Mapping]) -> dict[str, torch.Tensor]:
@@ -328,51 +358,20 @@ def vectors_from_diffs(base: StateDict, diffs: Sequence, cumulative: bool) -> li
     return out
 
 
-def _merged(base: StateDict, src, spec):
-    """(key, merged float32 tensor) for each key some task vector changes, one at a time."""
-    if spec.how == "task_arithmetic":
-        return _task_arithmetic(base, src, spec.lam)
-    if spec.how == "lota_additive":
-        return _lota_additive(base, src)
-    if spec.how == "ties":
-        _check_ties(spec.density, spec.scope)
-        return _ties(base, src, spec.density, spec.lam, spec.scope)
-    raise ValueError(f"unknown merge {spec.how!r}")
-
-
-def merge(base: StateDict, vectors: Sequence[StateDict], spec) -> dict[str, torch.Tensor]:
-    """One merged state for a config.MergeSpec (how, lam, density, scope); tied aliases left out."""
-    aliases = tied_aliases(base)
-    base = {k: v for k, v in base.items() if k not in aliases}
-    if spec.how == "lota_additive":
-        return lota_additive(base, vectors)
-    _check_keys(base, vectors)
-    return _collect(base, _merged(base, _Vectors(base, vectors), spec))
-
-
 @torch.no_grad()
-def merged_model(base_model: torch.nn.Module, diffs: Sequence, spec, cumulative: bool) -> torch.nn.Module:
+def merged_model(base_model: torch.nn.Module, diffs: Sequence, spec, cumulative: bool, seed: int = 0) -> torch.nn.Module:
     """A copy of the base model holding the merge `spec` of the stages' task vectors, computed
-    tensor by tensor from their saved diffs (DiffVectors) and cast to each parameter's dtype:
-    memory is the base model, the copy and a few tensors, whatever the number of stages."""
+    key by key from their saved diffs (DiffVectors) and cast to each parameter's dtype: memory is
+    the base model, the copy and one key's stacked stages (module docstring). seed: DARE's."""
     import copy
 
+    _check(spec)
     base = base_model.state_dict()
     src = DiffVectors(base, diffs, cumulative)
     model = copy.deepcopy(base_model)
     target = model.state_dict()  # shares storage with the copy's parameters and buffers
-    for k, v in _merged(base, src, spec):
+    for k, v in _merged(base, src, spec, seed):
         target[k].copy_(v)
         del v
     return model
 
-
-def load_merged(base_model: torch.nn.Module, state: StateDict) -> torch.nn.Module:
-    """A copy of the base model holding the merged weights (cast to each parameter's dtype)."""
-    import copy
-
-    model = copy.deepcopy(base_model)
-    missing, unexpected = model.load_state_dict(dict(state), strict=False)
-    if unexpected:
-        raise RuntimeError(f"merged state does not fit the model: unexpected keys {unexpected[:5]}")
-    return model

@@ -1,5 +1,5 @@
 """Continual-learning baselines (O-LoRA, EWC, experience replay) and model merging
-(task arithmetic, TIES, LoTA additive): each test checks a defining property, on the tiny
+(task arithmetic, TIES, DARE through peft; LoTA additive): each test checks a defining property, on the tiny
 model through the loop's real train_stage, or on hand-made tensors with hand-computed
 results; one 2-stage CLI run of every method, resumed after stage 1 with identical losses."""
 
@@ -13,7 +13,7 @@ import clbench.train as T
 from clbench import merging
 from clbench import method as M
 from clbench import models
-from clbench.config import TrainConfig
+from clbench.config import MergeSpec, TrainConfig
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
 
@@ -87,35 +87,65 @@ def test_ties_by_hand():
     t2 = {"w": torch.tensor([[-1.0, 5.0, 0.1], [-2.0, 3.0, 0.05]]), "b": torch.tensor([-3.0, 0.5])}
     t3 = {"w": torch.tensor([[2.0, -4.0, 0.3], [1.0, -0.1, -6.0]]), "b": torch.tensor([0.5, 4.0])}
     out = merging.ties(base, [t1, t2, t3], density=0.5, lam=2.0)
-    # trim (density 0.5: 3 of 6 entries of w, 1 of 2 of b, per tensor per task vector):
+    # trim (k = int(0.5 * n): 3 of 6 entries of w, 1 of 2 of b, per tensor per task vector):
     #   t1.w -> [[3, 0, 2], [-4, 0, 0]]      t1.b -> [0, -2]
     #   t2.w -> [[0, 5, 0], [-2, 3, 0]]      t2.b -> [-3, 0]
     #   t3.w -> [[2, -4, 0], [0, 0, -6]]     t3.b -> [0, 4]
     # elected sign = sign of the entrywise sums:
     #   w: [[5, 1, 2], [-6, 3, -6]] -> [[+, +, +], [-, +, -]];  b: [-3, 2] -> [-, +]
-    # disjoint mean of the agreeing nonzero values (w[0,1]: 5 agrees, -4 does not;
+    # disjoint mean of the agreeing values, each times lam = 2 (w[0,1]: 5 agrees, -4 does not;
     # b[1]: 4 agrees, -2 does not):
-    #   w[0] = [(3+2)/2, 5/1, 2/1]; w[1] = [(-4-2)/2, 3/1, -6/1];  b = [-3/1, 4/1]
-    expected_w = torch.tensor([[10 + 2 * 2.5, 10 + 2 * 5.0, 10 + 2 * 2.0],
-                               [10 + 2 * -3.0, 10 + 2 * 3.0, 10 + 2 * -6.0]])
+    #   w[0] = [(6+4)/2, 10/1, 4/1]; w[1] = [(-8-4)/2, 6/1, -12/1];  b = [-6/1, 8/1]
+    expected_w = torch.tensor([[10 + 5.0, 10 + 10.0, 10 + 4.0],
+                               [10 - 6.0, 10 + 6.0, 10 - 12.0]])
     torch.testing.assert_close(out["w"], expected_w)
-    torch.testing.assert_close(out["b"], torch.tensor([2 * -3.0, 2 * 4.0]))
+    torch.testing.assert_close(out["b"], torch.tensor([-6.0, 8.0]))
 
 
-def test_ties_zero_sum_sign_and_global_scope_by_hand():
+def test_ties_keeps_int_density_n_entries_and_elects_plus_on_a_zero_sum():
+    # peft's trim keeps k = int(density * n): 0.3 * 5 = 1.5 -> 1 entry of w; 0.3 * 2 = 0.6 -> none of b
+    base = {"w": torch.ones(5), "b": torch.ones(2)}
+    out = merging.ties(base, [{"w": torch.tensor([5.0, -4.0, 3.0, 2.0, 1.0]), "b": torch.tensor([1.0, 2.0])}], density=0.3)
+    torch.testing.assert_close(out["w"], torch.tensor([6.0, 1.0, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(out["b"], torch.tensor([1.0, 1.0]))
+    # density 1: nothing trimmed. a[0] sums to 1 - 1 = 0: peft elects + (the paper's code would take
+    # the tensor's majority sign, here - from a[1]), so a[0] is the mean of the positive values, 1;
+    # a[1]: -0.5 - 0.25 < 0 -> the mean of both, -0.375. c: one nonzero value per entry.
     base = {"a": torch.zeros(2), "c": torch.zeros(2)}
-    t1 = {"a": torch.tensor([1.0, 0.5]), "c": torch.tensor([0.1, 0.0])}
-    t2 = {"a": torch.tensor([-1.0, 0.25]), "c": torch.tensor([0.0, 0.2])}
-    # density 1: nothing trimmed. a[0]: 1 - 1 = 0 -> majority sign of the elected signs
-    # of the tensor ([0, +] sums to +) -> +, mean of the positive values = 1.
+    t1 = {"a": torch.tensor([1.0, -0.5]), "c": torch.tensor([0.1, 0.0])}
+    t2 = {"a": torch.tensor([-1.0, -0.25]), "c": torch.tensor([0.0, 0.2])}
     out = merging.ties(base, [t1, t2], density=1.0)
-    torch.testing.assert_close(out["a"], torch.tensor([1.0, 0.375]))
+    torch.testing.assert_close(out["a"], torch.tensor([1.0, -0.375]))
     torch.testing.assert_close(out["c"], torch.tensor([0.1, 0.2]))
-    # global scope, density 0.5: each task vector keeps its 2 largest of 4 entries overall:
-    #   t1 -> a = [1, 0.5], c = [0, 0];  t2 -> a = [-1, 0.25], c = [0, 0]  (0.2 < 0.25)
+    # global scope, density 0.5: each task vector keeps its int(0.5 * 4) = 2 largest of 4 entries
+    # over both tensors: t1 -> a = [1, -0.5], c = [0, 0];  t2 -> a = [-1, -0.25], c = [0, 0] (0.2 < 0.25)
     out = merging.ties(base, [t1, t2], density=0.5, scope="global")
-    torch.testing.assert_close(out["a"], torch.tensor([1.0, 0.375]))
+    torch.testing.assert_close(out["a"], torch.tensor([1.0, -0.375]))
     torch.testing.assert_close(out["c"], torch.tensor([0.0, 0.0]))
+    # dare_ties at density 1 drops nothing and rescales by 1: TIES without a trim
+    torch.testing.assert_close(merging.dare_ties(base, [t1, t2], density=1.0)["a"], torch.tensor([1.0, -0.375]))
+
+
+def test_dare_drops_at_random_rescales_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(200, 50), "v": torch.zeros(7)}
+    tau = {"w": torch.randn(200, 50, generator=g) + 3.0, "v": torch.full((7,), 2.0)}  # no entry is 0
+    out = merging.dare_linear(base, [tau], density=0.25, lam=2.0, seed=3)
+    kept = out["w"] != 0
+    # every entry is dropped or lam * tau / density = 8 tau; about a quarter is kept (10,000 draws:
+    # binomial sd 43, the bounds are 6 sd)
+    torch.testing.assert_close(out["w"][kept], 8.0 * tau["w"][kept])
+    assert 2500 - 260 < int(kept.sum()) < 2500 + 260
+    same = merging.dare_linear({"v": base["v"], "w": base["w"]}, [{"v": tau["v"], "w": tau["w"]}], 0.25, 2.0, seed=3)
+    assert torch.equal(same["w"], out["w"]) and torch.equal(same["v"], out["v"])  # seed and key name, not key order
+    assert not torch.equal(merging.dare_linear(base, [tau], 0.25, 2.0, seed=4)["w"], out["w"])
+    # two task vectors: the sum of each one's dropped-and-rescaled entries; density 1 is task arithmetic
+    both = merging.dare_linear(base, [tau, {"v": -tau["v"]}], density=1.0, lam=0.5)
+    torch.testing.assert_close(both["v"], torch.zeros(7))
+    torch.testing.assert_close(both["w"], 0.5 * tau["w"])
+    with pytest.raises(ValueError, match="scope 'global' is for ties only"):
+        merging.merged_model(torch.nn.Linear(2, 2), [], MergeSpec(how="ties", scope="global").model_copy(
+            update={"how": "dare_ties"}), cumulative=True)
 
 
 def test_lota_additive_of_disjoint_masks_equals_applying_each_delta_in_turn():

@@ -20,10 +20,12 @@ def _config(**over):
         "train": {"lr": 3.0e-3, "steps": STEPS, "batch_size": 8, "max_length": 64},
         "eval": {"limit": 10, "batch_size": 16}, "precision": "fp32", "threads": 1, "keep_checkpoints": "all",
         "methods": [
-            {"name": "full_ft", "merge": [{"how": "task_arithmetic", "lam": 1.0, "label": "sum"}]},
+            {"name": "full_ft", "merge": [{"how": "task_arithmetic", "lam": 1.0, "label": "sum"},
+                                          {"how": "dare_linear", "density": 0.5, "label": "dare"}]},
             {"name": "full_ft", "label": "mtl", "mode": "multitask"},
             {"name": "full_ft", "label": "single", "mode": "single",
-             "merge": [{"how": "ties", "density": 0.5}, {"how": "task_arithmetic", "lam": 0.5}]},
+             "merge": [{"how": "ties", "density": 0.5}, {"how": "task_arithmetic", "lam": 0.5},
+                       {"how": "dare_ties", "density": 0.5}]},
         ],
     }
     cfg.update(over)
@@ -104,7 +106,7 @@ def test_merged_rows_and_the_sum_of_stage_vectors_is_the_final_model(refs_run):
 
     _, out = refs_run
     stages = {r["stage"] for r in read(out / "matrix.csv") if r["method"] == "single"}
-    assert {"merged:ties", "merged:task_arithmetic"} <= stages
+    assert {"merged:ties", "merged:task_arithmetic", "merged:dare_ties"} <= stages
     # Sequential stage vectors tau_t = theta_t - theta_{t-1} add up to the final model, so the
     # lam = 1 task-arithmetic row scores exactly like stage 3.
     assert rows_of(out, "full_ft", "merged:sum") == rows_of(out, "full_ft", 3)
@@ -144,8 +146,8 @@ def test_an_interrupted_merge_is_redone_without_training_again(refs_run, run_cli
     res = json.loads((out / "results.json").read_text())
     res["methods"]["full_ft"]["seeds"]["0"]["complete"] = False
     (out / "results.json").write_text(json.dumps(res))
-    before = rows_of(out, "full_ft", "merged:sum")
-    rows = [r for r in read(out / "matrix.csv") if not (r["method"] == "full_ft" and r["stage"] == "merged:sum")]
+    before = rows_of(out, "full_ft", "merged:sum"), rows_of(out, "full_ft", "merged:dare")
+    rows = [r for r in read(out / "matrix.csv") if not (r["method"] == "full_ft" and r["stage"].startswith("merged:"))]
     with open(out / "matrix.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -154,7 +156,8 @@ def test_an_interrupted_merge_is_redone_without_training_again(refs_run, run_cli
     assert code == 0, err
     assert "resumed after stage 3" in err and "stage 1/3" not in err
     assert err.count("already complete") == 2  # mtl and single
-    assert rows_of(out, "full_ft", "merged:sum") == before
+    # DARE's drops come from the run's seed: the merge redone scores the same
+    assert (rows_of(out, "full_ft", "merged:sum"), rows_of(out, "full_ft", "merged:dare")) == before
 
 
 @pytest.mark.parametrize("method, msg", [
@@ -164,6 +167,9 @@ def test_an_interrupted_merge_is_redone_without_training_again(refs_run, run_cli
     ({"name": "full_ft", "merge": [{"how": "ties"}, {"how": "ties", "density": 0.1}]}, "share the row name"),
     ({"name": "full_ft", "mode": "joint"}, "mode"),
     ({"name": "full_ft", "merge": [{"how": "average"}]}, "merge.0.how"),
+    ({"name": "full_ft", "merge": [{"how": "dare_linear", "scope": "global"}]}, "scope: global is for ties only"),
+    ({"name": "full_ft", "merge": [{"how": "task_arithmetic", "density": 0.5}]}, "task_arithmetic has no density"),
+    ({"name": "full_ft", "merge": [{"how": "dare_ties", "density": 0}]}, "merge.0.density"),
 ])
 def test_bad_reference_and_merge_config_is_named(tmp_path, run_cli, method, msg):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(_config(methods=[method])))

@@ -161,12 +161,13 @@ def test_merged_model_from_files_equals_the_merges_of_the_task_vectors(tmp_path,
         taus.append({k: s[k].float() - prev[k].float() for k in base if not torch.equal(s[k], prev[k])})
         prev = s if cumulative else base
     specs = [MergeSpec(how="task_arithmetic", lam=0.5), MergeSpec(how="ties", density=0.3, lam=1.5),
-             MergeSpec(how="ties", density=0.3, scope="global"), MergeSpec(how="lota_additive")]
+             MergeSpec(how="ties", density=0.3, scope="global"), MergeSpec(how="dare_linear", density=0.4, lam=0.7),
+             MergeSpec(how="dare_ties", density=0.4), MergeSpec(how="lota_additive")]
     expected = [merging.task_arithmetic(base, taus, 0.5), merging.ties(base, taus, 0.3, 1.5),
-                merging.ties(base, taus, 0.3, 1.0, "global"),
-                merging.lota_additive(base, taus)]
-    for spec, want in zip(specs, expected):
-        got = merging.merged_model(base_model, files, spec, cumulative=cumulative).state_dict()
+                merging.ties(base, taus, 0.3, 1.0, "global"), merging.dare_linear(base, taus, 0.4, 0.7, seed=5),
+                merging.dare_ties(base, taus, 0.4, 1.0, seed=5), merging.lota_additive(base, taus)]
+    for spec, want in zip(specs, expected):  # DARE: the same seed draws the same drops from files as in memory
+        got = merging.merged_model(base_model, files, spec, cumulative=cumulative, seed=5).state_dict()
         for k in base:
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=f"{spec.how} {spec.scope} {k}")
         assert got["lm_head.weight"].data_ptr() == got["model.embed_tokens.weight"].data_ptr()  # still tied

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -20,27 +19,9 @@ import pytest
 import yaml
 
 from conftest import REPO
+from test_extensions import USER_METHOD  # the norms-only method, published here as a plugin
 
 pytestmark = pytest.mark.packaging
-
-PLUGIN_METHOD = '''
-"""Norms only: train the normalisation weights, nothing else (a plugin method)."""
-from pydantic import BaseModel, ConfigDict
-from clbench.method import Method, register
-
-class Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    which: str = "norm"
-
-@register("norms_only")
-class NormsOnly(Method):
-    """Norms only: train the normalisation weights, nothing else (a plugin method)."""
-    Options = Options
-    def setup(self, model, run):
-        for n, p in model.named_parameters():
-            p.requires_grad_(self.options.which in n)
-        return model
-'''
 
 PLUGIN_PYPROJECT = '''
 [build-system]
@@ -84,7 +65,7 @@ def _plugin_source(root: Path) -> Path:
     (pkg / "tasks").mkdir(parents=True)
     (root / "pyproject.toml").write_text(PLUGIN_PYPROJECT)
     (pkg / "__init__.py").write_text("")
-    (pkg / "method.py").write_text(PLUGIN_METHOD)
+    (pkg / "method.py").write_text(USER_METHOD)
     (pkg / "tasks" / "__init__.py").write_text("")
     tiny = REPO / "configs" / "tiny_tasks"
     task = yaml.safe_load((tiny / "tiny_parity.yaml").read_text())
