@@ -122,11 +122,14 @@ class EvalConfig(Strict):
 class MergeSpec(Strict):
     """One merged model, evaluated after the last stage as the extra row `merged:<label>`."""
 
-    how: Literal["task_arithmetic", "ties", "lota_additive"] = Field(
-        description="task_arithmetic (theta_0 + lam * sum tau), ties (trim, elect sign, disjoint mean) or "
-        "lota_additive (theta_0 + sum tau, LoTA's merge of sparse task vectors)")
-    lam: float = Field(1.0, description="scaling of the (merged) task vectors: task_arithmetic and ties")
-    density: float = Field(0.2, gt=0, le=1, description="ties: share of each task vector's entries kept by trimming")
+    how: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "lota_additive"] = Field(
+        description="peft's merges (clbench/merging.py): task_arithmetic (theta_0 + lam * sum tau), ties (trim, elect "
+        "sign, disjoint mean), dare_linear / dare_ties (drop entries at random with probability 1 - density, rescale "
+        "by 1/density, then sum / TIES; seeded by the run's seed); or lota_additive (theta_0 + sum tau, LoTA's merge "
+        "of sparse task vectors)")
+    lam: float = Field(1.0, description="scaling of the (merged) task vectors: every merge but lota_additive")
+    density: float = Field(0.2, gt=0, le=1, description="ties: share of each task vector's entries kept by trimming; "
+                           "dare_*: probability that an entry is kept")
     scope: Literal["tensor", "global"] = Field("tensor", description="ties: trim per tensor or over the whole model")
     label: Optional[str] = Field(None, description="row name after 'merged:' (default: how)")
 
@@ -138,6 +141,12 @@ class MergeSpec(Strict):
     def _check(self):
         if self.how == "lota_additive" and self.lam != 1.0:
             raise ValueError("lota_additive has no lam (it adds the task vectors as they are); use task_arithmetic")
+        if "density" in self.model_fields_set and self.how in ("task_arithmetic", "lota_additive"):
+            raise ValueError(f"{self.how} has no density (it keeps every entry); density is for ties, dare_linear "
+                             "and dare_ties")
+        if self.scope == "global" and self.how != "ties":
+            raise ValueError(f"scope: global is for ties only (its trim ranks magnitudes over the whole model); "
+                             f"{self.how} works tensor by tensor")
         return self
 
 

@@ -415,7 +415,7 @@ def _run_merges(job: Job, mode: str) -> float:
     spent = 0.0
     for ms in job.spec.merge:
         t0 = time.perf_counter()
-        model = merging.merged_model(s.base_model, diffs, ms, cumulative=(mode == "sequential"))
+        model = merging.merged_model(s.base_model, diffs, ms, cumulative=(mode == "sequential"), seed=job.seed)
         scores, es = job.evaluate(model, ms.row_name, None, ms.row_name.replace(":", "_"), everywhere=False)
         del model
         spent += es
