@@ -103,6 +103,15 @@ def text_color_for(rgba) -> str:
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
 
 
+# How a matrix.csv `metric` is named on an axis or in a title: in full, and short (beside others)
+METRIC_NAMES = {"per_byte_likelihood": ("per_byte_likelihood = 2^-bpb", "2^-bpb")}
+
+
+def metric_name(metric: str, brief: bool = False) -> str:
+    names = METRIC_NAMES.get(metric)
+    return metric if names is None else names[brief]
+
+
 def short(name: str, width: int = 16) -> str:
     """Long task names would squeeze the panels; the full names are in report.md."""
     return name if len(name) <= width else name[: width - 1] + "…"

@@ -99,7 +99,7 @@ class Recorder:
             if (self.out / "summary.csv").is_file() else []
         for r in self.summary:
             for k, v in r.items():
-                if k not in ("method", "seed", "mode"):
+                if k not in ("method", "seed", "mode", *results.FLAG_COLUMNS):  # flags are text (task names)
                     r[k] = (int if k == "trainable_params" else float)(v) if v not in ("", None) else None
         return True
 

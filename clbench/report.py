@@ -29,20 +29,34 @@ from .tables import _render, cost_table, heldout_table, metrics_table, paired_ta
 
 
 def value_range(runs: list[RunResults]) -> tuple[float, float]:
-    """One colour scale for every heatmap of the report: [0, 1] when all scores are in it."""
+    """One colour scale for every heatmap of the report: [0, 1] when all scores are in it, except
+    for a stream scored by per-byte likelihood only (raw-text domains), whose values differ by a few
+    hundredths: there the range of the values."""
     vals = np.concatenate([R.ravel() for r in runs for R in r.R.values()]
                           + [v for r in runs for e in r.extra.values() for v in e.values()])
     vals = vals[np.isfinite(vals)]
     lo, hi = float(vals.min()), float(vals.max())
-    return (0.0, 1.0) if lo >= 0 and hi <= 1 else (lo, hi if hi > lo else lo + 1)
+    unit = lo >= 0 and hi <= 1 and _stream_metrics(runs) != {"per_byte_likelihood"}
+    return (0.0, 1.0) if unit else (lo, hi if hi > lo else lo + 1)
 
 
-def _metric_label(runs: list[RunResults]) -> str:
+def _stream_metrics(runs: list[RunResults]) -> set[str]:
     names = set()
     for r in runs:
         stream = r.matrix[(r.matrix["group"] == "stream") & r.matrix["eval_task"].isin(r.tasks)]
         names |= set(stream["metric"])
-    return f"score ({names.pop()})" if len(names) == 1 else "score (primary metric)"
+    return names
+
+
+def _metric_label(runs: list[RunResults]) -> str:
+    """The score's name for axes and titles: `score (acc)`, `score (per_byte_likelihood = 2^-bpb)`,
+    or the short names of a mixed (text and instruction) stream: `score (acc | 2^-bpb)`."""
+    names = sorted(_stream_metrics(runs))
+    if len(names) == 1:
+        return f"score ({plotstyle.metric_name(names[0])})"
+    if len(names) <= 3:
+        return "score (" + " | ".join(plotstyle.metric_name(n, brief=True) for n in names) + ")"
+    return "score (primary metric)"
 
 
 def _by_method(runs: list[RunResults], references: bool = False) -> dict[str, list[tuple[RunResults, str]]]:
@@ -86,7 +100,8 @@ def _heatmap_fig(g: Group, lab: str, tasks: list[str], runs: list[RunResults], v
         if kind:
             labels = ["0 base"] + [f"{t} only {name}" for t, name in enumerate(tasks, 1)] + extra_names
         panels.append((f"{method}{kind} (n={len(items)})", rows, labels, len(tasks) + 1))
-    return plotstyle.heatmaps(f"{g.label} · order {lab}", tasks, panels, vrange, _metric_label(runs))
+    return plotstyle.heatmaps(f"{g.label} · order {lab}\n{_metric_label(runs)}", tasks, panels, vrange,
+                              _metric_label(runs))
 
 
 def _curves_fig(g: Group, lab: str, tasks: list[str], runs: list[RunResults], styles):
@@ -97,7 +112,8 @@ def _curves_fig(g: Group, lab: str, tasks: list[str], runs: list[RunResults], st
         half = (stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1) * Rs.std(axis=0, ddof=1) / math.sqrt(n)) if n > 1 else None
         series[method] = (Rs.mean(axis=0), half, n)
     unit = value_range(runs) == (0.0, 1.0)
-    return plotstyle.curves(f"{g.label} · order {lab}", tasks, series, styles, _metric_label(runs),
+    label = _metric_label(runs)
+    return plotstyle.curves(f"{g.label} · order {lab}\n{label}", tasks, series, styles, label,
                             ylim=(-0.03, 1.03) if unit else None)
 
 

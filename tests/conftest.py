@@ -56,7 +56,8 @@ def tok():
     return models.build_tiny_tokenizer()
 
 
-def two_stage_run_and_resume(tmp_path, methods: list[dict], tasks=("tiny_parity", "tiny_compare"), train=None) -> dict:
+def two_stage_run_and_resume(tmp_path, methods: list[dict], tasks=("tiny_parity", "tiny_compare"), train=None,
+                             task_dirs=()) -> dict:
     """Run `methods` (config method specs) for two stages of the tiny model through the CLI, then
     pretend the run died after stage 1 and resume it: every method's matrix and stage losses must
     repeat exactly. Returns results.json of the first run."""
@@ -66,7 +67,7 @@ def two_stage_run_and_resume(tmp_path, methods: list[dict], tasks=("tiny_parity"
 
     from clbench.cli import main
 
-    cfg = {"name": "two-stage", "model": "tiny", "tasks": list(tasks), "task_dirs": [str(REPO / "configs" / "tiny_tasks")],
+    cfg = {"name": "two-stage", "model": "tiny", "tasks": list(tasks), "task_dirs": [str(REPO / "configs" / "tiny_tasks"), *map(str, task_dirs)],
            "methods": methods, "seeds": [0], "threads": 1,
            "train": {"steps": 3, "lr": 3e-3, "batch_size": 8, "max_length": 64, **(train or {})},
            "eval": {"limit": 8, "batch_size": 16, "log_samples": False}, "precision": "fp32", "keep_checkpoints": "all"}
