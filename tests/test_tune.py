@@ -123,3 +123,10 @@ def test_bad_tune_files_fail_naming_the_key(tmp_path):
     path.write_text(yaml.safe_dump({"base": "base.yaml", "methods": {"nosuch": None}}))
     with pytest.raises(ConfigError, match="nosuch"):
         load_tune(path)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs" / "tune").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_tune_files_validate(path):
+    tune = load_tune(path)
+    assert tune.tasks and all(axes for axes in tune.cfg.methods.values()) and len(tune.cfg.final.seeds) >= 3
