@@ -164,8 +164,9 @@ def _heldout_fig(g: Group, df: pd.DataFrame, styles):
     return plotstyle.lines(g.label, x, series, styles, "stage", "Δ held-out score vs. base")
 
 
-def _paired_fig(g: Group, paired: list[dict], reference: str, styles):
-    """Forest plot: per metric, each method's paired difference to the reference with its 95% CI."""
+def _paired_fig(g: Group, paired: list[dict], reference: str, styles, flags: dict[str, str]):
+    """Forest plot: per metric, each method's paired difference to the reference with its 95% CI; a
+    method that did not learn some task is marked ✗."""
     methods = sorted({p["method"] for p in paired})
     by = {(p["method"], p["metric"]): p for p in paired}
     fig = plotstyle.new_figure(plotstyle.SINGLE_COLUMN_IN, 0.9 + 0.22 * len(methods) * 2)
@@ -181,11 +182,10 @@ def _paired_fig(g: Group, paired: list[dict], reference: str, styles):
             ax.plot([p["diff"]], [y], marker=styles.marker(m), color=styles.color(m), ms=4,
                     mfc=styles.color(m) if p["significant"] else "white")
         ax.axvline(0, color="0.3", lw=0.6)
-        ax.set_yticks(range(len(methods)), [plotstyle.short(m) for m in reversed(methods)])
+        ax.set_yticks(range(len(methods)), [plotstyle.short(m) + (" ✗" if flags.get(m) else "") for m in reversed(methods)])
         ax.set_title(f"Δ {LABELS[metric]} {'↑' if HIGHER_IS_BETTER[metric] else '↓'}")
     over = sorted({p["over"] for p in paired})
-    fig.suptitle(f"{g.label}\nmethod − {paired[0]['reference']}, 95% bootstrap CI over {', '.join(over)}; "
-                 "filled = CI excludes 0")
+    fig.suptitle(f"{g.label}\nΔ vs {plotstyle.short(paired[0]['reference'], 20)}, 95% CI over {', '.join(over)}")
     return fig
 
 
@@ -208,7 +208,8 @@ def _learning_section(g: Group, checks: dict, lines: list[str], table) -> None:
     table(f"learning__{g.slug}", md, extra_csv=frame)
 
 
-def _paired_section(g: Group, paired: list[dict], reference: str, styles, lines: list[str], table, fig) -> None:
+def _paired_section(g: Group, paired: list[dict], reference: str, styles, flags: dict[str, str], lines: list[str],
+                    table, fig) -> None:
     lines += [f"### Paired differences vs {reference}", ""]
     if not paired:
         lines += [f"No comparison: the group has no sequential method {reference!r} (`clbench report "
@@ -220,8 +221,9 @@ def _paired_section(g: Group, paired: list[dict], reference: str, styles, lines:
               "pair and no records. † = the CI excludes 0.", ""]
     table(f"paired__{g.slug}", paired_table(paired, "md"), paired_table(paired, "tex"), pd.DataFrame(paired))
     if any(np.isfinite(p["lo"]) for p in paired):
-        fig(f"paired__{g.slug}", _paired_fig(g, paired, reference, styles),
-            f"{g.label}: paired difference of each method to {paired[0]['reference']} with its 95% bootstrap CI")
+        fig(f"paired__{g.slug}", _paired_fig(g, paired, reference, styles, flags),
+            f"{g.label}: paired difference of each method to {paired[0]['reference']} with its 95% bootstrap CI; "
+            "a filled marker = the CI excludes 0; ✗ = did not learn some task (learning check)")
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -406,14 +408,14 @@ def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path, refer
               "Mean ± sample std over n samples (run × seed); bold = best per column (↑ higher is better, "
               "↓ lower is better); – = undefined (one-task stream); † = the paired difference to "
               f"{reference} has a 95% bootstrap CI that excludes 0 (section below); \"did not learn\": see "
-              "the learning check below (such a method is never bold for BWT or forgetting).", ""]
+              "the learning check below and the last column (such a method is never bold for BWT or forgetting).", ""]
     table(f"summary__{g.slug}", metrics_table(agg, "md", flags, paired), metrics_table(agg, "tex", flags, paired),
           agg[agg["metric"].isin(METRICS)])
     g.samples.to_csv(tab_dir / f"samples__{g.slug}.csv", index=False)
     lines += [f"Per-sample recomputed metrics: `tables/samples__{g.slug}.csv`.", ""]
 
     _learning_section(g, checks, lines, table)
-    _paired_section(g, paired, reference, styles, lines, table, fig)
+    _paired_section(g, paired, reference, styles, flags, lines, table, fig)
     lines += ["### Accuracy matrices", ""]
     for lab, tasks, runs in g.orders():
         fig(f"heatmap__{g.slug}__order-{_slug(lab)}", _heatmap_fig(g, lab, tasks, runs, vrange),

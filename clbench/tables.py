@@ -43,7 +43,8 @@ def metrics_table(agg: pd.DataFrame, fmt: str, flags: dict[str, str] | None = No
                   paired: list[dict] | None = None) -> str:
     """Summary metrics as Markdown (fmt="md") or LaTeX booktabs (fmt="tex"): mean ± std, the best
     mean per column in bold, n = samples per method. With n = 1 the cell holds the mean alone.
-    flags: {method: "did not learn ..."} (shown after the name; never best for BWT or forgetting);
+    flags: {method: "did not learn ..."} (a last column, when a method has one; never best for BWT or
+    forgetting);
     paired: clbench.stats.paired_differences rows, a † on a cell whose difference to the reference
     method has a 95% CI that excludes 0."""
     flags = {m: f for m, f in (flags or {}).items() if f}
@@ -65,10 +66,10 @@ def metrics_table(agg: pd.DataFrame, fmt: str, flags: dict[str, str] | None = No
             mark = ("†" if fmt == "md" else r"$^\dagger$") if (method, m) in sig else ""
             cells.append(_cell(r["mean"], r["std"], bold=bold, fmt=fmt) + mark)
         n = int(agg.loc[agg["method"] == method, "samples"].iloc[0])
-        name = _esc(method, fmt) + (f" ({flags[method]})" if method in flags else "")
-        body.append([name, *cells, str(n)])
+        body.append([_esc(method, fmt), *cells, str(n), *([flags.get(method, "")] if flags else [])])
     n_head = "n" if fmt == "md" else "$n$"
-    return _render(["method", *head, n_head], body, fmt, align="l" + "r" * (len(cols) + 1))
+    return _render(["method", *head, n_head, *(["learning"] if flags else [])], body, fmt,
+                   align="l" + "r" * (len(cols) + 1) + ("l" if flags else ""))
 
 
 def _shown_metrics(agg: pd.DataFrame) -> list[str]:
