@@ -201,8 +201,8 @@ class Replay(Wrapping):
         return chosen, tasks
 
     def _is_text_stage(self, stage) -> bool:
-        run = stage.run
-        return getattr(run, "task", None) is not None and is_text_task(run.task(stage.task))
+        run = stage.run  # a multitask reference's stage is no task of the stream
+        return getattr(run, "task", None) is not None and stage.task in run.tasks and is_text_task(run.task(stage.task))
 
     def batch(self, examples, stage):
         examples = self._inner("batch", examples, stage, default=list(examples))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clbench import packing
+from clbench import packing, paths
 from clbench.config import TrainConfig
 from clbench.schedule import lr_factor
 
@@ -167,7 +167,7 @@ def test_replay_token_fraction_is_honoured_in_token_counts(tok):
     from clbench import method as M
     from clbench.train import Example
 
-    M.load_builtin_methods(__import__("clbench.paths", fromlist=["x"]).BUILTIN_METHODS_DIR)
+    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     kinds = {"old_text": "loglikelihood_rolling", "new_text": "loglikelihood_rolling", "instr": "multiple_choice"}
     run = M.RunContext(method="replay", seed=0, tasks=list(kinds), device=torch.device("cpu"), tokenizer=tok,
                        task=lambda name: _Task(kinds[name]))
@@ -217,7 +217,7 @@ def test_rewarming_cosine_matches_hand_values_and_rewarms_every_stage(tok, one_t
     # with cos 0, 20, ..., 160 degrees = 1, .9396926, .7660444, .5, .1736482, -.1736482, -.5, -.7660444, -.9396926
     hand = [1.0, 1.0, 0.9728617, 0.8947200, 0.775, 0.6281417, 0.4718583, 0.325, 0.2052800, 0.1271383]
     assert [lr_factor(cfg, 10, s) for s in range(10)] == pytest.approx(hand, abs=1e-6)
-    M.load_builtin_methods(__import__("clbench.paths", fromlist=["x"]).BUILTIN_METHODS_DIR)
+    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     meth = M.make("full_ft", {})
     run = M.RunContext(method="full_ft", seed=0, tasks=["a", "b"], device=torch.device("cpu"), tokenizer=tok)
     model = models.build_tiny_model(0, len(tok))
