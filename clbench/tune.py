@@ -270,7 +270,7 @@ def choose(tune: Tune, select: Sweep) -> dict:
         scored = [c for c in cands if not math.isnan(c["score"])]
         winner = max(scored, key=lambda c: c["score"]) if len(scored) == len(cands) else None  # first on a tie
         out[m] = {"candidates": [{k: v for k, v in c.items() if k != "method"} for c in cands],
-                  "winner": winner and {k: v for k, v in winner.items()}}
+                  "winner": winner}
     return out
 
 
