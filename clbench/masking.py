@@ -24,6 +24,12 @@ How frozen entries stay bit-identical through the loop's training step
      exactly 1.0. Fully trainable tensors keep the loop's default groups (decay on matrices,
      none on 1-D tensors).
   4. `trainable_params`: the number of True entries (after broadcasting).
+
+Sharded parameters (distributed.strategy fsdp, clbench/fsdp.py: DTensors split by rows over the
+ranks): a mask is then of this rank's rows (`local_rows` gives a tensor's local rows and their
+first global row), the update is built with sharded=True, and gradients and decay act on the
+local shard. `topk_masks` selects the k largest scores exactly over all shards, with the same
+code and the same tie rule at any number of processes, so the masks do not depend on it.
 """
 
 from __future__ import annotations
@@ -38,21 +44,156 @@ from .runtime import derive_seed  # noqa: F401  (methods' own seeded draws: clbe
 MaskLike = Union[torch.Tensor, bool]
 
 
+def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's rows of `t`, the global index of the first): a DTensor sharded on dim 0 (as
+    FSDP2 shards a parameter and its gradient) gives its local shard, a plain or replicated
+    tensor the whole of it at offset 0. The local tensor shares storage with `t`."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(t, DTensor):
+        return t, 0
+    if all(isinstance(pl, Replicate) for pl in t.placements):
+        return t.to_local(), 0
+    if len(t.placements) != 1 or t.placements[0] != Shard(0):
+        raise ValueError(f"a tensor sharded as {t.placements}: clbench's masks need rows split over one mesh dimension (Shard(0))")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # torch has no public form
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), int(offset[0]) if t.ndim else 0
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded by FSDP2; if so, every unit is resharded first, so that its
+    parameters are the sharded DTensors (FSDP keeps the root gathered after a forward, and a
+    method that masks, copies or freezes a gathered parameter would act on a temporary)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for u in units:
+        u.reshard()
+    return bool(units)
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from every rank's rows (in rank order, as FSDP2 splits them): a sharded
+    method state made the same on every rank, as one process holds it (a collective)."""
+    from . import distributed as dist
+
+    parts = dist.gather(local.detach().cpu())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def own_rows(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of `whole` if it has the (possibly sharded) `param`'s global rows, else
+    `whole` itself (already this rank's)."""
+    local, first = local_rows(param.detach())
+    if whole.ndim and whole.shape[0] == param.shape[0] != local.shape[0]:
+        return whole[first:first + local.shape[0]]
+    return whole
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over the ranks in place, on a device the process group's backend serves."""
+    on = t
+    if torch.cuda.is_available() and "nccl" in str(torch.distributed.get_backend()):
+        on = t.to(torch.device("cuda", torch.cuda.current_device()))
+    torch.distributed.all_reduce(on, op=torch.distributed.ReduceOp.SUM)
+    if on is not t:
+        t.copy_(on)
+    return t
+
+
+@torch.no_grad()
+def topk_masks(scores: Mapping[str, torch.Tensor], groups: list[list[str]], ks: list[int], sharded: bool = False
+               ) -> dict[str, torch.Tensor]:
+    """Per group of names, exactly k True entries: the k largest scores over the group's tensors.
+    Ties at the k-th value go to the lowest global position (the group's names in order, then
+    row-major within a tensor), i.e. the first k of a stable descending sort of the
+    concatenated scores (torch.topk breaks ties its own way, so it is not used).
+
+    `scores`: name -> this rank's rows of a non-negative float score (of its local shard when
+    `sharded`, rows in rank order, as FSDP2 splits them; else the whole tensor). Returns
+    name -> bool mask of the same local shape.
+
+    Written by hand (no library selects an exact top-k over sharded tensors): non-negative
+    float32 values sort like their int32 bit patterns, so a bisection over the 31 value bits,
+    with one all-reduced count per group and bit, finds the k-th largest value tau; then one
+    all-reduce of every rank's count of ties at tau per tensor decides which ties each rank
+    takes. No rank holds more than its own scores, and without `sharded` the same code runs
+    with no collective, so the masks are the same at any number of processes."""
+    names = [n for g in groups for n in g]
+    gid = {n: i for i, g in enumerate(groups) for n in g}
+    bits = {}
+    for n in names:
+        b = scores[n].detach().to(torch.float32).contiguous().view(torch.int32)
+        if b.numel() and (bool((b < 0).any()) or bool((b > 0x7F800000).any())):
+            raise ValueError(f"topk_masks: the scores of {n} have a negative, -0.0 or NaN entry")
+        bits[n] = b
+    k = torch.tensor(ks, dtype=torch.int64)
+    reduce = sum_over_ranks if sharded else (lambda t: t)
+
+    def count(op, at):
+        c = torch.zeros(len(groups), dtype=torch.int64)
+        for n in names:
+            c[gid[n]] += int(op(bits[n], int(at[gid[n]])).sum())
+        return reduce(c)
+
+    total = count(torch.ge, torch.zeros_like(k))
+    bad = [(i, int(k[i]), int(total[i])) for i in range(len(groups)) if not 0 < k[i] <= total[i]]
+    if bad:
+        raise ValueError(f"topk_masks: cannot select k of n entries (group, k, n): {bad[:5]}")
+    lo, hi = torch.zeros_like(k), torch.full_like(k, 1 << 31)  # count(>= lo) >= k > count(>= hi)
+    for _ in range(31):
+        mid = (lo + hi) // 2
+        ok = count(torch.ge, mid) >= k
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    need = k - count(torch.gt, lo)  # entries equal to tau (= lo) still to take, per group
+    ties = torch.tensor([int((bits[n] == int(lo[gid[n]])).sum()) for n in names], dtype=torch.int64)
+    if sharded and torch.distributed.get_world_size() > 1:  # (rank, tensor) counts: a sum of one-hot rows
+        world, me = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        every = torch.zeros(world, len(names), dtype=torch.int64)
+        every[me] = ties
+        sum_over_ranks(every)
+    else:
+        every, me = ties.view(1, -1), 0
+    out, before = {}, [0] * len(groups)
+    for j, n in enumerate(names):
+        i, b = gid[n], bits[n]
+        m = b > int(lo[i])
+        take = max(0, min(int(every[me, j]), int(need[i]) - before[i] - int(every[:me, j].sum())))
+        if take:
+            flat = m.view(-1)
+            flat[(b.view(-1) == int(lo[i])).nonzero().view(-1)[:take]] = True
+        out[n] = m
+        before[i] += int(every[:, j].sum())
+    return out
+
+
 class MaskedUpdate:
     """Train only the True entries of `masks` (name -> bool mask broadcastable to the parameter).
 
     Hold one per stage; call `apply(model)` in stage_start and forward the hooks
     `param_groups`, `after_backward` and `trainable_params` to it."""
 
-    def __init__(self, masks: Mapping[str, MaskLike]):
+    def __init__(self, masks: Mapping[str, MaskLike], sharded: bool = False):
+        """`sharded`: the masks are of this rank's shards (clbench.fsdp), so whether a parameter
+        is trained whole, in part or not at all is decided over every rank's mask (a collective:
+        every rank builds its update)."""
+        masks = {n: torch.as_tensor(m, dtype=torch.bool) for n, m in masks.items()}
+        names = list(masks)
+        # per name: (True entries, entries) of the mask itself; all(), any() follow from them
+        counts = torch.tensor([[int(masks[n].sum()), masks[n].numel()] for n in names], dtype=torch.int64).view(-1, 2)
+        if sharded:
+            sum_over_ranks(counts)
         self.full: set[str] = set()  # every entry trainable: the loop's default optimizer treatment
         self.partial: dict[str, torch.Tensor] = {}  # some entries trainable: masked grads and decay
-        for name, m in masks.items():
-            m = torch.as_tensor(m, dtype=torch.bool)
-            if bool(m.all()):
+        for name, (on, total) in zip(names, counts.tolist()):
+            if on == total:
                 self.full.add(name)
-            elif bool(m.any()):
-                self.partial[name] = m
+            elif on:
+                self.partial[name] = masks[name]
+        self.sharded = sharded
+        self._count: int | None = None  # trainable entries, counted by apply
 
     @classmethod
     def whole(cls, names) -> "MaskedUpdate":
@@ -65,15 +206,24 @@ class MaskedUpdate:
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Set requires_grad: True exactly on parameters with a trainable entry."""
+        is_sharded(model)  # under fsdp: the sharded parameters, not a gathered root's
         names = dict(model.named_parameters())
         missing = sorted(self.trainable_names - set(names))
         if missing:
             raise KeyError(f"masks name parameters the model does not have: {missing[:5]}")
+        count = torch.zeros((), dtype=torch.int64)
         for name, p in names.items():
             p.requires_grad_(name in self.full or name in self.partial)
+            local = local_rows(p)[0]
             if name in self.partial:
-                torch.broadcast_shapes(self.partial[name].shape, p.shape)  # fails early on a wrong shape
-                self.partial[name] = self.partial[name].to(p.device)
+                torch.broadcast_shapes(self.partial[name].shape, local.shape)  # fails early on a wrong shape
+                self.partial[name] = self.partial[name].to(local.device)
+                count += int(self.partial[name].expand(local.shape).sum())
+            elif name in self.full:
+                count += local.numel()
+        if self.sharded:
+            sum_over_ranks(count)
+        self._count = int(count)
         return model
 
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -98,19 +248,17 @@ class MaskedUpdate:
             if m is None:
                 continue
             if p.grad is not None:
-                p.grad.masked_fill_(~m, 0.0)
+                local_rows(p.grad)[0].masked_fill_(~m, 0.0)
             if wd and p.ndim >= 2:  # the loop's default: no decay on 1-D tensors
-                one = torch.ones((), dtype=p.dtype, device=p.device)
-                p.mul_(torch.where(m, torch.full_like(one, factor), one))
+                w = local_rows(p)[0]
+                one = torch.ones((), dtype=w.dtype, device=w.device)
+                w.mul_(torch.where(m, torch.full_like(one, factor), one))
 
     def trainable_params(self, model: torch.nn.Module) -> int:
-        n = 0
-        for name, p in model.named_parameters():
-            if name in self.full:
-                n += p.numel()
-            elif name in self.partial:
-                n += int(self.partial[name].expand(p.shape).sum())
-        return n
+        """The trainable entries over all shards (counted by `apply`)."""
+        if self._count is None:
+            raise RuntimeError("MaskedUpdate.trainable_params before apply(model)")
+        return self._count
 
 
 class MaskedMethod(M.Method):

@@ -40,6 +40,11 @@ How it runs here (no loop change needed):
   The reported stage losses include it.
 - Parameters: every parameter trains (as full_ft); F and theta* cover every trainable
   parameter by `named_parameters()` name (tied weights once).
+- Several processes: the `batch` hook sees the whole micro-batch on every rank, so every rank
+  keeps the examples one process would, and computes the same Fisher from them. Sharded
+  (fsdp): F and theta* are of each rank's rows; every rank runs the same Fisher passes (the
+  backward gives each rank its rows of the gradient), and the penalty is summed over each
+  rank's rows.
 
 Memory: two extra float32 copies of the trainable parameters (F and theta*): for
 SmolLM2-135M about 2 x 0.54 GB. The penalty's gradient lambda F (theta - theta*) is formed in
@@ -69,6 +74,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from clbench import distributed as dist
+from clbench.masking import gather_rows, is_sharded, local_rows, own_rows
 from clbench.method import MethodError, Method, register
 from clbench.train import IGNORE, collate, lm_loss
 
@@ -122,6 +129,7 @@ class EWC(Method):
         self.batches: deque = deque(maxlen=options.fisher_batches)
         self.stats: list[dict] = []  # per stage: Fisher samples, mean/max of F_t
         self.pad_id = 0
+        self._sharded: dict | None = None
 
     def setup(self, model, run):
         self.pad_id = run.tokenizer.pad_token_id if run.tokenizer is not None and run.tokenizer.pad_token_id is not None else 0
@@ -131,13 +139,15 @@ class EWC(Method):
 
     def stage_start(self, model, stage):
         self.batches.clear()
+        # fsdp: the sharded parameters (in the forward FSDP swaps in gathered ones), for the penalty
+        self._sharded = dict(model.named_parameters()) if is_sharded(model) else None
         if self.fisher:  # theta* = the weights at the end of the previous stage (see docstring)
             params = dict(model.named_parameters())
             missing = sorted(set(self.fisher) - set(params))
             if missing:
                 raise MethodError(f"ewc: the Fisher names parameters the model lacks: {missing[:5]}")
-            self.fisher = {n: f.to(params[n].device) for n, f in self.fisher.items()}
-            self.anchor = {n: params[n].detach().float().clone() for n in self.fisher}
+            self.fisher = {n: own_rows(f, params[n]).to(local_rows(params[n])[0].device) for n, f in self.fisher.items()}
+            self.anchor = {n: local_rows(params[n].detach())[0].float().clone() for n in self.fisher}
         return model
 
     def batch(self, examples, stage):
@@ -150,12 +160,17 @@ class EWC(Method):
         return self.penalty(model)
 
     def penalty(self, model) -> torch.Tensor:
-        """(lambda / 2) * sum_i F_i (theta_i - theta*_i)^2 in float32 (0 before any Fisher)."""
-        params = dict(model.named_parameters())
+        """(lambda / 2) * sum_i F_i (theta_i - theta*_i)^2 in float32 (0 before any Fisher).
+        Sharded (fsdp): F and theta* are of this rank's rows, the sum is over them, and it is
+        returned times the number of ranks: the loop divides an extra loss by it, and the ranks'
+        shares add up to the whole penalty (in the logged loss, and in each row's gradient)."""
+        sharded = self._sharded is not None
+        params = self._sharded or dict(model.named_parameters())
         names = list(self.fisher)
         with _no_autocast(model):
-            return _Penalty.apply(self.options.ewc_lambda, [self.fisher[n] for n in names],
-                                  [self.anchor[n] for n in names], *[params[n] for n in names])
+            value = _Penalty.apply(self.options.ewc_lambda, [self.fisher[n] for n in names], [self.anchor[n] for n in names],
+                                   *[local_rows(params[n])[0] if sharded else params[n] for n in names])
+        return value * dist.world_size() if sharded else value
 
     def stage_end(self, model, stage):
         head_only = getattr(getattr(stage, "train_config", None), "head_only_targets", True)
@@ -165,10 +180,12 @@ class EWC(Method):
         self.batches.clear()
         if n == 0:
             raise MethodError(f"ewc stage {stage.stage}: no training batch with a target token to estimate the Fisher from")
-        total = sum(f.numel() for f in f_t.values())
-        top = max(float(f.max()) for f in f_t.values())
+        mine = (sum(f.numel() for f in f_t.values()), float(sum(f.sum() for f in f_t.values())),
+                max((float(f.max()) for f in f_t.values() if f.numel()), default=0.0))
+        parts = dist.gather(mine) if self._sharded is not None else [mine]  # fsdp: over every rank's rows
+        total, top = sum(x[0] for x in parts), max(x[2] for x in parts)
         self.stats.append({"stage": stage.stage, "samples": n,  # of the raw F_t, before normalisation
-                           "mean": float(sum(f.sum() for f in f_t.values()) / max(1, total)), "max": top})
+                           "mean": sum(x[1] for x in parts) / max(1, total), "max": top})
         if self.options.normalize == "max" and top > 0:
             f_t = {k: f / top for k, f in f_t.items()}
         g = self.options.gamma
@@ -178,14 +195,26 @@ class EWC(Method):
     def compute_fisher(self, model, batches, head_only_targets: bool = True) -> tuple[dict[str, torch.Tensor], int]:
         """Diagonal empirical Fisher at the current weights over `batches`: the mean of squared
         gradients per example ("example") or per batch ("batch"). Returns (F, samples used)."""
+        sharded = is_sharded(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise MethodError("ewc: no trainable parameter to compute the Fisher for")
         names, params = zip(*named)
-        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+        fisher = {n: torch.zeros_like(local_rows(p.detach())[0], dtype=torch.float32) for n, p in named}
         was_training = model.training
         model.eval()
         count = 0
+
+        def gradients(loss):
+            if not sharded:
+                return torch.autograd.grad(loss, params, allow_unused=True)
+            # fsdp: every rank runs the same sample, the backward sums the ranks' gradients into each
+            # rank's rows: divided by the number of ranks, the sample's gradient on this rank's rows
+            loss.backward()
+            out = [None if p.grad is None else local_rows(p.grad)[0] / dist.world_size() for p in params]
+            for p in params:
+                p.grad = None
+            return out
 
         def accumulate(sub):
             nonlocal count
@@ -193,8 +222,7 @@ class EWC(Method):
                 return
             with _no_autocast(model):
                 loss = lm_loss(model, sub, head_only_targets)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for n, g in zip(names, grads):
+            for n, g in zip(names, gradients(loss)):
                 if g is not None:
                     fisher[n].add_(g.detach().float().pow(2))
             count += 1
@@ -214,8 +242,13 @@ class EWC(Method):
                 f.div_(count)
         return fisher, count
 
+    def fsdp_refusal(self):
+        return None  # F and theta* of this rank's rows; every rank runs the same Fisher samples
+
     def state_dict(self):
-        return {"fisher": {k: v.cpu() for k, v in self.fisher.items()}, "stats": list(self.stats)}
+        """F; under fsdp gathered from every rank's rows (a collective), so the state is one process's."""
+        whole = gather_rows if self._sharded is not None else (lambda t: t.cpu())
+        return {"fisher": {k: whole(v) for k, v in self.fisher.items()}, "stats": list(self.stats)}
 
     def load_state_dict(self, state):
         self.fisher = dict(state.get("fisher", {}))

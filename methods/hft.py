@@ -171,6 +171,9 @@ class HFT(MaskedMethod):
             mod.__dict__.pop("_hft_cast", None)
         self._cached = []
 
+    def fsdp_refusal(self):
+        return None  # whole tensors frozen; the seeded draw is the same on every rank
+
     def state_dict(self):
         return {"frozen": self.frozen}
 

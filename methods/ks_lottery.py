@@ -18,6 +18,9 @@ Each stage (stage_start, then the loop's training):
      searchsorted, exactly scipy's definition, ties included); with equal sample sizes
      d, D = k/d, and the p-value depends only on (D, d, d), so scipy is called once per
      distinct k (at most d + 1 calls) on two samples with that statistic.
+     Under fsdp (rows split over the ranks) each rank tests its own rows; the top-n and the
+     min_rows top-up are exact over all rows (clbench.masking.topk_masks), so the selected
+     rows are those of one process.
   4. Reset E, then train only the selected rows (a row mask on the embedding,
      clbench.masking.MaskedUpdate; everything else frozen).
 
@@ -50,7 +53,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.masking import MaskedMethod, MaskedUpdate
+from clbench import distributed as dist
+from clbench.masking import MaskedMethod, MaskedUpdate, is_sharded, local_rows, sum_over_ranks, topk_masks
 from clbench.method import MethodError, register
 
 
@@ -99,15 +103,23 @@ def ks_rows(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, to
     return D, p, changed.numel()
 
 
-def select_rows(D: torch.Tensor, p: torch.Tensor, alpha: float, n: Optional[int], min_rows: int) -> torch.Tensor:
-    order = torch.sort(D, descending=True, stable=True).indices  # ties: lower token id first
-    sel = torch.zeros_like(D, dtype=torch.bool)
-    if n is not None:
-        sel[order[:n]] = True
-    else:
-        sel = p < alpha
-    if int(sel.sum()) < min_rows:
-        sel[order[:min_rows]] = True
+def select_rows(D: torch.Tensor, p: torch.Tensor, alpha: float, n: Optional[int], min_rows: int, d: int,
+                sharded: bool = False) -> torch.Tensor:
+    """The selected rows of this rank's rows (all rows unless `sharded`): p < alpha, or the n of
+    largest statistic, topped up to min_rows by the largest statistic; ties to the lower token
+    id. The top-n over all shards is exact (clbench.masking.topk_masks on the integer statistic
+    D * d, which float32 holds exactly), so the rows are the same at any number of processes."""
+    score = (D * d).round().to(torch.float32)
+
+    def top(count):
+        return topk_masks({"rows": score}, [["rows"]], [count], sharded=sharded)["rows"]
+
+    sel = top(n) if n is not None else p < alpha
+    picked = torch.tensor([int(sel.sum())])
+    if sharded:
+        sum_over_ranks(picked)
+    if int(picked) < min_rows:
+        sel |= top(min_rows)
     return sel
 
 
@@ -131,6 +143,7 @@ class KSLottery(MaskedMethod):
 
     def stage_start(self, model, stage):
         o = self.options
+        sharded = is_sharded(model)  # fsdp: this rank holds some rows of the embedding
         emb = dict(model.named_parameters())[self.emb_name]
         E0 = emb.detach().clone()
         self.update = None
@@ -138,16 +151,23 @@ class KSLottery(MaskedMethod):
         # The paper's first pass has no weight decay.
         stage.calibrate(model, steps=o.calibration_steps, lr=o.calibration_lr, weight_decay=0.0)
         with torch.no_grad():
-            D, p, tested = ks_rows(E0, emb.detach())
-            sel = select_rows(D, p, o.alpha, o.n, o.min_rows)
+            (before, first), after = local_rows(E0), local_rows(emb.detach())[0]
+            D, p, tested = ks_rows(before, after)
+            sel = select_rows(D, p, o.alpha, o.n, o.min_rows, before.shape[1], sharded)
             emb.copy_(E0)
         del E0
-        ids = sel.nonzero().flatten().tolist()
+        mine = (first, (sel.nonzero().flatten() + first).tolist(), tested, float(p.min()) if p.numel() else 1.0,
+                float(D.max()) if D.numel() else 0.0)
+        parts = sorted(dist.gather(mine)) if sharded else [mine]  # rows in rank order: token ids ascending
+        ids = [i for part in parts for i in part[1]]
         self.selected.append(ids)
-        self.stats.append({"stage": stage.stage, "rows": len(ids), "tested": tested,
-                           "min_p": float(p.min()), "max_D": float(D.max())})
-        self.update = MaskedUpdate({self.emb_name: sel.view(-1, 1)})
+        self.stats.append({"stage": stage.stage, "rows": len(ids), "tested": sum(part[2] for part in parts),
+                           "min_p": min(part[3] for part in parts), "max_D": max(part[4] for part in parts)})
+        self.update = MaskedUpdate({self.emb_name: sel.view(-1, 1)}, sharded=sharded)
         return self.update.apply(model)
+
+    def fsdp_refusal(self):
+        return None  # the test and selection run on this rank's rows; the top-n is exact over all shards
 
     def state_dict(self):
         return {"selected": self.selected, "stats": self.stats}

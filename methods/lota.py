@@ -16,10 +16,12 @@ Each stage (stage_start, then the loop's training with the mask):
      attention and MLP projections q,k,v,o,gate,up,down. Embeddings, lm_head and norms
      are frozen.
   4. ONE global threshold over all candidates: k = round((1 - sparsity) * N) entries with the
-     largest |delta| are trainable. Ties at the threshold: torch.topk over the concatenated
-     |delta| picks exactly k entries (which of several equal values it takes is torch's
-     choice, deterministic on CPU). The authors' code keeps |delta| >= tau, which can keep a
-     few more than k on ties; the k-th largest |delta| must be > 0 (as they assert).
+     largest |delta| are trainable. Ties at the threshold: exactly k entries, the ties at the
+     lowest positions (candidate order, then row-major), found by clbench.masking.topk_masks
+     without gathering the scores, so the mask is the same for sharded parameters
+     (distributed.strategy fsdp) at any number of processes. The authors' code keeps
+     |delta| >= tau, which can keep a few more than k on ties; the k-th largest |delta| must be
+     > 0 (as they assert).
   5. LoTTO (option lotto): |delta| = 0 on the union of earlier stages' trainable entries before
      the top-k, so the stages' masks are pairwise disjoint.
   6. Reset EVERY parameter to theta_0 (calibration moved all of them), then train only the
@@ -27,6 +29,7 @@ Each stage (stage_start, then the loop's training with the mask):
      weight decay; the authors use RMSprop without weight decay, any optimizer keeps the
      invariant).
 At stage_end the stage's sparse task vector (final - start on the mask) is kept;
+under fsdp masks and task vectors are of this rank's shards;
 `lota_additive_merge(theta_0, method.task_vectors)` returns theta_0 + sum_t delta_t.
 
 Options:
@@ -51,7 +54,8 @@ from typing import Mapping, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.masking import MaskedMethod, MaskedUpdate, copy_params, pack_mask, restore, unpack_mask
+from clbench.masking import (MaskedMethod, MaskedUpdate, copy_params, gather_rows, is_sharded, local_rows, own_rows, pack_mask,
+                             restore, sum_over_ranks, topk_masks, unpack_mask)
 from clbench.method import MethodError, register
 
 CANDIDATES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -69,24 +73,6 @@ class LotaOptions(BaseModel):
 def candidate_names(model: torch.nn.Module, targets) -> list[str]:
     pat = re.compile(r"(?:^|\.)(" + "|".join(map(re.escape, targets)) + r")\.weight$")
     return [n for n, p in model.named_parameters() if p.ndim == 2 and pat.search(n)]
-
-
-def global_topk_mask(scores: Mapping[str, torch.Tensor], k: int) -> tuple[dict[str, torch.Tensor], float]:
-    """Exactly k True entries over all tensors: the k largest scores (one global threshold).
-    Returns (masks, tau) with tau the smallest selected score."""
-    flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    if not 0 < k <= flat.numel():
-        raise MethodError(f"lota: cannot select {k} of {flat.numel()} entries")
-    vals, idx = torch.topk(flat, k, sorted=False)
-    tau = float(vals.min())
-    del vals
-    sel = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    sel[idx] = True
-    masks, off = {}, 0
-    for n, s in scores.items():
-        masks[n] = sel[off:off + s.numel()].view(s.shape).clone()
-        off += s.numel()
-    return masks, tau
 
 
 def lota_additive_merge(base_state: Mapping[str, torch.Tensor], deltas) -> dict[str, torch.Tensor]:
@@ -114,6 +100,7 @@ class LoTA(MaskedMethod):
         self.used: dict[str, torch.Tensor] = {}  # union of earlier stages' masks (LoTTO)
         self.calibration_stats: list[dict] = []
         self._start: dict[str, torch.Tensor] = {}
+        self._sharded = False  # fsdp: masks and task vectors of this rank's rows
 
     def setup(self, model, run):
         self.candidates = candidate_names(model, self.options.targets)
@@ -123,6 +110,9 @@ class LoTA(MaskedMethod):
 
     def stage_start(self, model, stage):
         o = self.options
+        sharded = self._sharded = is_sharded(model)  # fsdp: this rank's rows of every parameter
+        if sharded:
+            self._own_rows(model)
         theta0 = copy_params(model)  # every parameter: calibration moves them all
         self.update = None
         for p in model.parameters():
@@ -130,46 +120,70 @@ class LoTA(MaskedMethod):
         stats = stage.calibrate(model, steps=o.calibration_steps, lr=o.calibration_lr)
         self.calibration_stats.append({k: v for k, v in (stats or {}).items() if k != "losses"})
 
+        is_sharded(model)
         params = dict(model.named_parameters())
         scores = {}
         with torch.no_grad():
-            for n in self.candidates:
-                s = (params[n].detach().float() - theta0[n].float()).abs_()
+            for n in self.candidates:  # this rank's rows under fsdp
+                s = (local_rows(params[n].detach())[0].float() - local_rows(theta0[n])[0].float()).abs_()
                 if o.lotto and n in self.used:
                     s.masked_fill_(self.used[n].to(s.device), 0.0)  # restored masks come back on the CPU
                 scores[n] = s
-        N = sum(s.numel() for s in scores.values())
+            counts = torch.tensor([sum(s.numel() for s in scores.values()), sum(int((s > 0).sum()) for s in scores.values())])
+            if sharded:
+                sum_over_ranks(counts)
+        N, moved = counts.tolist()
         k = round((1 - o.sparsity) * N)
-        masks, tau = global_topk_mask(scores, k)
-        del scores
-        if not tau > 0:
+        if not 0 < k <= moved:
             raise MethodError(
-                f"lota stage {stage.stage}: the {k}-th largest calibration change is 0 (fewer than {k} candidate entries "
+                f"lota stage {stage.stage}: the {k}-th largest calibration change is 0 (only {moved} candidate entries "
                 f"moved{' outside earlier stages masks' if o.lotto else ''}); raise sparsity or calibration_steps")
+        masks = topk_masks(scores, [self.candidates], [k], sharded=sharded)
+        del scores
 
         restore(model, theta0)
-        self._start = {n: theta0[n][m] for n, m in masks.items()}
+        self._start = {n: local_rows(theta0[n])[0][m] for n, m in masks.items()}
         del theta0
         if o.lotto:
             for n, m in masks.items():
                 self.used[n] = self.used[n].to(m.device) | m if n in self.used else m.clone()
         self.masks.append(masks)
-        self.update = MaskedUpdate(masks)
+        self.update = MaskedUpdate(masks, sharded=sharded)
         return self.update.apply(model)
 
     @torch.no_grad()
     def stage_end(self, model, stage):
         params = dict(model.named_parameters())
         masks = self.masks[-1]
-        self.task_vectors.append({n: (m, params[n].detach()[m] - self._start[n]) for n, m in masks.items()})
+        self.task_vectors.append({n: (m, local_rows(params[n].detach())[0][m] - self._start[n]) for n, m in masks.items()})
         self._start = {}
         return model
 
+    def fsdp_refusal(self):
+        return None  # scores, masks and task vectors of this rank's rows; one exact threshold over all shards
+
+    def _own_rows(self, model):
+        """fsdp: masks and task vectors restored from a checkpoint are whole; keep this rank's rows
+        (the values on a mask are in row-major order, so a rank's are one contiguous run)."""
+        params = dict(model.named_parameters())
+        for t, masks in enumerate(self.masks):
+            for n, m in list(masks.items()):
+                mine = own_rows(m, params[n])
+                if mine.shape != m.shape:
+                    first = local_rows(params[n])[1]
+                    start = int(m[:first].sum())
+                    masks[n] = mine
+                    if t < len(self.task_vectors):
+                        self.task_vectors[t][n] = (mine, self.task_vectors[t][n][1][start:start + int(mine.sum())])
+        self.used = {n: own_rows(m, params[n]) for n, m in self.used.items()}
+
     def state_dict(self):
         """Masks packed as bits (a 10% mask of SmolLM2-135M's 106M candidate entries: 13 MB
-        packed, 106 MB as bool); task-vector values as float32 on the mask."""
-        return {"masks": [{n: pack_mask(m) for n, m in masks.items()} for masks in self.masks],
-                "values": [{n: v for n, (_, v) in tv.items()} for tv in self.task_vectors],
+        packed, 106 MB as bool); task-vector values as float32 on the mask. Under fsdp both are
+        gathered from every rank's rows (a collective), so the state is one process's."""
+        whole = gather_rows if self._sharded else (lambda t: t)
+        return {"masks": [{n: pack_mask(whole(m)) for n, m in masks.items()} for masks in self.masks],
+                "values": [{n: whole(v) for n, (_, v) in tv.items()} for tv in self.task_vectors],
                 "calibration_stats": self.calibration_stats}
 
     def load_state_dict(self, state):

@@ -4,8 +4,9 @@ Idea. Only a small, gradient-selected set of entries of each weight matrix train
 target matrix W (q, k, v, o, gate, up, down projections) the method keeps a dense vector
 delta in R^k and a fixed index set idx of k flat positions of W:
 
-  1. selection: at the first backward of a stage, idx = top-k entries of |grad W| (per matrix);
-     the indices stay fixed for the stage (a new selection at every stage of the stream);
+  1. selection: at the first backward of a stage, idx = top-k entries of |grad W| (per matrix;
+     ties to the lowest flat positions, clbench.masking.topk_masks); the indices stay fixed for
+     the stage (a new selection at every stage of the stream);
   2. the sparse gradient: each target nn.Linear runs, for the rest of the stage, through a
      custom autograd function (`_SparseGradLinear`) whose backward computes grad_input as usual
      and, per matrix, the dense weight gradient grad_out^T @ input only transiently (one matrix
@@ -66,6 +67,7 @@ import types
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from clbench.masking import topk_masks
 from clbench.method import MethodError, Method, register
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -310,10 +312,10 @@ class SIFT(Method):
                     self._score[n] = score
                     p.grad = None
                     continue
-                k = self.deltas[n].numel()
-                idx = torch.topk(score, k, sorted=False).indices
-                self.idx[n] = torch.sort(idx).values
-                del score
+                # exactly k, ties to the lowest positions: the same entries at any number of processes
+                sel = topk_masks({n: score}, [[n]], [self.deltas[n].numel()])[n]
+                self.idx[n] = sel.nonzero().view(-1)
+                del score, sel
                 if self.options.train_selection_step and g is not None:
                     self.deltas[n].grad = g.reshape(-1)[self.idx[n]].float()
                     if self.options.decay_selected:
@@ -363,6 +365,11 @@ class SIFT(Method):
             mlp.__dict__.pop("forward", None)
         self._sparse = set()
         self._xcast = None
+
+    def fsdp_refusal(self):
+        return ("sift under fsdp: its sparse increments (delta, idx) index whole matrices and would need their own "
+                "gradient reduction and a flush into each rank's rows; its selection alone is shard-exact "
+                "(clbench.masking.topk_masks). Use distributed.strategy ddp")
 
     def state_dict(self):
         return {}  # indices are redrawn at every stage; nothing carries over

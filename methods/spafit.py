@@ -104,5 +104,8 @@ class SPAFIT(MaskedMethod):
     def stage_start(self, model, stage):
         return self.update.apply(model)  # the same trainable set every stage
 
+    def fsdp_refusal(self):
+        return None  # its adapter exists before sharding; whole tensors train
+
     def state_dict(self):
         return {"groups": self.groups}

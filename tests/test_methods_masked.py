@@ -141,6 +141,7 @@ def test_fused_adamw_leaves_zero_grad_entries_bit_identical():
     holder.w = torch.nn.Parameter(w0.clone())
     ref = torch.nn.Parameter(w0.clone())
     upd = MaskedUpdate({"w": mask})
+    upd.apply(holder)
     opt = make_optimizer(upd.param_groups(holder, cfg.weight_decay), cfg)
     assert opt.defaults.get("fused") is True and opt.param_groups[0]["weight_decay"] == 0.0
     ref_opt = make_optimizer([{"params": [ref], "weight_decay": cfg.weight_decay}], cfg)
@@ -413,7 +414,7 @@ def test_ks_lottery_top_n_and_vectorised_statistic_matches_scipy():
     for j in range(40):
         r = ks_2samp(a[j].numpy(), b[j].numpy())
         assert D[j].item() == pytest.approx(r.statistic, abs=1e-12) and p[j].item() == pytest.approx(r.pvalue, rel=1e-9, abs=1e-15)
-    sel = ks_mod.select_rows(D, p, 0.05, 5, 1)
+    sel = ks_mod.select_rows(D, p, 0.05, 5, 1, 32)
     assert int(sel.sum()) == 5 and D[sel].min() >= D[~sel].max()
 
 

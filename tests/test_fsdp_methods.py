@@ -1,0 +1,221 @@
+"""Selections under sharding (distributed.strategy fsdp) and the same numbers at any number of
+processes.
+
+- clbench.masking.topk_masks, the exact top-k over row shards, against a stable descending sort
+  of the whole scores (2 gloo processes, rows split as FSDP2 splits them, heavy ties);
+- lota, hft, ks_lottery, spafit, ewc run sharded on 2 processes and on 1 (both through
+  `clbench run` with distributed.strategy fsdp): the same matrix, losses, selected entries, rows
+  and frozen matrices;
+- the dropout keyed by the global example: the same mask for an example whatever batch holds it.
+
+Run as a script under torchrun, this file is the worker of the top-k check."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+
+SHAPES = [(7, 5), (131, 64), (2, 3), (64, 96), (1, 4)]
+RATE = {"lota": 0.1, "sift": 0.05}
+
+
+def _scores(seed: int) -> dict[str, torch.Tensor]:
+    """Non-negative float32 scores, every other tensor with heavy ties (few distinct values)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for j, shape in enumerate(SHAPES):
+        s = torch.rand(shape, generator=g)
+        out[f"m{j}"] = (s * 4).floor() / 4 if j % 2 == 0 else s
+    out["m0"][0, 0] = 0.0
+    return out
+
+
+def _groups(kind: str, scores):
+    """LoTA: one group over every tensor; SIFT: one group per tensor (its own k)."""
+    names = list(scores)
+    if kind == "lota":
+        return [names], [round(RATE["lota"] * sum(s.numel() for s in scores.values()))]
+    return [[n] for n in names], [min(int(RATE["sift"] * scores[n].numel()) + 1, scores[n].numel()) for n in names]
+
+
+def _reference(kind: str, scores) -> dict[str, torch.Tensor]:
+    """The first k of a stable descending sort of the concatenated scores of each group."""
+    out = {}
+    for group, k in zip(*_groups(kind, scores)):
+        flat = torch.cat([scores[n].reshape(-1) for n in group])
+        sel = torch.zeros(flat.numel(), dtype=torch.bool)
+        sel[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+        off = 0
+        for n in group:
+            out[n] = sel[off:off + scores[n].numel()].view(scores[n].shape)
+            off += scores[n].numel()
+    return out
+
+
+def _worker(out_path: str) -> None:
+    import torch.distributed as dist
+
+    from clbench.masking import topk_masks
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result = {}
+    for seed in range(6):
+        scores = _scores(seed)
+        # FSDP2's split: torch.chunk of the rows, rank r the r-th chunk (possibly none)
+        local = {}
+        for n, s in scores.items():
+            chunks = torch.chunk(s, world, dim=0)
+            local[n] = chunks[rank] if rank < len(chunks) else s[:0]
+        for kind in ("lota", "sift"):
+            masks = topk_masks(local, *_groups(kind, scores), sharded=True)
+            parts = [None] * world
+            dist.all_gather_object(parts, masks)
+            result[f"{kind}{seed}"] = {n: torch.cat([p[n] for p in parts]) for n in scores}
+    if rank == 0:
+        torch.save(result, out_path)
+    dist.destroy_process_group()
+
+
+def _torchrun(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *map(str, args)], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_topk_over_two_shards_selects_what_a_stable_sort_of_the_whole_selects(tmp_path):
+    """Exact: the same entries (ties included) as one process sorting everything, and at one
+    process topk_masks gives them too (with no collective)."""
+    from clbench.masking import topk_masks
+
+    _torchrun(__file__, tmp_path / "masks.pt")
+    got = torch.load(tmp_path / "masks.pt")
+    ties = 0
+    for seed in range(6):
+        scores = _scores(seed)
+        for kind in ("lota", "sift"):
+            want = _reference(kind, scores)
+            one = topk_masks(scores, *_groups(kind, scores))
+            for n in scores:
+                assert torch.equal(got[f"{kind}{seed}"][n], want[n]), (kind, seed, n)
+                assert torch.equal(one[n], want[n]), (kind, seed, n)
+            ties += int(sum(((scores[n] == scores[n][want[n]].min()) & ~want[n]).sum() for n in scores if want[n].any()))
+    assert ties > 0  # some ties at the threshold were left out: the tie rule was exercised
+
+
+def test_topk_refuses_negative_or_nan_scores():
+    from clbench.masking import topk_masks
+
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="negative, -0.0 or NaN"):
+            topk_masks({"a": torch.tensor([1.0, bad])}, [["a"]], [1])
+    with pytest.raises(ValueError, match="cannot select"):
+        topk_masks({"a": torch.ones(3)}, [["a"]], [4])
+
+
+# --- whole methods, sharded on 2 processes against 1 --------------------------------------------
+
+SHARDED = [{"name": "lota", "options": {"calibration_steps": 2}}, {"name": "hft"},
+           {"name": "ks_lottery", "options": {"calibration_steps": 2, "n": 20}},
+           {"name": "spafit", "options": {"r": 2, "alpha": 4}}, {"name": "ewc", "options": {"ewc_lambda": 100.0}}]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    from clbench.cli import main
+
+    d = tmp_path_factory.mktemp("fsdp")
+    cfg = {"name": "fsdp", "model": "tiny", "stream": "tiny3", "order": "1",
+           "task_dirs": [str(REPO / "configs" / "tiny_tasks")], "methods": SHARDED, "seeds": [0],
+           "train": {"lr": 1.0e-2, "steps": 3, "batch_size": 8, "max_length": 64},
+           "eval": {"limit": 8, "batch_size": 16, "log_samples": False}, "precision": "fp32", "keep_checkpoints": "all",
+           "threads": 1, "distributed": {"strategy": "fsdp"}}
+    (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    _torchrun("-m", "clbench", "run", d / "cfg.yaml", "--output-dir", d / "two")
+    assert main(["run", str(d / "cfg.yaml"), "--output-dir", str(d / "one")]) == 0
+    return d / "one", d / "two"
+
+
+def _method_state(run, m, t):
+    return torch.load(run / "checkpoints" / m / "seed0" / f"stage{t}.dcp" / "rank0.pt", weights_only=False)["method"]
+
+
+def test_sharded_methods_on_two_processes_match_one(fsdp_runs):
+    """Matrices identical; losses within 1e-5 (each rank sums its share of the tokens, then the
+    ranks' sums are added: float sums in another order); LoTA's masks, KS-Lottery's rows, HFT's
+    frozen matrices identical (exact selections, not approximately equal scores); LoTA's task
+    vectors within 3e-3 (one lr step: Adam's division by sqrt(v) amplifies rounding where a
+    gradient is ~0, as in the DDP test); EWC's Fisher within 1e-3 of its largest entry per tensor
+    (squares of gradients that differ by rounding, accumulated over stages of training that
+    differs by rounding; seen: 2.2e-4 after stage 3)."""
+    from clbench.masking import unpack_mask
+
+    one, two = (json.loads((r / "results.json").read_text()) for r in fsdp_runs)
+    for spec in SHARDED:
+        m = spec["name"]
+        s1, s2 = one["methods"][m]["seeds"]["0"], two["methods"][m]["seeds"]["0"]
+        assert s1["complete"] and s2["complete"], m
+        assert s1["matrix"] == s2["matrix"], m
+        for a, b in zip(s1["stages"], s2["stages"], strict=True):
+            assert b["first_loss"] == pytest.approx(a["first_loss"], abs=1e-5), m
+            assert b["last_loss"] == pytest.approx(a["last_loss"], abs=1e-5), m
+    for t in (1, 2, 3):
+        a, b = (_method_state(r, "lota", t) for r in fsdp_runs)
+        assert len(a["masks"]) == t
+        for ma, mb in zip(a["masks"], b["masks"]):
+            assert ma.keys() == mb.keys()
+            assert all(torch.equal(unpack_mask(ma[n]), unpack_mask(mb[n])) for n in ma)
+        for va, vb in zip(a["values"], b["values"]):
+            assert all(torch.allclose(va[n], vb[n], rtol=0, atol=3e-3) for n in va)
+        ka, kb = (_method_state(r, "ks_lottery", t) for r in fsdp_runs)
+        assert ka["selected"] == kb["selected"] and len(ka["selected"][-1]) == 20
+        assert _method_state(fsdp_runs[0], "hft", t)["frozen"] == _method_state(fsdp_runs[1], "hft", t)["frozen"]
+        fa, fb = (_method_state(r, "ewc", t)["fisher"] for r in fsdp_runs)
+        assert fa.keys() == fb.keys() and all(fa[n].shape == fb[n].shape for n in fa)
+        assert all((fa[n] - fb[n]).abs().max() <= 1e-3 * fa[n].abs().max() for n in fa)
+
+
+def test_sharded_runs_agree_on_every_rank(fsdp_runs):
+    _, two = fsdp_runs
+    res = json.loads((two / "results.json").read_text())
+    for spec in SHARDED:
+        for st in res["methods"][spec["name"]]["seeds"]["0"]["stages"]:
+            assert len(set(st["rank_digests"])) == 1, (spec["name"], st["stage"])
+
+
+# --- dropout keyed by the global example ---------------------------------------------------------
+
+
+def test_keyed_dropout_gives_an_example_the_same_mask_in_any_batch_and_padding():
+    from clbench import adapters
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Dropout(0.5), torch.nn.Dropout(0.3))
+    x = torch.randn(4, 5, 6)
+    with adapters.keyed(model, 11, [0, 1, 2, 3], max_length=8):
+        whole = model(x)
+    torch.manual_seed(1)  # another process RNG: the keyed masks do not read it
+    with adapters.keyed(model, 11, [1, 3], max_length=8):
+        share = model(x[[1, 3], :3])  # rank 1's share, padded to a shorter length
+    assert torch.equal(share, whole[[1, 3], :3])
+    assert type(model[1]) is adapters.KeyedDropout and model[1].index != model[2].index
+    with adapters.keyed(model, 12, [0, 1, 2, 3], max_length=8):
+        assert not torch.equal(model(x), whole)  # another step: other masks
+    with adapters.keyed(model, 11, [0, 1, 2, 3], max_length=8):
+        first, second = model(x), model(x)  # a second forward in the same step draws anew
+    assert torch.equal(first, whole) and not torch.equal(second, whole)
+    assert (model(x) == 0).any()  # outside the loop's forward: torch's own dropout
+    model.eval()
+    with adapters.keyed(model, 11, [0, 1, 2, 3], max_length=8):
+        assert torch.equal(model(x), x)  # no dropout in eval mode
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
