@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import adapters
 from . import distributed as D
 from . import method as M
 from .errors import TrainingError  # noqa: F401  (raised here; clbench.train.TrainingError for users)
+from .runtime import derive_seed
 from .schedule import check as check_schedule, describe as describe_schedule, lr_factor
 
 IGNORE = -100
@@ -173,12 +175,15 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
         lr = opt.param_groups[0]["lr"]  # this step's learning rate (before the scheduler moves it)
         clock.step, clock.lr = step, lr
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            micro = D.shard(next(batches))
+        for i in range(cfg.grad_accum):
+            whole = next(batches)  # the global micro-batch: the batch hook sees it on every rank (replay, EWC)
             if not dense:
-                micro = M.call(method, "batch", micro, stage) or micro
+                whole = M.call(method, "batch", whole, stage) or whole
+            micro, rows = D.shard(whole), D.shard(list(range(len(whole))))  # rows: indices in the global batch
             batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            key = derive_seed(derive_seed(stage.seed, stage.stage, int(dense)), step, i)  # dropout masks by example
+            with adapters.keyed(model, key, rows, cfg.max_length), \
+                    torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = lm_loss(model, batch, cfg.head_only_targets, return_forward=True)
                 loss = out.loss
                 if multi:  # this rank's share of the global batch's token-mean (see clbench.distributed)
