@@ -88,6 +88,9 @@ def test_selection_scores_validation_and_the_winner_runs_on_test(tuned):
     assert res["run"]["config"]["methods"][0]["train"]["lr"] == winner["setting"]["train.lr"]
     summary = list(csv.DictReader(open(out / "final" / run / "summary.csv")))
     assert "did_not_learn" in summary[0]  # the learning flag column
+    # the second `run_tune` resumed: the complete selection runs were not started again
+    for c in cands:
+        assert (out / "select" / "logs" / f"{c['run']}.log").read_text().count("\n$ ") == 1
 
 
 def test_report_of_a_tune_dir_has_the_tuning_section(tuned, tmp_path):
