@@ -47,6 +47,13 @@ Options (defaults and their source):
                             dense parameter: before each step delta is loaded with W[idx], the
                             group gets train.weight_decay, and after the step W[idx] = delta.
 
+Sharded (distributed.strategy fsdp): W's rows are split over the ranks, the forward and backward
+see the gathered W (FSDP gathers it), so every rank holds all k entries of idx and delta; the
+selection is exact over the shards (clbench.masking.topk_masks on each rank's rows of |grad W|),
+each rank's delta.grad (its share of the batch) is summed over the ranks before the method's
+masks and clipping, and each rank flushes its own run of idx into its rows of W. Targets must
+then be plain nn.Linear weights.
+
 Non-target parameters (embeddings, lm_head, norms) are frozen. The code trains only the sparse
 entries plus an optional `exception` list of densely trained modules; its instruction-tuning
 script passes no exceptions (so embeddings stay frozen there); the GLUE setup is not checked.
@@ -67,7 +74,8 @@ import types
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.masking import topk_masks
+from clbench import distributed as dist
+from clbench.masking import gather_rows, is_sharded, local_rows, topk_masks
 from clbench.method import MethodError, Method, register
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -203,6 +211,8 @@ class SIFT(Method):
         self._xcast = None  # _SparseGradLinear's last (input, version, dtype, cast input)
         self._backwards = 0  # optimizer steps' backwards seen this stage
         self._active = False
+        self._own: dict[str, tuple[int, int, int]] = {}  # name -> (first flat index of this rank's rows, its run of idx a:b)
+        self._sharded = False
 
     # --- setup ------------------------------------------------------------------------
 
@@ -245,13 +255,22 @@ class SIFT(Method):
     def stage_start(self, model, stage):
         self._remove_hooks()
         self._reset_stage()
+        self._sharded = is_sharded(model)
+        if self._sharded:  # fsdp: the sharded parameters replaced the ones setup saw
+            params = dict(model.named_parameters())
+            self.targets = {n: params[n] for n in self.targets}
+            other = sorted(set(self.targets) - set(self.linears))
+            if other:
+                raise MethodError(f"sift under fsdp: targets {other[:3]} are not plain nn.Linear weights (their gradient "
+                                  "hook does not see FSDP's sharded gradients); use distributed.strategy ddp")
         for n, p in self.targets.items():
-            if not p.is_contiguous():
+            if not local_rows(p)[0].is_contiguous():
                 raise MethodError(f"sift: target {n} is not contiguous")
             p.requires_grad_(True)  # the selection step needs W's dense gradient
             self.deltas[n] = torch.zeros(budget(p.numel(), self.options.rate), dtype=torch.float32, device=p.device,
                                          requires_grad=True)
-            self._handles[n] = p.register_post_accumulate_grad_hook(self._make_hook(n))
+            if not self._sharded:
+                self._handles[n] = p.register_post_accumulate_grad_hook(self._make_hook(n))
         self._active = True
         return model
 
@@ -265,7 +284,9 @@ class SIFT(Method):
         out_f, in_f = p.shape
         self.idx_t[n] = (idx % in_f) * out_f + idx // in_f
         p.requires_grad_(False)
-        self._handles.pop(n).remove()
+        hook = self._handles.pop(n, None)
+        if hook is not None:
+            hook.remove()
         mod.forward = types.MethodType(lambda m, x, _n=n: _sparse_forward(self, _n, m, x), mod)
         self._sparse.add(n)
         for pre, (mlp, names) in self.mlps.items():
@@ -292,20 +313,31 @@ class SIFT(Method):
 
         return hook
 
+    def _selected(self, n, local_flat: torch.Tensor) -> torch.Tensor:
+        """The k entries at idx of a tensor of W's shape given by this rank's rows (flat): under
+        fsdp each rank fills its own run of idx and the runs are summed over the ranks."""
+        first, a, b = self._own[n]
+        out = torch.zeros(self.deltas[n].numel(), dtype=torch.float32, device=local_flat.device)
+        out[a:b] = local_flat[self.idx[n][a:b] - first].float()
+        return dist.all_reduce_sum(out) if self._sharded else out
+
     def after_backward(self, model, stage):
         if self.idx:
-            if self.options.decay_selected:
-                with torch.no_grad():
+            with torch.no_grad():
+                if self._sharded:  # each rank's deltas hold its share of the batch's gradient (FSDP sums only W's)
+                    dist.sum_gradients(list(self.deltas.values()))
+                if self.options.decay_selected:
                     for n, p in self.targets.items():
-                        self.deltas[n].copy_(p.view(-1)[self.idx[n]])
+                        self.deltas[n].copy_(self._selected(n, local_rows(p.detach())[0].reshape(-1)))
             return
         # still selecting: this step's dense gradients are in p.grad
         self._backwards += 1
         last = self._backwards >= self.options.selection_batches
         with torch.no_grad():
             for n, p in self.targets.items():
-                g = p.grad
-                score = torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if g is None else g.detach().reshape(-1).abs().float()
+                local, first_row = local_rows(p.detach())
+                g = None if p.grad is None else local_rows(p.grad)[0].detach().reshape(-1)  # fsdp: this rank's rows
+                score = torch.zeros(local.numel(), dtype=torch.float32, device=local.device) if g is None else g.abs().float()
                 if n in self._score:
                     score = self._score.pop(n).add_(score)
                 if not last:
@@ -313,13 +345,18 @@ class SIFT(Method):
                     p.grad = None
                     continue
                 # exactly k, ties to the lowest positions: the same entries at any number of processes
-                sel = topk_masks({n: score}, [[n]], [self.deltas[n].numel()])[n]
-                self.idx[n] = sel.nonzero().view(-1)
+                # (over every rank's rows under fsdp: rows are in rank order, so this is W's flat order)
+                sel = topk_masks({n: score}, [[n]], [self.deltas[n].numel()], sharded=self._sharded)[n]
+                first = first_row * (p.shape[1] if p.ndim > 1 else 1)
+                mine = sel.nonzero().view(-1) + first
+                self.idx[n] = gather_rows(mine).to(mine.device) if self._sharded else mine  # every rank: all k, sorted
+                self._own[n] = (first, int(torch.searchsorted(self.idx[n], first)),
+                                int(torch.searchsorted(self.idx[n], first + local.numel())))
                 del score, sel
                 if self.options.train_selection_step and g is not None:
-                    self.deltas[n].grad = g.reshape(-1)[self.idx[n]].float()
+                    self.deltas[n].grad = self._selected(n, g)
                     if self.options.decay_selected:
-                        self.deltas[n].copy_(p.view(-1)[self.idx[n]])
+                        self.deltas[n].copy_(self._selected(n, local.reshape(-1)))
                 p.grad = None
                 self._go_sparse(n)
 
@@ -333,12 +370,14 @@ class SIFT(Method):
         with torch.no_grad():
             for n, p in self.targets.items():
                 d = self.deltas[n]
-                flat = p.view(-1)
+                flat = local_rows(p)[0].view(-1)  # fsdp: this rank's rows, and its run of idx
+                first, a, b = self._own[n]
+                at, mine = self.idx[n][a:b] - first, d[a:b].to(flat.dtype)
                 if self.options.decay_selected:
                     if d.grad is not None:  # a step happened: d holds the new values of W[idx]
-                        flat[self.idx[n]] = d.to(p.dtype)
+                        flat[at] = mine
                 else:
-                    flat.index_add_(0, self.idx[n], d.to(p.dtype))
+                    flat.index_add_(0, at, mine)
                 d.zero_()
 
     def stage_end(self, model, stage):
@@ -367,9 +406,7 @@ class SIFT(Method):
         self._xcast = None
 
     def fsdp_refusal(self):
-        return ("sift under fsdp: its sparse increments (delta, idx) index whole matrices and would need their own "
-                "gradient reduction and a flush into each rank's rows; its selection alone is shard-exact "
-                "(clbench.masking.topk_masks). Use distributed.strategy ddp")
+        return None  # W's selection over its shards; the k-vectors replicated, their gradient summed over the ranks
 
     def state_dict(self):
         return {}  # indices are redrawn at every stage; nothing carries over
