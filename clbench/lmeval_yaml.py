@@ -50,11 +50,16 @@ def read(path: Path) -> dict:
     try:
         return load_yaml(path, resolve_func=True)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise LmEvalYamlError(f"{where}: malformed task YAML: {getattr(e, 'problem', None) or e}") from None
+        raise LmEvalYamlError(malformed(path, e)) from None
     except (OSError, ValueError, ImportError, AttributeError) as e:  # a missing include, a cycle, a !function
         raise LmEvalYamlError(f"{path}: lm-eval cannot read this task YAML: {type(e).__name__}: {e}") from None
+
+
+def malformed(path: Path, e: yaml.YAMLError) -> str:
+    """A YAML syntax error as `file:line:column: malformed task YAML: problem`."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    return f"{where}: malformed task YAML: {getattr(e, 'problem', None) or e}"
 
 
 def folder_entries(folder: Path) -> Iterator[tuple[Path, dict]]:

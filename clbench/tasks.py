@@ -213,9 +213,7 @@ def read_yaml(path: Path) -> Any:
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise TaskError(f"{where}: malformed task YAML: {getattr(e, 'problem', None) or e}") from None
+        raise TaskError(lmeval_yaml.malformed(path, e)) from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -183,3 +183,13 @@ def test_bad_rows_groups_and_blocks_are_refused_naming_them(tmp_path, run_cli):
     """))
     with pytest.raises(T.TaskError, match="'nodata' has neither lm-eval's `dataset_path` nor a `clbench: {data"):
         T.load_tasks([folder])
+    (folder / "g.yaml").write_text("task: broken\ndoc_to_text: [unclosed\n")
+    with pytest.raises(lmeval_yaml.LmEvalYamlError, match=r"g.yaml:3:1: malformed task YAML"):
+        T.load_tasks([folder])
+
+
+def test_groups_and_tags_are_listed_as_streams(tmp_path, run_cli):
+    code, out, err = run_cli("list", "streams", "--config", _config(tmp_path, ["lm_letters"]))
+    assert code == 0, err
+    assert "lm_letters: lm-eval group" in out and "order 1: lm_vowel -> lm_next  [data ready]" in out
+    assert "letter_tasks: lm-eval tag" in out and "order 1: lm_next -> lm_vowel" in out
