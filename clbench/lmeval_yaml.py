@@ -88,10 +88,15 @@ def groups(folders) -> dict[str, dict]:
                 if extra:
                     raise LmEvalYamlError(f"{f}: group {name!r} sets {', '.join(extra)} for its tasks; a clbench stream "
                                           "trains each task as its own YAML defines it: put the fields there")
+                if name in out:
+                    raise LmEvalYamlError(f"group {name!r} is defined twice: {out[name]['path']} and {f}")
                 members = raw.get("task") if isinstance(raw.get("task"), list) else [raw.get("task")]
                 out[name] = {"path": f, "members": [_member(f, name, m) for m in members]}
+                continue
             for tag in ([raw["tag"]] if isinstance(raw.get("tag"), str) else raw.get("tag") or []):
                 entry = out.setdefault(str(tag), {"path": f, "members": [], "tag": True})
+                if not entry.get("tag"):
+                    raise LmEvalYamlError(f"{f}: tag {tag!r} is also a group ({entry['path']})")
                 entry["members"] = sorted({*entry["members"], str(raw["task"])})
     return out
 
