@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,7 @@ class Recorder:
         self.methods: dict = {}
         self.meta: dict = {}
         self.config_changes: list = []
+        self.warned: set[str] = set()  # methods whose world-size dependence was printed
 
     def load_existing(self) -> bool:
         """Pick up the results of an earlier, interrupted run of the same config."""
@@ -214,6 +216,11 @@ class Recorder:
         """The matrix, metrics and costs of one (method, seed) as they stand, into the summary and results.json."""
         rec = self
         T = len(rec.plan.task_names)
+        # a method whose numbers depend on the number of processes says why (every other one's do not)
+        why = getattr(meth, "world_size_dependent", lambda: None)()
+        if why and D.world_size() > 1 and D.is_main() and name not in rec.warned:
+            rec.warned.add(name)
+            print(f"clbench: {name}: its results depend on the number of processes ({why})", file=sys.stderr, flush=True)
         trainable = M.call(meth, "trainable_params", model)
         if trainable is None:
             trainable = M.count_trainable(model)
@@ -253,5 +260,6 @@ class Recorder:
             **({"merged": merged} if merged else {}),
             **({"heldout_tasks": rec.plan.heldout, "heldout_matrix": G,
                 "general_delta_per_stage": metrics.general_ability_delta(G)} if G is not None else {}),
-            "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stages": list(stage_log)}
+            "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stages": list(stage_log),
+            **({"world_size_dependent": why} if why else {})}
         rec.update_intransigence()

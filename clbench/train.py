@@ -182,9 +182,9 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
             micro, rows = D.shard(whole), D.shard(list(range(len(whole))))  # rows: indices in the global batch
             batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
             key = derive_seed(derive_seed(stage.seed, stage.stage, int(dense)), step, i)  # dropout masks by example
-            with adapters.keyed(model, key, rows, cfg.max_length), \
-                    torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = lm_loss(model, batch, cfg.head_only_targets, return_forward=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                with adapters.keyed(model, key, rows, cfg.max_length):  # the loop's forward only (not a method's own)
+                    out = lm_loss(model, batch, cfg.head_only_targets, return_forward=True)
                 loss = out.loss
                 if multi:  # this rank's share of the global batch's token-mean (see clbench.distributed)
                     n_local = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float32)

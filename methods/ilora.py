@@ -241,6 +241,11 @@ class ILoRA(Method):
             return []
         return [self.buffer[i] for i in torch.randperm(len(self.buffer), generator=self._draw)[:k].tolist()]
 
+    def world_size_dependent(self):
+        """Read by the recorder (results.json, and a printed line with several processes)."""
+        return ("each rank draws buffer_batch (default: its own micro-batch size) buffered examples and subtracts "
+                "its own CE_p(x) in its extra loss, so the total depends on how the batch is split over the processes")
+
     def extra_loss(self, model, batch, stage, out):
         self.last = {}
         if not self._replays(stage):
