@@ -3,7 +3,7 @@ processes.
 
 - clbench.masking.topk_masks, the exact top-k over row shards, against a stable descending sort
   of the whole scores (2 gloo processes, rows split as FSDP2 splits them, heavy ties);
-- lota, hft, ks_lottery, spafit, ewc run sharded on 2 processes and on 1 (both through
+- lota, hft, ks_lottery, spafit, ewc, sift run sharded on 2 processes and on 1 (both through
   `clbench run` with distributed.strategy fsdp): the same matrix, losses, selected entries, rows
   and frozen matrices;
 - the dropout keyed by the global example: the same mask for an example whatever batch holds it.
@@ -124,7 +124,8 @@ def test_topk_refuses_negative_or_nan_scores():
 
 SHARDED = [{"name": "lota", "options": {"calibration_steps": 2}}, {"name": "hft"},
            {"name": "ks_lottery", "options": {"calibration_steps": 2, "n": 20}},
-           {"name": "spafit", "options": {"r": 2, "alpha": 4}}, {"name": "ewc", "options": {"ewc_lambda": 100.0}}]
+           {"name": "spafit", "options": {"r": 2, "alpha": 4}}, {"name": "ewc", "options": {"ewc_lambda": 100.0}},
+           {"name": "sift"}, {"name": "sift", "label": "sift_decay", "options": {"decay_selected": True}}]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def fsdp_runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp")
     cfg = {"name": "fsdp", "model": "tiny", "stream": "tiny3", "order": "1",
            "task_dirs": [str(REPO / "configs" / "tiny_tasks")], "methods": SHARDED, "seeds": [0],
-           "train": {"lr": 1.0e-2, "steps": 3, "batch_size": 8, "max_length": 64},
+           "train": {"lr": 3.0e-3, "steps": 3, "batch_size": 8, "max_length": 64},
            "eval": {"limit": 8, "batch_size": 16, "log_samples": False}, "precision": "fp32", "keep_checkpoints": "all",
            "threads": 1, "distributed": {"strategy": "fsdp"}}
     (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -159,7 +160,7 @@ def test_sharded_methods_on_two_processes_match_one(fsdp_runs):
 
     one, two = (json.loads((r / "results.json").read_text()) for r in fsdp_runs)
     for spec in SHARDED:
-        m = spec["name"]
+        m = spec.get("label", spec["name"])
         s1, s2 = one["methods"][m]["seeds"]["0"], two["methods"][m]["seeds"]["0"]
         assert s1["complete"] and s2["complete"], m
         assert s1["matrix"] == s2["matrix"], m
@@ -186,7 +187,7 @@ def test_sharded_runs_agree_on_every_rank(fsdp_runs):
     _, two = fsdp_runs
     res = json.loads((two / "results.json").read_text())
     for spec in SHARDED:
-        for st in res["methods"][spec["name"]]["seeds"]["0"]["stages"]:
+        for st in res["methods"][spec.get("label", spec["name"])]["seeds"]["0"]["stages"]:
             assert len(set(st["rank_digests"])) == 1, (spec["name"], st["stage"])
 
 
