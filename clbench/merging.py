@@ -38,13 +38,13 @@ What peft computes, per tensor (peft 0.21.2; tests/test_baselines.py checks each
   DARE's random drop uses torch's generator, seeded per (seed, key) from the run's seed: the
   same seed gives the same merge whatever the order of the keys.
 
-Memory: one key at a time; for that key the T stages' float32 tensors stacked, and peft's
-intermediate copies of the stack (pruned, weighted, masked: a few times T tensors of that shape).
-In a run (`merged_model`) the stages' saved task vector files are read one tensor at a time, so a
-merge needs the base model, the merged copy and those stacks of the largest tensor (the
-embedding), never the stages' whole task vectors (TIES scope "global" also holds one stage's
-|task vector| over the whole model, to find its threshold). Measured by `python bench/run.py
---only storage` (docs/performance.md).
+Memory: one key at a time; for that key the T stages' float32 tensors in one (T, n) stack,
+each pruned as it is read, and peft's entrywise steps on column blocks of it (`_merged`): about
+T + 6 tensors of the key's size. In a run (`merged_model`) the stages' saved task vector files
+are read one tensor at a time, so a merge needs the base model, the merged copy and that for the
+largest tensor (the embedding), never the stages' whole task vectors (TIES scope "global" also
+holds one stage's |task vector| over the whole model, to find its threshold). Measured by
+`python bench/run.py --only storage` (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -182,11 +182,23 @@ def _lota_additive(base: StateDict, src):
             yield k, out
 
 
-def _stacked(src, k) -> list[torch.Tensor]:
-    """tau_t[k] for t = 1..T in the base's shape, zeros where vector t has no delta for k."""
+BLOCK = 1 << 22  # entries per column block of the elementwise steps (16 MB of float32 per stage)
+
+
+def _stack(src, k, prune=None) -> torch.Tensor:
+    """The T stages' tau_t[k] as one (T, n) float32 tensor, zeros where vector t has no delta for
+    k, each passed through prune(t, tau) as it is read: T tensors of this key, not 2 T."""
     ref = src.base[k]
-    return [d.view(ref.shape) if d is not None else torch.zeros(ref.shape, dtype=torch.float32, device=ref.device)
-            for d in src.stages(k)]
+    out = torch.zeros((src.T, ref.numel()), dtype=torch.float32, device=ref.device)
+    for t, d in enumerate(src.stages(k)):
+        d = d.reshape(-1) if d is not None else out[t]
+        out[t] = d if prune is None else prune(t, d)
+    return out
+
+
+def _blocks(stacked: torch.Tensor):
+    for i in range(0, stacked.shape[1], BLOCK):
+        yield stacked[:, i:i + BLOCK]
 
 
 def _key_seed(seed: int, key: str) -> int:
@@ -217,41 +229,55 @@ def _global_thresholds(src, density) -> list[torch.Tensor]:
     return taus
 
 
-def _ties_of_trimmed(trimmed: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """peft's ties after its trim: elect sign ("total"), weight, disjoint merge."""
-    stacked = torch.stack(trimmed, dim=0)
-    mask = merge_utils.calculate_majority_sign_mask(stacked, method="total")
-    return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
+def _elect_and_merge(block: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """peft's ties / dare_ties after their prune: elect sign ("total"), weight, disjoint merge."""
+    mask = merge_utils.calculate_majority_sign_mask(block, method="total")
+    return merge_utils.disjoint_merge(block * merge_utils.reshape_weight_task_tensors(block, weights), mask)
+
+
+def _weighted_sum(block: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """peft's task_arithmetic / dare_linear after their prune."""
+    return merge_utils.task_arithmetic(list(block), weights)
 
 
 def _merged(base: StateDict, src, spec, seed: int = 0):
     """(key, merged float32 tensor) for each key some task vector changes, one key at a time
-    (spec checked by the caller)."""
+    (spec checked by the caller).
+
+    peft's ties(ts, w, density) is prune(t) for each t, stack, then sign mask, weighting and
+    disjoint merge, all entrywise over dim 0; dare_* the same with the random prune;
+    task_arithmetic the weighted sum. Here those same functions run with each stage pruned as
+    it is read into one preallocated stack, and the entrywise steps on column blocks, which
+    gives peft's result (the same draws, in the same order, for DARE) with about T + 3 tensors
+    of the key in memory instead of peft's ~5 T."""
     if spec.how == "lota_additive":
         yield from _lota_additive(base, src)
         return
     if not src.keys or not src.T:
         return
-    taus = _global_thresholds(src, spec.density) if spec.how == "ties" and spec.scope == "global" else None
+    how, density = spec.how, spec.density
+    taus = _global_thresholds(src, density) if how == "ties" and spec.scope == "global" else None
+    if how == "task_arithmetic":
+        prune = None
+    elif taus is not None:  # the whole-model trim (written here: peft trims one tensor at a time)
+        prune = lambda t, d: torch.where(d.abs() >= taus[t], d, 0.0)  # noqa: E731
+    else:
+        method = "magnitude" if how == "ties" else "random"
+        prune = lambda t, d: merge_utils.prune(d, density, method, rescale=True)  # noqa: E731 (rescale: random only)
+    combine = _elect_and_merge if how in ("ties", "dare_ties") else _weighted_sum
+    w = torch.full((src.T,), float(spec.lam), dtype=torch.float32)
     for k in src.keys:
-        ts = _stacked(src, k)
-        w = torch.full((len(ts),), float(spec.lam), dtype=torch.float32, device=ts[0].device)
         with warnings.catch_warnings():  # peft's prune warns at density 1 that it keeps everything: meant here
             warnings.filterwarnings("ignore", message="The density .* no pruning", category=UserWarning)
-            if spec.how == "task_arithmetic":
-                m = merge_utils.task_arithmetic(ts, w)
-            elif spec.how == "ties" and taus is None:
-                m = merge_utils.ties(ts, w, spec.density, majority_sign_method="total")
-            elif spec.how == "ties":
-                m = _ties_of_trimmed([torch.where(t.abs() >= tau, t, 0.0) for t, tau in zip(ts, taus)], w)
-            else:
-                dare = merge_utils.dare_linear if spec.how == "dare_linear" else merge_utils.dare_ties
-                cuda = [ts[0].device] if ts[0].device.type == "cuda" else []
-                with torch.random.fork_rng(devices=cuda):  # peft's random_pruning draws from torch's generator
-                    torch.manual_seed(_key_seed(seed, k))
-                    m = dare(ts, w, spec.density)
-        del ts
-        yield k, _f32(base[k]) + m
+            ref = base[k]
+            cuda = [ref.device] if ref.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):  # peft's random prune draws from torch's generator
+                torch.manual_seed(_key_seed(seed, k))
+                stacked = _stack(src, k, prune)
+        wk = w.to(stacked.device)
+        merged = torch.cat([combine(b, wk) for b in _blocks(stacked)]).view(ref.shape)
+        del stacked
+        yield k, _f32(ref) + merged
 
 
 def lota_additive(base: StateDict, sparse_deltas: Sequence[Mapping]) -> dict[str, torch.Tensor]:

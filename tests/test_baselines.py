@@ -148,6 +148,31 @@ def test_dare_drops_at_random_rescales_and_is_seeded():
             update={"how": "dare_ties"}), cumulative=True)
 
 
+def test_merges_equal_peft_composites_on_column_blocks(monkeypatch):
+    """clbench prunes each stage as it reads it and runs peft's entrywise steps on column blocks;
+    peft's own ties / dare_* / task_arithmetic on the whole stack give the same numbers."""
+    from peft.utils import merge_utils
+
+    monkeypatch.setattr(merging, "BLOCK", 7)  # several blocks even on these small tensors
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(6, 5, generator=g), "v": torch.randn(9, generator=g)}
+    taus = [{k: torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    del taus[1]["v"]  # a stage that left v alone: a zero delta
+    for how, ours, peft_fn in [
+        ("task_arithmetic", lambda: merging.task_arithmetic(base, taus, 0.7), lambda ts, w: merge_utils.task_arithmetic(ts, w)),
+        ("ties", lambda: merging.ties(base, taus, 0.3, 0.7), lambda ts, w: merge_utils.ties(ts, w, 0.3)),
+        ("dare_linear", lambda: merging.dare_linear(base, taus, 0.6, 0.7, seed=2),
+         lambda ts, w: merge_utils.dare_linear(ts, w, 0.6)),
+        ("dare_ties", lambda: merging.dare_ties(base, taus, 0.6, 0.7, seed=2), lambda ts, w: merge_utils.dare_ties(ts, w, 0.6)),
+    ]:
+        got = ours()
+        for k in base:
+            torch.manual_seed(merging._key_seed(2, k))  # DARE: the generator state clbench draws from for k
+            ts = [tv.get(k, torch.zeros_like(base[k])) for tv in taus]
+            want = base[k] + peft_fn(ts, torch.full((3,), 0.7))
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6, msg=f"{how} {k}")
+
+
 def test_lota_additive_of_disjoint_masks_equals_applying_each_delta_in_turn():
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(6, 5, generator=g), "v": torch.randn(7, generator=g)}
