@@ -234,6 +234,14 @@ class Replay(Wrapping):
         extra = (n_rep / n_new) * lm_loss(model, rep, stage.train_config.head_only_targets)
         return extra if inner is None else extra + inner
 
+    def fsdp_refusal(self):
+        return self._inner("fsdp_refusal")  # the base method's (none: full fine-tuning, which runs sharded)
+
+    def world_size_dependent(self):
+        if self.options.weighting == "scaled":
+            return "weighting scaled: each rank scales the replayed loss by its own share's target tokens"
+        return None
+
     # --- resume ---------------------------------------------------------------------------
 
     def state_dict(self):
