@@ -139,3 +139,31 @@ def test_chat_settings_are_part_of_the_config(tok):
     with pytest.raises(LmEvalYamlError, match="chat_template: true, but the tokenizer of model 'smollm2-135m-instruct' "
                                               "has no chat template"):
         prompting(chat, tok)  # the tiny test tokenizer has none
+
+
+def test_a_run_trains_and_evaluates_through_the_chat_template(tmp_path, smol_tok, run_cli, monkeypatch, one_thread):
+    """`chat_template: true` in a run config reaches both sides: the loop's training examples and
+    lm-eval's evaluation requests (its samples), on a random 2-layer model with SmolLM2's tokenizer."""
+    import json
+
+    import yaml
+
+    from clbench import models
+    from clbench import tasks as T
+
+    folder = tmp_path / "model"
+    models.build_tiny_model(0, len(smol_tok)).save_pretrained(folder)
+    smol_tok.save_pretrained(folder)
+    made = []
+    real = T.run_examples
+    monkeypatch.setattr(T, "run_examples", lambda task, tok, cfg: made.append(real(task, tok, cfg)) or made[-1])
+    cfg = {"model": str(folder), "tasks": ["lm_vowel"], "task_dirs": [str(FIXTURES)], "methods": [{"name": "full_ft"}],
+           "chat_template": True, "system_instruction": SYS, "train": {"steps": 1, "batch_size": 4, "max_length": 96},
+           "eval": {"limit": 2}, "precision": "fp32", "threads": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_cli("run", tmp_path / "c.yaml", "--output-dir", tmp_path / "out")
+    assert code == 0, err
+    assert made and made[0][0][0].startswith(f"<|im_start|>system\n{SYS}") and made[0][0][1] in ("no", "yes")
+    for line in (tmp_path / "out" / "samples" / "base" / "stage0" / "lm_vowel.jsonl").read_text().splitlines():
+        ctx, cont = json.loads(line)["arguments"][0]
+        assert ctx.startswith(f"<|im_start|>system\n{SYS}") and ctx.endswith("<|im_start|>assistant\n") and cont == "no"
