@@ -45,7 +45,9 @@ def fsdp_refusal(variant: str) -> str | None:
 # mask of example i of the global batch comes from a generator seeded by (stage seed, step,
 # micro-batch, i, the module, its call), drawn at the run's full sequence length and cut to the
 # batch's, so it is the same whichever rank holds the example and however the batch is padded.
-# Outside that forward (a method's own passes over other batches) it is torch's dropout.
+# Outside that forward (a method's own passes over other batches), and on an input that is not
+# one row per example (an adapter on the LM head, which sees only the target positions), it is
+# torch's dropout.
 
 _KEYS: dict | None = None  # the loop's current micro-batch: seed, row keys, max length, call counts
 
@@ -63,8 +65,7 @@ class KeyedDropout(torch.nn.Dropout):
             return super().forward(x)
         rows = keys["rows"]
         if x.ndim < 2 or x.shape[0] != len(rows) or (x.ndim > 2 and x.shape[1] > keys["max_length"]):
-            raise RuntimeError(f"dropout module {self.index}: input of shape {tuple(x.shape)} inside the loop's forward "
-                               f"of {len(rows)} examples (expected batch first, at most {keys['max_length']} positions)")
+            return super().forward(x)  # not one row per example (an adapter on the head): torch's dropout
         call = keys["calls"][self.index] = keys["calls"].get(self.index, -1) + 1
         shape = (keys["max_length"], *x.shape[2:]) if x.ndim > 2 else tuple(x.shape[1:])
         keep = []

@@ -3,7 +3,7 @@ processes.
 
 - clbench.masking.topk_masks, the exact top-k over row shards, against a stable descending sort
   of the whole scores (2 gloo processes, rows split as FSDP2 splits them, heavy ties);
-- lota, hft, ks_lottery, spafit, ewc, sift run sharded on 2 processes and on 1 (both through
+- lota, hft, ks_lottery, spafit, ewc, sift, replay run sharded on 2 processes and on 1 (both through
   `clbench run` with distributed.strategy fsdp): the same matrix, losses, selected entries, rows
   and frozen matrices;
 - the dropout keyed by the global example: the same mask for an example whatever batch holds it.
@@ -125,7 +125,8 @@ def test_topk_refuses_negative_or_nan_scores():
 SHARDED = [{"name": "lota", "options": {"calibration_steps": 2}}, {"name": "hft"},
            {"name": "ks_lottery", "options": {"calibration_steps": 2, "n": 20}},
            {"name": "spafit", "options": {"r": 2, "alpha": 4}}, {"name": "ewc", "options": {"ewc_lambda": 100.0}},
-           {"name": "sift"}, {"name": "sift", "label": "sift_decay", "options": {"decay_selected": True}}]
+           {"name": "sift"}, {"name": "sift", "label": "sift_decay", "options": {"decay_selected": True}},
+           {"name": "replay", "options": {"m": 8}}]
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +214,11 @@ def test_keyed_dropout_gives_an_example_the_same_mask_in_any_batch_and_padding()
         first, second = model(x), model(x)  # a second forward in the same step draws anew
     assert torch.equal(first, whole) and not torch.equal(second, whole)
     assert (model(x) == 0).any()  # outside the loop's forward: torch's own dropout
+    torch.manual_seed(2)
+    with adapters.keyed(model, 11, [0, 1, 2, 3], max_length=8):
+        a = model(x[0])  # not one row per example (an adapter on the head): torch's dropout, from the process RNG
+    torch.manual_seed(2)
+    assert torch.equal(a, model(x[0]))
     model.eval()
     with adapters.keyed(model, 11, [0, 1, 2, 3], max_length=8):
         assert torch.equal(model(x), x)  # no dropout in eval mode
