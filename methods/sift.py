@@ -406,7 +406,12 @@ class SIFT(Method):
         self._xcast = None
 
     def fsdp_refusal(self):
-        return None  # W's selection over its shards; the k-vectors replicated, their gradient summed over the ranks
+        """None: W's selection over its shards; the k-vectors replicated, their gradient summed over the ranks."""
+        other = [m for m in self.options.target_modules if m not in DEFAULT_TARGETS]
+        if other:
+            return (f"target_modules {other} under fsdp: only the decoder's linear projections {DEFAULT_TARGETS} "
+                    "(another target's gradient hook would not see FSDP's sharded gradients)")
+        return None
 
     def state_dict(self):
         return {}  # indices are redrawn at every stage; nothing carries over

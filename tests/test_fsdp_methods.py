@@ -192,6 +192,16 @@ def test_sharded_runs_agree_on_every_rank(fsdp_runs):
             assert len(set(st["rank_digests"])) == 1, (spec["name"], st["stage"])
 
 
+def test_an_option_that_cannot_run_sharded_is_refused_before_any_training(tmp_path, run_cli):
+    cfg = {"name": "refused", "model": "tiny", "tasks": ["tiny_parity"], "task_dirs": [str(REPO / "configs" / "tiny_tasks")],
+           "methods": [{"name": "lota"}, {"name": "sift", "options": {"target_modules": ["q_proj", "embed_tokens"]}}],
+           "train": {"steps": 1}, "precision": "fp32", "distributed": {"strategy": "fsdp"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run_cli("run", tmp_path / "cfg.yaml", "--output-dir", tmp_path / "out")
+    assert code == 2 and "methods.1 (sift)" in err and "target_modules ['embed_tokens'] under fsdp" in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 # --- dropout keyed by the global example ---------------------------------------------------------
 
 
