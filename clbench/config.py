@@ -19,7 +19,7 @@ from .errors import ConfigError
 
 
 # Fields that never change results: they may differ when a run directory is resumed.
-NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints", "checkpoint_interval", "trackers")
+NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints", "checkpoint_interval", "trackers", "distributed")
 
 
 class Strict(BaseModel):
@@ -85,7 +85,6 @@ class TrainConfig(Strict):
             raise ValueError(why.replace("train.", ""))
         return self
 
-
     def merged(self, *overrides: Optional[TrainOverrides]) -> "TrainConfig":
         data = self.model_dump()
         for o in overrides:
@@ -100,6 +99,15 @@ class TrainConfig(Strict):
                 elif o.warmup_steps is not None:
                     data["warmup_fraction"] = None
         return TrainConfig(**data)
+
+
+class DistributedConfig(Strict):
+    """How several processes share the training (clbench/distributed.py, clbench/fsdp.py)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp = every rank holds the whole model, gradients summed; fsdp = parameters, gradients and "
+        "optimizer state sharded over the ranks (torch FSDP2, one unit per decoder layer); also set by "
+        "accelerate's FSDP version 2 launch (ACCELERATE_USE_FSDP, FSDP_VERSION=2). Same results either way")
 
 
 class EvalConfig(Strict):
@@ -217,6 +225,7 @@ class RunConfig(Strict):
         60.0, ge=0, description="keep_checkpoints last: write a stage checkpoint once at least this many seconds of "
         "training and evaluation have passed since the last one (0 = after every stage); a crash redoes at most that "
         "much work, and stages cheaper than their checkpoint do not pay for one")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="experiment trackers fed the per-step loss and lr and each stage's scores "
         "(clbench/trackers.py); never change results")

@@ -23,9 +23,9 @@ How a step runs on N processes (every rank holds the whole model):
 - Evaluation runs once, on rank 0, and its scores are broadcast; only rank 0 writes the run
   directory (results, checkpoints, samples) and prints. Other ranks wait at the next collective
   (the process group's timeout is raised to CLBENCH_DIST_TIMEOUT_MIN, default 360 minutes).
-- Sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported: the sparse methods select and
-  mask entries of whole weight matrices (LoTA, SIFT, KS-Lottery, SPAFIT, HFT's whole-matrix
-  freezing) and the checkpoint diff reads whole tensors, so every rank must hold every parameter.
+- distributed.strategy fsdp shards parameters, gradients and optimizer state instead (clbench/fsdp.py):
+  the same batches and loss scaling, FSDP's reduce-scatter summing the gradients in place of
+  `sum_gradients`; a method states whether it can run sharded (`Method.fsdp_refusal`).
 """
 
 from __future__ import annotations
@@ -56,6 +56,14 @@ def init(cpu: bool) -> None:
 
     minutes = float(os.environ.get("CLBENCH_DIST_TIMEOUT_MIN", "360"))
     _STATE = PartialState(cpu=cpu, timeout=datetime.timedelta(minutes=minutes))
+
+
+def init_group(device: torch.device) -> None:
+    """A process group also for one process (FSDP needs one); torchrun's or accelerate's when launched."""
+    init(device.type == "cpu")
+    if not _active():
+        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 def rank() -> int:
@@ -133,14 +141,21 @@ def gather(obj) -> list:
     return out
 
 
-def state_digest(model: torch.nn.Module, method_state) -> str:
-    """sha256 over the model's weights and the tensors of the method's state (masks, Fisher, ...)."""
+def state_digest(model: torch.nn.Module | None, method_state) -> str:
+    """sha256 over the model's weights and the tensors of the method's state (masks, Fisher, ...):
+    the replicated ones only (a sharded tensor, a DTensor, differs between ranks by design)."""
+    from torch.distributed.tensor import DTensor
+
     h = hashlib.sha256()
-    for k, v in model.state_dict().items():
+    for k, v in (model.state_dict() if model is not None else {}).items():
+        if isinstance(v, DTensor):
+            continue
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
 
     def walk(x):
+        if isinstance(x, DTensor):
+            return
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

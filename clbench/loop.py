@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
+from . import fsdp
 from . import method as M
 from . import results
 from . import tasks as taskcat
@@ -52,6 +53,7 @@ class Session:
     base_eval_s: float
     tok_cache: dict  # (task, max_length) -> tokenized examples, shared by all methods and seeds
     memory_released: bool = False  # PeakMemory has handed freed memory back once for the current method
+    sharded: bool = False  # distributed.strategy fsdp: models are sharded after the method's setup (clbench.fsdp)
 
     @property
     def cfg(self):
@@ -134,7 +136,10 @@ class Job:
                                task=lambda name: s.lm_tasks[name],
                                autocast=autocast_factory(s.device, s.autocast))
         model = M.call(meth, "setup", copy.deepcopy(s.base_model), run_ctx)
-        model.to(s.device)
+        if s.sharded:
+            model = fsdp.shard(model, s.device, s.autocast)
+        else:
+            model.to(s.device)
         return meth, run_ctx, model
 
     def train(self, meth, model, run_ctx, t: int, task: str, examples: list, tcfg):
@@ -150,6 +155,7 @@ class Job:
                                         on_step=on_step,
                                         desc=f"{self.name} seed {self.seed} stage {t}/{len(s.pl.task_names)} {task}")
             seconds = time.perf_counter() - t_start
+        stats["per_rank"] = D.gather({**stats.pop("state_bytes"), "peak_mem_mb": pm.peak_mb})
         return model, stats, seconds, pm.peak_mb
 
     def evaluate(self, model, t, exact_task: str | None, folder: str, everywhere: bool = True):
@@ -160,10 +166,11 @@ class Job:
         if exact_task is not None and cfg.eval.offdiag_limit:
             limits = {n: (cfg.eval.limit if n == exact_task else cfg.eval.offdiag_limit) for n in s.pl.eval_names}
         scores = es = None
-        if D.is_main():
-            scores, samples, es = s.evaluate(model, self.seed, limits)
-            if cfg.eval.log_samples:
-                results.write_samples(s.out / "samples" / self.name / f"seed{self.seed}" / folder, samples)
+        with fsdp.unsharded(model):  # a sharded model is gathered on every rank; rank 0 evaluates it
+            if D.is_main():
+                scores, samples, es = s.evaluate(model, self.seed, limits)
+                if cfg.eval.log_samples:
+                    results.write_samples(s.out / "samples" / self.name / f"seed{self.seed}" / folder, samples)
         if everywhere:
             scores, es = D.broadcast((scores, es))
         return scores, es
@@ -195,10 +202,10 @@ class Job:
         against the base model, kept until the run directory is deleted."""
         from . import checkpoint, merging
 
+        state = fsdp.effective_state(model, self.s.base_model) if self.s.sharded else merging.effective_state(model)
         if D.is_main():
             checkpoint.save_state_diff(self.ckpt_dir / f"taskvec{t}.pt",
-                                       checkpoint.state_diff(merging.effective_state(model),
-                                                             self.s.base_model.state_dict(), copy=False))
+                                       checkpoint.state_diff(state, self.s.base_model.state_dict(), copy=False))
 
 
 def _fmt_scores(scores: dict) -> str:
@@ -231,7 +238,9 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
             base_model, tok, desc = models.resolve(cfg.model, pl.cache)
             lm_tasks = taskcat.build_lm_eval_tasks(defs, pl.cache)
         D.barrier()
-    base_model.to(device)
+    sharded = fsdp.requested(cfg)
+    if not sharded:  # sharded: the base stays on the CPU; each method's copy is sharded onto the devices
+        base_model.to(device)
     pairs = {n: taskcat.run_examples(lm_tasks[n], tok, cfg) for n in pl.task_names}
     console.print(f"loaded model and {len(defs)} tasks in {time.perf_counter() - t0:.1f}s "
                   f"(train examples: {', '.join(f'{n}={len(p)}' for n, p in pairs.items())})")
@@ -241,12 +250,13 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
     if config_changes:
         rec.config_changes = rec.config_changes + [config_changes]
     rec.meta = meta_info(desc, device, autocast)
-    s = Session(pl, out, rec, console, None, None, device, autocast, base_model, tok, lm_tasks, pairs, None, 0.0, {})
+    s = Session(pl, out, rec, console, None, None, device, autocast, base_model, tok, lm_tasks, pairs, None, 0.0, {},
+                sharded=sharded)
 
     # Row 0: every method starts from the same base weights, so the base model is evaluated once.
     base_scores = rec.base_scores() if resumed else None
     if base_scores is None:
-        base_scores, samples, base_eval_s = s.evaluate(base_model, 0) if D.is_main() else (None, None, None)
+        base_scores, samples, base_eval_s = _evaluate_base(s) if D.is_main() else (None, None, None)
         base_scores, base_eval_s = D.broadcast((base_scores, base_eval_s))
         if cfg.eval.log_samples and D.is_main():
             results.write_samples(out / "samples" / "base" / "stage0", samples)
@@ -264,6 +274,16 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
             for seed in cfg.seeds:
                 run_method(Job(s, spec, seed))
     return rec
+
+
+def _evaluate_base(s: Session):
+    """Row 0 (rank 0). Sharded runs keep the base model on the CPU: it visits the device for this."""
+    if not s.sharded:
+        return s.evaluate(s.base_model, 0)
+    try:
+        return s.evaluate(s.base_model.to(s.device), 0)
+    finally:
+        s.base_model.to("cpu")
 
 
 def run_method(job: Job):
@@ -415,7 +435,7 @@ def _run_merges(job: Job, mode: str) -> float:
     spent = 0.0
     for ms in job.spec.merge:
         t0 = time.perf_counter()
-        model = merging.merged_model(s.base_model, diffs, ms, cumulative=(mode == "sequential"), seed=job.seed)
+        model = merging.merged_model(s.base_model, diffs, ms, cumulative=(mode == "sequential"), seed=job.seed).to(s.device)
         scores, es = job.evaluate(model, ms.row_name, None, ms.row_name.replace(":", "_"), everywhere=False)
         del model
         spent += es

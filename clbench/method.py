@@ -28,6 +28,9 @@ After training:
     stage_end(model, stage) -> model     the model to evaluate
     trainable_params(model) -> int | None   entries the method trains (None: requires_grad count)
     state_dict() / load_state_dict(state)   what is needed to resume after a stage
+Before the run (distributed.strategy fsdp only):
+    fsdp_refusal() -> str | None   None: the method runs on sharded parameters (clbench/fsdp.py);
+                                   else why not (the default: not verified), refused at planning
 
 Every method has an `Options` pydantic model whose defaults are its documented defaults;
 unknown option keys are refused whatever the author wrote (the registry enforces extra=forbid).
@@ -206,6 +209,9 @@ class Method:
 
     def load_state_dict(self, state) -> None:
         return None
+
+    def fsdp_refusal(self) -> str | None:
+        return "not verified under fsdp (sharded parameters)"
 
 
 HOOKS = tuple(n for n, v in vars(Method).items() if callable(v) and not n.startswith("_") and not isinstance(v, type))
@@ -446,6 +452,7 @@ _RETURNS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainable_params": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
                          "None or a non-negative int"),
     "needs_tasks": (lambda v: isinstance(v, (list, tuple)), "a list of task names"),
+    "fsdp_refusal": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
 }
 
 

@@ -42,6 +42,7 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
     for f in cfg.method_files:
         M.load_method_file((config_dir / f).resolve())
     made = [M.make(spec.name, spec.options, where=f"methods.{i}") for i, spec in enumerate(cfg.methods)]  # validates
+    check_fsdp(cfg, made)
     from .presets import config_data_root
 
     root = config_data_root(cfg, config_dir)  # where a preset's release is read from
@@ -76,6 +77,18 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
         if not task_defs[n].hub:
             task_defs[n].check_data(cache, need_train=False, data_root=root)
     return datacheck.check_plan(Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods), heldout))
+
+
+def check_fsdp(cfg: RunConfig, made: list) -> None:
+    """Under distributed.strategy fsdp every method must declare that it runs sharded."""
+    from . import fsdp
+
+    if not fsdp.requested(cfg):
+        return
+    for i, meth in enumerate(made):
+        reason = M.call(meth, "fsdp_refusal")
+        if reason:
+            raise ConfigError(f"methods.{i} ({cfg.methods[i].name}) cannot run with distributed.strategy fsdp: {reason}")
 
 
 GENERAL_SUITE = "general"

@@ -42,7 +42,9 @@ def stage_entry(t, task, stats, es, ck_mb=None) -> dict:
     """One stage's entry of results.json's per-stage log."""
     return {"stage": t, "task": task, "steps": stats["steps"], "first_loss": stats["first_loss"],
             "last_loss": stats["last_loss"], "train_seconds": stats["seconds"], "eval_seconds": es, "checkpoint_mb": ck_mb,
-            **({"schedule": stats["schedule"]} if "schedule" in stats else {})}  # the stage's lr schedule (clbench.schedule)
+            **({"schedule": stats["schedule"]} if "schedule" in stats else {}),  # the stage's lr schedule (clbench.schedule)
+            # per rank: bytes of parameters, gradients and optimizer state held at the stage's last step, peak memory
+            **({"per_rank": stats["per_rank"]} if "per_rank" in stats else {})}
 
 
 def git_sha() -> str | None:

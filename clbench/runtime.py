@@ -92,6 +92,32 @@ class PeakMemory:
             self.peak_mb = max(self.peak_mb, self._rss_mb())
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a sharded one's (a DTensor's) local shard, else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def state_bytes(model, opt) -> dict:
+    """Bytes this rank holds of the model's parameters, their gradients and the optimizer state
+    (a sharded tensor counts its local shard only)."""
+    def nbytes(ts):
+        seen, n = set(), 0
+        for t in ts:
+            t = local(t)
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            if key not in seen or not t.numel():  # tied weights once
+                seen.add(key)
+                n += t.numel() * t.element_size()
+        return n
+
+    params = list(model.parameters())
+    return {"params": nbytes(params), "grads": nbytes(p.grad for p in params if p.grad is not None),
+            "optimizer": nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))}
+
+
+
 def derive_seed(seed: int, stage: int, salt: int = 0) -> int:
     """The one seed derivation: a seed for stage `stage` of a run with seed `seed`; salt 0 is the
     stage's own seed (its batch order), another salt a method's own draws at that stage,
@@ -107,8 +133,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
 
 
 def quiet_libraries() -> None:

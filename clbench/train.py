@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 from . import adapters
 from . import distributed as D
 from . import method as M
 from .errors import TrainingError  # noqa: F401  (raised here; clbench.train.TrainingError for users)
-from .runtime import derive_seed
+from .runtime import derive_seed, state_bytes
 from .schedule import check as check_schedule, describe as describe_schedule, lr_factor
 
 IGNORE = -100
@@ -96,6 +97,13 @@ def _split_head(model):
     return dec, head
 
 
+def head_logits(model, input_ids, attention_mask, sel) -> torch.Tensor:
+    """The LM head's logits at the positions `sel` marks (of the shifted sequence) only."""
+    dec, head = _split_head(model)
+    h = dec(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return head(h[:, :-1][sel])
+
+
 def target_logits(model, batch: dict, head_only_targets: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) at the positions whose next token is a target, rows in batch then
     position order. With head_only_targets the LM head runs only on those positions: prompt
@@ -104,11 +112,11 @@ def target_logits(model, batch: dict, head_only_targets: bool = True) -> tuple[t
     labels = batch["labels"]
     tgt = labels[:, 1:]
     sel = tgt != IGNORE
-    split = _split_head(model) if head_only_targets else None
-    if split is not None:
-        dec, head = split
-        h = dec(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return head(h[:, :-1][sel]), tgt[sel]
+    if head_only_targets and _split_head(model) is not None:
+        fwd = getattr(model, "clbench_head_logits", None)  # a sharded root's registered forward (clbench.fsdp)
+        if fwd is not None:
+            return fwd(batch["input_ids"], batch["attention_mask"], sel), tgt[sel]
+        return head_logits(model, batch["input_ids"], batch["attention_mask"], sel), tgt[sel]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits[:, :-1][sel], tgt[sel]
 
@@ -168,6 +176,7 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
     batches = batch_stream(examples, min(cfg.batch_size, len(examples)), stage.generator)
     params = [p for g in groups for p in g["params"]]
     multi, world = D.enabled(), D.world_size()
+    sharded = isinstance(model, FSDPModule)  # clbench.fsdp: FSDP's reduce-scatter sums the gradients in backward
     losses: list[float] = []
     t0 = time.perf_counter()
     log = _StepLog(desc, total, progress)
@@ -202,7 +211,7 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
                 )
             (loss / cfg.grad_accum).backward()
             step_loss += value.item() / cfg.grad_accum
-        if multi:  # the global batch's gradient on every rank, before any method looks at it
+        if multi and not sharded:  # the global batch's gradient on every rank, before any method looks at it
             D.sum_gradients(list(dict.fromkeys([*model.parameters(), *params])))
         if not dense:
             M.call(method, "after_backward", model, stage)
@@ -212,6 +221,8 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
         sched.step()
         if not dense:
             M.call(method, "after_step", model, stage)
+        if step + 1 == total:
+            held = state_bytes(model, opt)
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
         if on_step is not None:  # e.g. the run's trackers (TensorBoard, W&B)
@@ -224,7 +235,7 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
         clock.lr = None
     del opt
     return {"steps": total, "losses": losses, "seconds": time.perf_counter() - t0, "first_loss": losses[0], "last_loss": losses[-1],
-            "schedule": describe_schedule(cfg, total)}
+            "state_bytes": held, "schedule": describe_schedule(cfg, total)}
 
 
 class _StepLog:

@@ -17,3 +17,6 @@ class FullFT(Method):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+
+    def fsdp_refusal(self):
+        return None  # every parameter trains, sharded like any other (tested in tests/test_fsdp.py)

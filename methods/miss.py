@@ -65,3 +65,6 @@ class MiSS(Method):
 
     def stage_start(self, model, stage):
         return adapters.for_stage(model, self._config(), stage, self.options.variant)
+
+    def fsdp_refusal(self):
+        return adapters.fsdp_refusal(self.options.variant)

@@ -62,6 +62,7 @@ from typing import Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from clbench.fsdp import full
 from clbench.method import MethodError, Method, register
 
 
@@ -98,10 +99,10 @@ def orthogonality_penalty(model, current: str, previous: list[str]) -> torch.Ten
         for layer in lora_layers(model):
             if current not in layer.lora_A:
                 continue
-            a_t = layer.lora_A[current].weight.float()
+            a_t = full(layer.lora_A[current].weight).float()  # whole matrices also when sharded (clbench.fsdp)
             for s in previous:
                 if s in layer.lora_A:
-                    term = (layer.lora_A[s].weight.float() @ a_t.T).abs().sum()
+                    term = (full(layer.lora_A[s].weight).float() @ a_t.T).abs().sum()
                     total = term if total is None else total + term
     return total
 
@@ -112,7 +113,7 @@ def l2_penalty(model, current: str) -> torch.Tensor | None:
         for layer in lora_layers(model):
             for d in (layer.lora_A, layer.lora_B):
                 if current in d:
-                    term = torch.linalg.norm(d[current].weight.float())
+                    term = torch.linalg.norm(full(d[current].weight).float())
                     total = term if total is None else total + term
     return total
 
@@ -187,6 +188,11 @@ class OLoRA(Method):
         # the adapters live in the model (checkpointed as diffs); which ones are active and
         # trainable follows from the trained stages, set again by the next stage_start
         return {"stage": self.stage, "trained": list(self.trained)}
+
+    def fsdp_refusal(self):
+        # every adapter exists from setup; the penalty reads whole matrices through clbench.fsdp.full.
+        # Methods extending this class (N-LoRA, InfLoRA) are not verified sharded by this.
+        return None if type(self) is OLoRA else super().fsdp_refusal()
 
     def load_state_dict(self, state):
         self.stage = int(state.get("stage", 0))
