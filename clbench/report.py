@@ -48,12 +48,13 @@ def _stream_metrics(runs: list[RunResults]) -> set[str]:
     return names
 
 
-def _metric_label(runs: list[RunResults]) -> str:
-    """The score's name for axes and titles: `score (acc)`, `score (per_byte_likelihood = 2^-bpb)`,
-    or the short names of a mixed (text and instruction) stream: `score (acc | 2^-bpb)`."""
+def _metric_label(runs: list[RunResults], brief: bool = False) -> str:
+    """The score's name: `score (acc)`, `score (per_byte_likelihood = 2^-bpb)` in titles, the short
+    names (`score (2^-bpb)`) on axes (brief) and for a mixed (text and instruction) stream:
+    `score (acc | 2^-bpb)`."""
     names = sorted(_stream_metrics(runs))
     if len(names) == 1:
-        return f"score ({plotstyle.metric_name(names[0])})"
+        return f"score ({plotstyle.metric_name(names[0], brief)})"
     if len(names) <= 3:
         return "score (" + " | ".join(plotstyle.metric_name(n, brief=True) for n in names) + ")"
     return "score (primary metric)"
@@ -101,7 +102,7 @@ def _heatmap_fig(g: Group, lab: str, tasks: list[str], runs: list[RunResults], v
             labels = ["0 base"] + [f"{t} only {name}" for t, name in enumerate(tasks, 1)] + extra_names
         panels.append((f"{method}{kind} (n={len(items)})", rows, labels, len(tasks) + 1))
     return plotstyle.heatmaps(f"{g.label} · order {lab}\n{_metric_label(runs)}", tasks, panels, vrange,
-                              _metric_label(runs))
+                              _metric_label(runs, brief=True))
 
 
 def _curves_fig(g: Group, lab: str, tasks: list[str], runs: list[RunResults], styles):
@@ -112,8 +113,8 @@ def _curves_fig(g: Group, lab: str, tasks: list[str], runs: list[RunResults], st
         half = (stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1) * Rs.std(axis=0, ddof=1) / math.sqrt(n)) if n > 1 else None
         series[method] = (Rs.mean(axis=0), half, n)
     unit = value_range(runs) == (0.0, 1.0)
-    label = _metric_label(runs)
-    return plotstyle.curves(f"{g.label} · order {lab}\n{label}", tasks, series, styles, label,
+    return plotstyle.curves(f"{g.label} · order {lab}\n{_metric_label(runs)}", tasks, series, styles,
+                            _metric_label(runs, brief=True),
                             ylim=(-0.03, 1.03) if unit else None)
 
 
@@ -416,10 +417,12 @@ def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path, refer
 
     _learning_section(g, checks, lines, table)
     _paired_section(g, paired, reference, styles, flags, lines, table, fig)
-    lines += ["### Accuracy matrices", ""]
+    accuracy = "per_byte_likelihood" not in _stream_metrics(g.runs)  # raw-text domains: a likelihood
+    lines += ["### Accuracy matrices" if accuracy else f"### Score matrices: {_metric_label(g.runs)}", ""]
     for lab, tasks, runs in g.orders():
         fig(f"heatmap__{g.slug}__order-{_slug(lab)}", _heatmap_fig(g, lab, tasks, runs, vrange),
-            f"{g.label}, order {lab}: accuracy matrix R[stage, task] per method, mean over seeds; row 0 is the "
+            f"{g.label}, order {lab}: {'accuracy' if accuracy else 'score'} matrix R[stage, task] per method, mean "
+            "over seeds; row 0 is the "
             "base model, rows below the line are extra (not in metrics); one colour scale for all panels")
     lines += ["### Per-task score by stage", ""]
     for lab, tasks, runs in g.orders():
