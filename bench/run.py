@@ -12,7 +12,7 @@ demo_seconds times what `make demo` runs, and the eval shares come from that run
   bench/run.py --quick      the same code paths on the tiny model and tasks (tests the script)
   bench/run.py --skip-demo  reuse the last demo run instead of running it again
   bench/run.py --only steps,memory,eval   only these sections (steps, eval, long, memory,
-                            harness, offdiag, demo, storage); figures of the others are taken from the last bench.json
+                            harness, offdiag, demo, storage, fsdp); figures of the others are taken from the last bench.json
 Writes <out>/bench.json (runs/bench, or runs/bench/quick with --quick) and prints a table.
 """
 
@@ -24,6 +24,7 @@ import copy
 import gc
 import itertools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -54,7 +55,8 @@ ARMS = [("full_ft", "full_ft", {}, True), ("full_ft_no_head_only", "full_ft", {}
 FIGURES = ["head_only_targets_step_ratio", "head_only_targets_mem_ratio", "harness_overhead_ratio", "lota_step_ratio",
            "sift_step_ratio", "hft_step_ratio", "sift_peak_mem_ratio", "eval_speedup_vs_reload", "demo_seconds",
            "eval_share_T4", "eval_share_T8", "harness_overhead_ratio_checkpoint_every_stage",
-           "head_only_targets_step_ratio_long", "head_only_targets_mem_ratio_long"]
+           "head_only_targets_step_ratio_long", "head_only_targets_mem_ratio_long",
+           "fsdp_state_bytes_ratio", "fsdp_peak_mem_ratio", "fsdp_ddp_step_ratio"]
 FIGURES += ["lota_checkpoint_ratio", "lota_taskvec_ratio", "sift_checkpoint_ratio", "sift_taskvec_ratio",
             "hft_checkpoint_ratio", "lora_checkpoint_ratio", "merge_peak_ratio_T8_T4", "merge_peak_ratio_T8_T4_tiny"]
 GOALS = {"harness_overhead_ratio": 1.10, "lota_step_ratio": 1.05, "sift_step_ratio": 1.05, "hft_step_ratio": 0.85,
@@ -639,6 +641,32 @@ def merge_child(args):
                                        "model_mb": n * 4 / 2**20, "seconds": secs}))
 
 
+def bench_fsdp(ctx: Ctx, out: Path, log: Path, steps: int = 4):
+    """Full FT on the first task: 1 process, 2 replicated processes (ddp) and 2 sharded ones (fsdp),
+    each a fresh `clbench run` (torchrun, gloo on CPU). Per-rank bytes of parameters + gradients +
+    optimizer state at the stage's last step and peak memory (CPU: the whole process's RSS, the
+    base model and lm-eval included) from results.json's per_rank; the step time is the stage's
+    training seconds per step, fsdp over ddp."""
+    sets = ["methods=[{name: full_ft}]", f"tasks=[{ctx.names[0]}]", "stream=null", f"train.steps={steps}",
+            "eval.limit=4", "keep_checkpoints=none", "threads=1"]
+    arms = {"one": (1, []), "ddp": (2, []), "fsdp": (2, ["distributed.strategy=fsdp"])}
+    stage = {}
+    for arm, (n, extra) in arms.items():
+        launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(n)] if n > 1 else []
+        cmd = [sys.executable, *launch, "-m", "clbench", "run", str(ctx.config), "--output-dir", str(out / "fsdp" / arm),
+               "--fresh", *[a for o in ctx.overrides + sets + extra for a in ("--set", o)]]
+        with open(log, "a") as fh:
+            subprocess.run(cmd, check=True, stdout=fh, stderr=fh, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        res = json.loads((out / "fsdp" / arm / "results.json").read_text())
+        stage[arm] = res["methods"]["full_ft"]["seeds"][str(ctx.cfg.seeds[0])]["stages"][0]
+    held = {a: [r["params"] + r["grads"] + r["optimizer"] for r in st["per_rank"]] for a, st in stage.items()}
+    peak = {a: [r["peak_mem_mb"] for r in st["per_rank"]] for a, st in stage.items()}
+    step_s = {a: st["train_seconds"] / st["steps"] for a, st in stage.items()}
+    figs = {"fsdp_state_bytes_ratio": max(held["fsdp"]) / held["one"][0], "fsdp_peak_mem_ratio": max(peak["fsdp"]) / peak["one"][0],
+            "fsdp_ddp_step_ratio": step_s["fsdp"] / step_s["ddp"]}
+    return figs, {"state_bytes_per_rank": held, "peak_mem_mb_per_rank": peak, "step_seconds": step_s, "steps": steps}
+
+
 def print_table(figs: dict, quick: bool):
     from rich.console import Console
     from rich.table import Column, Table
@@ -660,7 +688,7 @@ def main():
     ap.add_argument("--out", help="output folder (default runs/bench, quick: runs/bench/quick)")
     ap.add_argument("--long-length", type=int, default=None, help="prompt tokens of the long section (default 256; quick: 64)")
     ap.add_argument("--only", help="comma-separated sections to run (steps, eval, long, memory, harness, offdiag, demo, "
-                    "storage); "
+                    "storage, fsdp); "
                     "the other figures are kept from the last bench.json in the output folder")
     for hidden in ("--mem-child", "--merge-child", "--config", "--batches", "--overrides"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -682,7 +710,7 @@ def main():
     figs, raw, secs, t_all = dict.fromkeys(FIGURES), {}, {}, time.perf_counter()
     only = set(args.only.split(",")) if args.only else None
     if only:
-        unknown = only - {"steps", "eval", "long", "memory", "harness", "offdiag", "demo", "storage"}
+        unknown = only - {"steps", "eval", "long", "memory", "harness", "offdiag", "demo", "storage", "fsdp"}
         if unknown:
             ap.error(f"--only: unknown sections {sorted(unknown)}")
         figs.update({k: v for k, v in prev.items() if k in FIGURES or k.endswith("_ratio")})
@@ -733,6 +761,8 @@ def main():
         section("harness", bench_harness, ctx, harness_reps, out, log)
     if wanted("offdiag"):
         section("offdiag", bench_offdiag, ctx, out, log, 1 if args.quick else 2)
+    if wanted("fsdp"):
+        section("fsdp", bench_fsdp, ctx, out, log)
     if only is not None and "demo" not in only:
         pass
     elif args.quick:
