@@ -15,7 +15,9 @@ import yaml
 
 from conftest import REPO
 
-METHODS = [{"name": "full_ft"}, {"name": "lora"}, {"name": "olora"}, {"name": "miss", "options": {"r": 16}}]
+# lora's merge: the sharded model's task vectors (adapters merged on rank 0) and the merged row
+METHODS = [{"name": "full_ft"}, {"name": "lora", "merge": [{"how": "task_arithmetic", "lam": 0.5}]}, {"name": "olora"},
+           {"name": "miss", "options": {"r": 16}}]
 NAMES = [m["name"] for m in METHODS]
 FSDP = ["--set", "distributed.strategy=fsdp"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -90,7 +92,7 @@ def _same_run(a, b):
     ra, rb = _res(a), _res(b)
     for m in NAMES:
         sa, sb = ra["methods"][m]["seeds"]["0"], rb["methods"][m]["seeds"]["0"]
-        assert sb["complete"] and sa["matrix"] == sb["matrix"], m
+        assert sb["complete"] and sa["matrix"] == sb["matrix"] and sa.get("merged") == sb.get("merged"), m
         assert len(sa["stages"]) == len(sb["stages"]) == 3, m
         for x, y in zip(sa["stages"], sb["stages"]):
             assert y["first_loss"] == pytest.approx(x["first_loss"], abs=1e-5), (m, x["stage"])
@@ -102,6 +104,20 @@ def test_two_sharded_processes_killed_and_rerun_give_one_process_results(runs):
     assert _said(runs["again"], f"resumed after stage 1 from {runs['two']}/checkpoints/full_ft/seed0/stage1.dcp")
     assert _res(runs["two"])["meta"]["hardware"]["processes"] == 2
     _same_run(runs["one"], runs["two"])
+
+
+def test_task_vectors_of_the_sharded_model_are_one_process_s(runs):
+    """Tolerance as tests/test_distributed.py's weights: Adam amplifies the rounding differences."""
+    from clbench import checkpoint
+
+    assert _res(runs["two"])["methods"]["lora"]["seeds"]["0"]["merged"]["merged:task_arithmetic"]
+    for t in (1, 3):
+        a, b = (checkpoint.load_state_diff(r / "checkpoints" / "lora" / "seed0" / f"taskvec{t}.pt")
+                for r in (runs["one"], runs["two"]))
+        assert set(a) == set(b) and a
+        for k, e in a.items():
+            assert e[0] == b[k][0] == "dense", k
+            assert (e[1] - b[k][1]).abs().max().item() <= 1e-4, (t, k)
 
 
 def test_resume_at_another_number_of_processes(runs):
