@@ -170,3 +170,9 @@ class AdaLoRA(Method):
 
     def load_state_dict(self, state):
         pass
+
+    def fsdp_refusal(self):
+        # tried on 2 gloo processes: peft's rank allocator (update_and_allocate) ranks and masks whole
+        # lora_E vectors and fails on sharded ones (".tolist() is not supported for tensor subclasses")
+        return ("peft's rank allocator (update_and_allocate) reads whole adapter matrices and fails on sharded "
+                "parameters; use ddp, or lora")
