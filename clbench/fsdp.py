@@ -96,7 +96,7 @@ def shard(model, device: torch.device, autocast_dtype=None):
     for layer in _layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
-    model.clbench_head_logits = types.MethodType(_head_logits, model)
+    setattr(model, HEAD_METHOD, types.MethodType(_head_logits, model))  # clbench.train.target_logits calls it
     register_fsdp_forward_method(model, HEAD_METHOD)
     for unit in _units(model):
         unit.set_gradient_divide_factor(1.0)
