@@ -155,6 +155,8 @@ class Job:
                                         on_step=on_step,
                                         desc=f"{self.name} seed {self.seed} stage {t}/{len(s.pl.task_names)} {task}")
             seconds = time.perf_counter() - t_start
+        if s.tracker is not None and "schedule" in stats:
+            s.tracker.log_schedule(self.name, self.seed, t, stats["schedule"])
         stats["per_rank"] = D.gather({**stats.pop("state_bytes"), "peak_mem_mb": pm.peak_mb})
         return model, stats, seconds, pm.peak_mb
 

@@ -8,13 +8,16 @@ fields: a run directory may be resumed with a different choice).
     tracker = open_trackers(cfg, out_dir)      # a no-op tracker when none is configured
     tracker.log_step(method, seed, stage, step, loss, lr)     # every optimizer step
     tracker.log_stage(method, seed, stage, scores, task=...)  # after each stage's evaluation
+    tracker.log_schedule(method, seed, stage, schedule)       # after each stage's training
     tracker.close()
 
 TensorBoard: one event folder per (method, seed) under `<run dir>/tensorboard/<method>/seed<k>/`
 (`tensorboard --logdir <run dir>/tensorboard`). Scalars: `train/loss` and `train/lr` over the
 (method, seed)'s optimizer steps counted across stages, `train/stage` (the stage of that step),
 `eval/<task>` and `eval/mean` over the stage index (0 = base model); a labelled row such as
-`merged:ties` or `multitask` as `eval_merged-ties/<task>` at step 0.
+`merged:ties` or `multitask` as `eval_merged-ties/<task>` at step 0; each stage's lr schedule as
+`schedule/<setting>` scalars (peak_lr, steps, warmup_steps, decay_steps, lr_first, ...) at the
+stage index and as a `schedule` text entry (wandb: the same `schedule/` keys).
 
 Weights & Biases: one wandb run per (method, seed), project `clbench` (or $WANDB_PROJECT),
 group = the run's name, files under `<run dir>/wandb/`. It honours WANDB_MODE (offline for a
@@ -23,6 +26,8 @@ machine without network; `wandb sync` uploads later). wandb is an optional extra
 """
 
 from __future__ import annotations
+
+import json
 
 import importlib.util
 import os
@@ -55,6 +60,10 @@ class Tracker:
     def log_stage(self, method: str, seed: int, stage: int, scores: dict, task: str | None = None) -> None:
         pass
 
+    def log_schedule(self, method: str, seed: int, stage: int, schedule: dict) -> None:
+        """A stage's lr schedule (clbench.schedule.describe, as results.json records it)."""
+        pass
+
     def close(self) -> None:
         pass
 
@@ -72,6 +81,11 @@ def _eval_prefix(stage) -> tuple[str, int]:
         return "eval", int(stage)
     except (TypeError, ValueError):
         return "eval_" + "".join(c if c.isalnum() or c in "._-" else "-" for c in str(stage)), 0
+
+
+def _numbers(schedule: dict) -> dict[str, float]:
+    """The numeric settings of a schedule (its name goes to the text log)."""
+    return {k: float(v) for k, v in schedule.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class _StepCounter:
@@ -116,6 +130,12 @@ class TensorBoardTracker(Tracker):
             w.add_scalar(f"{prefix}/mean", sum(map(float, scores.values())) / len(scores), step)
         w.flush()
 
+    def log_schedule(self, method, seed, stage, schedule):
+        w = self._writer(method, seed)
+        for k, v in _numbers(schedule).items():
+            w.add_scalar(f"schedule/{k}", v, int(stage))
+        w.add_text("schedule", json.dumps(schedule, sort_keys=True), int(stage))
+
     def close(self):
         for w in self.writers.values():
             w.close()
@@ -154,6 +174,10 @@ class WandbTracker(Tracker):
         # at the step the next training step will use: wandb drops a step lower than one already logged
         self._run(method, seed).log(data, step=self.count.next.get((method, int(seed)), 0))
 
+    def log_schedule(self, method, seed, stage, schedule):
+        data = {f"schedule/{k}": v for k, v in _numbers(schedule).items()}
+        self._run(method, seed).log({**data, "schedule/stage": int(stage)}, step=self.count.next.get((method, int(seed)), 0))
+
     def close(self):
         for r in self.runs.values():
             r.finish()
@@ -171,6 +195,10 @@ class MultiTracker(Tracker):
     def log_stage(self, *a, **kw):
         for t in self.trackers:
             t.log_stage(*a, **kw)
+
+    def log_schedule(self, *a, **kw):
+        for t in self.trackers:
+            t.log_schedule(*a, **kw)
 
     def close(self):
         for t in self.trackers:

@@ -307,6 +307,9 @@ def test_run_logs_to_tensorboard(tmp_path, run_cli, one_thread):
     assert losses[0][1] == pytest.approx(stages[0]["first_loss"], rel=1e-5)
     assert losses[-1][1] == pytest.approx(stages[-1]["last_loss"], rel=1e-5)
     assert [v for _, v in _scalars(d, "train/lr")] == pytest.approx([3e-3] * 6)
+    # each stage's schedule (constant at the config's lr, FAST's 2 steps) at the stage's number
+    assert _scalars(d, "schedule/peak_lr") == [(1, pytest.approx(3e-3)), (2, pytest.approx(3e-3)), (3, pytest.approx(3e-3))]
+    assert [v for _, v in _scalars(d, "schedule/steps")] == [2.0, 2.0, 2.0]
     R = res["methods"]["full_ft"]["seeds"]["0"]["matrix"]
     parity = _scalars(d, "eval/tiny_parity")
     assert [s for s, _ in parity][-3:] == [1, 2, 3]
