@@ -157,8 +157,10 @@ def _dispatch(args) -> int:
             if sname not in streams:
                 raise ClbenchError(f"unknown stream {sname!r}; available: {', '.join(sorted(streams))}")
             names = list(dict.fromkeys(n for order in streams[sname]["orders"].values() for n in order))
-        elif cfg and cfg.tasks:
-            names = list(cfg.tasks)
+        elif cfg and cfg.tasks:  # groups and tags expanded as a run expands them; registry tasks need no data
+            from .tasks import resolve_stream
+
+            names = [n for n in resolve_stream(cfg, tasks, streams) if not tasks[n].hub]
         else:  # every built-in stream; presets (data on the user's disk) only when named
             names = list(dict.fromkeys(n for s in streams.values() if not s.get("preset")
                                        for o in s["orders"].values() for n in o))

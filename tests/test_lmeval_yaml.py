@@ -193,3 +193,12 @@ def test_groups_and_tags_are_listed_as_streams(tmp_path, run_cli):
     assert code == 0, err
     assert "lm_letters: lm-eval group" in out and "order 1: lm_vowel -> lm_next  [data ready]" in out
     assert "letter_tasks: lm-eval tag" in out and "order 1: lm_next -> lm_vowel" in out
+
+
+def test_data_prepare_takes_a_config_whose_tasks_name_a_group(tmp_path, run_cli):
+    """`clbench data prepare --config` expands a group in `tasks:` as a run does (its tasks need no
+    preparation: their data is the YAML's own data_files)."""
+    code, out, err = run_cli("data", "prepare", "--config", _config(tmp_path, ["lm_letters"]))
+    assert code == 0, err
+    code, _, err = run_cli("data", "prepare", "--config", _config(tmp_path, ["lm_letters", "no_such_task"]))
+    assert code == 2 and "no_such_task" in err, err
