@@ -31,6 +31,8 @@ After training:
 Before the run (distributed.strategy fsdp only):
     fsdp_refusal() -> str | None   None: the method runs on sharded parameters (clbench/fsdp.py);
                                    else why not (the default: not verified), refused at planning
+    world_size_dependent() -> str | None   None: the same numbers at any number of processes;
+                                   else why not (recorded in results.json, printed on several)
 
 Every method has an `Options` pydantic model whose defaults are its documented defaults;
 unknown option keys are refused whatever the author wrote (the registry enforces extra=forbid).
@@ -212,6 +214,9 @@ class Method:
 
     def fsdp_refusal(self) -> str | None:
         return "not verified under fsdp (sharded parameters)"
+
+    def world_size_dependent(self) -> str | None:
+        return None
 
 
 HOOKS = tuple(n for n, v in vars(Method).items() if callable(v) and not n.startswith("_") and not isinstance(v, type))
@@ -453,6 +458,7 @@ _RETURNS: dict[str, tuple[Callable[[Any], bool], str]] = {
                          "None or a non-negative int"),
     "needs_tasks": (lambda v: isinstance(v, (list, tuple)), "a list of task names"),
     "fsdp_refusal": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
+    "world_size_dependent": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
 }
 
 

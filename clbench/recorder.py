@@ -219,7 +219,7 @@ class Recorder:
         rec = self
         T = len(rec.plan.task_names)
         # a method whose numbers depend on the number of processes says why (every other one's do not)
-        why = getattr(meth, "world_size_dependent", lambda: None)()
+        why = M.call(meth, "world_size_dependent")
         if why and D.world_size() > 1 and D.is_main() and name not in rec.warned:
             rec.warned.add(name)
             print(f"clbench: {name}: its results depend on the number of processes ({why})", file=sys.stderr, flush=True)
