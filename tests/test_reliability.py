@@ -102,11 +102,20 @@ def test_ctrl_c_then_resume_gives_identical_matrix(reference_run, tmp_path):
         except (FileNotFoundError, KeyError, ValueError):
             return False
 
+    # stderr is drained by a thread while we wait: a child writing into a full pipe blocks before
+    # it records stage 1, and the interrupt would then come at the wrong time
+    import threading
+
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
     deadline = time.time() + 240
     while not stage1_recorded() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(timeout=60)
+    err = "".join(lines)
     assert proc.returncode == 130, err
     assert "clbench: interrupted; results of completed stages are in the run directory" in err
     assert "Traceback" not in err and not (out / ".lock").exists()
