@@ -107,10 +107,18 @@ def test_ctrl_c_then_resume_gives_identical_matrix(reference_run, tmp_path):
     import threading
 
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    stage1_done = threading.Event()  # the stage's summary line is printed once it is recorded
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "stage 1/3 tiny_parity: 20 steps" in line:
+                stage1_done.set()
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     deadline = time.time() + 240
-    while not stage1_recorded() and proc.poll() is None and time.time() < deadline:
+    while not (stage1_done.is_set() or stage1_recorded()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
