@@ -367,11 +367,12 @@ def test_hft_params_rule_freezes_half(tok, examples):
 # --- KS-Lottery ----------------------------------------------------------------------
 
 
-def test_ks_lottery_selects_rows_by_scipy_ks_test_and_trains_only_them(tok, examples, monkeypatch):
+@pytest.mark.parametrize("rows", ["seen", "all"])
+def test_ks_lottery_selects_rows_by_scipy_ks_test_and_trains_only_them(tok, examples, monkeypatch, rows):
     from scipy.stats import ks_2samp
 
     model = build(tok)
-    meth, model, run = make("ks_lottery", tok, model, {"alpha": 0.05, "calibration_steps": 3})
+    meth, model, run = make("ks_lottery", tok, model, {"alpha": 0.05, "calibration_steps": 3, "rows": rows})
     E = model.get_input_embeddings().weight
     assert E is model.get_output_embeddings().weight  # tied
     E0 = E.detach().clone()
@@ -388,8 +389,14 @@ def test_ks_lottery_selects_rows_by_scipy_ks_test_and_trains_only_them(tok, exam
     assert checked == [3]
     assert stage.train_config.weight_decay == CFG.weight_decay  # the stage's own setting is untouched
     assert torch.equal(E.detach(), E0)  # reset
-    expect = [j for j in range(E0.shape[0]) if ks_2samp(E0[j].numpy(), seen["E1"][j].numpy()).pvalue < 0.05]
+    # the tied head moves every row; "seen" tests only the tokens of the stage's examples
+    in_data = {t for ex in stage.examples for t in ex.input_ids}
+    assert len(in_data) < E0.shape[0]
+    moved = [j for j in range(E0.shape[0]) if ks_2samp(E0[j].numpy(), seen["E1"][j].numpy()).pvalue < 0.05]
+    expect = [j for j in moved if rows == "all" or j in in_data]
     assert 0 < len(expect) < E0.shape[0]
+    if rows == "all":
+        assert set(moved) - in_data  # rows of tokens outside the data pass the test through the head
     assert meth.selected[-1] == expect
     assert meth.trainable_params(model) == len(expect) * E0.shape[1]
     monkeypatch.undo()
@@ -416,6 +423,14 @@ def test_ks_lottery_top_n_and_vectorised_statistic_matches_scipy():
         assert D[j].item() == pytest.approx(r.statistic, abs=1e-12) and p[j].item() == pytest.approx(r.pvalue, rel=1e-9, abs=1e-15)
     sel = ks_mod.select_rows(D, p, 0.05, 5, 1, 32)
     assert int(sel.sum()) == 5 and D[sel].min() >= D[~sel].max()
+    # candidates: the top n among them only, and never more than the candidates that changed
+    cand = torch.zeros(40, dtype=torch.bool)
+    cand[[0, 1, 2, 35, 36]] = True  # rows 35, 36 did not change (D = 0)
+    sel = ks_mod.select_rows(D, p, 0.05, 2, 1, 32, candidates=cand)
+    top2 = sorted(range(3), key=lambda j: -D[j].item())[:2]
+    assert sel.nonzero().flatten().tolist() == sorted(top2)
+    assert ks_mod.select_rows(D, p, 0.05, 10, 1, 32, candidates=cand).nonzero().flatten().tolist() == [0, 1, 2]
+    assert not (ks_mod.select_rows(D, p, 1.0, None, 1, 32, candidates=cand) & ~cand).any()
 
 
 # --- SPAFIT --------------------------------------------------------------------------
