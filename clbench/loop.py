@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from . import distributed as D
 from . import fsdp
@@ -184,15 +185,16 @@ class Job:
             self.s.tracker.log_stage(self.name, self.seed, stage, scores)
 
     def finish_stage(self, meth, model, entry: dict, scores: dict, log: CostLog, mode: str) -> None:
-        """After a stage: log it, check that every rank agrees, record it and write the results files."""
+        """After a stage: check that every rank agrees, record it, write the results files, then log it."""
         log.stages.append(entry)
         D.check_ranks(self.tag(), model, lambda: M.call(meth, "state_dict"), entry)
+        # recorded first: the summary line means the stage is safely in the run directory
+        self.record(meth, model, log, mode, merges_pending=bool(self.spec.merge))
         n, ck_mb = len(self.s.pl.task_names), entry["checkpoint_mb"]
-        self.s.console.print(f"{self.tag()} stage {entry['stage']}/{n} {entry['task']}: {entry['steps']} steps, loss "
+        self.s.console.print(f"{escape(self.tag())} stage {entry['stage']}/{n} {entry['task']}: {entry['steps']} steps, loss "
                              f"{entry['first_loss']:.3f} -> {entry['last_loss']:.3f} ({entry['train_seconds']:.1f}s); "
                              f"eval {_fmt_scores(scores)} ({entry['eval_seconds']:.1f}s)"
                              + (f"; checkpoint {ck_mb:.1f} MB" if ck_mb else ""))
-        self.record(meth, model, log, mode, merges_pending=bool(self.spec.merge))
 
     def record(self, meth, model, log: CostLog, mode: str, merges_pending: bool = False) -> None:
         self.s.rec.record_method(self.name, self.seed, meth, model, log.train_s, log.eval_s, log.peak, log.stages,
@@ -293,7 +295,7 @@ def run_method(job: Job):
     s.memory_released = False
     prev = s.rec.methods.get(job.name, {}).get("seeds", {}).get(str(job.seed))
     if prev and prev.get("complete"):
-        s.console.print(f"{job.tag()} already complete in {s.out}; skipped")
+        s.console.print(f"{escape(job.tag())} already complete in {s.out}; skipped")
         return None
     s.rec.methods.setdefault(job.name, {"seeds": {}}).update(mode=job.spec.mode, merges=[m.row_name for m in job.spec.merge])
     runner = {"sequential": _run_sequential, "single": _run_single, "multitask": _run_multitask}[job.spec.mode]
@@ -335,11 +337,11 @@ def _run_sequential(job: Job, prev):
         log = CostLog(ck["train_seconds"], ck["eval_seconds"], ck["peak_mem_mb"], prev["stages"][:resume_at])
         start = resume_at + 1
         s.rec.drop(job.name, job.seed, resume_at)
-        s.console.print(f"{job.tag()} resumed after stage {resume_at} from {ckpts.path(resume_at)}"
+        s.console.print(f"{escape(job.tag())} resumed after stage {resume_at} from {ckpts.path(resume_at)}"
                         + (f"; {_stages(resume_at + 1, done)} redone (no later checkpoint)" if resume_at < done else ""))
     else:
         if done:
-            s.console.print(f"{job.tag()} has no stage checkpoint to resume from; {_stages(1, done)} redone")
+            s.console.print(f"{escape(job.tag())} has no stage checkpoint to resume from; {_stages(1, done)} redone")
         s.rec.drop(job.name, job.seed, -1)
         job.add_row(0, None, s.base_scores)
     for t, task in enumerate(names, 1):
@@ -374,7 +376,7 @@ def _run_single(job: Job, prev):
     if done:
         s.rec.drop(job.name, job.seed, done)
         log = CostLog(prev["train_seconds"], prev["eval_seconds"], prev["peak_mem_mb"], prev["stages"][:done])
-        s.console.print(f"{job.tag()} (single-task reference) resumed after stage {done}")
+        s.console.print(f"{escape(job.tag())} (single-task reference) resumed after stage {done}")
     else:
         s.rec.drop(job.name, job.seed, -1)
         job.add_row(0, None, s.base_scores)
@@ -442,5 +444,5 @@ def _run_merges(job: Job, mode: str) -> float:
         del model
         spent += es
         job.add_row(ms.row_name, "", scores)
-        s.console.print(f"{job.tag()} {ms.row_name}: {_fmt_scores(scores)} (merge + eval {time.perf_counter() - t0:.1f}s)")
+        s.console.print(f"{escape(job.tag())} {ms.row_name}: {_fmt_scores(scores)} (merge + eval {time.perf_counter() - t0:.1f}s)")
     return spent

@@ -127,6 +127,7 @@ def test_ctrl_c_then_resume_gives_identical_matrix(reference_run, tmp_path):
     assert proc.returncode == 130, err
     assert "clbench: interrupted; results of completed stages are in the run directory" in err
     assert "Traceback" not in err and not (out / ".lock").exists()
+    assert "[full_ft seed 0] stage 1/3 tiny_parity" in err  # the tag is text, not console markup
     rows = (out / "matrix.csv").read_text().splitlines()
     assert len(rows) - 1 < 2 * 4 * 3, "the interrupt came after the run had finished"
     r = clbench("run", TINY_CONFIG, "--output-dir", out, *EVERY_STAGE)
