@@ -48,6 +48,15 @@ Options:
                      tests rows the paper never could. Measured on SmolLM2-135M, trec, 5 steps at
                      lr 1e-2: 3,300 seen rows were tested, max D 0.068, min p 0.14, so no row passes
                      alpha 0.05.
+Learning at a short budget (measured; no default makes it learn there). `clbench tune
+configs/tune/study-cls4.yaml` on SmolLM2-135M-Instruct, 5 steps of 8 examples, trec's validation
+split (40 examples, base model 0.300): lr 1e-2 with n 100 / 1000 scored 0.125 / 0.300, lr 3e-2
+0.275 / 0.325 (the winner, used by the study). A wider probe (same protocol, --select-only): lr 1e-1
+0.325 / 0.225 and lr 3e-1 0.350 / 0.350 with n 1000 / 3000, the training loss rising (11.2 -> 29
+at 1e-1, -> 48 and 81 at 3e-1): a few embedding rows of a tied-embedding model, trained for 5
+steps, do not move the task's score beyond noise, and larger steps diverge. The study's test runs
+are flagged "did not learn" (reports/study/cls4). The paper trains its embedding pass to
+convergence on translation data; this benchmark's budget is far shorter.
 The sparse stage uses the loop's optimizer settings (weight decay only on the selected rows).
 Not implemented: the paper's "partial transfer" (copy the selected rows of E' instead of
 retraining them).
