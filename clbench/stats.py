@@ -61,8 +61,12 @@ def resample_indices(n: int, n_resamples: int, rng: np.random.Generator) -> np.n
     return rng.integers(0, n, size=(n_resamples, n))
 
 
+ZERO_TOL = 1e-9  # scores are fractions of examples: a bound within float noise of 0 (e.g. -2e-17) is 0
+
+
 def excludes_zero(lo: float, hi: float) -> bool:
-    return bool(np.isfinite(lo) and np.isfinite(hi) and (lo > 0 or hi < 0))
+    """The interval lies strictly on one side of 0; a bound within ZERO_TOL of 0 touches it."""
+    return bool(np.isfinite(lo) and np.isfinite(hi) and (lo > ZERO_TOL or hi < -ZERO_TOL))
 
 
 def mean_interval(values, n_resamples: int = N_RESAMPLES, level: float = LEVEL, seed: int = SEED) -> dict:

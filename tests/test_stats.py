@@ -41,6 +41,12 @@ def test_paired_interval_over_seeds_must_and_must_not_contain_zero():
     # or 0.2: 3 + 3 ways, of 27), far above 2.5%, so the CI's lower end is below 0 and it holds 0
     r = stats.mean_interval([-0.1, 0.1, 0.2])
     assert r["lo"] < 0 < r["hi"] and not stats.excludes_zero(r["lo"], r["hi"])
+    # a difference that is 0 up to float noise: 0.3 - (0.1 + 0.2) = -5.6e-17. The resample made of
+    # it alone (probability 1/27, above 2.5%) sets the upper end; the CI touches 0, it does not exclude it
+    noise = 0.3 - (0.1 + 0.2)
+    assert -1e-15 < noise < 0
+    r = stats.mean_interval([-0.05, -0.025, noise])
+    assert r["lo"] < 0 and abs(r["hi"]) < 1e-15 and not stats.excludes_zero(r["lo"], r["hi"])
     # one sample: no interval
     r = stats.mean_interval([0.4])
     assert r["diff"] == 0.4 and math.isnan(r["lo"]) and r["over"] == "none"
