@@ -46,7 +46,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from .config import RunConfig, Strict, format_validation_error, load_yaml, method_index
+from .config import RunConfig, Strict, format_validation_error, load_yaml, method_index, set_path
 from .errors import ConfigError
 from .sweep import RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, check_key_path, expand, run_sweep
 
@@ -132,7 +132,12 @@ def load_tune(path: str | Path, output_dir: str | Path | None = None) -> Tune:
             raise ConfigError(f"{path}: methods: {m!r} is neither a result name of {base_path} nor a method")
         for key in (axes or {}):
             check_key_path(f"methods.0.{key}", f"{path}: methods.{m}")
-    rc = RunConfig.model_validate({**base, **({} if "methods" in base else {"methods": [{"name": "full_ft"}]})})
+    # the stream, order and task dirs every run will see: the base with `set:` applied (a `set: {stream: ...}`
+    # over a base of another stream must tune on the set stream's tasks)
+    eff = copy.deepcopy(base)
+    for k, v in cfg.set.items():
+        set_path(eff, k, v, where=f"{path}: set:", missing_method="skip")
+    rc = RunConfig.model_validate({**eff, **({} if "methods" in eff else {"methods": [{"name": "full_ft"}]})})
     dirs = [(base_path.parent / d).resolve() for d in rc.task_dirs]
     defs = taskcat.load_tasks(dirs)
     streams = taskcat.load_streams(dirs, defs)

@@ -133,3 +133,14 @@ def test_bad_tune_files_fail_naming_the_key(tmp_path):
 def test_shipped_tune_files_validate(path):
     tune = load_tune(path)
     assert tune.tasks and all(axes for axes in tune.cfg.methods.values()) and len(tune.cfg.final.seeds) >= 3
+
+
+def test_set_stream_overrides_the_base_stream(tmp_path):
+    # the base runs stream tiny2 (tiny_parity first); `set: {stream: one}` must tune on stream one's task
+    path = make_tune(tmp_path, set={"stream": "one"})
+    streams = tmp_path / "tasks" / "streams.yaml"
+    body = yaml.safe_load(streams.read_text())
+    body["one"] = {"description": "one task", "orders": {"1": ["tiny_compare"]}}
+    streams.write_text(yaml.safe_dump(body))
+    assert load_tune(path).tasks == ["tiny_compare"]
+    assert load_tune(make_tune(tmp_path / "plain")).tasks == ["tiny_parity", "tiny_compare"]
