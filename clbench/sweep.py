@@ -234,11 +234,17 @@ def load_sweep(path: str | Path, output_dir: str | Path | None = None, launcher:
     return Sweep(cfg, path, out, runs)
 
 
-def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, where: str) -> list[Run]:
+def with_set(base: dict, overrides: dict, where: str) -> dict:
+    """A copy of the base run config with a sweep's (or tune's) `set:` overrides applied."""
     base = copy.deepcopy(base)
-    for k, v in cfg.set.items():
+    for k, v in overrides.items():
         if not set_path(base, k, v, where=f"{where}: set:", missing_method="skip"):
             raise ConfigError(f"{where}: set: {k!r} names a method the base config does not hold")
+    return base
+
+
+def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, where: str) -> list[Run]:
+    base = with_set(base, cfg.set, where)
     hyper = [k for k in cfg.grid if k not in AXES]
     short = {k: k.rsplit(".", 1)[-1] for k in hyper}
     for k in hyper:  # two axes ending in the same key (train.lr, methods.lora.train.lr): use the whole path

@@ -46,9 +46,9 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from .config import RunConfig, Strict, format_validation_error, load_yaml, method_index, set_path
+from .config import RunConfig, Strict, format_validation_error, load_yaml, method_index
 from .errors import ConfigError
-from .sweep import RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, check_key_path, expand, run_sweep
+from .sweep import RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, check_key_path, expand, run_sweep, with_set
 
 VARIANT = "__validation"  # a task's validation variant is named <task>__validation
 
@@ -134,9 +134,7 @@ def load_tune(path: str | Path, output_dir: str | Path | None = None) -> Tune:
             check_key_path(f"methods.0.{key}", f"{path}: methods.{m}")
     # the stream, order and task dirs every run will see: the base with `set:` applied (a `set: {stream: ...}`
     # over a base of another stream must tune on the set stream's tasks)
-    eff = copy.deepcopy(base)
-    for k, v in cfg.set.items():
-        set_path(eff, k, v, where=f"{path}: set:", missing_method="skip")
+    eff = with_set(base, cfg.set, str(path))
     rc = RunConfig.model_validate({**eff, **({} if "methods" in eff else {"methods": [{"name": "full_ft"}]})})
     dirs = [(base_path.parent / d).resolve() for d in rc.task_dirs]
     defs = taskcat.load_tasks(dirs)
