@@ -126,7 +126,12 @@ SHARDED = [{"name": "lota", "options": {"calibration_steps": 2}}, {"name": "hft"
            {"name": "ks_lottery", "options": {"calibration_steps": 2, "n": 20}},
            {"name": "spafit", "options": {"r": 2, "alpha": 4}}, {"name": "ewc", "options": {"ewc_lambda": 100.0}},
            {"name": "sift"}, {"name": "sift", "label": "sift_decay", "options": {"decay_selected": True}},
-           {"name": "replay", "options": {"m": 8}}]
+           # replay at lr 1e-3: its stage-2 batches mix two tasks' lengths, 11 examples split 6/5 over the
+           # ranks, so the sums differ by rounding where the other methods' even 4/4 splits of one length
+           # agree almost bit for bit; at the others' lr 3e-3 Adam's sign-like first steps make this dense
+           # training chaotic (seen: weights 6e-3 and 38% of a tensor's entries apart after stage 3), at
+           # 1e-3 every weight is within 4.8e-6 after stage 3 and the losses within 5e-7
+           {"name": "replay", "options": {"m": 8}, "train": {"lr": 1.0e-3}}]
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +202,7 @@ def _weights(run, m, t):
 def test_sharded_weights_and_sift_entries_match_one_process(fsdp_runs):
     """Weights after the last stage: none off by more than one lr step (3e-3), at most 1% of the
     entries by more than 1e-5 (Adam's division by sqrt(v) amplifies rounding where a gradient is
-    ~0, as in the DDP test; seen: 0.15% and at most 6.3e-5 for replay's dense training). SIFT: the entries each stage
+    ~0, as in the DDP test; seen: at most 4.8e-5, on 0.02% of an EWC tensor's entries). SIFT: the entries each stage
     changed (its selection: every selected entry moves) are the same, and as many as its budget."""
     from clbench.method import get
 
