@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from . import interrupt
+
+    interrupt.install()  # a Ctrl-C that a library swallows still stops the run at the next step
     try:
         return _dispatch(args)
     except ClbenchError as e:

@@ -22,6 +22,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from . import adapters
 from . import distributed as D
+from . import interrupt
 from . import method as M
 from .errors import TrainingError  # noqa: F401  (raised here; clbench.train.TrainingError for users)
 from .runtime import derive_seed, state_bytes
@@ -181,6 +182,7 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
     t0 = time.perf_counter()
     log = _StepLog(desc, total, progress)
     for step in range(total):
+        interrupt.check()  # a Ctrl-C that some library caught earlier (clbench.interrupt)
         lr = opt.param_groups[0]["lr"]  # this step's learning rate (before the scheduler moves it)
         clock.step, clock.lr = step, lr
         step_loss = 0.0

@@ -603,3 +603,25 @@ def test_unreadable_checkpoint_on_resume_is_said_and_its_stages_redone(reference
     assert f"{ck / 'stage2.pt'} cannot be read" in flat and f"{ck / 'stage1.pt'} cannot be read" in flat
     assert "has no stage checkpoint to resume from; stages 1-2 are redone" in err
     assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
+
+
+def test_a_ctrl_c_that_a_library_swallows_is_raised_again_at_the_next_check():
+    """A library's broad except around its own work must not lose the user's Ctrl-C: the training
+    loop's per-step check raises it again; a new install (a new command) starts clean."""
+    from clbench import interrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        interrupt.install()
+        interrupt.check()  # nothing requested: no error
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs in the main thread between bytecodes
+        except KeyboardInterrupt:
+            pass  # what a careless library does
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()
+        interrupt.install()
+        interrupt.check()
+    finally:
+        signal.signal(signal.SIGINT, previous)
