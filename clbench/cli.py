@@ -73,17 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from . import interrupt
 
-    interrupt.install()  # a Ctrl-C that a library swallows still stops the run at the next step
-    try:
-        return _dispatch(args)
-    except ClbenchError as e:
-        if args.debug:
-            raise
-        print(f"clbench: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("clbench: interrupted; results of completed stages are in the run directory", file=sys.stderr)
-        return 130
+    with interrupt.watching():  # a Ctrl-C that a library swallows still stops the run at the next step
+        try:
+            return _dispatch(args)
+        except ClbenchError as e:
+            if args.debug:
+                raise
+            print(f"clbench: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("clbench: interrupted; results of completed stages are in the run directory", file=sys.stderr)
+            return 130
 
 
 def _user_dirs(config: str | None):

@@ -607,12 +607,13 @@ def test_unreadable_checkpoint_on_resume_is_said_and_its_stages_redone(reference
 
 def test_a_ctrl_c_that_a_library_swallows_is_raised_again_at_the_next_check():
     """A library's broad except around its own work must not lose the user's Ctrl-C: the training
-    loop's per-step check raises it again; a new install (a new command) starts clean."""
+    loop's per-step check raises it again; a new block (a new command) starts clean, and the
+    handler that was there before is put back."""
     from clbench import interrupt
 
     previous = signal.getsignal(signal.SIGINT)
-    try:
-        interrupt.install()
+    with interrupt.watching():
+        assert signal.getsignal(signal.SIGINT) is not previous
         interrupt.check()  # nothing requested: no error
         try:
             os.kill(os.getpid(), signal.SIGINT)
@@ -621,7 +622,6 @@ def test_a_ctrl_c_that_a_library_swallows_is_raised_again_at_the_next_check():
             pass  # what a careless library does
         with pytest.raises(KeyboardInterrupt):
             interrupt.check()
-        interrupt.install()
+    assert signal.getsignal(signal.SIGINT) is previous
+    with interrupt.watching():
         interrupt.check()
-    finally:
-        signal.signal(signal.SIGINT, previous)
