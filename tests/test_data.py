@@ -451,7 +451,14 @@ def test_shipped_task_yaml(path, tmp_path):
         assert cl["score"] == "per_byte_likelihood" and y["metric_list"][0]["metric"] == "bits_per_byte"
     else:
         assert y["output_type"] == "generate_until"
-        assert y["doc_to_target"] == "{{target}}"
+        names = plan.builder.label_names or spec.get("labels")
+        if names:  # a classification task scored by generating its label word: the label words in order
+            mc = yaml.safe_load((path.parent / (path.stem[:-len("_gen")] + ".yaml")).read_text())
+            assert path.stem.endswith("_gen") and mc["clbench"]["data"] == spec  # same documents as the log-likelihood kind
+            assert y["doc_to_target"] == "{{" + repr(mc["doc_to_choice"]) + "[label]}}" and len(names) == len(mc["doc_to_choice"])
+            assert y["doc_to_text"] == mc["doc_to_text"]  # the kinds differ only in how the answer is scored
+        else:
+            assert y["doc_to_target"] == "{{target}}"
         assert y["generation_kwargs"]["until"] == ["\n"] and y["generation_kwargs"]["do_sample"] is False
         assert y["metric_list"][0]["metric"] == "exact_match"
     if spec["source"].startswith("bigbench"):
@@ -460,7 +467,7 @@ def test_shipped_task_yaml(path, tmp_path):
 
 def test_shipped_streams_name_existing_tasks():
     streams = catalog.load_streams()
-    assert {"cls4", "qa4"} <= set(streams)
+    assert {"cls4", "cls4_gen", "topic4", "cls3_gen"} <= set(streams) and "qa4" not in set(streams)
     names = {p.stem for p in SHIPPED}
     for name, s in streams.items():
         if s.get("preset"):  # presets read their tasks from tasks/presets/ (tests/test_presets.py)

@@ -330,7 +330,7 @@ def test_list_streams_shows_presets_and_data_state(tmp_path, std_root, run_cli, 
     assert "natural-instructions" in status("superni-o1")
     assert "cls4:" in out  # the registry streams are still there
     # data prepare without a stream prepares the registry streams only, never the presets
-    assert all(not s.get("preset") for n, s in load_streams().items() if n in ("cls4", "qa4"))
+    assert all(not s.get("preset") for n, s in load_streams().items() if n in ("cls4", "topic4"))
 
 
 # ----------------------------------------------------------------------------- leakage
