@@ -47,7 +47,7 @@ on SmolLM2-135M-Instruct at the demo budget (5 steps of 8 examples a stage). On 
 split (base model 0.300) lr 1e-3 scored 0.300, 3e-3 0.425, 1e-2 0.300: the paper's GLUE lrs
 (5e-4 .. 1.2e-3) are for thousands of steps; peft starts the increment at zero (E = 0, with P and Q
 drawn at std 0.02, so E's gradient is small) and the budget shrinks during the stage, so 5 steps
-at those lrs leave the model where it was. The study's test runs at 3e-3 are in reports/study/cls4.
+at those lrs leave the model where it was. The earlier study (docs/study.md) ran its test runs at 3e-3.
 """
 
 from __future__ import annotations

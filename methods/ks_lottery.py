@@ -55,7 +55,7 @@ split (40 examples, base model 0.300): lr 1e-2 with n 100 / 1000 scored 0.125 / 
 0.325 / 0.225 and lr 3e-1 0.350 / 0.350 with n 1000 / 3000, the training loss rising (11.2 -> 29
 at 1e-1, -> 48 and 81 at 3e-1): a few embedding rows of a tied-embedding model, trained for 5
 steps, do not move the task's score beyond noise, and larger steps diverge. The study's test runs
-are flagged "did not learn" (reports/study/cls4). The paper trains its embedding pass to
+were flagged "did not learn" (the earlier study at that budget, docs/study.md). The paper trains its embedding pass to
 convergence on translation data; this benchmark's budget is far shorter.
 The sparse stage uses the loop's optimizer settings (weight decay only on the selected rows).
 Not implemented: the paper's "partial transfer" (copy the selected rows of E' instead of
