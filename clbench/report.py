@@ -415,6 +415,15 @@ def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path, refer
     g.samples.to_csv(tab_dir / f"samples__{g.slug}.csv", index=False)
     lines += [f"Per-sample recomputed metrics: `tables/samples__{g.slug}.csv`.", ""]
 
+    intervals = cistats.method_intervals(g)
+    if any(not math.isnan(r["lo"]) for r in intervals):
+        lines += ["### Metrics with 95% CIs", "",
+                  "Each method's own ACC, BWT, forgetting and LA with a 95% percentile-bootstrap CI: over its "
+                  "seeds × orders when it has several, else over the test examples (each task's examples "
+                  "resampled, the same ones in every stage, and the matrix rebuilt). † = the CI excludes 0; a BWT "
+                  "whose CI lies below 0 is forgetting beyond the test-set noise.", ""]
+        table(f"intervals__{g.slug}", paired_table(intervals, "md", delta=False), paired_table(intervals, "tex", delta=False),
+              pd.DataFrame(intervals))
     _learning_section(g, checks, lines, table)
     _paired_section(g, paired, reference, styles, flags, lines, table, fig)
     accuracy = "per_byte_likelihood" not in _stream_metrics(g.runs)  # raw-text domains: a likelihood

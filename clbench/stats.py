@@ -226,6 +226,28 @@ def paired_differences(group, reference: str) -> list[dict]:
     return rows
 
 
+def method_intervals(group) -> list[dict]:
+    """Rows {method, metric, diff (the metric's value), lo, hi, n, over, significant}: each sequential
+    method's ACC, BWT, forgetting and LA with a 95% bootstrap CI, over its (order, seed) samples when it
+    has several, else over test examples (its own matrix rebuilt from resampled examples, as the
+    paired comparison does) when the samples files are there, else no CI. `significant`: the CI
+    excludes 0 (for BWT: forgetting, or backward transfer, beyond the test-set noise)."""
+    methods = sorted({m for r in group.runs for (m, _) in r.R if r.mode(m) == "sequential"})
+    rows = []
+    for m in methods:
+        items = _items(group, m)
+        keys = sorted(items)
+        boot = _examples(group, keys[0], [m]) if len(keys) == 1 else None
+        for name in COMPARED:
+            v = [_FUNCS[name](items[k][0].R[(m, items[k][1])]) for k in keys]
+            res = mean_interval(v)
+            if boot is not None:
+                res["lo"], res["hi"] = percentile_interval(metric_of(boot[0], name))
+                res["over"] = "examples"
+            rows.append({"method": m, "metric": name, **res, "significant": excludes_zero(res["lo"], res["hi"])})
+    return rows
+
+
 def not_learned_by_margin(R, margin: float = LEARN_MARGIN) -> list[int]:
     """0-based indices of tasks whose learning gain R[i, i] - R[0, i] is not above `margin`."""
     R = np.asarray(R, dtype=float)

@@ -173,9 +173,10 @@ def heldout_table(group: Group) -> tuple[pd.DataFrame, str] | None:
 
 
 
-def paired_table(rows: list[dict], fmt: str) -> str:
+def paired_table(rows: list[dict], fmt: str, delta: bool = True) -> str:
     """Paired differences against the reference method (clbench.stats.paired_differences): the mean
-    difference and its 95% bootstrap CI per metric, † where the CI excludes 0."""
+    difference and its 95% bootstrap CI per metric, † where the CI excludes 0. delta=False: each
+    method's own metrics with their CIs (clbench.stats.method_intervals), the same layout."""
     from .stats import COMPARED
 
     by = {(r["method"], r["metric"]): r for r in rows}
@@ -192,6 +193,7 @@ def paired_table(rows: list[dict], fmt: str) -> str:
             mark = ("†" if fmt == "md" else r"$^\dagger$") if r["significant"] else ""
             cells.append((text if fmt == "md" else f"${text}$") + mark)
         body.append([_esc(method, fmt), *cells, n, over])
-    head = ["method", *(f"Δ{LABELS[m]}" if fmt == "md" else rf"$\Delta$ {LABELS[m]}" for m in COMPARED),
+    pre = ("Δ", r"$\Delta$ ") if delta else ("", "")
+    head = ["method", *(f"{pre[0]}{LABELS[m]}" if fmt == "md" else rf"{pre[1]}{LABELS[m]}" for m in COMPARED),
             "n" if fmt == "md" else "$n$", "CI over"]
     return _render(head, body, fmt, align="l" + "r" * (len(COMPARED) + 1) + "l")

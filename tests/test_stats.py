@@ -139,3 +139,32 @@ def test_learning_margin_without_ci_and_seed_interval(tmp_path):
         2: BASE + [[0.4, 0.3, 0.1], [0.4, 0.45, 0.1], [0.4, 0.45, 0.6]]}})
     c = stats.learning_check(_group(three))["m"]
     assert c["over"] == "runs" and c["not_learned"] == ["a"]
+
+
+def test_method_intervals_over_test_examples_and_over_seeds(tmp_path):
+    n = 40
+    ones, half = [1] * n, [1, 0] * (n // 2)
+    # forgets: learns a (0.5 -> 1.0) and then loses half of it (a at stage 2: 1,0,1,0... = 0.5): BWT = 0.5 - 1.0
+    # on every resample of a's examples whose stage-1 score is 1 (all of them): the CI is a point; keeps:
+    # the same stage 1, a kept at 1.0: BWT 0 exactly
+    d = _one_seed_run_with_samples(tmp_path, {
+        "base": {(0, "a"): half, (0, "b"): half},
+        "forgets": {(1, "a"): ones, (1, "b"): half, (2, "a"): half, (2, "b"): ones},
+        "keeps": {(1, "a"): ones, (1, "b"): half, (2, "a"): ones, (2, "b"): ones},
+    })
+    rows = {(r["method"], r["metric"]): r for r in stats.method_intervals(_group(d))}
+    bwt = rows[("forgets", "bwt")]
+    assert bwt["over"] == "examples" and bwt["diff"] == pytest.approx(-0.5)
+    # a resample of a's stage-2 answers (1,0,1,0...) has a mean strictly inside (0, 1) almost surely: the CI
+    # spreads around -0.5 and lies below 0
+    assert bwt["lo"] < -0.5 < bwt["hi"] < 0 and bwt["significant"]
+    keeps = rows[("keeps", "bwt")]
+    assert keeps["diff"] == 0 and (keeps["lo"], keeps["hi"]) == (0, 0) and not keeps["significant"]
+    # several seeds: the interval is over the seeds' values (as paired_differences over runs)
+    many = write_run(tmp_path / "many", {"m": {s: BASE + [[0.6, 0.3, 0.1], [0.6 - d, 0.6, 0.1], [0.6 - d, 0.6, 0.6]]
+                                              for s, d in ((0, 0.1), (1, 0.2), (2, 0.3))}})
+    r = {(x["method"], x["metric"]): x for x in stats.method_intervals(_group(many))}[("m", "bwt")]
+    # BWT per seed: ((0.6-d-0.6) + (0.6-0.6)) / 2 = -d/2: -0.05, -0.10, -0.15, mean -0.10
+    assert r["over"] == "runs" and r["n"] == 3 and r["diff"] == pytest.approx(-0.10)
+    # (1e-12: 0.6 - 0.1 - 0.6 is -0.0999...9 in floating point, so the bounds may pass the seeds' values by rounding)
+    assert -0.15 - 1e-12 <= r["lo"] < -0.10 < r["hi"] <= -0.05 + 1e-12
