@@ -6,12 +6,13 @@ the machine is noisy (step times vary about +-20% between runs): the two sides a
 timed inside clbench.train.train_stage on the same real batches; memory ratios in a fresh
 subprocess per setting; the harness overhead is a short stream run through clbench / a bare
 PyTorch loop; the eval speedup is save + `python -m lm_eval` / clbench's in-memory evaluation;
+the generation speedup is lm-eval's HFLM.generate_until / clbench's on the same model and requests;
 demo_seconds times what `make demo` runs, and the eval shares come from that run's results.json.
 
   bench/run.py              SmolLM2-135M on cls4, configs/demo.yaml (~20 min on 2 CPU cores)
   bench/run.py --quick      the same code paths on the tiny model and tasks (tests the script)
   bench/run.py --skip-demo  reuse the last demo run instead of running it again
-  bench/run.py --only steps,memory,eval   only these sections (steps, eval, long, memory,
+  bench/run.py --only steps,memory,eval   only these sections (steps, eval, gen, long, memory,
                             harness, offdiag, demo, storage, fsdp); figures of the others are taken from the last bench.json
 Writes <out>/bench.json (runs/bench, or runs/bench/quick with --quick) and prints a table.
 """
@@ -56,7 +57,7 @@ FIGURES = ["head_only_targets_step_ratio", "head_only_targets_mem_ratio", "harne
            "sift_step_ratio", "hft_step_ratio", "sift_peak_mem_ratio", "eval_speedup_vs_reload", "demo_seconds",
            "eval_share_T4", "eval_share_T8", "harness_overhead_ratio_checkpoint_every_stage",
            "head_only_targets_step_ratio_long", "head_only_targets_mem_ratio_long",
-           "fsdp_state_bytes_ratio", "fsdp_peak_mem_ratio", "fsdp_ddp_step_ratio"]
+           "fsdp_state_bytes_ratio", "fsdp_peak_mem_ratio", "fsdp_ddp_step_ratio", "generate_speedup"]
 FIGURES += ["lota_checkpoint_ratio", "lota_taskvec_ratio", "sift_checkpoint_ratio", "sift_taskvec_ratio",
             "hft_checkpoint_ratio", "lora_checkpoint_ratio", "merge_peak_ratio_T8_T4", "merge_peak_ratio_T8_T4_tiny"]
 GOALS = {"harness_overhead_ratio": 1.10, "lota_step_ratio": 1.05, "sift_step_ratio": 1.05, "hft_step_ratio": 0.85,
@@ -350,6 +351,72 @@ def bench_eval(ctx: Ctx, reps: int, out: Path, log: Path):
         "inprocess_seconds": inproc, "reload_seconds": reload, "limit": ev.limit, "batch_size": ev.batch_size,
         "model_args": model_args.format("DIR"), "scores_inprocess": s_in, "scores_reload": s_cli,
         "max_abs_score_diff": max(abs(s_in[n] - s_cli[n]) for n in ctx.names)}
+
+
+# --- generation tasks: clbench's generate_until against lm-eval's own ---------------------------
+
+
+def gen_requests(ctx: Ctx, n: int, max_gen_toks: int) -> list:
+    """About n generate_until requests as lm-eval builds them (zero-shot, their own prompts and
+    `until`) from the config's generation tasks (the demo's cls3_gen: question type, SMS spam,
+    movie sentiment), an equal share of test documents each, with max_gen_toks tokens at most."""
+    from lm_eval.api.instance import Instance
+
+    tasks = [t for t in ctx.lm_tasks.values() if t.OUTPUT_TYPE == "generate_until"]
+    if not tasks:
+        raise RuntimeError(f"{ctx.config.name} has no generation task")
+    out = []
+    for t in tasks:
+        t.build_all_requests(limit=-(-n // len(tasks)), rank=0, world_size=1)
+        out += [Instance("generate_until", r.doc, (r.args[0], {**r.args[1], "max_gen_toks": max_gen_toks}), r.idx,
+                         metadata=r.metadata) for r in t.instances]
+    return out
+
+
+def bench_generate(ctx: Ctx, reps: int, log: Path, n: int = 100, max_gen_toks: int = 8):
+    """lm-eval's HFLM.generate_until against clbench's (clbench.evaluate's HFLM subclass) on the
+    same model, requests (gen_requests), batch size (eval.batch_size) and autocast: interleaved
+    repeats (A B, B A, ...) after one untimed call of each, the ratio of the medians. Every call's
+    strings must equal lm-eval's (the section fails otherwise)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from clbench.evaluate import _lm_class
+
+    model = ctx.trained or ctx.model
+    model.eval()
+    kw = dict(pretrained=model, tokenizer=ctx.tok, batch_size=ctx.cfg.eval.batch_size, device=str(ctx.device),
+              mixed_precision_dtype=ctx.autocast)
+    with quiet(log):
+        sides = {"lm_eval": HFLM(**kw), "clbench": _lm_class()(**kw)}
+    load0 = Path("/proc/loadavg").read_text().split()[:3]
+    reqs = gen_requests(ctx, n, max_gen_toks)
+    secs: dict[str, list[float]] = {k: [] for k in sides}
+    want, same = None, []
+    for rep in range(reps + 1):  # round 0 is the untimed warm-up
+        for name in (list(sides) if rep % 2 == 0 else list(sides)[::-1]):
+            t0 = time.perf_counter()
+            with quiet(log), torch.no_grad():
+                got = sides[name].generate_until(reqs, disable_tqdm=True)
+            if rep:
+                secs[name].append(time.perf_counter() - t0)
+            if name == "lm_eval":
+                want = got
+            else:
+                same.append(got)
+    identical = [sum(a == b for a, b in zip(g, want)) for g in same]
+    lens = [len(ctx.tok(r.args[0], add_special_tokens=False)["input_ids"]) for r in reqs]
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    print(f"[bench] gen: {len(reqs)} requests, max_gen_toks {max_gen_toks}; clbench's strings identical to lm-eval's "
+          f"in every call: {identical} of {len(reqs)}; lm-eval {med['lm_eval']:.2f} s, clbench {med['clbench']:.2f} s "
+          f"(medians of {reps})", flush=True)
+    if any(k != len(reqs) for k in identical):
+        raise AssertionError(f"clbench's generate_until differs from lm-eval's: {identical} of {len(reqs)} identical")
+    return {"generate_speedup": med["lm_eval"] / med["clbench"]}, {
+        "requests": len(reqs), "max_gen_toks": max_gen_toks, "until": sorted({repr(r.args[1].get("until")) for r in reqs}),
+        "prompt_tokens_min_mean_max": [min(lens), round(statistics.fmean(lens), 1), max(lens)],
+        "batch_size": ctx.cfg.eval.batch_size, "autocast": str(ctx.autocast), "torch_threads": torch.get_num_threads(),
+        "seconds": secs, "identical_per_call": identical, "nonempty_outputs": sum(bool(w) for w in want),
+        "examples": sorted(set(want))[:8], "loadavg_start": load0, "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]}
 
 
 # --- 2: harness overhead --------------------------------------------------------------
@@ -685,10 +752,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of step timings (each ~1 min in full)")
     ap.add_argument("--reps", type=int, default=None, help="repeats of the eval and harness comparisons (default: eval 1, "
                     "harness 3: its runs scatter by +-15%% on these machines; a harness repeat is ~2.5 min in full)")
+    ap.add_argument("--gen-reps", type=int, default=None, help="interleaved repeats of each side of the generation "
+                    "comparison (default 3; quick: 1)")
     ap.add_argument("--out", help="output folder (default runs/bench, quick: runs/bench/quick)")
     ap.add_argument("--long-length", type=int, default=None, help="prompt tokens of the long section (default 256; quick: 64)")
-    ap.add_argument("--only", help="comma-separated sections to run (steps, eval, long, memory, harness, offdiag, demo, "
-                    "storage, fsdp); "
+    ap.add_argument("--only", help="comma-separated sections to run (steps, eval, gen, long, memory, harness, offdiag, "
+                    "demo, storage, fsdp); "
                     "the other figures are kept from the last bench.json in the output folder")
     for hidden in ("--mem-child", "--merge-child", "--config", "--batches", "--overrides"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -710,7 +779,7 @@ def main():
     figs, raw, secs, t_all = dict.fromkeys(FIGURES), {}, {}, time.perf_counter()
     only = set(args.only.split(",")) if args.only else None
     if only:
-        unknown = only - {"steps", "eval", "long", "memory", "harness", "offdiag", "demo", "storage", "fsdp"}
+        unknown = only - {"steps", "eval", "gen", "long", "memory", "harness", "offdiag", "demo", "storage", "fsdp"}
         if unknown:
             ap.error(f"--only: unknown sections {sorted(unknown)}")
         figs.update({k: v for k, v in prev.items() if k in FIGURES or k.endswith("_ratio")})
@@ -749,6 +818,8 @@ def main():
         if ctx.trained is None:  # without the steps section: the loaded model
             ctx.trained = ctx.model
         section("eval", bench_eval, ctx, reps, out, log)
+    if wanted("gen"):
+        section("gen", bench_generate, ctx, args.gen_reps or (1 if args.quick else 3), log)
     if wanted("long"):
         section("long", bench_long, ctx, max(2, rounds - 1), out, args.long_length or (64 if args.quick else 256))
     if wanted("storage"):

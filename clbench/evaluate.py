@@ -14,6 +14,17 @@ the same log-likelihoods up to floating-point rounding (bf16 autocast on CPU: sc
 exactly with lm-eval's CLI on the demo tasks, see README "Performance"); requests it cannot
 pack (too long for the model, a model without a separable decoder and head) take lm-eval's
 path. CLBENCH_EVAL_PREFIX_SHARING=0 turns it off.
+
+Greedy generation requests (generate_until) go through `_PrefixSharingLM.generate_until`, which
+returns lm-eval's strings exactly: the same batches (lm-eval's grouping by generation kwargs, its
+sort by length and batch size), the same token rows (its tokenizer call, left truncation to
+max_length - max_gen_toks), the same stop rule (`until` plus the EOS string, the model's
+generation-config EOS ids) and the same text (decoded without special tokens, cut at the first
+`until`); clbench.generation.greedy_until decodes them with every row's logits bit for bit those
+of transformers' generate in lm-eval's padded batch, under the same autocast, doing less work
+(see its docstring and docs/performance.md "Generation tasks"). Sampling, other generation
+kwargs or generation-config settings, thinking tokens, batch_size "auto" and seq2seq models take
+lm-eval's path; CLBENCH_EVAL_FAST_GENERATE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -116,8 +127,95 @@ def _lm_class():
                 lp = logp[first:first + len(cont)].gather(1, t[:, None])
                 res[i] = (float(lp.sum()), bool((greedy[first:first + len(cont)] == t).all()))
 
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            if os.environ.get("CLBENCH_EVAL_FAST_GENERATE", "1") == "0" or not _fast_generate_ok(self) or not requests:
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            from lm_eval.models.utils import Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
+
+            from .generation import greedy_until
+
+            # lm-eval's own grouping (by generation kwargs), order and batches
+            collator = Collator([(*r.args, i) for i, r in enumerate(requests)],
+                                sort_fn=lambda x: (-len(self.tok_encode(x[0])), x[0]), group_by="gen_kwargs",
+                                group_fn=lambda x: x[1])
+            groups: dict[str, tuple[dict, list[list[int]]]] = {}
+            for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+                kw = chunk[0][1]
+                groups.setdefault(repr(kw), (kw, []))[1].append([x[2] for x in chunk])
+            res: list = [None] * len(requests)
+            slow: list[int] = []
+            eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+            eos_ids = self.model.generation_config.eos_token_id
+            eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+            for gen_kwargs, batches in groups.values():
+                idx = [i for b in batches for i in b]
+                kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks) if isinstance(gen_kwargs, dict) else None
+                if (kwargs is None or set(kwargs) - _GREEDY_KEYS or kwargs.get("do_sample")
+                        or float(kwargs.get("temperature") or 0.0) != 0.0):
+                    slow += idx
+                    continue
+                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+                max_gen_toks = int(kwargs.pop("max_gen_toks"))
+                max_ctx_len = self.max_length - max_gen_toks
+                assert max_ctx_len > 0, (f"Invalid configuration: requested max tokens to generate ({max_gen_toks}) must "
+                                         f"be less than model's maximum sequence length ({self.max_length}).")
+                rows: dict[int, list[int]] = {}
+                for b in batches:  # tok_batch_encode: special tokens chosen from the batch's first context
+                    ctxs = [requests[i].args[0] for i in b]
+                    special = {}
+                    if has_bos_prefix(ctxs[0], getattr(self.tokenizer, "bos_token", None)):
+                        special = {"add_special_tokens": False}
+                    elif self.add_bos_token is not None:
+                        special = {"add_special_tokens": self.add_bos_token}
+                    for i, e in zip(b, self.tokenizer(ctxs, truncation=self.truncation, **special)["input_ids"]):
+                        rows[i] = list(e)[-max_ctx_len:]
+                if any(not rows[i] for i in idx):
+                    slow += idx
+                    continue
+                local = {i: k for k, i in enumerate(idx)}  # request index -> row of this group
+                texts = greedy_until(
+                    self.model, self.tokenizer, [rows[i] for i in idx], [[local[i] for i in b] for b in batches],
+                    max_new_tokens=max_gen_toks, stop=until, eos_ids=eos_ids, pad=self.tokenizer.pad_token_id,
+                    autocast_dtype=self.mixed_precision_dtype)
+                for i in idx:
+                    res[i] = texts[local[i]]
+                    self.cache_hook.add_partial("generate_until", requests[i].args, res[i])
+            if slow:
+                for i, r in zip(slow, super().generate_until([requests[i] for i in slow], disable_tqdm=True)):
+                    res[i] = r
+            return res
+
     _LM_CLASS = _PrefixSharingLM
     return _LM_CLASS
+
+
+# generation kwargs the fast path takes (after lm-eval's normalisation: until, a token limit, greedy)
+_GREEDY_KEYS = {"until", "max_gen_toks", "do_sample", "temperature"}
+# generation-config fields that do not change greedy decoding under lm-eval's call of model.generate
+# (it passes do_sample, max_length and pad_token_id; sampling settings are unused when do_sample is off)
+_NEUTRAL_GEN_CONFIG = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "do_sample", "temperature",
+                       "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "max_length",
+                       "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                       "return_dict_in_generate", "_from_model_config", "transformers_version", "use_cache",
+                       "num_return_sequences", "length_penalty", "early_stopping"}
+
+
+def _fast_generate_ok(lm) -> bool:
+    """Whether lm's model.generate would be plain greedy search with a KV cache (what
+    clbench.generation.greedy_until reproduces); otherwise lm-eval's own generate_until runs."""
+    if lm.backend != "causal" or getattr(lm, "think_end_token", None) is not None or not isinstance(lm.batch_size, int):
+        return False
+    model = lm.model
+    peft = getattr(model, "active_peft_config", None)
+    if peft is not None and getattr(peft, "is_prompt_learning", False):
+        return False
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None:
+        return False
+    diff = cfg.to_diff_dict()
+    if set(diff) - _NEUTRAL_GEN_CONFIG or diff.get("use_cache", True) is False or diff.get("num_return_sequences", 1) != 1:
+        return False
+    return lm.tokenizer.pad_token_id is not None
 
 
 def _score(results: dict, task: str, metric: str, filt: str) -> float:
