@@ -270,15 +270,15 @@ def _validate_docs(plan: _Plan, docs: list[dict]) -> None:
             if not isinstance(lab, int) or not 0 <= lab < n:
                 raise DataError(f"{where}: document {d} has no valid label index for {n} choices")
     elif out_type == "generate_until":
-        names = _label_names(plan)
-        if names:  # a classification task scored by generating its label word (doc_to_target maps the index)
-            for d in docs:
-                lab = d.get("label")
-                if not isinstance(lab, int) or not 0 <= lab < len(names):
-                    raise DataError(f"{where}: document {d} has no valid label index for {len(names)} labels")
-        elif any(not isinstance(d.get("target"), str) or not d["target"] for d in docs):
-            raise DataError(f"{where}: generate_until documents need a non-empty `target` string "
-                            "(or a builder with a fixed label space)")
+        # a `target` string, or (a classification task scored by generating its label word, doc_to_target
+        # mapping the index) a label index into the builder's fixed label space
+        names = _label_names(plan) or ()
+        for d in docs:
+            lab = d.get("label")
+            if not (isinstance(d.get("target"), str) and d["target"]) and not (
+                    isinstance(lab, int) and not isinstance(lab, bool) and 0 <= lab < len(names)):
+                raise DataError(f"{where}: document {d} has neither a non-empty `target` string nor a label index "
+                                f"into the builder's {len(names)} labels")
 
 
 def _label_names(plan: _Plan) -> tuple[str, ...] | None:
@@ -291,7 +291,7 @@ def _label_counts(plan: _Plan, docs: list[dict]) -> dict[str, int] | None:
     out_type = plan.yaml.get("output_type", "multiple_choice")
     if out_type == "generate_until" and _label_names(plan):
         names = _label_names(plan)
-        return {n: sum(1 for d in docs if d["label"] == i) for i, n in enumerate(names)}
+        return {n: sum(1 for d in docs if d.get("label") == i) for i, n in enumerate(names)}
     if out_type != "multiple_choice":
         return None
     choices = plan.yaml.get("doc_to_choice")
@@ -303,12 +303,13 @@ def _label_counts(plan: _Plan, docs: list[dict]) -> dict[str, int] | None:
     return {k: counts.get(k, 0) for k in order}
 
 
-def _default_sampling(plan: _Plan) -> str:
+def _default_sampling(plan: _Plan, docs: list[dict] | None = None) -> str:
     if "sampling" in plan.spec:
         return plan.spec["sampling"]
     out_type = plan.yaml.get("output_type", "multiple_choice")
     fixed = ((out_type == "multiple_choice" and isinstance(plan.yaml.get("doc_to_choice"), list))
-             or (out_type == "generate_until" and _label_names(plan) is not None))
+             or (out_type == "generate_until" and _label_names(plan) is not None
+                 and all(isinstance(d.get("label"), int) for d in docs or [])))
     return "balanced" if fixed else "random"
 
 
@@ -316,7 +317,7 @@ def _build_and_write(plan: _Plan, files: dict[str, bytes], archive: Path | None)
     rng = Random(plan.seed)
     docs = plan.builder.build(files, plan.spec, rng)
     _validate_docs(plan, docs)
-    sampling = _default_sampling(plan)
+    sampling = _default_sampling(plan, docs)
     train, test = split_documents(docs, plan.spec.get("train", 0), plan.spec["test"], rng, sampling)
     validation, how = [], None
     if "validation" in plan.paths():
