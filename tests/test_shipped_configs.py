@@ -57,8 +57,10 @@ def all_shipped_config_tasks() -> dict[str, list[catalog.TaskDef]]:
         out[str(p.relative_to(CONFIGS))] = [defs[n] for n in t.tasks]
     for p in sweep_files():
         sw = load_sweep(p, output_dir="/nonexistent/never-written")
-        base = (p.parent / sw.cfg.base).resolve()
-        out[str(p.relative_to(CONFIGS))] = list({d.name: d for run in sw.runs for d in config_tasks(run.cfg, base)[0]}.values())
+        # a run's task_dirs are written relative to the sweep's own configs/ folder, where its run
+        # config goes (not relative to the base config)
+        where = (sw.out / "configs" / "run.yaml").resolve()
+        out[str(p.relative_to(CONFIGS))] = list({d.name: d for run in sw.runs for d in config_tasks(run.cfg, where)[0]}.values())
     return out
 
 
