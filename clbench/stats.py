@@ -117,31 +117,46 @@ def example_cells(run_dir: Path, method: str, seed: str, tasks: list[str], metri
     return cells
 
 
-def _rebuild(cells: dict, docs: list[list[int]], idx: list[np.ndarray], T: int) -> np.ndarray:
-    """(B, T+1, T) matrices: cell (t, i) = mean score over the resampled examples of task i."""
-    B = idx[0].shape[0]
+def _rebuild(cells: dict, docs: list[list[int]], counts: list[np.ndarray], T: int) -> np.ndarray:
+    """(B, T+1, T) matrices: cell (t, i) = the mean score over the resampled examples of task i that
+    the cell scored. `counts[i]` (B, len(docs[i])) says how often each example of task i was drawn in
+    each resample; a cell that scored only some of them (eval.offdiag_limit) averages those, with
+    their counts as weights, so every cell keeps its own examples and all cells one draw."""
+    B = counts[0].shape[0]
     R = np.empty((B, T + 1, T))
     for i in range(T):
         for t in range(T + 1):
-            v = np.array([cells[(t, i)][d] for d in docs[i]])
-            R[:, t, i] = v[idx[i]].mean(axis=1)
+            c = cells[(t, i)]
+            have = np.array([d in c for d in docs[i]], dtype=float)
+            v = np.array([c.get(d, 0.0) for d in docs[i]])
+            n = counts[i] @ have
+            if not n.all():
+                raise ValueError(f"a resample drew none of the examples of cell ({t}, {i})")
+            R[:, t, i] = (counts[i] @ v) / n
     return R
 
 
 def example_resamples(cell_sets: list[dict], T: int, n_resamples: int = N_EXAMPLE_RESAMPLES,
                       seed: int = SEED) -> list[np.ndarray]:
-    """Resampled matrices of several (method, seed)s over the same test examples: per task, the
-    examples scored in every cell of every set (with eval.offdiag_limit the first N of them),
-    resampled once and applied to all. Returns one (B, T+1, T) array per set."""
+    """Resampled matrices of several (method, seed)s over the same test examples. Per task, the
+    examples scored in any cell of any set are resampled once (one draw for every cell and every set,
+    so paired differences stay paired); each cell averages the drawn examples it scored. Cells with
+    the same examples (the usual case) get exactly the plain bootstrap mean; an off-diagonal cell on
+    the first N examples (eval.offdiag_limit) keeps its N, while the diagonal keeps all of its own
+    (resampling only the examples every cell shares would shrink every interval to N examples).
+    Returns one (B, T+1, T) array per set."""
     rng = np.random.default_rng(seed)
-    docs = []
+    docs, counts = [], []
     for i in range(T):
-        common = set.intersection(*[set(c[(t, i)]) for c in cell_sets for t in range(T + 1)])
-        docs.append(sorted(common))
-    if any(not d for d in docs):
-        raise ValueError("no test example is scored in every stage of every method")
-    idx = [resample_indices(len(d), n_resamples, rng) for d in docs]
-    return [_rebuild(c, docs, idx, T) for c in cell_sets]
+        union = sorted(set().union(*[set(c[(t, i)]) for c in cell_sets for t in range(T + 1)]))
+        if not union:
+            raise ValueError(f"no test example of task {i} is scored")
+        idx = resample_indices(len(union), n_resamples, rng)
+        cnt = np.zeros((n_resamples, len(union)))
+        np.add.at(cnt, (np.arange(n_resamples)[:, None], idx), 1.0)
+        docs.append(union)
+        counts.append(cnt)
+    return [_rebuild(c, docs, counts, T) for c in cell_sets]
 
 
 def metric_of(R_batch: np.ndarray, name: str) -> np.ndarray:

@@ -168,3 +168,22 @@ def test_method_intervals_over_test_examples_and_over_seeds(tmp_path):
     assert r["over"] == "runs" and r["n"] == 3 and r["diff"] == pytest.approx(-0.10)
     # (1e-12: 0.6 - 0.1 - 0.6 is -0.0999...9 in floating point, so the bounds may pass the seeds' values by rounding)
     assert -0.15 - 1e-12 <= r["lo"] < -0.10 < r["hi"] <= -0.05 + 1e-12
+
+
+def test_example_bootstrap_keeps_each_cells_own_examples_under_offdiag_limit(tmp_path):
+    """eval.offdiag_limit: off-diagonal cells score the first N test examples, the diagonal all of
+    them. Task a: its diagonal (stage 1) scores 40 examples, 1 on the first 10 and 0 on the other 30
+    (0.25); stage 2, off the diagonal, scores only the first 10, all 1 (1.0): BWT = 1.0 - 0.25 = 0.75.
+    Resampling only the 10 examples every cell shares would give the diagonal 1.0 on every resample:
+    a BWT interval of exactly (0, 0), which does not even hold the point estimate."""
+    n, first = 40, 10
+    d = _one_seed_run_with_samples(tmp_path, {
+        "base": {(0, "a"): [0] * n, (0, "b"): [0] * n},
+        "m": {(1, "a"): [1] * first + [0] * (n - first), (1, "b"): [0] * first,
+              (2, "a"): [1] * first, (2, "b"): [1] * n},
+    })
+    bwt = {(r["method"], r["metric"]): r for r in stats.method_intervals(_group(d))}[("m", "bwt")]
+    assert bwt["over"] == "examples" and bwt["diff"] == pytest.approx(0.75)
+    # each resample: 1.0 (the 10 off-diagonal answers, all 1) minus the resampled diagonal's share of
+    # ones, which varies around 0.25 (a binomial over 40 draws): the CI holds 0.75 and has width
+    assert bwt["lo"] < 0.75 < bwt["hi"] and bwt["significant"]
