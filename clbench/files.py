@@ -1,10 +1,12 @@
 """Writing files so that a crash never leaves half of one, and hashing them: the one
 implementation every writer of clbench uses (results, samples, checkpoints, prepared data).
 
-A file is written to a temp file beside it, `.<name>.<8 random characters>`, flushed to disk and
-renamed onto its name: a reader sees the old file or the new one. A process killed mid-write
-leaves only the temp file, which `remove_unfinished_writes` deletes on the next run of the
-directory. A failed write (a full disk, a read-only folder) is one line naming the file meant."""
+A file is written to a temp file beside it, `.clbench-tmp-<pid>-<8 random characters>-<name>`,
+flushed to disk and renamed onto its name: a reader sees the old file or the new one. A process
+killed mid-write leaves only the temp file, which `remove_unfinished_writes` deletes on the next
+run of the directory. The prefix is clbench's own, so no user file (`.env.20240101`) is ever
+taken for one, and the pid keeps a live writer's file from being taken for a dead one's. A failed
+write (a full disk, a read-only folder) is one line naming the file meant."""
 
 from __future__ import annotations
 
@@ -31,10 +33,15 @@ _UMASK = os.umask(0o022)  # read once, at import (single-threaded): os.umask bot
 os.umask(_UMASK)
 
 
+TEMP_PREFIX = ".clbench-tmp-"
+
+
 def temp_file(path: Path) -> str:
-    """A new empty temp file beside `path` (`.<name>.<8 random characters>`), to be renamed onto it,
-    with the permissions of any new file under the user's umask (mkstemp makes it 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """A new empty temp file beside `path` (`.clbench-tmp-<pid>-<8 random characters>-<name>`), to
+    be renamed onto it, with the permissions of any new file under the user's umask (mkstemp makes
+    it 0600)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=f"-{path.name}", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
     finally:
@@ -42,17 +49,56 @@ def temp_file(path: Path) -> str:
     return tmp
 
 
-_UNFINISHED = re.compile(r"\..+\.[a-z0-9_]{8}")  # temp_file's names
+_UNFINISHED = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-[A-Za-z0-9_]{8}-.+")  # temp_file's names
+# The folders of a run directory that clbench writes files into (clbench.results, clbench.checkpoint);
+# anything else in it (a user's files, a tracker's folder, another run directory) is never looked into.
+RUN_SUBDIRS = ("samples", "checkpoints")
 
 
-def remove_unfinished_writes(folder: Path) -> list[Path]:
-    """Delete the temp files of writes that never finished anywhere under `folder` (a process
-    killed mid-write leaves one; a full-FT checkpoint's is a whole model copy). Only call this
-    while holding the run directory's lock: no other process is writing there."""
-    gone = sorted(p for p in Path(folder).rglob(".*") if p.is_file() and _UNFINISHED.fullmatch(p.name))
-    for p in gone:
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours: this process is not writing it (it calls this before writing anything)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_unfinished_writes(run_dir: Path) -> list[Path]:
+    """Delete the temp files of writes that never finished in the run directory `run_dir` (a
+    process killed mid-write leaves one; a full-FT checkpoint's is a whole model copy): files named
+    as temp_file names them, at the top of `run_dir` and below its own folders (RUN_SUBDIRS) only,
+    never through a symlink and never into a folder holding another run's `.lock`; a file whose
+    writer is still alive is left alone. Only call this while holding `run_dir`'s lock."""
+    run_dir = Path(run_dir)
+    found = []
+
+    def scan(folder: Path, recurse: bool):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        if folder != run_dir and any(e.name == ".lock" for e in entries):
+            return  # another run directory nested inside ours: its lock holder owns its files
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                if recurse:
+                    scan(Path(e.path), True)
+            elif e.is_file(follow_symlinks=False):
+                m = _UNFINISHED.fullmatch(e.name)
+                if m and not _alive(int(m.group(1))):
+                    found.append(Path(e.path))
+
+    scan(run_dir, False)
+    for sub in RUN_SUBDIRS:
+        if (run_dir / sub).is_dir() and not (run_dir / sub).is_symlink():
+            scan(run_dir / sub, True)
+    for p in sorted(found):
         p.unlink(missing_ok=True)
-    return gone
+    return sorted(found)
 
 
 class WriteError(ClbenchError):

@@ -17,8 +17,8 @@
                 (the base model's under samples/base/stage0/)
 
 Every file is written atomically (temp file + rename): a crash never leaves half a file, only
-the temp file `.<name>.<8 random characters>` beside it, which the next run of the directory
-deletes (clbench.files.remove_unfinished_writes). clbench.checkpoint writes its files the same way.
+the temp file `.clbench-tmp-<pid>-<8 random characters>-<name>` beside it, which the next run of
+the directory deletes (clbench.files.remove_unfinished_writes). clbench.checkpoint writes its files the same way.
 """
 
 from __future__ import annotations

@@ -150,12 +150,47 @@ def _affected(old: dict, new: dict, methods: dict) -> list[str]:
     return out
 
 
+def _written_by_clbench(out: Path) -> bool:
+    """Whether `out` is a run directory clbench wrote: its results.json or config.yaml is one of
+    ours (a damaged results.json still has config.yaml beside it)."""
+    import yaml
+
+    try:
+        res = json.loads((out / "results.json").read_text())
+        if isinstance(res, dict) and isinstance(res.get("run"), dict) and "methods" in res:
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        cfg = yaml.safe_load((out / "config.yaml").read_text())
+        return isinstance(cfg, dict) and {"name", "model", "methods", "seeds", "train", "eval"} <= set(cfg)
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def check_ownership(out: Path) -> None:
+    """A directory holding a file with a results name (config.yaml, matrix.csv, ...) that clbench
+    did not write is not a run directory: writing into it would overwrite the user's files."""
+    foreign = [f for f in RESULT_FILES if (out / f).exists()]
+    if foreign and not _written_by_clbench(out):
+        raise RunDirError(f"output directory {out} holds {', '.join(str(out / f) for f in foreign)}, which clbench "
+                          "did not write (no clbench results.json or config.yaml there); a run would overwrite "
+                          "it: choose another --output-dir")
+
+
 def check_run_dir(pl: Plan, out: Path, fresh: bool, allow_changes: bool = False) -> list[str]:
-    if fresh:
-        for f in RESULT_FILES:
-            (out / f).unlink(missing_ok=True)
-        for d in ("samples", "checkpoints", "report"):
-            shutil.rmtree(out / d, ignore_errors=True)
+    check_ownership(out)
+    if fresh:  # only what a run writes, and only in a directory a run wrote
+        if _written_by_clbench(out):
+            for f in RESULT_FILES:
+                (out / f).unlink(missing_ok=True)
+            for d in ("samples", "checkpoints"):
+                if (out / d).is_symlink():
+                    (out / d).unlink()
+                else:
+                    shutil.rmtree(out / d, ignore_errors=True)
+            if (out / "report" / "report.md").is_file() and not (out / "report").is_symlink():
+                shutil.rmtree(out / "report", ignore_errors=True)  # `clbench report`'s, of the old results
         return []
     prev = results_config(out)
     if prev is None:

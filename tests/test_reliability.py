@@ -77,12 +77,12 @@ def test_resume_after_sigkill_gives_identical_matrix(reference_run, tmp_path):
     assert len(rows) - 1 < 2 * 4 * 3, "the kill came after the run had finished"
     assert (out / ".lock").exists()  # SIGKILL leaves the lock: the next run must see it is stale
     # a kill during a checkpoint write leaves the writer's temporary file: the resume removes it
-    partial = first.parent / ".stage2.pt.k1ll3d_0"  # mkstemp's name: .<name>.<8 random characters>
+    partial = first.parent / f".clbench-tmp-{proc.pid}-k1ll3d_0-stage2.pt"  # temp_file's name, of the killed writer
     partial.write_bytes(b"half a checkpoint")
     r = clbench("run", TINY_CONFIG, "--output-dir", out, *EVERY_STAGE)
     assert r.returncode == 0, r.stderr
     assert "resum" in r.stderr
-    assert not partial.exists() and "removed checkpoints/full_ft/seed0/.stage2.pt.k1ll3d_0: the temp file" in r.stderr
+    assert not partial.exists() and f"removed checkpoints/full_ft/seed0/{partial.name}: the temp file" in r.stderr
     assert (out / "config.yaml").is_file()  # the cleanup touches only temp files
     assert (out / "matrix.csv").read_text() == (reference_run / "matrix.csv").read_text()
     assert not (out / ".lock").exists()
