@@ -195,6 +195,9 @@ class Job:
                              f"{entry['first_loss']:.3f} -> {entry['last_loss']:.3f} ({entry['train_seconds']:.1f}s); "
                              f"eval {_fmt_scores(scores)} ({entry['eval_seconds']:.1f}s)"
                              + (f"; checkpoint {ck_mb:.1f} MB" if ck_mb else ""))
+        if entry.get("method_stats"):  # what the method measured in the stage (Method.stage_stats)
+            self.s.console.print(f"{escape(self.tag())} stage {entry['stage']}/{n} {self.spec.name}: "
+                                 + " ".join(f"{k}={_fmt_stat(v)}" for k, v in entry["method_stats"].items()))
 
     def record(self, meth, model, log: CostLog, mode: str, merges_pending: bool = False) -> None:
         self.s.rec.record_method(self.name, self.seed, meth, model, log.train_s, log.eval_s, log.peak, log.stages,
@@ -210,6 +213,10 @@ class Job:
         if D.is_main():
             checkpoint.save_state_diff(self.ckpt_dir / f"taskvec{t}.pt",
                                        checkpoint.state_diff(state, self.s.base_model.state_dict(), copy=False))
+
+
+def _fmt_stat(v: float) -> str:
+    return f"{v:.4g}"
 
 
 def _fmt_scores(scores: dict) -> str:

@@ -26,6 +26,10 @@ Per optimizer step:
     after_step(model, stage)       after the optimizer step: sparse flushes, rank allocation
 After training:
     stage_end(model, stage) -> model     the model to evaluate
+    stage_stats(stage) -> {name: float} | None   the stage's diagnostics the method measured (a
+                                   regulariser's share of the loss, the fraction of the gradient
+                                   projected away); stored per stage in results.json
+                                   (`method_stats`) and printed. `StageMeans` accumulates them.
     trainable_params(model) -> int | None   entries the method trains (None: requires_grad count)
     state_dict() / load_state_dict(state)   what is needed to resume after a stage
 Before the run (distributed.strategy fsdp only):
@@ -202,6 +206,9 @@ class Method:
 
     def stage_end(self, model, stage: Stage):
         return model
+
+    def stage_stats(self, stage: Stage):
+        return None
 
     def trainable_params(self, model):
         return None
@@ -457,6 +464,9 @@ _RETURNS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainable_params": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
                          "None or a non-negative int"),
     "needs_tasks": (lambda v: isinstance(v, (list, tuple)), "a list of task names"),
+    "stage_stats": (lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(x, (int, float)) and not isinstance(x, bool) for k, x in v.items())),
+                    "None or a dict of names to numbers"),
     "fsdp_refusal": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
     "world_size_dependent": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
 }
@@ -512,3 +522,33 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref.eval()
+
+
+class StageMeans:
+    """A method's per-stage diagnostics, for its `stage_stats` hook: `add(name, value)` once per
+    micro-batch or step (a number, or a tensor kept on its device: no host sync in the training
+    loop), `means()` the mean of each name over what was added since `reset()` (None when
+    nothing was). A method resets it in stage_start and returns means() from stage_stats.
+    `share(term, loss)` is the detached ratio term / loss the regularisers report."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._sum: dict[str, Any] = {}
+        self._n: dict[str, int] = {}
+
+    def add(self, name: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().reshape(())
+        self._sum[name] = self._sum[name] + value if name in self._sum else value
+        self._n[name] = self._n.get(name, 0) + 1
+
+    @staticmethod
+    def share(term: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return term.detach().float() / loss.detach().float().abs().clamp_min(1e-12)
+
+    def means(self) -> dict[str, float] | None:
+        if not self._n:
+            return None
+        return {k: float(self._sum[k]) / self._n[k] for k in self._sum}

@@ -5,6 +5,7 @@
                   model = method.stage_start(model, stage)    # may calibrate: stage.calibrate(...)
     train_stage(model, method, examples, ...)                 # the one training loop (clbench.train)
     model = method.stage_end(model, stage)
+    stats["method_stats"] = method.stage_stats(stage)   # the method's diagnostics, if any
 
 A test or benchmark that looks at the model between stage_start and training calls start_stage,
 then train_stage itself.
@@ -66,6 +67,9 @@ def run_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str
                         pad_id=pad_id, progress=progress, desc=desc or f"{run.method} seed {run.seed} stage {t} {task}",
                         on_step=on_step)
     model = M.call(method, "stage_end", model, stage)
+    measured = M.call(method, "stage_stats", stage)  # the method's own diagnostics (results.json: method_stats)
+    if measured:
+        stats["method_stats"] = {k: float(v) for k, v in measured.items()}
     return model, stats, stage
 
 

@@ -75,6 +75,9 @@ class Wrapping(M.Method):
     def stage_end(self, model, stage):
         return self._inner("stage_end", model, stage, default=model)
 
+    def stage_stats(self, stage):
+        return self._inner("stage_stats", stage)
+
     def trainable_params(self, model):
         return self._inner("trainable_params", model)
 

@@ -59,7 +59,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import adapters
-from clbench.method import MethodError, Method, register
+from clbench.method import MethodError, Method, StageMeans, register
 
 PLACEHOLDER_TOTAL = 1  # peft requires total_step > 0 at construction; the real value is set per stage
 
@@ -124,6 +124,7 @@ class AdaLoRA(Method):
         tuner.rankallocator.reset_ipt()  # importance EMAs start over for the new task
         self._peft_config(model).rank_pattern = None
         self._scheduled_for = None
+        self._means = StageMeans()  # the stage's orthogonal regulariser / task loss (stage_stats)
         return model
 
     def _schedule(self, model, stage):
@@ -166,7 +167,15 @@ class AdaLoRA(Method):
                     terms.append(torch.linalg.matrix_norm(cov - eye, ord="fro"))
         if not terms:
             return None
-        return w * torch.stack(terms).mean()
+        reg = w * torch.stack(terms).mean()
+        if out is not None and getattr(self, "_means", None) is not None:
+            self._means.add("penalty_ratio", StageMeans.share(reg, out.loss))
+        return reg
+
+    def stage_stats(self, stage):
+        """penalty_ratio: mean over the stage's micro-batches of orth_reg_weight * R / the task CE."""
+        means = getattr(self, "_means", None)
+        return means.means() if means is not None else None
 
     def rank_pattern(self, model) -> dict | None:
         """The current allocation (name -> list of kept triplets), None before the first pruning."""

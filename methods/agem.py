@@ -55,6 +55,7 @@ state_dict, so a resumed run projects against the same memory.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Optional
 
@@ -63,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import distributed as D
 from clbench.masking import derive_seed
-from clbench.method import MethodError, Method, register
+from clbench.method import MethodError, Method, StageMeans, register
 from clbench.train import IGNORE, Example, collate, lm_loss
 
 SALT_MEMORY, SALT_DRAW = 21, 22
@@ -94,6 +95,7 @@ class AGEM(Method):
         self.pad_id = 0
         self._draw: torch.Generator | None = None
         self._steps = self._projected = 0
+        self._means = StageMeans()  # per step: violated, projected_fraction (stage_stats)
 
     def setup(self, model, run):
         tok = getattr(run, "tokenizer", None)
@@ -106,6 +108,7 @@ class AGEM(Method):
     def stage_start(self, model, stage):
         self._draw = torch.Generator().manual_seed(derive_seed(stage.seed, stage.stage, SALT_DRAW))
         self._steps = self._projected = 0
+        self._means.reset()
         return model
 
     def pool(self) -> list[Example]:
@@ -158,15 +161,21 @@ class AGEM(Method):
         device = params[0].device
         dot = torch.zeros((), dtype=torch.float64, device=device)
         ref2 = torch.zeros((), dtype=torch.float64, device=device)
+        g2 = torch.zeros((), dtype=torch.float64, device=device)
         for p, r in zip(params, refs):
+            if p.grad is not None:
+                g2 += _dot(p.grad, p.grad)
             if r is None:
                 continue
             ref2 += _dot(r, r)
             if p.grad is not None:
                 dot += _dot(p.grad, r)
-        dot, ref2 = float(dot), float(ref2)
+        dot, ref2, g2 = float(dot), float(ref2), float(g2)
         projected = dot < 0 and ref2 > 0
         self.last = {"dot": dot, "ref_norm2": ref2, "projected": projected}
+        # |g - g~| / |g| = |g.g_ref| / (|g_ref| |g|) when projected, else 0
+        self._means.add("violated", float(projected))
+        self._means.add("projected_fraction", abs(dot) / math.sqrt(ref2 * g2) if projected and g2 > 0 else 0.0)
         if not projected:
             return
         self._projected += 1
@@ -178,6 +187,12 @@ class AGEM(Method):
                 p.grad = (r * -coef).to(p.dtype)
             else:
                 p.grad.add_(r.to(p.grad.dtype), alpha=-coef)
+
+    def stage_stats(self, stage):
+        """violated: the fraction of the stage's optimizer steps where g.g_ref < 0 (projected);
+        projected_fraction: the mean over its steps of |g - g~| / |g|, the share of the gradient's
+        norm the projection removed (0 on steps without a violation). None in stage 1 (no memory)."""
+        return self._means.means()
 
     def stage_end(self, model, stage):
         if self.memory:

@@ -76,7 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import distributed as dist
 from clbench.masking import gather_rows, is_sharded, local_rows, own_rows
-from clbench.method import MethodError, Method, register
+from clbench.method import MethodError, Method, StageMeans, register
 from clbench.train import IGNORE, collate, lm_loss
 
 
@@ -130,6 +130,7 @@ class EWC(Method):
         self.stats: list[dict] = []  # per stage: Fisher samples, mean/max of F_t
         self.pad_id = 0
         self._sharded: dict | None = None
+        self._means = StageMeans()  # the stage's penalty / CE (stage_stats)
 
     def setup(self, model, run):
         self.pad_id = run.tokenizer.pad_token_id if run.tokenizer is not None and run.tokenizer.pad_token_id is not None else 0
@@ -139,6 +140,7 @@ class EWC(Method):
 
     def stage_start(self, model, stage):
         self.batches.clear()
+        self._means.reset()
         # fsdp: the sharded parameters (in the forward FSDP swaps in gathered ones), for the penalty
         self._sharded = dict(model.named_parameters()) if is_sharded(model) else None
         if self.fisher:  # theta* = the weights at the end of the previous stage (see docstring)
@@ -157,7 +159,16 @@ class EWC(Method):
     def extra_loss(self, model, batch, stage, out):
         if not self.fisher or self.options.ewc_lambda == 0:
             return None
-        return self.penalty(model)
+        pen = self.penalty(model)
+        if out is not None:  # per micro-batch, no host sync
+            self._means.add("penalty_ratio", StageMeans.share(pen, out.loss))
+            self._means.add("penalty", pen)
+        return pen
+
+    def stage_stats(self, stage):
+        """penalty_ratio: the mean over the stage's micro-batches of penalty / task CE; penalty: its
+        mean value (stage 1 has no Fisher yet, hence no penalty and no stats)."""
+        return self._means.means()
 
     def penalty(self, model) -> torch.Tensor:
         """(lambda / 2) * sum_i F_i (theta_i - theta*_i)^2 in float32 (0 before any Fisher).

@@ -105,7 +105,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench.masking import derive_seed
-from clbench.method import Method, MethodError, register
+from clbench.method import Method, MethodError, StageMeans, register
 from clbench.train import IGNORE, Example, _split_head, collate
 
 PLASTIC, STABLE = "plastic", "stable"
@@ -183,6 +183,7 @@ class ILoRA(Method):
         self._draw: torch.Generator | None = None
         self.last: dict = {}  # the latest micro-batch's terms (inspection, tests)
         self.last_decay: float | None = None  # lam of the latest EMA step
+        self._means = StageMeans()  # the stage's consistency term / task loss (stage_stats)
 
     def _config(self):
         from peft import LoraConfig
@@ -216,6 +217,7 @@ class ILoRA(Method):
 
     def stage_start(self, model, stage):
         self._use(model, PLASTIC)
+        self._means.reset()
         self._rng = random.Random(derive_seed(stage.seed, stage.stage, SALT_BUFFER))
         self._draw = torch.Generator().manual_seed(derive_seed(stage.seed, stage.stage, SALT_DRAW))
         return model
@@ -270,7 +272,13 @@ class ILoRA(Method):
             total = total + 0.5 * (ce_b - out.loss)
             self.last["ce_buffer"] = float(ce_b.detach())
         self.last["consistency"] = float(cons.detach())
+        self._means.add("consistency_ratio", StageMeans.share(self.options.gamma * cons, out.loss))
         return total
+
+    def stage_stats(self, stage):
+        """consistency_ratio: mean over the stage's replaying micro-batches of gamma * L_cons / the
+        micro-batch's CE_p(x) (none in stage 1 unless first_stage_replay)."""
+        return self._means.means()
 
     def after_step(self, model, stage):
         k = stage.global_step + 1  # optimizer steps of this stage taken, this one included

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import method as M
-from clbench.method import register
+from clbench.method import StageMeans, register
 from clbench.train import target_logits
 from clbench.wrapping import BASE_FIELD, BASE_OPTIONS_FIELD, BaseName, BaseOptions, Wrapping
 
@@ -99,11 +99,13 @@ class LwF(Wrapping):
     def __init__(self, options: LwfOptions):
         super().__init__(options)  # the base method, if any (clbench.wrapping)
         self.teacher: torch.nn.Module | None = None
+        self._means = StageMeans()  # the stage's distillation term / task loss (stage_stats)
 
     # --- stages ---------------------------------------------------------------------------
 
     def stage_start(self, model, stage):
         self.teacher = M.frozen_copy(model) if stage.stage > 1 else None
+        self._means.reset()
         return self._inner("stage_start", model, stage, default=model)
 
     def extra_loss(self, model, batch, stage, out):
@@ -111,7 +113,14 @@ class LwF(Wrapping):
         if self.teacher is None or self.options.kd_lambda == 0 or out.logits.shape[0] == 0:
             return inner
         kd = self.options.kd_lambda * self.kd(batch, stage, out.logits)
+        self._means.add("kd_ratio", StageMeans.share(kd, out.loss))  # weighted KD / task CE, per micro-batch
         return kd if inner is None else inner + kd
+
+    def stage_stats(self, stage):
+        """kd_ratio: mean over the stage's micro-batches of kd_lambda * KD / task CE (a base method's
+        own stats alongside)."""
+        mine = self._means.means() or {}
+        return {**(self._inner("stage_stats", stage) or {}), **mine} or None
 
     def kd(self, batch, stage, student_rows: torch.Tensor) -> torch.Tensor:
         """The distillation term (without kd_lambda) of the student's target rows on `batch`."""

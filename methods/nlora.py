@@ -135,4 +135,8 @@ class NLoRA(OLoRA):
             return None
         current = adapter_name(stage.stage if stage is not None else self.stage)
         pen = (delta_w_penalty if o.penalty == "delta_w" else code_penalty)(model, current)
-        return None if pen is None else o.lambda1 * pen
+        if pen is None:
+            return None
+        if out is not None:  # the stage's penalty / task loss (OLoRA.stage_stats)
+            self._means.add("penalty_ratio", self._means.share(o.lambda1 * pen, out.loss))
+        return o.lambda1 * pen

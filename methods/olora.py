@@ -63,7 +63,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench.fsdp import full
-from clbench.method import MethodError, Method, register
+from clbench.method import MethodError, Method, StageMeans, register
 
 
 class OLoraOptions(BaseModel):
@@ -127,6 +127,7 @@ class OLoRA(Method):
         self.n_stages = 0
         self.stage = 0
         self.trained: list[int] = []  # stages whose adapter this run has trained (in order)
+        self._means = StageMeans()  # the stage's penalty / task loss (stage_stats)
 
     def _config(self):
         from peft import LoraConfig
@@ -161,6 +162,7 @@ class OLoRA(Method):
             raise MethodError(f"olora: stage {t} outside the {self.n_stages} adapters created at setup")
         self.stage = t
         self._activate(model, t)
+        self._means.reset()
         return model
 
     def extra_loss(self, model, batch, stage, out):
@@ -177,7 +179,14 @@ class OLoRA(Method):
             l2 = l2_penalty(model, current)
             if l2 is not None:
                 total = o.lambda2 * l2 if total is None else total + o.lambda2 * l2
+        if total is not None and out is not None:
+            self._means.add("penalty_ratio", StageMeans.share(total, out.loss))
         return total
+
+    def stage_stats(self, stage):
+        """penalty_ratio: mean over the stage's micro-batches of the regulariser (lambda1 * orthogonality
+        + lambda2 * L2; N-LoRA: lambda1 * l1) / the task CE. None where no penalty applied (stage 1)."""
+        return self._means.means()
 
     def stage_end(self, model, stage):
         if stage.stage not in self.trained:

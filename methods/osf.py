@@ -73,7 +73,7 @@ from typing import Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, confloat
 
-from clbench.method import Method, MethodError, register
+from clbench.method import Method, MethodError, StageMeans, register
 
 Rank = Union[PositiveInt, confloat(gt=0, le=1)]
 
@@ -109,6 +109,9 @@ class OSF(Method):
         self.options = options
         self.n_stages = 0
         self.stage = 0
+        self._means = StageMeans()  # per step: the gradient share peft's projection removes (stage_stats)
+        self._sq: dict[str, torch.Tensor | None] = {"raw": None, "kept": None}
+        self._handles: list = []
 
     def setup(self, model, run):
         self.n_stages = len(run.tasks)
@@ -131,7 +134,46 @@ class OSF(Method):
             raise MethodError(f"osf: stage {t} outside the stream's {self.n_stages} stages")
         self.stage = t
         cfg = OSFConfig(effective_rank=self.effective_rank(t), target_modules=self.options.target_modules)
-        return get_peft_model(model, cfg)
+        model = get_peft_model(model, cfg)
+        self._means.reset()
+        self._watch_projection(model)
+        return model
+
+    def _watch_projection(self, model) -> None:
+        """Gradient hooks either side of peft's projection hooks on U_low and V_low (tensor hooks run
+        in the order registered, each on the previous one's output): the first adds |dU|^2 before the
+        projection, the last |P dU|^2 after it. peft's hooks are detached and attached again between
+        ours (OSFLayer._detach_hooks / _attach_hooks); a peft without them gets no diagnostics."""
+        self._handles = []
+        self._sq = {"raw": None, "kept": None}
+
+        def tally(which):
+            def hook(grad):
+                v = grad.detach().float().pow(2).sum()
+                self._sq[which] = v if self._sq[which] is None else self._sq[which] + v
+            return hook
+
+        for _, layer in osf_layers(model):
+            if not (hasattr(layer, "_detach_hooks") and hasattr(layer, "_attach_hooks")):
+                continue
+            layer._detach_hooks()
+            tensors = [p[k] for p in layer.osf_svd_params.values() for k in ("U_low", "V_low")]
+            self._handles += [t.register_hook(tally("raw")) for t in tensors]
+            for a in list(layer.osf_svd_params):
+                layer._attach_hooks(a)
+            self._handles += [t.register_hook(tally("kept")) for t in tensors]
+
+    def after_backward(self, model, stage):
+        raw, kept = self._sq["raw"], self._sq["kept"]
+        self._sq = {"raw": None, "kept": None}
+        if raw is not None and kept is not None:  # |g - P g| / |g| = sqrt(|g|^2 - |P g|^2) / |g| (P a projector)
+            self._means.add("projected_fraction", ((raw - kept).clamp_min(0) / raw.clamp_min(1e-30)).sqrt())
+
+    def stage_stats(self, stage):
+        """projected_fraction: the mean over the stage's optimizer steps of |g - P g| / |g| over the
+        U_low and V_low gradients (S_low is not projected), summed over the step's micro-batches:
+        the share of the gradient's norm that peft's projection removed."""
+        return self._means.means()
 
     @torch.no_grad()
     def after_step(self, model, stage):
@@ -146,6 +188,9 @@ class OSF(Method):
                 p["V_low"].copy_(project_v(layer, a, p["V_low"]))
 
     def stage_end(self, model, stage):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         return model.merge_and_unload()
 
     def trainable_params(self, model):

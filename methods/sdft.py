@@ -203,6 +203,15 @@ class Sdft(W.Wrapping):
                  st["rewritten"], st["total"], st["rejected"] or "none")
         return out
 
+    def stage_stats(self, stage):
+        """rewritten_fraction: the share of the stage's targets replaced by the model's rewrite (a
+        base method's own stats alongside)."""
+        mine = {}
+        st = self.stats.get(stage.stage)
+        if st is not None and st.get("task") == stage.task:
+            mine["rewritten_fraction"] = float(st["fraction"])
+        return {**(self._inner("stage_stats", stage) or {}), **mine} or None
+
     def state_dict(self):
         return {"stats": {int(k): v for k, v in self.stats.items()}, "base": self._base_state()}
 
