@@ -1,6 +1,6 @@
 """clbench's command line.
 
-  clbench run CONFIG.yaml [--set key.path=value ...] [--output-dir DIR] [--fresh]
+  clbench run CONFIG.yaml [--set key.path=value ...] [--output-dir DIR] [--fresh] [--allow-config-change] [--allow-data-change]
   clbench list methods|tasks|streams [--config CONFIG.yaml]   (methods: with where each comes from)
   clbench data prepare [STREAM] [--config CONFIG.yaml] [--tasks a,b]
   clbench report RUN_DIR [RUN_DIR ...] [--out DIR]
@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--fresh", action="store_true", help="discard an existing run directory's results and start over")
     r.add_argument("--allow-config-change", action="store_true",
                    help="resume a run directory whose config differs (e.g. a lower lr after a non-finite loss)")
+    r.add_argument("--allow-data-change", action="store_true",
+                   help="resume a run directory whose tasks' data or task YAML changed since its results (recorded)")
 
     ls = sub.add_parser("list", help="list methods, tasks or streams")
     ls.add_argument("what", choices=["methods", "tasks", "streams"])
@@ -110,7 +112,8 @@ def _dispatch(args) -> int:
         cfg, cdir = load_config(args.config, args.overrides)
         pl = plan(cfg, cdir)  # a preset's release missing or unprepared: says where, before any model
         out = Path(args.output_dir or Path("runs") / cfg.name)
-        execute(pl, out, fresh=args.fresh, allow_changes=args.allow_config_change)
+        execute(pl, out, fresh=args.fresh, allow_changes=args.allow_config_change,
+                allow_data_change=args.allow_data_change)
         return 0
 
     if args.cmd == "list":

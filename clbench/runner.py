@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from .errors import ClbenchError
 from .loop import run
 from .planning import Plan
 from .files import remove_unfinished_writes, write_failed
-from .results import RESULT_FILES, write_json, write_yaml
+from .results import RESULT_FILES, set_run_info, write_json, write_yaml
 
 
 
@@ -107,17 +108,13 @@ def _diff(old: dict, new: dict, prefix="") -> list[str]:
 def results_config(out: Path) -> tuple[dict, dict] | None:
     """(the config that the directory's numbers were computed with, results.json's methods), or
     None when the directory holds no results: a config.yaml alone (a run that failed before its
-    first result) binds nothing."""
-    res_file = out / "results.json"
-    if not (res_file.is_file() and (out / "matrix.csv").is_file()):
+    first result) binds nothing. results.json is the record: the recorder writes it last after
+    each stage, so a directory holding it holds results, whatever became of matrix.csv and
+    summary.csv (verify_results rebuilds them from it)."""
+    res = load_results_json(out)  # a damaged one: one line naming it
+    if res is None:
         return None
-    try:
-        res = json.loads(res_file.read_text())
-        cfg = res["run"]["config"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunDirError(f"run directory {out}: {res_file} cannot be read ({e}); use --fresh to start over "
-                          "or another --output-dir") from None
-    return cfg, res.get("methods", {})
+    return res["run"]["config"], res.get("methods", {})
 
 
 def comparable_config(cfg: dict) -> dict:
@@ -226,7 +223,15 @@ def record_config_change(out: Path, cfg, diffs: list[str]) -> None:
     write_yaml(out / "config.yaml", cfg.model_dump(mode="json"))
 
 
-def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = False):
+def record_data_change(out: Path, fp: dict, history: list) -> None:
+    """An accepted data change goes into results.json before anything runs (as a config change does)."""
+    res_file = out / "results.json"
+    res = json.loads(res_file.read_text())
+    res["run"].update(data_fingerprint=fp, data_changes=history)
+    write_json(res_file, res)
+
+
+def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = False, allow_data_change: bool = False):
     from rich.console import Console
 
     from . import distributed as D
@@ -242,6 +247,17 @@ def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = Fals
                 changes = check_run_dir(pl, out, fresh, allow_changes)
                 for f in remove_unfinished_writes(out):
                     console.print(f"removed {f.relative_to(out)}: the temp file of a write that was interrupted", soft_wrap=True)
+                res = load_results_json(out)
+                fp = data_fingerprint(pl)
+                history, data_changed = check_data(out, res, fp, allow_data_change)
+                for line in verify_results(out, pl, res):
+                    console.print(line, soft_wrap=True)
+                # every results.json this run writes carries the fingerprint (clbench.results.run_info)
+                set_run_info(out / "results.json", {"data_fingerprint": fp, "data_changes": history})
+                if data_changed:
+                    record_data_change(out, fp, history)
+                    console.print(f"data changed (--allow-data-change, recorded in results.json data_changes): "
+                                  + "; ".join(data_changed), soft_wrap=True)
             except ClbenchError as e:
                 if not D.enabled():
                     raise
@@ -253,7 +269,10 @@ def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = Fals
             record_config_change(out, pl.cfg, changes)
             console.print(f"config changed ({len(changes)} difference(s), recorded in results.json config_changes): "
                           + "; ".join(changes[:5]), soft_wrap=True)
-        rec = run(pl, out, console)
+        try:
+            rec = run(pl, out, console)
+        finally:
+            set_run_info(out / "results.json", None)
     if D.is_main():
         print_results(rec, Console(width=max(120, Console().width)))
     return rec
@@ -288,3 +307,276 @@ def print_results(rec, console) -> None:
                     for c in cols])
     console.print(t)
     console.print(f"results in {rec.out}")
+
+
+# --- results never trusted blindly: matrix.csv and summary.csv checked against results.json ---------
+
+
+def load_results_json(out: Path) -> dict | None:
+    """results.json of a run directory, its shape checked (None when there is none). A file that is
+    not JSON, or does not have the shape a run writes, is one line naming it and the key."""
+    f = out / "results.json"
+    if not f.is_file():
+        return None
+    again = "; use --fresh to start over or another --output-dir"
+    try:
+        res = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"run directory {out}: {f} cannot be read ({e}){again}") from None
+
+    def bad(where: str, what: str):
+        return RunDirError(f"run directory {out}: {f} is damaged: {where} is not {what}{again}")
+
+    if not isinstance(res, dict):
+        raise bad("the file", "an object")
+    if not isinstance(res.get("run"), dict) or not isinstance(res["run"].get("config"), dict):
+        raise bad("run.config", "an object")
+    tasks = res["run"].get("tasks")
+    if not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+        raise bad("run.tasks", "a list of task names")
+    if not isinstance(res.get("methods", {}), dict):
+        raise bad("methods", "an object")
+    num = (int, float)
+    for m, entry in res.get("methods", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("seeds", {}), dict):
+            raise bad(f"methods.{m}", "an object with seeds")
+        for s, se in entry.get("seeds", {}).items():
+            w = f"methods.{m}.seeds.{s}"
+            if not isinstance(se, dict) or not str(s).lstrip("-").isdigit():
+                raise bad(w, "an object under a seed number")
+            for key, width in (("matrix", len(tasks)), ("heldout_matrix", len(se.get("heldout_tasks") or []))):
+                rows = se.get(key)
+                if key == "heldout_matrix" and rows is None:
+                    continue
+                if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == width and
+                                                       all(isinstance(v, num) and not isinstance(v, bool) for v in r)
+                                                       for r in rows)):
+                    raise bad(f"{w}.{key}", f"a list of rows of {width} numbers")
+            if not isinstance(se.get("metrics", {}), dict) or not isinstance(se.get("merged", {}), dict):
+                raise bad(w, "an object with metrics")
+            if not isinstance(se.get("stages", []), list):
+                raise bad(f"{w}.stages", "a list")
+    return res
+
+
+def _expected_rows(res: dict, pl: Plan, metric_of: dict) -> list[dict]:
+    """The matrix.csv rows results.json vouches for (stream matrix, held-out matrix, merged and
+    multitask rows), as the recorder writes them."""
+    tasks = res["run"]["tasks"]
+    rows = []
+
+    def add(method, seed, stage, trained, task, value, group):
+        rows.append({"method": method, "seed": int(seed), "stage": stage, "trained_task": trained or "",
+                     "eval_task": task, "metric": metric_of(method, seed, task), "value": float(value), "eval_group": group})
+
+    for m, entry in res.get("methods", {}).items():
+        mode = entry.get("mode", "sequential")
+        for s, se in entry.get("seeds", {}).items():
+            R = se.get("matrix") or []
+            if mode == "multitask":
+                for i, row in enumerate(R[:2]):
+                    for task, v in zip(tasks, row):
+                        add(m, s, 0 if i == 0 else "multitask", "" if i == 0 else "multitask", task, v, "stream")
+                continue
+            for i, row in enumerate(R):
+                for task, v in zip(tasks, row):
+                    add(m, s, i, tasks[i - 1] if i else "", task, v, "stream")
+            hnames = se.get("heldout_tasks") or []
+            for i, row in enumerate(se.get("heldout_matrix") or []):
+                for task, v in zip(hnames, row):
+                    add(m, s, i, tasks[i - 1] if 0 < i <= len(tasks) else "", task, v, "heldout")
+            for label, scores in (se.get("merged") or {}).items():
+                for task, v in (scores or {}).items():
+                    add(m, s, label, "", task, v, "stream" if task in tasks else "heldout")
+    return rows
+
+
+def _expected_summary(res: dict) -> list[dict]:
+    out = []
+    for m, entry in res.get("methods", {}).items():
+        for s, se in entry.get("seeds", {}).items():
+            summ = se.get("metrics") or {}
+            if not summ:
+                continue
+            row = {"method": m, "seed": int(s), "mode": entry.get("mode", "sequential"), **summ,
+                   "trainable_params": se.get("trainable_params"), "train_seconds": se.get("train_seconds"),
+                   "eval_seconds": se.get("eval_seconds"), "peak_mem_mb": se.get("peak_mem_mb")}
+            intr = (se.get("intransigence") or {}).get("mean")
+            if intr is not None:
+                row["intransigence"] = intr
+            out.append(row)
+    return out
+
+
+def _read_csv_tolerant(path: Path, columns: list[str], required: list[str]) -> tuple[list[dict], int]:
+    """The well-formed rows of a CSV file written by clbench.results.write_csv and the number of
+    damaged lines (a line cut short, a missing field, a value that is not a number)."""
+    import csv
+
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return [], 1
+    lines = text.split("\n")
+    if not lines or lines[0].split(",") != columns:
+        return [], 1
+    good, damaged = [], 0
+    body = lines[1:]
+    if body and body[-1] == "":
+        body = body[:-1]
+    else:
+        damaged += 1 if body else 0  # a file that does not end with a newline was cut short
+        body = body[:-1] if body else body
+    for fields in csv.reader(body):
+        if len(fields) != len(columns) or any(not fields[columns.index(c)] for c in required):
+            damaged += 1
+            continue
+        good.append(dict(zip(columns, fields)))
+    return good, damaged
+
+
+def _fmt_cell(v) -> str:
+    from .results import _fmt
+
+    return str(_fmt(v))
+
+
+def _row_key(r) -> tuple:
+    return (str(r["method"]), str(r["seed"]), str(r["stage"]), str(r["eval_task"]))
+
+
+def _ordered(rows: list[dict], pl: Plan) -> list[dict]:
+    """The recorder's order (clbench.recorder.Recorder._ordered_rows): methods, seeds, stages then
+    extra rows, tasks, so a repaired file is the file an uninterrupted run writes."""
+    m_ix = {s.run_name: i for i, s in enumerate(pl.method_specs)}
+    s_ix = {str(s): i for i, s in enumerate(pl.cfg.seeds)}
+    t_ix = {t: i for i, t in enumerate(pl.eval_names)}
+    extra_ix: dict = {}
+    for r in rows:
+        if not str(r["stage"]).isdigit():
+            extra_ix.setdefault(str(r["stage"]), len(extra_ix))
+
+    def key(r):
+        st = str(r["stage"])
+        return (m_ix.get(r["method"], len(m_ix)), s_ix.get(str(r["seed"]), len(s_ix)),
+                (0, int(st)) if st.isdigit() else (1, extra_ix[st]), t_ix.get(r["eval_task"], len(t_ix)))
+
+    return sorted(rows, key=key)
+
+
+def verify_results(out: Path, pl: Plan | None, res: dict | None = None, repair: bool = True) -> list[str]:
+    """Check matrix.csv and summary.csv against results.json, the record the run resumes from: a
+    missing file, a damaged line, a row results.json has and the file lacks or gives another value
+    is repaired by writing the file again from results.json (rows results.json does not hold, e.g.
+    a stage recorded in matrix.csv just before a crash, are kept when they are well formed).
+    Returns one message per repaired file; with repair=False (pl may then be None) only says what
+    it would repair."""
+    from .results import MATRIX_COLUMNS, SUMMARY_COLUMNS, write_csv
+
+    res = res if res is not None else load_results_json(out)
+    if res is None:
+        return []
+    said = []
+    mat_file, sum_file = out / "matrix.csv", out / "summary.csv"
+    have, damaged = _read_csv_tolerant(mat_file, MATRIX_COLUMNS, ["method", "seed", "stage", "eval_task", "value"]) \
+        if mat_file.is_file() else ([], 0)
+    metric_by = {(r["method"], r["seed"], r["eval_task"]): r["metric"] for r in have}
+
+    def metric_of(method, seed, task):
+        if (method, str(seed), task) in metric_by:
+            return metric_by[(method, str(seed), task)]
+        return pl.task_defs[task].metric_name if pl is not None and task in pl.task_defs else "acc"
+
+    want = _expected_rows(res, pl, metric_of)
+    have_by = {_row_key(r): r for r in have}
+    wrong = [r for r in want if _row_key(r) not in have_by or have_by[_row_key(r)]["value"] != _fmt_cell(r["value"])]
+    mat_existed = mat_file.is_file()
+    if not mat_existed or damaged or wrong:
+        want_keys = {_row_key(r) for r in want}
+        rows = [{**r, "value": float(r["value"]) if _is_number(r["value"]) else r["value"]}
+                for r in have if _row_key(r) not in want_keys and _is_number(r["value"])] + want
+        if repair:
+            write_csv(mat_file, MATRIX_COLUMNS, _ordered(rows, pl))
+        why = ("it was missing" if not mat_existed else f"{damaged} damaged line(s), {len(wrong)} of results.json's {len(want)} score(s) missing or different")
+        said.append(f"rebuilt matrix.csv from results.json ({why})")
+    summ_want = _expected_summary(res)
+    existed = sum_file.is_file()
+    shave, sdamaged = _read_csv_tolerant(sum_file, SUMMARY_COLUMNS, ["method", "seed"]) if existed else ([], 0)
+    sby = {(r["method"], r["seed"]): r for r in shave}
+    swrong = [r for r in summ_want
+              if {c: _fmt_cell(r.get(c)) for c in SUMMARY_COLUMNS} != sby.get((r["method"], str(r["seed"])))]
+    if not existed or sdamaged or swrong:
+        keys = {(r["method"], str(r["seed"])) for r in summ_want}
+        rows = summ_want + [r for r in shave if (r["method"], r["seed"]) not in keys and r["seed"].isdigit()]
+        m_ix = {s.run_name: i for i, s in enumerate(pl.method_specs)} if pl is not None else {}
+        rows.sort(key=lambda r: (m_ix.get(r["method"], len(m_ix)), int(r["seed"])))
+        if repair:
+            write_csv(sum_file, SUMMARY_COLUMNS, rows)
+        said.append("rebuilt summary.csv from results.json (" + ("it was missing" if not existed else
+                    f"{sdamaged} damaged line(s), {len(swrong)} of its {len(summ_want)} row(s) missing or different") + ")")
+    return said
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# --- the data a run's numbers were computed on ------------------------------------------------------
+
+
+def data_fingerprint(pl: Plan) -> dict:
+    """{task: {"sha256": ..., "files": {what: sha256}}} of every task the run trains or evaluates:
+    its task YAML, its prepared data's manifest.json and its data files. A resume compares it with
+    the one in results.json, so results never mix numbers computed on different data."""
+    from . import paths
+    from .files import sha256_file
+
+    out = {}
+    for name in dict.fromkeys(pl.task_names + pl.heldout):
+        t = pl.task_defs.get(name)
+        if t is None:
+            continue
+        files: dict[str, Path] = {}
+        if t.path is not None:
+            files["yaml"] = Path(t.path)
+        if t.prepared:
+            files["manifest"] = paths.data_dir(pl.cache) / name / "manifest.json"
+        try:
+            files.update({f"data:{k}": Path(v) for k, v in sorted(t.data_files(pl.cache).items())})
+        except Exception:  # a hub task's data lives in lm-eval's cache: nothing here to fingerprint
+            pass
+        shas = {k: sha256_file(f) for k, f in files.items() if f.is_file()}
+        whole = hashlib.sha256(json.dumps(shas, sort_keys=True).encode()).hexdigest()
+        out[name] = {"sha256": whole, "files": shas}
+    return out
+
+
+def check_data(out: Path, res: dict | None, fp: dict, allow_change: bool) -> tuple[list, list[str]]:
+    """(the data changes results.json records, after this run's; the changed tasks) or a
+    RunDirError naming the tasks whose data changed since results.json's numbers were computed."""
+    if res is None:
+        return [], []
+    run_info = res["run"]
+    before = run_info.get("data_fingerprint")
+    history = list(run_info.get("data_changes") or [])
+    if not isinstance(before, dict):
+        return history, []  # results from before fingerprints: nothing to compare with
+    changed = []
+    for name, now in fp.items():
+        old = before.get(name)
+        if isinstance(old, dict) and old.get("sha256") != now["sha256"]:
+            files = sorted(k for k in set(old.get("files") or {}) | set(now["files"])
+                           if (old.get("files") or {}).get(k) != now["files"].get(k))
+            changed.append(f"{name} ({', '.join(files)})")
+    if changed and not allow_change:
+        raise RunDirError(f"run directory {out}: the data of task(s) {'; '.join(changed)} changed since its results "
+                          "were computed; its numbers would mix the two: use --fresh to start over, another "
+                          "--output-dir, or --allow-data-change to continue (recorded in results.json)")
+    if changed:
+        history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "tasks": changed,
+                        "before": {n: before.get(n) for n in fp if before.get(n) != fp[n]}})
+    return history, changed

@@ -335,14 +335,16 @@ def _point_str(point: dict) -> str:
 
 
 def run_status(run: Run, run_dir: Path) -> str:
-    """complete: results.json says every (method, seed) of this config is complete, and the config
+    """complete: results.json says every (method, seed) of this config is complete (and matrix.csv and
+    summary.csv agree with it), and the config
     its numbers were computed with equals this one (ignoring the non-result fields: the same check
     as `clbench run`'s); changed: another config's results; partial: results or a started run to
     resume; new: nothing yet."""
-    from .runner import RunDirError, comparable_config, results_config
+    from .runner import RunDirError, comparable_config, results_config, verify_results
 
     try:
         prev = results_config(run_dir)
+        damaged = prev is not None and verify_results(run_dir, None, repair=False)
     except RunDirError:
         return "partial"
     if prev is None:
@@ -353,7 +355,8 @@ def run_status(run: Run, run_dir: Path) -> str:
         seeds = (prev[1].get(spec.run_name) or {}).get("seeds") or {}
         if not all((seeds.get(str(s)) or {}).get("complete") for s in run.cfg.seeds):
             return "partial"
-    return "complete"
+    # matrix.csv or summary.csv missing or disagreeing with results.json: `clbench run` rebuilds them
+    return "partial" if damaged else "complete"
 
 
 # --- launching --------------------------------------------------------------------------------

@@ -152,6 +152,10 @@ def test_run_status_partial_and_changed(local_sweep, tmp_path):
     d = tmp_path / "copy"
     shutil.copytree(out / run.id, d)
     assert S.run_status(run, d) == "complete"
+    summary = (d / "summary.csv").read_text()
+    (d / "summary.csv").unlink()  # results.json is complete, a derived file is gone: `clbench run` rebuilds it
+    assert S.run_status(run, d) == "partial"
+    (d / "summary.csv").write_text(summary)
     res = json.loads((d / "results.json").read_text())
     res["methods"]["lora"]["seeds"]["1"]["complete"] = False
     (d / "results.json").write_text(json.dumps(res))
