@@ -12,7 +12,7 @@
      (class-balanced for fixed-label multiple choice), capped at the YAML's sizes; then the
      validation set (clbench.data.validation, default the test size) from the documents in
      neither (the shortfall, if too few are left, moved out of the train set), so model
-     selection never needs the test set (carve_validation);
+     selection never needs the test set (clbench.splits);
   5. <cache>/data/<task>/{train,validation,test}.jsonl and manifest.json are written atomically.
 
 A later call re-hashes the JSONL files against the manifest and returns without touching the
@@ -34,118 +34,20 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from random import Random
-from typing import Any, Iterable
+from typing import Iterable
 
-from . import leakage, paths
+from . import leakage, manifests, paths
 from .builders import BUILDERS, COMMON_KEYS, SAMPLINGS, Builder
 from .errors import DataError, SourceUnavailable
-from .files import sha256_file as _sha256_file
 from .files import atomic_write as _write_atomic
-from .sources import Source, _archive_sha256, _find_package_file, parse_source, read_members
+from .presets import prepare_release_tasks
+from .sources import Source, archive_sha256, find_package_file, parse_source, read_members
+from .splits import MAX_MOVED, carve_validation, split_documents, validation_count  # noqa: F401  (public here too)
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 3  # 2: a validation split; 3: at most MAX_MOVED of train moved into it (older data is prepared again)
-MAX_MOVED = 0.2  # the share of the train split a validation split may take when too few documents are left
 DEFAULT_SEED = 1234
-
-
-# --------------------------------------------------------------------------------------
-# Splits
-# --------------------------------------------------------------------------------------
-
-
-def _even_quotas(avail: dict[Any, int], n: int) -> dict[Any, int]:
-    """Split n as evenly as possible over classes, none above what it has (water filling).
-    Leftover single slots go to classes in sorted order (deterministic)."""
-    quota = {k: 0 for k in avail}
-    left = n
-    while left > 0:
-        open_ = [k for k in sorted(avail) if quota[k] < avail[k]]
-        if not open_:
-            break
-        share = left // len(open_)
-        if share == 0:
-            for k in open_[:left]:
-                quota[k] += 1
-            break
-        for k in open_:
-            add = min(share, avail[k] - quota[k])
-            quota[k] += add
-            left -= add
-    return quota
-
-
-def _proportional_quotas(avail: dict[Any, int], n: int) -> dict[Any, int]:
-    """Split n in proportion to class sizes (largest remainder)."""
-    total = sum(avail.values())
-    n = min(n, total)
-    if total == 0:
-        return {k: 0 for k in avail}
-    exact = {k: n * v / total for k, v in avail.items()}
-    quota = {k: int(x) for k, x in exact.items()}
-    for k in sorted(avail, key=lambda k: (-(exact[k] - quota[k]), str(k)))[: n - sum(quota.values())]:
-        quota[k] += 1
-    return quota
-
-
-def split_documents(docs: list[dict], n_train: int, n_test: int, rng: Random,
-                    sampling: str = "random") -> tuple[list[dict], list[dict]]:
-    """Seeded train/test split, disjoint by construction.
-
-    The test set is drawn first, so it depends only on the seed, the documents and n_test
-    (changing the train size never changes the test set). 'balanced' gives every label
-    an equal share where it has enough documents (the rest is filled from the others),
-    'stratified' keeps the label proportions, 'random' ignores labels."""
-    if sampling == "random":
-        order = list(docs)
-        rng.shuffle(order)
-        test = order[:n_test]
-        train = order[n_test:n_test + n_train]
-        return train, test
-    groups: dict[int, list[dict]] = {}
-    for d in docs:
-        groups.setdefault(d["label"], []).append(d)
-    for k in sorted(groups):
-        rng.shuffle(groups[k])
-    quotas = _even_quotas if sampling == "balanced" else _proportional_quotas
-    q_test = quotas({k: len(v) for k, v in groups.items()}, n_test)
-    rest = {k: v[q_test[k]:] for k, v in groups.items()}
-    q_train = quotas({k: len(v) for k, v in rest.items()}, n_train)
-    test = [d for k in sorted(groups) for d in groups[k][: q_test[k]]]
-    train = [d for k in sorted(rest) for d in rest[k][: q_train[k]]]
-    rng.shuffle(test)
-    rng.shuffle(train)
-    return train, test
-
-
-def carve_validation(docs: list[dict], train: list[dict], test: list[dict], n_val: int, rng: Random,
-                     sampling: str = "random") -> tuple[list[dict], list[dict], str]:
-    """(train, validation, how): a seeded validation set disjoint from train and test, drawn like the
-    test set (`sampling`) from the documents in neither; when fewer than n_val are left, all of those
-    plus the shortfall moved out of the train set, at most MAX_MOVED of it (so the validation split
-    may be smaller than asked). `how` says which, for the manifest. Train and test are unchanged
-    when enough documents are left."""
-    used = {id(d) for d in train} | {id(d) for d in test}
-    rest = [d for d in docs if id(d) not in used]
-    if len(rest) >= n_val:
-        _, val = split_documents(rest, 0, n_val, rng, sampling)
-        return train, val, f"carved: {n_val} of the {len(rest)} documents in neither train nor test"
-    short = min(n_val - len(rest), int(MAX_MOVED * len(train)))
-    # out of the train set in proportion to its classes, so no small class is emptied
-    _, moved = split_documents(train, 0, short, rng, "random" if sampling == "random" else "stratified")
-    gone = {id(d) for d in moved}
-    return [d for d in train if id(d) not in gone], rest + moved, (
-        f"carved: all {len(rest)} documents in neither train nor test, and {short} moved out of the train set "
-        f"(in proportion to its classes; too few documents left; at most {MAX_MOVED:.0%} of train)")
-
-
-def validation_count(spec: dict) -> int:
-    """clbench.data.validation: the validation size (default: the test size; 0 = none)."""
-    v = spec.get("validation", spec.get("test", 0))
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise DataError(f"clbench.data.validation must be a count >= 0, got {v!r}")
-    return v
 
 
 # --------------------------------------------------------------------------------------
@@ -229,24 +131,7 @@ def _plan(task_name: str, task_yaml: dict, cache: Path, seed: int, task_path: Pa
 
 def _check_manifest(plan: _Plan) -> str | None:
     """None if the prepared files match the manifest and the spec, else the reason."""
-    mpath = plan.out_dir / "manifest.json"
-    if not mpath.is_file():
-        return "not prepared yet"
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return f"unreadable manifest {mpath} ({e})"
-    if manifest.get("spec") != plan.key:
-        return "the task's data spec, seed or builder changed since it was prepared"
-    files = manifest.get("files", {})
-    if set(files) != set(plan.paths()):
-        return "the manifest lists other splits"
-    for split, p in plan.paths().items():
-        if not p.is_file():
-            return f"{p} is missing"
-        if _sha256_file(p) != files[split].get("sha256"):
-            return f"{p} does not match the sha256 in its manifest (modified or corrupt)"
-    return None
+    return manifests.stale_reason(plan.out_dir, plan.key, list(plan.paths()))
 
 
 def _validate_docs(plan: _Plan, docs: list[dict]) -> None:
@@ -348,7 +233,7 @@ def _build_and_write(plan: _Plan, files: dict[str, bytes], archive: Path | None)
             "package": plan.source.name,
             "version": plan.source.version,
             "file": archive.name if archive else plan.source.filename,
-            "sha256": _archive_sha256(archive) if archive else plan.source.sha256,
+            "sha256": archive_sha256(archive) if archive else plan.source.sha256,
             "pip_command": plan.source.pip_command(),
         },
         "members": [{"path": m, "sha256": hashlib.sha256(files[m]).hexdigest()} for m in sorted(files)],
@@ -386,8 +271,6 @@ def prepare_tasks(defs: Iterable, cache: Path | None = None, seed: int = DEFAULT
     (clbench.presets). Returns {task: {"train": path, "test": path}} ("train" is absent for a
     test-only task). Tasks whose prepared files match their manifest are returned without any
     download."""
-    from .presets import prepare_release_tasks
-
     cache = Path(cache) if cache is not None else paths.cache_dir()
     defs = list({d.name: d for d in defs}.values())
     task_yamls = {d.name: {**d.lm_eval, "clbench": d.clbench} for d in defs}
@@ -414,7 +297,7 @@ def prepare_tasks(defs: Iterable, cache: Path | None = None, seed: int = DEFAULT
             for plan in group:
                 result[plan.name] = _use_shipped(plan, e)
             continue
-        archive = _find_package_file(paths.sources_dir(cache), source)
+        archive = find_package_file(paths.sources_dir(cache), source)
         for plan in group:
             log.info("preparing task %s from %s (builder %s, seed %d)", plan.name,
                      source.requirement, plan.builder.name, plan.seed)
@@ -499,7 +382,7 @@ def ship_tasks(defs: Iterable, cache: Path, seed: int = DEFAULT_SEED) -> list[Pa
     for d in defs:
         plan = _plan(d.name, {**d.lm_eval, "clbench": d.clbench}, cache, seed, d.path)
         files = read_members(plan.source, cache, plan.builder.members(plan.spec))
-        archive = _find_package_file(paths.sources_dir(cache), plan.source)
+        archive = find_package_file(paths.sources_dir(cache), plan.source)
         plan.shipped_dir = None  # build afresh, without comparing to the copy being replaced
         _build_and_write(plan, files, archive)
         dest = shipped_dir(d.path, d.name)

