@@ -103,6 +103,9 @@ def _user_dirs(config: str | None):
 
 def _dispatch(args) -> int:
     from . import paths
+    from .config import check_environment
+
+    check_environment()  # a bad CLBENCH_* value fails now, not after a stage has trained
 
     if args.cmd == "run":
         from .config import load_config
@@ -193,6 +196,10 @@ def _dispatch(args) -> int:
             from .planning import expand_heldout
 
             names = list(dict.fromkeys(names + [n for n in expand_heldout(cfg.heldout, tasks) if n in tasks]))
+        if cfg and cfg.eval.other_kind and not args.tasks:  # and each task's other kind (eval.other_kind)
+            from .tasks import twin_name
+
+            names = list(dict.fromkeys(names + [twin_name(n) for n in names if twin_name(n) in tasks]))
         unknown = [n for n in names if n not in tasks]
         if unknown:
             raise ClbenchError(f"unknown task(s) {unknown}; available: {', '.join(sorted(tasks))}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +21,10 @@ from .errors import ConfigError
 
 # Fields that never change results: they may differ when a run directory is resumed.
 NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints", "checkpoint_interval", "trackers", "distributed")
+
+
+# A seed seeds numpy's generator too, which takes 0..2**32-1 only: anything else failed after training.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class Strict(BaseModel):
@@ -118,6 +123,10 @@ class EvalConfig(Strict):
         None, gt=0, description="evaluate cells off the diagonal and before the final row on the first N test examples only "
         "(ACC, BWT, LA stay exact; FWT and forgetting become estimates)")
     bootstrap_iters: int = Field(0, ge=0, description="lm-eval stderr bootstrap (0 = skip)")
+    other_kind: bool = Field(
+        False, description="also score every stream task its other way after every stage: a generation task "
+        "(`<task>_gen`, exact match) by its log-likelihood twin `<task>` and the reverse; never trained, "
+        "reported as a second matrix (docs/metrics.md)")
 
     @field_validator("batch_size")
     @classmethod
@@ -125,6 +134,13 @@ class EvalConfig(Strict):
         if isinstance(v, int) and v <= 0:
             raise ValueError("must be > 0 or 'auto'")
         return v
+
+    @model_validator(mode="after")
+    def _offdiag_within_limit(self):
+        if self.offdiag_limit is not None and self.limit is not None and self.offdiag_limit > self.limit:
+            raise ValueError(f"eval.offdiag_limit ({self.offdiag_limit}) is above eval.limit ({self.limit}): "
+                             "the cells off the diagonal are a subset of the examples every cell is scored on")
+        return self
 
 
 class MergeSpec(Strict):
@@ -200,8 +216,8 @@ class RunConfig(Strict):
     task_dirs: list[str] = Field(default_factory=list, description="extra folders of task YAMLs (relative to the config file)")
     method_files: list[str] = Field(default_factory=list, description="extra method files (relative to the config file)")
     methods: list[MethodSpec] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    data_seed: int = Field(1234, description="seed of the train/test splits made by `data prepare`")
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, description="each in 0..2**32-1")
+    data_seed: Seed = Field(1234, description="seed of the train/test splits made by `data prepare`")
     train: TrainConfig = Field(default_factory=TrainConfig)
     stages: dict[str, TrainOverrides] = Field(default_factory=dict, description="per-stage overrides keyed by task name or stage number")
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -344,6 +360,12 @@ def load_yaml(path: Path) -> Any:
         text = Path(path).read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory, not a config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (YAML) file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -409,3 +431,55 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, str(path), RunConfig)) from None
     return cfg, path.resolve().parent
+
+
+# --- environment variables clbench reads: checked when a command starts, not when one is first used ---
+
+
+def _positive_int(v: str) -> None:
+    if not (v.strip().isdigit() and int(v) > 0):
+        raise ValueError("a whole number > 0")
+
+
+def _positive_number(v: str) -> None:
+    try:
+        ok = float(v) > 0 and float(v) != float("inf")
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError("a number > 0")
+
+
+def _switch(v: str) -> None:
+    if v not in ("0", "1"):
+        raise ValueError("0 or 1")
+
+
+def _folder(v: str) -> None:
+    if not v.strip():
+        raise ValueError("a folder path (it is empty)")
+    if Path(v).exists() and not Path(v).is_dir():
+        raise ValueError("a folder (it names a file)")
+
+
+ENVIRONMENT = {  # name: (check, what it does)
+    "CLBENCH_LOG_EVERY": (_positive_int, "a plain progress line every N training steps"),
+    "CLBENCH_DIST_TIMEOUT_MIN": (_positive_number, "minutes a process waits for the others"),
+    "CLBENCH_EVAL_PREFIX_SHARING": (_switch, "0 scores multiple choice through lm-eval's own path"),
+    "CLBENCH_EVAL_FAST_GENERATE": (_switch, "0 generates through lm-eval's own path"),
+    "CLBENCH_CACHE": (_folder, "clbench's cache folder"),
+    "CLBENCH_DATA_ROOT": (_folder, "the folder of the presets' releases"),
+}
+
+
+def check_environment(environ=None) -> None:
+    """Every CLBENCH_* variable clbench reads, checked once: a bad value is one line naming it."""
+    environ = os.environ if environ is None else environ
+    for name, (check, what) in ENVIRONMENT.items():
+        v = environ.get(name)
+        if v is None:
+            continue
+        try:
+            check(v)
+        except ValueError as e:
+            raise ConfigError(f"environment variable {name}={v!r} must be {e} ({what})") from None

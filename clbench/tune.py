@@ -46,7 +46,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from .config import RunConfig, Strict, format_validation_error, load_yaml, method_index
+from .config import RunConfig, Seed, Strict, format_validation_error, load_yaml, method_index
 from .errors import ConfigError
 from .sweep import RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, check_key_path, expand, run_sweep, with_set
 
@@ -57,12 +57,12 @@ class SelectOptions(Strict):
     protocol: Literal["final", "first_k"] = Field(
         "final", description="final: validation ACC after the whole stream; first_k: after the first k tasks")
     k: Optional[int] = Field(None, gt=0, description="first_k: how many tasks of the stream (required)")
-    seed: int = Field(0, description="the seed of every selection run")
+    seed: Seed = Field(0, description="the seed of every selection run")
     order: Optional[str] = Field(None, description="the selection runs' task order (default: the base config's)")
 
 
 class FinalOptions(Strict):
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     orders: Optional[list[str]] = Field(None, description="default: the base config's order")
 
 
