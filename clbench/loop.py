@@ -167,7 +167,8 @@ class Job:
         s, cfg = self.s, self.s.cfg
         limits = None
         if exact_task is not None and cfg.eval.offdiag_limit:
-            limits = {n: (cfg.eval.limit if n == exact_task else cfg.eval.offdiag_limit) for n in s.pl.eval_names}
+            limits = {n: (cfg.eval.limit if s.pl.same_task(n) == exact_task else cfg.eval.offdiag_limit)
+                      for n in s.pl.eval_names}
         scores = es = None
         with fsdp.unsharded(model):  # a sharded model is gathered on every rank; rank 0 evaluates it
             if D.is_main():

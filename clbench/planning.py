@@ -26,10 +26,16 @@ class Plan:
     task_defs: dict[str, taskcat.TaskDef]
     method_specs: list = field(default_factory=list)
     heldout: list[str] = field(default_factory=list)
+    # eval.other_kind: each stream task's twin of the other kind, in stream order (empty when off)
+    other_kind: list[str] = field(default_factory=list)
 
     @property
     def eval_names(self) -> list[str]:
-        return self.task_names + self.heldout
+        return self.task_names + self.heldout + self.other_kind
+
+    def same_task(self, name: str) -> str:
+        """The stream task a name scores: itself, or the stream task whose other-kind twin it is."""
+        return self.task_names[self.other_kind.index(name)] if name in self.other_kind else name
 
 
 def plan(cfg: RunConfig, config_dir: Path) -> Plan:
@@ -56,6 +62,10 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
             task_defs[n].check_data(cache, data_root=root)
     streams = taskcat.load_streams(dirs, task_defs)
     names = taskcat.resolve_stream(cfg, task_defs, streams)
+    for i, meth in enumerate(made):  # a method that cannot act on this stream says why (Method.stream_refusal)
+        why = M.call(meth, "stream_refusal", {n: task_defs[n].lm_eval.get("output_type", "generate_until") for n in names})
+        if why:
+            raise ConfigError(f"methods.{i} ({cfg.methods[i].name}): {why}")
     for n in names:
         if task_defs[n].lm_eval.get("output_type") == "loglikelihood_rolling" and not task_defs[n].text:
             raise ConfigError(f"task {n!r} ({task_defs[n].path}) is a perplexity probe (loglikelihood_rolling): "
@@ -76,7 +86,37 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
     for n in heldout:
         if not task_defs[n].hub:
             task_defs[n].check_data(cache, need_train=False, data_root=root)
-    return datacheck.check_plan(Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods), heldout))
+    twins = other_kind_tasks(names, heldout, task_defs) if cfg.eval.other_kind else []
+    for n in twins:
+        task_defs[n].check_data(cache, need_train=False, data_root=root)
+    return datacheck.check_plan(Plan(cfg, config_dir, cache, names, task_defs, list(cfg.methods), heldout, twins))
+
+
+KINDS = {"generate_until": "generation", "multiple_choice": "log-likelihood"}
+
+
+def other_kind_tasks(names: list[str], heldout: list[str], task_defs: dict) -> list[str]:
+    """eval.other_kind: every stream task's twin of the other kind (generation <-> log-likelihood
+    multiple choice), checked to exist, to be the other kind, and to be neither trained nor held out."""
+    out = []
+    for n in names:
+        t = taskcat.twin_name(n)
+        kind = task_defs[n].lm_eval.get("output_type")
+        if kind not in KINDS:
+            raise ConfigError(f"eval.other_kind: task {n!r} is {kind}; only generation and multiple-choice tasks "
+                              "have another kind")
+        if t not in task_defs:
+            raise ConfigError(f"eval.other_kind: task {n!r} has no task of the other kind (looked for {t!r}, "
+                              f"the {KINDS[kind]} task's twin by name); drop eval.other_kind or add {t!r}")
+        tk = task_defs[t].lm_eval.get("output_type")
+        if tk == kind or tk not in KINDS:
+            raise ConfigError(f"eval.other_kind: {t!r} ({task_defs[t].path}) is {tk}, not the other kind of "
+                              f"{n!r} ({kind})")
+        if t in names or t in heldout:
+            raise ConfigError(f"eval.other_kind: {t!r}, the other kind of {n!r}, is itself "
+                              f"{'in the stream' if t in names else 'held out'}: score it one way only")
+        out.append(t)
+    return out
 
 
 def check_fsdp(cfg: RunConfig, made: list) -> None:

@@ -167,10 +167,15 @@ class Recorder:
         for task in self.plan.eval_names:
             self.rows.append({"method": method, "seed": seed, "stage": stage, "trained_task": trained or "",
                               "eval_task": task, "metric": self.plan.task_defs[task].metric_name, "value": scores[task],
-                              "eval_group": "heldout" if task in self.plan.heldout else "stream"})
+                              "eval_group": ("heldout" if task in self.plan.heldout else
+                                             "other_kind" if task in self.plan.other_kind else "stream")})
 
     def heldout_matrix(self, method, seed) -> list[list[float]]:
         return self._grid(method, seed, self.plan.heldout)
+
+    def other_kind_matrix(self, method, seed) -> list[list[float]]:
+        """eval.other_kind: the stream scored the other way, column i = stream task i's twin."""
+        return self._grid(method, seed, self.plan.other_kind)
 
     def matrix(self, method, seed) -> list[list[float]]:
         return self._grid(method, seed, self.plan.task_names)
@@ -250,6 +255,7 @@ class Recorder:
         G = rec.heldout_matrix(name, seed) if rec.plan.heldout and mode == "sequential" and len(R) > 0 else None
         if summ and G is not None:
             summ["general_delta"] = metrics.general_ability_delta(G)[-1]
+        O = rec.other_kind_matrix(name, seed) if rec.plan.other_kind and mode == "sequential" and len(R) > 0 else None
         complete = done and not merges_pending
         row = {"method": name, "seed": seed, "mode": mode, **summ, "trainable_params": int(trainable),
                "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak}
@@ -264,6 +270,8 @@ class Recorder:
             **({"merged": merged} if merged else {}),
             **({"heldout_tasks": rec.plan.heldout, "heldout_matrix": G,
                 "general_delta_per_stage": metrics.general_ability_delta(G)} if G is not None else {}),
+            **({"other_kind_tasks": rec.plan.other_kind, "other_kind_matrix": O,
+                "other_kind_metrics": metrics.summary(O) if done else {}} if O is not None else {}),
             "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stages": list(stage_log),
             **({"world_size_dependent": why} if why else {})}
         rec.update_intransigence()

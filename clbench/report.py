@@ -23,7 +23,8 @@ from scipy import stats
 from . import plotstyle, stats as cistats
 from .rundirs import (CI_LEVEL, COST_COLUMNS, COST_LABELS, HIGHER_IS_BETTER, LABELS, METRICS, Group, ReportError,
                       RunResults, _seed_key, _slug, aggregate, discover_runs, group_runs, load_run)
-from .tables import _render, cost_table, heldout_table, metrics_table, paired_table, reference_table
+from .tables import (_render, cost_table, heldout_table, metrics_table, other_kind_matrices, paired_table,
+                     reference_table)
 
 # --- figures: turn a group into the plain numbers plotstyle draws ----------------------------------
 
@@ -188,6 +189,29 @@ def _paired_fig(g: Group, paired: list[dict], reference: str, styles, flags: dic
     over = sorted({p["over"] for p in paired})
     fig.suptitle(f"{g.label}\nΔ vs {plotstyle.short(paired[0]['reference'], 20)}, 95% CI over {', '.join(over)}")
     return fig
+
+
+def _other_kind_section(g: Group, lines: list[str], table) -> None:
+    """eval.other_kind: the stream's tasks scored the other way after every stage (generation tasks
+    by log-likelihood over the label words, or the reverse), never trained: is what a method lost
+    the task's knowledge or only its answer format?"""
+    rows = cistats.method_intervals(g, "other_kind") if any(r.other_kind for r in g.runs) else []
+    if not rows:
+        return
+    run = next(r for r in g.runs if r.other_kind)
+    own, other = cistats.metric_name(run), cistats.metric_name(run, "other_kind")
+    lines += [f"### The same tasks scored the other way ({other or 'the twin tasks'})", "",
+              f"Every stream task was also scored its other way after every stage (eval.other_kind): the twin "
+              f"task has the same test documents and prompt; the stream is scored by {own or 'its own metric'}, "
+              f"the twins by {other or 'theirs'}. Where generation forgets and log-likelihood "
+              "does not, the model lost the answer's form (the label word it generates) more than its ranking "
+              "of the answers. Each method's metrics on the twins, with 95% CIs as above:", ""]
+    table(f"other_kind__{g.slug}", paired_table(rows, "md", delta=False), paired_table(rows, "tex", delta=False),
+          pd.DataFrame(rows))
+    mats = other_kind_matrices(g)
+    if mats:
+        lines += ["The twins' matrices (mean over seeds; bold: the stage that trained the task):", ""]
+        table(f"other_kind_matrices__{g.slug}", mats)
 
 
 def _learning_section(g: Group, checks: dict, lines: list[str], table) -> None:
@@ -424,6 +448,7 @@ def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path, refer
                   "whose CI lies below 0 is forgetting beyond the test-set noise.", ""]
         table(f"intervals__{g.slug}", paired_table(intervals, "md", delta=False), paired_table(intervals, "tex", delta=False),
               pd.DataFrame(intervals))
+    _other_kind_section(g, lines, table)
     _learning_section(g, checks, lines, table)
     _paired_section(g, paired, reference, styles, flags, lines, table, fig)
     accuracy = "per_byte_likelihood" not in _stream_metrics(g.runs)  # raw-text domains: a likelihood

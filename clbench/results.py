@@ -5,7 +5,8 @@
                 stage 0 = base model (trained_task empty); stage t = after training trained_task;
                 extra rows carry a label as stage: `multitask` (the joint reference of a method
                 run with mode multitask) and `merged:<how>` (a merge of the per-stage task vectors);
-                eval_group = stream (a task of R) or heldout (a general-ability probe)
+                eval_group = stream (a task of R), heldout (a general-ability probe) or other_kind (a stream
+                task scored its other way, eval.other_kind: never trained)
   summary.csv   one row per (method, seed): method,seed,mode,acc,bwt,fwt,forgetting,la,aia,
                 general_delta,intransigence,did_not_learn,trainable_params,train_seconds,eval_seconds,
                 peak_mem_mb

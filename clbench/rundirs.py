@@ -59,6 +59,10 @@ class RunResults:
     R: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     extra: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)  # merged:* rows
     heldout: dict[tuple[str, str], tuple[list[str], np.ndarray]] = field(default_factory=dict)
+    # eval.other_kind: stream task i's twin of the other kind (results.json), and each pair's (T+1, T)
+    # matrix of the twins' scores; complete pairs only
+    other_kind_tasks: list[str] = field(default_factory=list)
+    other_kind: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was left out and why
     modes: dict[str, str] = field(default_factory=dict)  # method -> sequential | single | multitask
     joint: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # multitask references' rows
@@ -223,6 +227,9 @@ def load_run(run_dir: str | Path) -> RunResults:
                 ref = (se.get("intransigence") or {}).get("reference") if isinstance(se, dict) else None
                 if ref:
                     out.named_refs[(str(m), str(seed))] = str(ref)
+                twins = se.get("other_kind_tasks") if isinstance(se, dict) else None
+                if isinstance(twins, list) and len(twins) == len(tasks) and not out.other_kind_tasks:
+                    out.other_kind_tasks = [str(t) for t in twins]
     _collect_matrices(out)
     _check_summary_metrics(out)
     return out
@@ -275,6 +282,13 @@ def _collect_matrices(run: RunResults) -> None:
             G = G.dropna(axis=1)  # a held-out task must be scored at every stage to give a delta
             if G.shape[1]:
                 run.heldout[(method, seed)] = (list(G.columns), G.to_numpy(dtype=float))
+        if run.other_kind_tasks and "eval_group" in df.columns:
+            o = df[mine & (df["group"] == "other_kind") & df["stage_idx"].notna()]
+            if not o.empty:
+                O = o.pivot(index="stage_idx", columns="eval_task", values="value").reindex(
+                    index=range(T + 1), columns=run.other_kind_tasks)
+                if O.notna().all().all():
+                    run.other_kind[(method, seed)] = O.to_numpy(dtype=float)
 
 
 def _check_summary_metrics(run: RunResults) -> None:

@@ -536,7 +536,7 @@ def data_fingerprint(pl: Plan) -> dict:
     from .files import sha256_file
 
     out = {}
-    for name in dict.fromkeys(pl.task_names + pl.heldout):
+    for name in dict.fromkeys(pl.eval_names):
         t = pl.task_defs.get(name)
         if t is None:
             continue

@@ -170,19 +170,29 @@ def _pair_key(run, seed) -> tuple[str, str]:
     return (run.order, str(seed))
 
 
-def _items(group, method: str) -> dict:
+# Which matrices a comparison reads: "stream" (R, the stream's own scoring) or "other_kind" (the
+# same tasks scored the other way, eval.other_kind: columns are the stream tasks' twins).
+def _matrices(run, kind: str) -> dict:
+    return run.R if kind == "stream" else run.other_kind
+
+
+def _columns(run, kind: str) -> list[str]:
+    return list(run.tasks) if kind == "stream" else list(run.other_kind_tasks)
+
+
+def _items(group, method: str, kind: str = "stream") -> dict:
     """{(order, seed): (run, seed)} of a sequential method in the group."""
     out = {}
     for r in group.runs:
-        for (m, s) in r.R:
+        for (m, s) in _matrices(r, kind):
             if m == method and r.mode(m) == "sequential":
                 out[_pair_key(r, s)] = (r, s)
     return out
 
 
-def _metric_name(run) -> str:
-    stream = run.matrix[(run.matrix["group"] == "stream") & run.matrix["eval_task"].isin(run.tasks)]
-    names = sorted(set(stream["metric"]))
+def metric_name(run, kind: str = "stream") -> str:
+    rows = run.matrix[(run.matrix["group"] == kind) & run.matrix["eval_task"].isin(_columns(run, kind))]
+    names = sorted(set(rows["metric"]))
     return names[0] if len(names) == 1 else ""
 
 
@@ -195,13 +205,13 @@ def resolve_reference(methods: list[str], reference: str) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _examples(group, key, methods: list[str]):
+def _examples(group, key, methods: list[str], kind: str = "stream"):
     """Resampled matrices of methods at one (order, seed) from their samples files, or None."""
     sets = []
     for m in methods:
-        r, s = _items(group, m)[key]
-        tasks = list(r.tasks)
-        cells = example_cells(Path(r.path), m, s, tasks, _metric_name(r))
+        r, s = _items(group, m, kind)[key]
+        tasks = _columns(r, kind)
+        cells = example_cells(Path(r.path), m, s, tasks, metric_name(r, kind))
         if cells is None:
             return None
         sets.append(cells)
@@ -241,20 +251,21 @@ def paired_differences(group, reference: str) -> list[dict]:
     return rows
 
 
-def method_intervals(group) -> list[dict]:
+def method_intervals(group, kind: str = "stream") -> list[dict]:
     """Rows {method, metric, diff (the metric's value), lo, hi, n, over, significant}: each sequential
     method's ACC, BWT, forgetting and LA with a 95% bootstrap CI, over its (order, seed) samples when it
     has several, else over test examples (its own matrix rebuilt from resampled examples, as the
     paired comparison does) when the samples files are there, else no CI. `significant`: the CI
-    excludes 0 (for BWT: forgetting, or backward transfer, beyond the test-set noise)."""
-    methods = sorted({m for r in group.runs for (m, _) in r.R if r.mode(m) == "sequential"})
+    excludes 0 (for BWT: forgetting, or backward transfer, beyond the test-set noise).
+    kind="other_kind": the same for the stream's tasks scored the other way (eval.other_kind)."""
+    methods = sorted({m for r in group.runs for (m, _) in _matrices(r, kind) if r.mode(m) == "sequential"})
     rows = []
     for m in methods:
-        items = _items(group, m)
+        items = _items(group, m, kind)
         keys = sorted(items)
-        boot = _examples(group, keys[0], [m]) if len(keys) == 1 else None
+        boot = _examples(group, keys[0], [m], kind) if len(keys) == 1 else None
         for name in COMPARED:
-            v = [_FUNCS[name](items[k][0].R[(m, items[k][1])]) for k in keys]
+            v = [_FUNCS[name](_matrices(items[k][0], kind)[(m, items[k][1])]) for k in keys]
             res = mean_interval(v)
             if boot is not None:
                 res["lo"], res["hi"] = percentile_interval(metric_of(boot[0], name))

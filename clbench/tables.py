@@ -173,6 +173,35 @@ def heldout_table(group: Group) -> tuple[pd.DataFrame, str] | None:
 
 
 
+def other_kind_matrices(group: Group) -> str | None:
+    """eval.other_kind: per order, the matrix of the stream's tasks scored the other way (columns:
+    each stream task's twin), mean over a method's seeds, methods side by side like R; bold: the
+    task the stage trained."""
+    out = []
+    for r_order, tasks, runs in group.orders():
+        by_method: dict[str, list[np.ndarray]] = {}
+        twins: list[str] = []
+        for r in runs:
+            for (m, _), O in r.other_kind.items():
+                if r.mode(m) == "sequential":
+                    by_method.setdefault(m, []).append(O)
+                    twins = twins or list(r.other_kind_tasks)
+        if not by_method:
+            continue
+        methods = sorted(by_method)
+        T = len(tasks)
+        head = ["stage"] + [f"{m}: {t}" if j == 0 else t for m in methods for j, t in enumerate(twins)]
+        body = []
+        for st in range(T + 1):
+            row = [f"{st} " + ("base" if st == 0 else tasks[st - 1])]
+            for m in methods:
+                mean = np.mean(by_method[m], axis=0)
+                row += [(f"**{_num(mean[st, i], 2)}**" if st == i + 1 else _num(mean[st, i], 2)) for i in range(T)]
+            body.append(row)
+        out.append(f"Order {r_order}:\n\n" + _render(head, body, "md", align="l" + "r" * (len(head) - 1)))
+    return "\n".join(out) if out else None
+
+
 def paired_table(rows: list[dict], fmt: str, delta: bool = True) -> str:
     """Paired differences against the reference method (clbench.stats.paired_differences): the mean
     difference and its 95% bootstrap CI per metric, † where the CI excludes 0. delta=False: each

@@ -50,6 +50,15 @@ SCORE_TRANSFORMS = {
 }
 
 
+GEN_SUFFIX = "_gen"
+
+
+def twin_name(name: str) -> str:
+    """A task's twin of the other kind by name: `trec_gen` (generation, exact match) <-> `trec`
+    (log-likelihood multiple choice), the same documents and prompt (eval.other_kind)."""
+    return name[: -len(GEN_SUFFIX)] if name.endswith(GEN_SUFFIX) else name + GEN_SUFFIX
+
+
 @dataclass
 class TaskDef:
     name: str
