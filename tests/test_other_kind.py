@@ -75,6 +75,10 @@ def test_stream_scored_both_ways_in_results_and_report(tmp_path, one_thread):
     # the stream's own matrix is unchanged in shape: the twins are not columns of R
     assert all(len(row) == 2 for row in seed["matrix"])
 
+    # a re-run of the finished directory checks matrix.csv against results.json and keeps the twins' rows
+    assert main(["run", config(tmp_path, folder, ["tiny_parity", "tiny_compare"]), "--output-dir", str(out)]) == 0
+    assert pd.read_csv(out / "matrix.csv").equals(mat)
+
     rep = tmp_path / "rep"
     assert main(["report", str(out), "--out", str(rep)]) == 0
     md = (rep / "report.md").read_text()
