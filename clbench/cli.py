@@ -87,9 +87,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"clbench: error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("clbench: interrupted; results of completed stages are in the run directory", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (interrupt.Terminated): the same stop, told apart
+            term = isinstance(e, interrupt.Terminated)
+            what = "terminated (SIGTERM)" if term else "interrupted"
+            kept = {"run": "results of completed stages are in the run directory",
+                    "sweep": "its runs were stopped and waited for; completed runs and stages are kept, the same "
+                             "command resumes the others",
+                    "tune": "its runs were stopped and waited for; completed runs and stages are kept, the same "
+                            "command resumes the others"}.get(args.cmd, "nothing half-written is left")
+            print(f"clbench: {what}; {kept}", file=sys.stderr)
+            return 143 if term else 130
 
 
 def _user_dirs(config: str | None):

@@ -31,8 +31,9 @@ class RunLock:
     fcntl.flock rather than the filelock package: filelock opens its file with O_TRUNC, so every
     process that merely tries the lock would erase the holder's pid."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, what: str = "run directory"):
         self.path = out / ".lock"
+        self.what = what
         self._fd: int | None = None
 
     def __enter__(self):
@@ -54,7 +55,7 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise RunDirError(f"run directory {self.path.parent} is in use by process {self._holder()} "
+                raise RunDirError(f"{self.what} {self.path.parent} is in use by process {self._holder()} "
                                   f"(lock file {self.path}); wait for it or stop it") from None
             # The holder before us may have deleted the file after we opened it (__exit__): then we
             # hold a lock on a file nobody else sees, and must lock the file that is there now.
@@ -549,10 +550,23 @@ def data_fingerprint(pl: Plan) -> dict:
             files.update({f"data:{k}": Path(v) for k, v in sorted(t.data_files(pl.cache).items())})
         except Exception:  # a hub task's data lives in lm-eval's cache: nothing here to fingerprint
             pass
-        shas = {k: sha256_file(f) for k, f in files.items() if f.is_file()}
+        shas = {k: (_manifest_sha(f) if k == "manifest" else sha256_file(f)) for k, f in files.items() if f.is_file()}
         whole = hashlib.sha256(json.dumps(shas, sort_keys=True).encode()).hexdigest()
         out[name] = {"sha256": whole, "files": shas}
     return out
+
+
+def _manifest_sha(path: Path) -> str:
+    """A prepared task's manifest without its time stamp: preparing the same data again is no change."""
+    from .files import sha256_file
+
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return sha256_file(path)
+    if isinstance(m, dict):
+        m.pop("prepared_at", None)
+    return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
 
 
 def check_data(out: Path, res: dict | None, fp: dict, allow_change: bool) -> tuple[list, list[str]]:

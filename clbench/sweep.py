@@ -362,6 +362,18 @@ def run_status(run: Run, run_dir: Path) -> str:
 # --- launching --------------------------------------------------------------------------------
 
 
+# The runs this process has started and not yet seen end, and whether it is stopping: a Ctrl-C or
+# SIGTERM of the sweep is forwarded to each of them and waited for (stop_children), and no run
+# starts after it.
+_CHILDREN: set = set()
+_CHILDREN_LOCK = __import__("threading").Lock()
+_STOPPING = False
+
+
+class _Stopped(Exception):
+    pass
+
+
 def run_unit(cmd: list[str], log: str, cwd: str, env: dict) -> dict:
     """One run: `python -m clbench run ...` as a subprocess, output appended to its log file.
     Module-level so that Ray and submitit ship it by reference."""
@@ -371,8 +383,63 @@ def run_unit(cmd: list[str], log: str, cwd: str, env: dict) -> dict:
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(cmd)}   # {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.uname().nodename}\n")
         f.flush()
-        rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=full_env).returncode
+        with _CHILDREN_LOCK:
+            if _STOPPING:
+                raise _Stopped()
+            proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=full_env)
+            _CHILDREN.add(proc)
+        try:
+            rc = proc.wait()
+        except BaseException:  # a Ctrl-C or SIGTERM of this process while it waits (parallel 1)
+            stop_children()
+            raise
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
     return {"rc": rc, "seconds": time.time() - t0}
+
+
+def stop_children(signum: int | None = None) -> list[int]:
+    """Send the signal that stopped this process (SIGTERM unless it was Ctrl-C) to every run it
+    started, and wait for each to end: they record what they finished and release their locks.
+    No run starts after this. Returns the pids stopped."""
+    import signal
+
+    from . import interrupt
+
+    global _STOPPING
+    sig = signum or interrupt.requested() or signal.SIGTERM
+    with _CHILDREN_LOCK:
+        _STOPPING = True
+        procs = list(_CHILDREN)
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(sig)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        while True:
+            try:
+                p.wait()
+                break
+            except KeyboardInterrupt:  # a repeated signal: keep waiting, the runs are ending
+                continue
+    return [p.pid for p in procs]
+
+
+@__import__("contextlib").contextmanager
+def _forwarding():
+    """Around launching the runs: a fresh start (no stop requested), and on a Ctrl-C or SIGTERM
+    the runs get it too and are waited for before it goes on up."""
+    global _STOPPING
+    with _CHILDREN_LOCK:
+        _STOPPING = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        stop_children()
+        raise
 
 
 def _last_error(log: Path) -> str:
@@ -389,10 +456,16 @@ def _launch_local(units, parallel: int, done):
         for run, args in units:
             done(run, run_unit(*args))
         return
-    with cf.ThreadPoolExecutor(max_workers=parallel) as pool:
+    pool = cf.ThreadPoolExecutor(max_workers=parallel)
+    try:
         futs = {pool.submit(run_unit, *args): run for run, args in units}
         for f in cf.as_completed(futs):
             done(futs[f], f.result())
+    except KeyboardInterrupt:  # the runs under way get the signal and are waited for; none starts after
+        stop_children()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _launch_ray(units, opts: RayOptions, done):
@@ -481,7 +554,14 @@ def _write_index(sweep: Sweep, outcome: dict) -> None:
 def run_sweep(sweep: Sweep, dry_run: bool = False, out=None, fresh: bool = False) -> dict:
     """Run what is not complete (fresh: every run, each started over as `clbench run --fresh`);
     returns {run id: status}. Raises SweepError naming failed runs."""
+    from .runner import RunLock
+
     out = out or sys.stdout
+    with RunLock(sweep.out, what="sweep directory"):  # one sweep (or tune) process per directory
+        return _run_sweep(sweep, dry_run, out, fresh)
+
+
+def _run_sweep(sweep: Sweep, dry_run: bool, out, fresh: bool) -> dict:
     prepare(sweep)
     todo = list(sweep.runs) if fresh else [r for r in sweep.runs if r.status != "complete"]
     print(f"sweep {sweep.name}: {len(sweep.runs)} run(s) in {sweep.out}; {len(sweep.runs) - len(todo)} complete, "
@@ -514,12 +594,20 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, out=None, fresh: bool = False
 
     t0 = time.time()
     launcher = sweep.cfg.launcher
-    if launcher == "local":
-        _launch_local(units, sweep.cfg.parallel, done)
-    elif launcher == "ray":
-        _launch_ray(units, sweep.cfg.ray, done)
-    else:
-        _launch_slurm(units, sweep.cfg.slurm, sweep.out / "submitit", sweep.name, done)
+    try:
+        with _forwarding():
+            if launcher == "local":
+                _launch_local(units, sweep.cfg.parallel, done)
+            elif launcher == "ray":
+                _launch_ray(units, sweep.cfg.ray, done)
+            else:
+                _launch_slurm(units, sweep.cfg.slurm, sweep.out / "submitit", sweep.name, done)
+    except KeyboardInterrupt:
+        for r in todo:
+            if r.id not in outcome:
+                r.status = run_status(r, r.dir)
+        _write_index(sweep, outcome)
+        raise
     _write_index(sweep, outcome)
     failed = [r for r in todo if r.status != "complete"]
     print(f"sweep {sweep.name}: ran {len(todo)} run(s) in {time.time() - t0:.1f}s, {len(failed)} failed; "

@@ -48,7 +48,8 @@ from pydantic import Field, ValidationError, field_validator
 
 from .config import RunConfig, Seed, Strict, format_validation_error, load_yaml, method_index
 from .errors import ConfigError
-from .sweep import RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, check_key_path, expand, run_sweep, with_set
+from .sweep import (RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, _last_error, check_key_path, expand,
+                    run_sweep, with_set)
 
 VARIANT = "__validation"  # a task's validation variant is named <task>__validation
 
@@ -268,10 +269,16 @@ def choose(tune: Tune, select: Sweep) -> dict:
                 continue
             label = spec.get("label") or spec["name"]
             setting = {k.split(".", 2)[2]: v for k, v in r.point.items() if k.startswith("methods.")}
-            cands.append({"run": r.id, "label": label, "setting": setting, "method": spec,
-                          "score": validation_score(select.out / r.id, label, tune.cfg.select.seed)})
+            score = validation_score(select.out / r.id, label, tune.cfg.select.seed)
+            cand = {"run": r.id, "label": label, "setting": setting, "method": spec, "score": score,
+                    "status": "complete" if not math.isnan(score) else r.status or "not complete"}
+            if r.status == "failed" and math.isnan(score):
+                cand["error"] = _last_error(select.out / "logs" / f"{r.id}.log")
+            cands.append(cand)
+        # a failed candidate is left out (recorded with its error); any other unfinished one leaves no winner
         scored = [c for c in cands if not math.isnan(c["score"])]
-        winner = max(scored, key=lambda c: c["score"]) if len(scored) == len(cands) else None  # first on a tie
+        pending = [c for c in cands if math.isnan(c["score"]) and c["status"] != "failed"]
+        winner = max(scored, key=lambda c: c["score"]) if scored and not pending else None  # first on a tie
         out[m] = {"candidates": [{k: v for k, v in c.items() if k != "method"} for c in cands],
                   "winner": winner}
     return out
@@ -304,16 +311,26 @@ def _write_record(tune: Tune, chosen: dict, final: Sweep | None) -> None:
 
 
 def run_tune(tune: Tune, dry_run: bool = False, fresh: bool = False, select_only: bool = False, out=None) -> dict:
-    """Selection, then the winners' final runs (unless select_only). Returns tune.json's content."""
+    """Selection, then the winners' final runs (unless select_only). Returns tune.json's content.
+    One tune process per tune directory (a lock on it, as `clbench run` holds one on a run's)."""
+    from .runner import RunLock
+
+    with RunLock(tune.out, what="tune directory"):
+        return _run_tune(tune, dry_run, fresh, select_only, out or sys.stdout)
+
+
+def _run_tune(tune: Tune, dry_run: bool, fresh: bool, select_only: bool, out) -> dict:
     from . import paths
 
-    out = out or sys.stdout
     rc = RunConfig.model_validate({**tune.base, "methods": [{"name": "full_ft"}]})
     dirs = write_validation_tasks(tune, paths.cache_dir(rc.cache_dir))
     select = selection_sweep(tune, dirs)
     print(f"tune {tune.name}: selection on validation ({tune.cfg.select.protocol}), "
           f"{len(select.runs)} candidate run(s)", file=out, flush=True)
-    run_sweep(select, dry_run=dry_run, out=out, fresh=fresh)
+    try:
+        run_sweep(select, dry_run=dry_run, out=out, fresh=fresh)
+    except SweepError as e:  # a candidate failed: it is recorded as failed, the others are chosen from
+        print(f"tune {tune.name}: {e}; selection goes on without the failed candidate(s)", file=out, flush=True)
     if dry_run:
         n = len(tune.cfg.methods) * len(tune.cfg.final.seeds) * len(tune.orders)
         print(f"tune {tune.name}: then {n} final run(s) on test: {len(tune.cfg.methods)} winner(s) x "
@@ -322,12 +339,15 @@ def run_tune(tune: Tune, dry_run: bool = False, fresh: bool = False, select_only
     chosen = choose(tune, select)
     for m, c in chosen.items():
         w = c["winner"]
-        print(f"  {m}: " + ", ".join(f"{x['label']} {x['score']:.3f}" for x in c["candidates"])
+        print(f"  {m}: " + ", ".join(f"{x['label']} " + (f"{x['score']:.3f}" if x["status"] == "complete" else
+                                                          f"FAILED ({x.get('error', 'no result')})")
+                                     for x in c["candidates"])
               + f" -> {w['label'] if w else 'no winner (a candidate did not complete)'}", file=out, flush=True)
     missing = [m for m, c in chosen.items() if c["winner"] is None]
     if missing:
         _write_record(tune, chosen, None)
-        raise SweepError(f"tune {tune.name}: no winner for {', '.join(missing)}: a candidate run is not complete")
+        raise SweepError(f"tune {tune.name}: no winner for {', '.join(missing)}: no candidate completed, or one is "
+                         "not complete (tune.json lists each with its status)")
     if select_only:
         _write_record(tune, chosen, None)
         return json.loads((tune.out / "tune.json").read_text())
