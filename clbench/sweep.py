@@ -255,6 +255,7 @@ def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, w
     cdir = (out / "configs").resolve()
 
     runs: dict[str, Run] = {}
+    unit_owner: dict[tuple, str] = {}  # (the run's shared settings, a method's spec) -> the run that holds it
     applied_any: set[str] = set()
     for values in itertools.product(*[cfg.grid[k] for k in order]):
         point = dict(zip(order, values))
@@ -317,6 +318,19 @@ def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, w
             if runs[run_id].cfg != rc:
                 raise ConfigError(f"{where}: two grid points give run id {run_id!r} with different configs")
             continue
+        # A method that an axis leaves alone would run again, identically, in every run of that axis
+        # (full_ft beside methods.lora.options.r: [4, 8]) and the report would count it once per run:
+        # it runs in the first run that holds it only.
+        shared = _shared_key(rc)
+        units = [(spec, (shared, json.dumps(spec.model_dump(mode="json"), sort_keys=True))) for spec in rc.methods]
+        fresh = [i for i, (spec, key) in enumerate(units) if spec.mode != "sequential" or key not in unit_owner]
+        if len(fresh) < len(units):
+            if not fresh or all(rc.methods[i].mode != "sequential" for i in fresh):
+                continue  # nothing of its own left: every sequential method runs in an earlier run
+            raw["methods"] = [raw["methods"][i] for i in fresh]
+            rc = RunConfig.model_validate(raw)
+        for spec, key in units:
+            unit_owner.setdefault(key, run_id)
         runs[run_id] = Run(run_id, {k: v for k, v in point.items() if k not in hyper or k in applied}, raw, rc)
     for k in hyper:
         if k not in applied_any:
@@ -325,6 +339,17 @@ def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, w
                    f"it names a method no run holds (methods: {', '.join(held)})")
             raise ConfigError(f"{where}: grid: {k!r} changes no run: {why}")
     return list(runs.values())
+
+
+def _shared_key(rc: RunConfig) -> str:
+    """What a run's methods share that bears on their results: its config without its name, its
+    methods and the fields that never change results."""
+    from .config import NON_RESULT_FIELDS
+
+    d = rc.model_dump(mode="json")
+    for k in ("name", "methods", *NON_RESULT_FIELDS):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True)
 
 
 def _point_str(point: dict) -> str:
