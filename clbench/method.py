@@ -32,6 +32,10 @@ After training:
                                    (`method_stats`) and printed. `StageMeans` accumulates them.
     trainable_params(model) -> int | None   entries the method trains (None: requires_grad count)
     state_dict() / load_state_dict(state)   what is needed to resume after a stage
+Before the run:
+    stream_refusal(output_types) -> str | None   None: the method can act on this stream
+                                   ({task: lm-eval output_type}, in stream order); else why not
+                                   (refused at planning: SDFT on a stream with nothing to rewrite)
 Before the run (distributed.strategy fsdp only):
     fsdp_refusal() -> str | None   None: the method runs on sharded parameters (clbench/fsdp.py);
                                    else why not (the default: not verified), refused at planning
@@ -217,6 +221,9 @@ class Method:
         return None
 
     def load_state_dict(self, state) -> None:
+        return None
+
+    def stream_refusal(self, output_types: dict) -> str | None:
         return None
 
     def fsdp_refusal(self) -> str | None:
@@ -468,6 +475,7 @@ _RETURNS: dict[str, tuple[Callable[[Any], bool], str]] = {
         isinstance(k, str) and isinstance(x, (int, float)) and not isinstance(x, bool) for k, x in v.items())),
                     "None or a dict of names to numbers"),
     "fsdp_refusal": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
+    "stream_refusal": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
     "world_size_dependent": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
 }
 

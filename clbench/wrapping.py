@@ -78,6 +78,9 @@ class Wrapping(M.Method):
     def stage_stats(self, stage):
         return self._inner("stage_stats", stage)
 
+    def stream_refusal(self, output_types):
+        return self._inner("stream_refusal", output_types)
+
     def trainable_params(self, model):
         return self._inner("trainable_params", model)
 

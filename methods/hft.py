@@ -27,11 +27,26 @@ summed over each pair of MLP-2/MLP-1 layers).
 Randomness: a torch.Generator seeded from (run seed, stage) (clbench.masking.derive_seed), so the
 same seed gives the same draw and every stage a new one; the loop's batch RNG is untouched.
 
+Embeddings and LM head (option `embeddings`): the paper's rule (its Figure 2 and Section 3,
+as far as read here) is stated for the decoder layers' categories; what it does with the input
+embedding and the LM head is not stated in anything read for this file, and no authors' code
+is public. Unconfirmed, so an option:
+  draw   (default) one more category, drawn per stage with the others: untied, freeze 1 of
+         {embed_tokens, lm_head} (as the norms); tied (SmolLM2: one 28M tensor), freeze it in a
+         random half of the stages. This keeps "half of the parameters frozen" true of the
+         whole model on average and protects the head in some stages. Keeping them always
+         trainable (the previous default) makes 81M of SmolLM2-135M's 134M weights train at
+         every stage (60%, not half) and never protects the tied embedding/head.
+  train  always trainable (the previous behaviour).
+  freeze always frozen.
+The draw comes after the layers' draw from the same generator, so the layers' choice for a
+(seed, stage) is the same under every setting.
+
 Options:
   rule              "count" (paper) or "params".
-  train_embeddings  true: input embeddings and lm_head (tied in SmolLM2) always train
-                    (unconfirmed: the paper states the per-layer rule only).
-  train_final_norm  true: the final norm always trains (unconfirmed, as above).
+  embeddings        "draw" (see above), "train" or "freeze".
+  train_final_norm  true: the final norm always trains (unconfirmed: the paper states the
+                    per-layer rule only).
   salt              0: mixed into the seed (draw a different family of masks).
 """
 
@@ -57,7 +72,9 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.|mlp\.)?(" + "|".join
 class HftOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rule: Literal["count", "params"] = Field("count", description="count = the paper's 2-of-4 / 2-or-1-of-3 / 1-of-2; params = closest to half the layer's parameters")
-    train_embeddings: bool = Field(True, description="embeddings and lm_head always train (unconfirmed)")
+    embeddings: Literal["draw", "train", "freeze"] = Field(
+        "draw", description="input embeddings and lm_head: a category drawn per stage like the others (untied: "
+                            "freeze 1 of 2; tied: frozen in half of the stages), always trained, or always frozen")
     train_final_norm: bool = Field(True, description="the final norm always trains (unconfirmed)")
     salt: int = Field(0, description="mixed into the stage seed")
 
@@ -125,23 +142,39 @@ class HFT(MaskedMethod):
         self.options = options
         self.update: MaskedUpdate | None = None
         self.frozen: list[dict[int, list[str]]] = []  # per stage: layer -> frozen members
+        self.frozen_embeddings: list[list[str]] = []  # per stage: the frozen embedding / head parameter names
 
     def setup(self, model, run):
         self.layers = layer_params(model)
         return model
 
-    def trainable_names(self, model, frozen: dict[int, list[str]]) -> list[str]:
+    @staticmethod
+    def embedding_names(model) -> list[str]:
+        """The input embedding's and the LM head's parameter names (one when they are tied)."""
+        mods = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+        return [n for n, p in model.named_parameters() if any(p is m.weight for m in mods)]
+
+    def draw_embeddings(self, model, gen: torch.Generator) -> list[str]:
+        """The embedding / head parameters frozen this stage (option `embeddings`)."""
+        names = self.embedding_names(model)
+        mode = self.options.embeddings
+        if mode == "train" or not names:
+            return []
+        if mode == "freeze":
+            return names
+        if len(names) == 1:  # tied: one tensor, frozen in half of the stages
+            return names if bool(torch.randint(2, (1,), generator=gen)) else []
+        return _pick(names, len(names) // 2, gen)
+
+    def trainable_names(self, model, frozen: dict[int, list[str]], frozen_embeddings=()) -> list[str]:
         o = self.options
-        frozen_names = {self.layers[i][c][0] for i, cs in frozen.items() for c in cs}
+        frozen_names = {self.layers[i][c][0] for i, cs in frozen.items() for c in cs} | set(frozen_embeddings)
         in_layers = {n for members in self.layers.values() for n, _ in members.values()}
-        emb = {n for n, p in model.named_parameters()
-               if any(p is m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None)}
+        emb = set(self.embedding_names(model))
         names = []
         for n, _ in model.named_parameters():
-            if n in in_layers:
+            if n in in_layers or n in emb:
                 ok = n not in frozen_names
-            elif n in emb:
-                ok = o.train_embeddings
             else:  # the final norm (and anything else outside the layers)
                 ok = o.train_final_norm
             if ok:
@@ -151,8 +184,10 @@ class HFT(MaskedMethod):
     def stage_start(self, model, stage):
         gen = torch.Generator().manual_seed(derive_seed(stage.seed, stage.stage, self.options.salt))
         frozen = draw_frozen(self.layers, self.options.rule, gen)
+        frozen_emb = self.draw_embeddings(model, gen)
         self.frozen.append(frozen)
-        self.update = MaskedUpdate.whole(self.trainable_names(model, frozen))
+        self.frozen_embeddings.append(frozen_emb)
+        self.update = MaskedUpdate.whole(self.trainable_names(model, frozen, frozen_emb))
         model = self.update.apply(model)
         self._uncache()
         for mod in model.modules():
@@ -175,7 +210,8 @@ class HFT(MaskedMethod):
         return None  # whole tensors frozen; the seeded draw is the same on every rank
 
     def state_dict(self):
-        return {"frozen": self.frozen}
+        return {"frozen": self.frozen, "frozen_embeddings": self.frozen_embeddings}
 
     def load_state_dict(self, state):
         self.frozen = state["frozen"]
+        self.frozen_embeddings = list(state.get("frozen_embeddings", []))

@@ -4,7 +4,7 @@ Idea: no data of the earlier tasks is kept. Instead the model as it was before t
 (the teacher) is asked what it would answer on the NEW task's inputs, and the model being
 trained (the student) is pulled towards those answers while it learns the new targets:
 
-    loss = CE(new targets) + lambda * T^2 * KL_rows( softmax(z_teacher / T) || softmax(z_student / T) )
+    loss = CE(new targets) + lambda * KL_rows( softmax(z_teacher / T) || softmax(z_student / T) )
 
 KL_rows is the KL divergence over the vocabulary at each position that predicts a target token,
 averaged over those positions (the rows of `clbench.train.Forward.logits`, the same rows the
@@ -42,9 +42,10 @@ Options (defaults and sources):
                     teacher's entropy, a constant) and EasyCL's kl_div(log p_student, p_teacher);
                     `reverse` = KL(student || teacher), what TRACE's
                     kl_div(log p_teacher, p_student) computes.
-  t_squared true    multiply by T^2 (Hinton et al.'s convention, keeps the gradient scale
-                    independent of T; EasyCL does it). The paper's L_old and TRACE have no
-                    T^2 factor: `t_squared: false`.
+  t_squared false   no T^2 factor: the paper's L_old (a cross-entropy against the teacher's
+                    softened outputs, weighted by lambda_o) has none, nor has TRACE. `true`
+                    multiplies by T^2 (Hinton et al.'s convention, which keeps the gradient scale
+                    independent of T; EasyCL does it): with T = 2 a 4x heavier distillation.
   base, base_options  none: full fine-tuning.
 
 Choices no source confirms: distillation only at the positions that predict target tokens
@@ -73,7 +74,7 @@ class LwfOptions(BaseModel):
     kd_lambda: float = Field(1.0, ge=0, description="weight of the distillation term")
     kl: Literal["forward", "reverse"] = Field("forward", description="forward = KL(teacher || student), "
                                               "reverse = KL(student || teacher)")
-    t_squared: bool = Field(True, description="multiply the divergence by T^2")
+    t_squared: bool = Field(False, description="multiply the divergence by T^2 (Hinton et al.; the paper's L_old has no T^2)")
     base: BaseName = BASE_FIELD
     base_options: BaseOptions = BASE_OPTIONS_FIELD
 
@@ -129,6 +130,13 @@ class LwF(Wrapping):
             teacher_rows, _ = target_logits(self.teacher, batch, head_only)
         o = self.options
         return distillation(student_rows, teacher_rows, o.temperature, o.kl, o.t_squared)
+
+    def world_size_dependent(self):
+        """Read by the recorder (results.json, and a printed line with several processes)."""
+        why = "each rank averages the divergence over its own target rows and the ranks' means are averaged, " \
+              "so the weight of a row depends on how the batch's rows split over the processes"
+        inner = self._inner("world_size_dependent")
+        return why if inner is None else f"{why}; base: {inner}"
 
     def stage_end(self, model, stage):
         self.teacher = None

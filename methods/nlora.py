@@ -17,9 +17,11 @@ the adapters of the earlier stages this run trained and adapter t active and tra
 the earlier adapters and the base weights stay bit-identical.
 extra_loss returns the penalty, from stage 1 on (the authors' trainer adds it for every task),
 in float32 outside autocast; the loop adds it to each micro-batch's loss before dividing by
-grad_accum, so per optimizer step it acts once with weight lambda1. The authors' trainer adds it
-unscaled to every micro-batch after dividing the task loss by the accumulation steps, i.e. with
-weight lambda1 * gradient_accumulation_steps per step (their LLaMA scripts accumulate 8, T5 1).
+grad_accum, so per optimizer step it acts once with weight lambda1. So do the authors' runs:
+their trainer (src/uie_trainer_lora.py training_step) divides only the task loss by the
+accumulation steps when DeepSpeed is off, but every script runs under DeepSpeed (scripts/ and
+scripts_llama/, --deepspeed), whose backward divides the whole loss, penalty included (their
+LLaMA scripts accumulate 8, T5 1).
 The reported stage losses include the penalty.
 
 Penalty (option `penalty`):
@@ -44,13 +46,17 @@ Options (defaults and sources):
   target_modules [q_proj, v_proj]   the authors' LoraConfig names none, so peft's defaults for
                    LLaMA apply: q_proj, v_proj
   lambda1 0.4      N-LoRA scripts: --lamda_1 0.4 for the T5 orders 1-3 and LLaMA order 3
-                   (LLaMA orders 1 and 2: 0.46 and 0.38; the long T5 orders 4-6 vary per task)
+                   (LLaMA orders 1 and 2: 0.46 and 0.38; the long T5 orders 4-6 vary per task).
+                   These values were tuned for the authors' r x r product |A_w B_w|_1 (penalty
+                   `code`), not for |B A|_1 over out x in entries (`delta_w`, the default here):
+                   no source gives a lambda1 for the quantity clbench penalises by default, so
+                   0.4 is a starting point to tune, not the paper's operating point. The stage's
+                   method_stats.penalty_ratio (results.json) shows how much of the loss it is.
   penalty delta_w  the paper's objective (see above); `code` for the authors' r x r product
 
 Choices no source confirms: the penalty without the alpha / r factor under `delta_w` (the paper
-leaves the LoRA scale out of Delta W_i), lambda1's default for `delta_w` (taken from the scripts,
-which computed the r x r product), and the weight per optimizer step rather than per micro-batch
-(see above). The authors merge each finished task's adapter into one growing
+leaves the LoRA scale out of Delta W_i) and lambda1's default for `delta_w` (taken from the
+scripts, which computed the r x r product). The authors merge each finished task's adapter into one growing
 lora_A / lora_B pair; keeping one peft adapter per stage gives the same forward.
 """
 

@@ -26,8 +26,10 @@ How it runs here (peft multi-adapter, no merging):
   Adapters of later stages exist but are inactive (not in the forward) and frozen.
 - extra_loss: the penalty above, computed in float32 outside autocast; the loop adds it to
   each micro-batch's loss before dividing by grad_accum, so per optimizer step it acts once
-  with weight lambda1. (O-LoRA's trainer adds it unscaled to every micro-batch, i.e. with
-  weight lambda1 * gradient_accumulation_steps; their T5 scripts use accumulation 1.)
+  with weight lambda1, as in the authors' runs: their trainer (src/uie_trainer_lora.py
+  training_step) divides only the task loss by gradient_accumulation_steps when DeepSpeed is
+  off, but every script runs under DeepSpeed (scripts/*.sh, --deepspeed), whose backward divides
+  the whole loss, penalty included, by the accumulation steps (their T5 scripts accumulate 1).
   Their code takes the abs-sum of A_prev A_t^T with A_prev the row-wise concatenation of all
   earlier A's; that equals the sum over earlier adapters s of the abs-sums of A_s A_t^T,
   which is what is computed here.
@@ -38,12 +40,12 @@ How it runs here (peft multi-adapter, no merging):
 
 Options (defaults and sources):
   r 8                    O-LoRA code (hard-coded r=8)
-  alpha 16               as this benchmark's lora baseline; O-LoRA's code
-                         hard-codes lora_alpha=32 (scale 4 instead of 2): set alpha: 32 for theirs
-  dropout 0.05           as the lora baseline here; O-LoRA's code uses 0.1. peft gives every
+  alpha 32               O-LoRA code (src/run_uie_lora.py:381 and :394, lora_alpha=32 hard-coded;
+                         scale alpha / r = 4). The lora baseline here uses 16.
+  dropout 0.1            O-LoRA code (the same LoraConfig, lora_dropout=0.1). peft gives every
                          adapter its own dropout module, O-LoRA shares one dropout of x
                          between old and new adapters (same values in eval; in training the
-                         frozen adapters see a different dropout mask). Unconfirmed choice.
+                         frozen adapters see a different dropout mask). Unconfirmed equivalence.
   target_modules [q_proj, v_proj]   O-LoRA's code builds its LoraConfig without target
                          modules, so peft's defaults apply: attention q and v (T5: q, v;
                          LLaMA: q_proj, v_proj)
@@ -69,8 +71,8 @@ from clbench.method import MethodError, Method, StageMeans, register
 class OLoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     r: int = Field(8, gt=0, description="rank of each stage's adapter")
-    alpha: float = Field(16, gt=0, description="scaling numerator (scale = alpha / r); O-LoRA's code uses 32")
-    dropout: float = Field(0.05, ge=0, lt=1, description="adapter dropout (O-LoRA's code: 0.1)")
+    alpha: float = Field(32, gt=0, description="scaling numerator (scale = alpha / r); O-LoRA's code: 32")
+    dropout: float = Field(0.1, ge=0, lt=1, description="adapter dropout (O-LoRA's code: 0.1)")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(default_factory=lambda: ["q_proj", "v_proj"],
                                                                    description="adapted modules (O-LoRA: q and v)")
     lambda1: float = Field(0.5, ge=0, description="weight of the orthogonality penalty sum |A_prev A_t^T|")

@@ -16,9 +16,13 @@ How it maps onto clbench:
   clbench.generation.generate on the in-process model and re-tokenized with RunContext.tokenize.
   Continual use (a choice; the paper fine-tunes once): each stage's targets are rewritten by
   the model as it stands at that stage's start, so stage 1 rewrites with the base model.
-- Multiple-choice (log-likelihood scored) tasks keep their targets: the trained target must
-  stay the choice string lm-eval scores, so on such a task SDFT is plain SFT (stage_examples
-  returns None and the stage's stats say so).
+- Multiple-choice and other log-likelihood scored tasks keep their targets: the trained target
+  must stay the string lm-eval scores, so on such a task SDFT is plain SFT (stage_examples
+  returns None and the stage's stats say so). A stream with no generation task (every stage
+  would be plain SFT: exactly full fine-tuning, or the base method) or with a raw-text task
+  (no target to rewrite) is refused at planning (stream_refusal), one line naming the tasks.
+  A mixed stream runs: its log-likelihood stages are plain SFT (method_stats rewritten_fraction
+  is 0 there).
 - Generation tasks: instruction = the rendered context, reference = the target without its
   target delimiter and EOS. The rewrite is decoded up to EOS or max_new_tokens, its leading
   whitespace dropped (after "### Response:\n" models start with a newline, the usual `until`),
@@ -151,6 +155,17 @@ class Sdft(W.Wrapping):
             return "answer"
         return None
 
+    def stream_refusal(self, output_types):
+        """SDFT rewrites generation targets: refused on a stream without one, or with raw text."""
+        text = [t for t, kind in output_types.items() if kind == "loglikelihood_rolling"]
+        if text:
+            return f"sdft rewrites (context, target) pairs; raw-text task(s) {', '.join(text)} have none"
+        if output_types and not any(kind == "generate_until" for kind in output_types.values()):
+            return ("sdft rewrites generated targets, and every task of this stream is scored by log-likelihood "
+                    f"({', '.join(f'{t}: {k}' for t, k in output_types.items())}), whose targets it keeps: it would be "
+                    "plain fine-tuning (full_ft, or its base method); use a stream with generation tasks")
+        return self._inner("stream_refusal", output_types)
+
     def stage_examples(self, model, stage):
         if self._inner("stage_examples", model, stage) is not None:
             raise MethodError("sdft: the base method changes the stage's examples; SDFT rewrites the task's own pairs")
@@ -167,9 +182,9 @@ class Sdft(W.Wrapping):
                               "training pairs in order")
         st = {"task": stage.task, "total": len(examples), "rewritten": 0, "fraction": 0.0, "rejected": {}}
         self.stats[stage.stage] = st
-        if view.multiple_choice:
+        if view.output_type != "generate_until":  # scored by log-likelihood: the target must stay the scored string
             st["multiple_choice"] = True
-            log.info("sdft stage %d (%s): multiple choice, targets kept (plain SFT)", stage.stage, stage.task)
+            log.info("sdft stage %d (%s): %s, targets kept (plain SFT)", stage.stage, stage.task, view.output_type)
             return None
         eos = run.tokenizer.eos_token
         refs = []

@@ -33,11 +33,18 @@ Options (defaults and their source):
                             uses one batch; more is an option of this benchmark). With
                             gradient accumulation, one step's |grad| is |sum of its micro-batch
                             gradients|.
-  train_selection_step True the last selection step also trains: right after selecting, its
-                            gradient at idx becomes delta.grad and the optimizer steps. The code
-                            instead discards the selection batch's gradient and trains from the
-                            next batch on (set False for that). Earlier selection steps (when
-                            selection_batches > 1) never train: the optimizer sees no gradient.
+  train_selection_step False  the selection step's gradient is discarded: its optimizer step
+                            finds no gradient and changes no weight, and training starts with
+                            the next step (the stage keeps its step count; the selection step
+                            is one of them). So does the code (song-wx/SIFT sift/sift.py,
+                            get_sparse_grad: on the first gradient of a matrix it picks idx by
+                            topk |grad|, sets the dense gradient to None and returns without
+                            filling the sparse one). True: that step's gradient at idx becomes
+                            delta.grad and the optimizer steps on it (this file's earlier
+                            default). Earlier selection steps (when selection_batches > 1) never
+                            train. Difference kept: the code selects from the first
+                            micro-batch's gradient, this file from the selection step's (the
+                            sum over its grad_accum micro-batches; the same with grad_accum 1).
   decay_selected     False  weight decay. In the code the sparse parameters are increments that
                             are zero before every step, so AdamW's decoupled decay (p *= 1-lr*wd)
                             on them is a no-op: SIFT effectively trains WITHOUT weight decay even
@@ -57,7 +64,7 @@ then be plain nn.Linear weights.
 Non-target parameters (embeddings, lm_head, norms) are frozen. The code trains only the sparse
 entries plus an optional `exception` list of densely trained modules; its instruction-tuning
 script passes no exceptions (so embeddings stay frozen there); the GLUE setup is not checked.
-Unconfirmed choices: train_selection_step=True (see above); per-stage reselection in a stream
+Unconfirmed choices: per-stage reselection in a stream
 (the paper trains one task); selection by the summed |grad| of several steps.
 
 Peak memory: the selection step necessarily holds dense gradients of the target matrices
@@ -87,7 +94,7 @@ class SiftOptions(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1,
                                       description="module names whose .weight is trained sparsely")
     selection_batches: int = Field(1, gt=0, description="optimizer steps whose |grad| is summed before selecting indices")
-    train_selection_step: bool = Field(True, description="the last selection step also trains (the code skips it)")
+    train_selection_step: bool = Field(False, description="the last selection step also trains (the code discards it)")
     decay_selected: bool = Field(False, description="apply AdamW weight decay to the selected entries W[idx] (the code: none)")
 
 

@@ -117,12 +117,12 @@ def test_kd_zero_at_stage_start_then_positive_and_teacher_never_moves(tok, data)
     T.train_stage(model, meth, list(stage.examples), CFG, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
     assert all(torch.equal(bits(p), after1[n]) for n, p in teacher.named_parameters())  # the teacher never moved
     assert any(not torch.equal(bits(p), after1[n]) for n, p in model.named_parameters())  # the student did
-    # now the student differs: the term is the mean per-row KL(teacher || student) at T, times lambda T^2,
-    # here computed from both models' full forwards with torch's own kl_div
+    # now the student differs: the term is the mean per-row KL(teacher || student) at T, times lambda (no
+    # T^2 by default: the paper's L_old), here computed from both models' full forwards with torch's own kl_div
     out = T.lm_loss(model, batch, return_forward=True)
     kd = float(meth.extra_loss(model, batch, stage, out).detach())
     s_rows, t_rows = dense_target_rows(model, batch), dense_target_rows(teacher, batch)
-    ref = F.kl_div(F.log_softmax(s_rows / 2.0, -1), F.softmax(t_rows / 2.0, -1), reduction="batchmean") * 4.0 * 0.7
+    ref = F.kl_div(F.log_softmax(s_rows / 2.0, -1), F.softmax(t_rows / 2.0, -1), reduction="batchmean") * 0.7
     assert kd > 1e-6 and kd == pytest.approx(float(ref), rel=1e-4)
     model = M.call(meth, "stage_end", model, stage)
     assert meth.teacher is None  # dropped: never kept past its stage, never checkpointed
@@ -130,7 +130,7 @@ def test_kd_zero_at_stage_start_then_positive_and_teacher_never_moves(tok, data)
 
 
 def test_reverse_kl_matches_torch_kl_div_the_other_way(tok, data):
-    meth, model, run = fresh(tok, {"kl": "reverse", "temperature": 1.5})
+    meth, model, run = fresh(tok, {"kl": "reverse", "temperature": 1.5, "t_squared": True})
     for t, exs in ((1, data[0]), (2, data[1])):
         model, stage = start_stage(model, meth, exs, CFG, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
         T.train_stage(model, meth, list(stage.examples), CFG, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)

@@ -329,9 +329,10 @@ def test_hft_count_rule_stage_redraws_and_seed(tok, examples):
             assert k in (1, 2)
             n_mlp2 += k == 2
         assert n_mlp2 == L // 2
-        # embeddings / lm_head (tied) and the final norm train
+        # the final norm trains; the tied embedding / lm_head is drawn (test_method_hft.py)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert "model.embed_tokens.weight" in trainable and "model.norm.weight" in trainable
+        assert "model.norm.weight" in trainable
+        assert ("model.embed_tokens.weight" in trainable) == (not meth.frozen_embeddings[-1])
         draws.append(fr)
     assert draws[0] != draws[1] and draws[1] != draws[2]
     # the same seed gives the same draw
