@@ -53,6 +53,14 @@ def read(path: Path) -> dict:
         raise LmEvalYamlError(malformed(path, e)) from None
     except (OSError, ValueError, ImportError, AttributeError) as e:  # a missing include, a cycle, a !function
         raise LmEvalYamlError(f"{path}: lm-eval cannot read this task YAML: {type(e).__name__}: {e}") from None
+    except SyntaxError as e:  # a !function module (user code) that does not compile: its file and line
+        raise LmEvalYamlError(f"{e.filename}:{e.lineno}: syntax error: {e.msg} (a !function module of {path})") from None
+    except Exception as e:  # a !function module that raises while it is imported
+        import traceback
+
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        raise LmEvalYamlError(f"{last.filename}:{last.lineno}: {type(e).__name__}: {e} (importing a !function module "
+                              f"of {path})") from e
 
 
 def malformed(path: Path, e: yaml.YAMLError) -> str:
@@ -177,10 +185,16 @@ class Prompting:
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """lm-eval's HFLM.apply_chat_template on this tokenizer (the same call, the same fallback
         without the system turn when the template refuses one)."""
+        import jinja2
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM.apply_chat_template(SimpleNamespace(tokenizer=self.tokenizer, chat_template_args={}),
-                                        messages, add_generation_prompt=add_generation_prompt)
+        try:
+            return HFLM.apply_chat_template(SimpleNamespace(tokenizer=self.tokenizer, chat_template_args={}),
+                                            messages, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:  # the model's own template (user input): one line naming its file
+            line = f" line {e.lineno}:" if getattr(e, "lineno", None) else ""
+            raise LmEvalYamlError(f"{_template_file(self.tokenizer)}: the chat template does not render:{line} "
+                                  f"{type(e).__name__}: {e}") from None
 
     def context_kwargs(self) -> dict:
         """The arguments lm-eval's evaluator gives ConfigurableTask.fewshot_context."""
@@ -188,6 +202,18 @@ class Prompting:
         if self.chat_template:
             kw.update(apply_chat_template=True, fewshot_as_multiturn=True, chat_template=self.render)
         return kw
+
+
+def _template_file(tokenizer) -> str:
+    """Where a tokenizer's chat template was read from (its folder's chat_template.jinja or
+    tokenizer_config.json), or the tokenizer's name."""
+    from pathlib import Path
+
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return f"the chat template of tokenizer {folder}"
 
 
 def prompting(cfg, tokenizer) -> Prompting | None:

@@ -89,7 +89,11 @@ def load_plugin(ep: EntryPoint):
 def _plugin_task_folder(ep: EntryPoint) -> Path:
     target = load_plugin(ep)
     if callable(target) and not isinstance(target, type):
-        target = target()
+        try:
+            target = target()
+        except Exception as e:  # the plugin's own code: one error naming it
+            raise ClbenchError(f"plugin {plugin_label(ep)} failed: calling {ep.value} raised "
+                               f"{type(e).__name__}: {e}") from e
     if isinstance(target, types.ModuleType):  # a package: its folder
         folder = package_folder(target.__name__, f"plugin {plugin_label(ep)}") if hasattr(target, "__path__") else None
     elif isinstance(target, (str, os.PathLike)):

@@ -205,7 +205,13 @@ def _import_function(yaml_path: Path, dotted: str):
         if spec is None or spec.loader is None or not mpath.is_file():
             raise TaskError(f"{yaml_path}: !function {dotted}: no module {mpath}")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as e:  # user code: one line naming the file and line, not a traceback
+            raise TaskError(f"{mpath}:{e.lineno}: syntax error: {e.msg} (imported by {yaml_path}: !function {dotted})") from None
+        except Exception as e:
+            raise TaskError(f"{mpath}: importing it failed: {type(e).__name__}: {e} "
+                            f"(imported by {yaml_path}: !function {dotted})") from e
         _MODULES[mpath] = module
     try:
         return getattr(_MODULES[mpath], fn)
