@@ -53,6 +53,42 @@ def _lm_class():
     from .train import _split_head
 
     class _PrefixSharingLM(HFLM):
+        # --- data-parallel evaluation: lm-eval's own rank/world-size support (its evaluator splits
+        # every task's documents over the ranks, pads the request counts and gathers the per-document
+        # metrics and samples to rank 0) over clbench's process group. HFLM handed a model instance
+        # assumes one process ("custom distributed integration"); these give it the group.
+        def use_process_group(self) -> None:
+            import torch.distributed as dist
+
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+
+        def all_gather(self, tensor):
+            import torch.distributed as dist
+
+            if self.world_size <= 1:
+                return tensor
+            parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+            dist.all_gather(parts, tensor.contiguous())
+            return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+        def gather_object(self, obj, dst=0):
+            """Gather to dst and put the documents back in one process's order (see
+            one_process_order), so the aggregated scores and the samples files are those of one
+            process, float for float."""
+            import torch.distributed as dist
+
+            if self.world_size <= 1:
+                return [obj]
+            got = [None] * self.world_size if self.rank == dst else None
+            dist.gather_object(obj, got, dst=dst)
+            return one_process_order(got) if self.rank == dst else None
+
+        def barrier(self):
+            import torch.distributed as dist
+
+            if self.world_size > 1:
+                dist.barrier()
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             split = _split_head(self.model) if self.backend == "causal" else None
             if split is None or os.environ.get("CLBENCH_EVAL_PREFIX_SHARING", "1") == "0":
@@ -200,6 +236,45 @@ _NEUTRAL_GEN_CONFIG = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_
                        "num_return_sequences", "length_penalty", "early_stopping"}
 
 
+def one_process_order(per_rank: list[dict]) -> list[dict]:
+    """lm-eval's evaluator gathers, per task, each rank's per-document values and chains them rank
+    after rank; rank r scored the documents r, r + W, r + 2W, ... (its doc_iterator's islice). This
+    returns W objects whose chain is one process's order instead: the first holds every document in
+    order, the others are empty. Two shapes are gathered: {task: {(metric, filter): [value per
+    document]}} (interleaved back) and {task: [sample record]} (sorted back by filter, then doc_id,
+    the order one process logs them in). Written by hand: lm-eval concatenates by rank, which
+    changes the order of floating-point sums (bits per byte) and of the samples files."""
+    W = len(per_rank)
+    first, rest = {}, [{} for _ in range(W - 1)]
+    for task in per_rank[0]:
+        parts = [p[task] for p in per_rank]
+        if isinstance(parts[0], dict):
+            merged = {}
+            for key in parts[0]:
+                lists = [p[key] for p in parts]
+                n = sum(len(x) for x in lists)
+                merged[key] = [lists[i % W][i // W] for i in range(n)]
+            first[task] = merged
+            for r in rest:
+                r[task] = {key: [] for key in parts[0]}
+        else:
+            records = [x for p in parts for x in p]
+            filters = list(dict.fromkeys(x.get("filter") for x in records))
+            first[task] = sorted(records, key=lambda x: (filters.index(x.get("filter")), x["doc_id"]))
+            # lm-eval evens the ranks' request counts by running a rank's last request again, whose
+            # responses it appends to that request: keep each request's own `repeats` responses (the
+            # fewest any request of the task has), as one process logs them
+            lens = [len(r) for x in records for r in x.get("resps", []) if isinstance(r, list)]
+            if lens:
+                k = min(lens)
+                for x in records:
+                    if "resps" in x:
+                        x["resps"] = [r[:k] if isinstance(r, list) else r for r in x["resps"]]
+            for r in rest:
+                r[task] = []
+    return [first, *rest]
+
+
 def _fast_generate_ok(lm) -> bool:
     """Whether lm's model.generate would be plain greedy search with a KV cache (what
     clbench.generation.greedy_until reproduces); otherwise lm-eval's own generate_until runs."""
@@ -247,8 +322,10 @@ def without_env_info():
 def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str]], *, device, autocast_dtype,
              batch_size, limit=None, seed: int = 0, bootstrap_iters: int = 0, log_samples: bool = True,
              max_length: int | None = None, task_limits: dict[str, int | None] | None = None,
-             apply_chat_template: bool = False, system_instruction: str | None = None):
-    """Returns (scores {task: value}, samples {task: [records]} or {}, seconds).
+             apply_chat_template: bool = False, system_instruction: str | None = None, data_parallel: bool = False):
+    """Returns (scores {task: value}, samples {task: [records]} or {}, seconds); with data_parallel
+    (every rank of the process group calls it, each with the whole model) the documents are split
+    over the ranks and rank 0 gets the scores and samples of one process; the others get (None, {}, s).
 
     apply_chat_template, system_instruction: lm-eval's own (the run's `chat_template` and
     `system_instruction`; few-shot turns as separate messages, lm-eval's default).
@@ -274,6 +351,8 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
         mixed_precision_dtype=autocast_dtype,
         max_length=max_length,
     )
+    if data_parallel:
+        lm.use_process_group()
     # lm-eval draws a progress bar per request type; they would drown the run's own progress.
     sink = contextlib.nullcontext() if os.environ.get("CLBENCH_VERBOSE_EVAL") else contextlib.redirect_stderr(io.StringIO())
     per_task = None
@@ -302,6 +381,8 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
         )
     if was_training:
         model.train()
+    if out is None:  # a rank other than 0 of a data-parallel evaluation
+        return None, {}, time.perf_counter() - t0
     scores = {t: _score(out, t, *primary[t]) for t in lm_tasks}
     samples = out.get("samples", {}) if log_samples else {}
     return scores, samples, time.perf_counter() - t0

@@ -60,8 +60,10 @@ class Session:
     def cfg(self):
         return self.pl.cfg
 
-    def evaluate(self, model, seed: int, limits=None):
-        """lm-eval on the model in memory; scores in R's scale (a task's clbench.score transform applied)."""
+    def evaluate(self, model, seed: int, limits=None, data_parallel: bool = False):
+        """lm-eval on the model in memory; scores in R's scale (a task's clbench.score transform applied).
+        data_parallel: every rank calls it with the whole model, the documents split over the ranks;
+        rank 0 gets the scores (one process's, clbench.evaluate.one_process_order), the others None."""
         from .checkpoint import preserved_rng
         from .evaluate import evaluate
 
@@ -72,7 +74,10 @@ class Session:
                                                 autocast_dtype=self.autocast, batch_size=e.batch_size, limit=e.limit,
                                                 bootstrap_iters=e.bootstrap_iters, log_samples=e.log_samples,
                                                 task_limits=limits, apply_chat_template=self.cfg.chat_template,
-                                                system_instruction=self.cfg.system_instruction)
+                                                system_instruction=self.cfg.system_instruction,
+                                                data_parallel=data_parallel)
+        if scores is None:
+            return None, samples, seconds
         return {t: self.pl.task_defs[t].score(v) for t, v in scores.items()}, samples, seconds
 
     def task_pairs(self, task: str) -> list[tuple[str, str]]:
@@ -163,16 +168,20 @@ class Job:
 
     def evaluate(self, model, t, exact_task: str | None, folder: str, everywhere: bool = True):
         """Scores of every task; with eval.offdiag_limit, cells other than `exact_task` use the subset.
-        With several processes rank 0 evaluates and (everywhere=True) broadcasts the scores."""
+        With several processes (everywhere=True) every rank evaluates its share of the documents with
+        the whole model (gathered under fsdp) and rank 0's scores are broadcast; everywhere=False: rank
+        0 alone (a merged model that only rank 0 holds)."""
         s, cfg = self.s, self.s.cfg
         limits = None
         if exact_task is not None and cfg.eval.offdiag_limit:
             limits = {n: (cfg.eval.limit if s.pl.same_task(n) == exact_task else cfg.eval.offdiag_limit)
                       for n in s.pl.eval_names}
         scores = es = None
-        with fsdp.unsharded(model):  # a sharded model is gathered on every rank; rank 0 evaluates it
+        with fsdp.unsharded(model):  # a sharded model is gathered on every rank, which evaluates its share
+            parallel = everywhere and D.world_size() > 1
+            if parallel or D.is_main():
+                scores, samples, es = s.evaluate(model, self.seed, limits, data_parallel=parallel)
             if D.is_main():
-                scores, samples, es = s.evaluate(model, self.seed, limits)
                 if cfg.eval.log_samples:
                     results.write_samples(s.out / "samples" / self.name / f"seed{self.seed}" / folder, samples)
         if everywhere:
@@ -268,7 +277,7 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
     # Row 0: every method starts from the same base weights, so the base model is evaluated once.
     base_scores = rec.base_scores() if resumed else None
     if base_scores is None:
-        base_scores, samples, base_eval_s = _evaluate_base(s) if D.is_main() else (None, None, None)
+        base_scores, samples, base_eval_s = _evaluate_base(s)  # every rank: its share of the documents
         base_scores, base_eval_s = D.broadcast((base_scores, base_eval_s))
         if cfg.eval.log_samples and D.is_main():
             results.write_samples(out / "samples" / "base" / "stage0", samples)
@@ -289,11 +298,13 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
 
 
 def _evaluate_base(s: Session):
-    """Row 0 (rank 0). Sharded runs keep the base model on the CPU: it visits the device for this."""
+    """Row 0, data-parallel over the ranks (every rank holds the base model). Sharded runs keep the
+    base model on the CPU: it visits the device for this."""
+    parallel = D.world_size() > 1
     if not s.sharded:
-        return s.evaluate(s.base_model, 0)
+        return s.evaluate(s.base_model, 0, data_parallel=parallel)
     try:
-        return s.evaluate(s.base_model.to(s.device), 0)
+        return s.evaluate(s.base_model.to(s.device), 0, data_parallel=parallel)
     finally:
         s.base_model.to("cpu")
 
