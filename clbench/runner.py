@@ -45,6 +45,13 @@ class RunLock:
             raise RunDirError(f"output directory {self.path.parent} is not a directory") from None
         except OSError as e:
             raise RunDirError(f"cannot create the output directory {self.path.parent}: {e.strerror}") from None
+        try:  # a lock file holds a pid (or nothing, for an instant): anything else is someone else's file
+            text = self.path.read_bytes()[:64]
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            text = b""
+        if self.path.is_dir() or (text.strip() and not text.strip().isdigit()):
+            raise RunDirError(f"{self.what} {self.path.parent} holds {self.path}, which clbench did not write (a "
+                              "clbench lock file holds a process id); choose another directory") from None
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

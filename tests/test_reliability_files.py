@@ -70,3 +70,16 @@ def test_fresh_and_run_never_touch_a_folder_clbench_did_not_write(tmp_path, run_
         assert code == 2 and "clbench did not write" in err and str(out / "config.yaml") in err, err
         assert (out / "samples" / "keep.txt").read_text() == "mine" and (out / "config.yaml").read_text() == "my: own\n"
         assert not (out / "results.json").exists()
+
+
+def test_a_lock_file_clbench_did_not_write_is_left_alone(tmp_path, run_cli):
+    """clbench's lock is `<dir>/.lock` holding a pid, deleted when the run ends: a user's `.lock`
+    (another tool's) in the output directory is refused, not overwritten and deleted."""
+    from conftest import TINY_CONFIG
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / ".lock").write_text("held by my editor\n")
+    code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out)
+    assert code == 2 and f"holds {out / '.lock'}, which clbench did not write" in err, err
+    assert (out / ".lock").read_text() == "held by my editor\n" and sorted(p.name for p in out.iterdir()) == [".lock"]
