@@ -35,20 +35,27 @@ def start_together(cmds, sync, **kw):
     return procs
 
 
-# Each process takes and releases the lock as often as it can until `until`; inside, it creates a
-# marker file with O_EXCL: finding it there means another process holds the lock at the same time.
+# Each process takes and releases the lock until every process has held it 50 times and been refused
+# at least once (each says so with a done<pid> file and keeps contending until all have: none is ever
+# left alone uncontended), with 120 s as a safety stop only (a loaded machine slows it, it does not
+# change what it sees); inside, it creates a marker file with O_EXCL: finding it there means another
+# process holds the lock at the same time.
 STRESS = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
     from clbench.runner import RunDirError, RunLock
-    out, sync = Path(sys.argv[1]), Path(sys.argv[2])
+    out, sync, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     (sync / f"ready{os.getpid()}").touch()
     while not (sync / "go").exists():  # imports done: all start together
         time.sleep(0.001)
-    until = time.time() + 2.0
+    stop = time.time() + 120
     held = overlaps = refused = 0
     bad_messages = []
-    while time.time() < until:
+    while time.time() < stop:
+        if held >= 50 and refused >= 1:
+            (sync / f"done{os.getpid()}").touch()
+            if len(list(sync.glob("done*"))) == n:
+                break
         try:
             with RunLock(out):
                 held += 1
@@ -69,11 +76,11 @@ STRESS = textwrap.dedent("""
 
 def test_lock_is_exclusive_under_contention(tmp_path):
     out = tmp_path / "run"
-    procs = start_together([[sys.executable, "-c", STRESS, str(out), str(tmp_path / "sync")]] * 4, tmp_path / "sync")
+    procs = start_together([[sys.executable, "-c", STRESS, str(out), str(tmp_path / "sync"), "4"]] * 4, tmp_path / "sync")
     stats = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
     assert sum(s["overlaps"] for s in stats) == 0, stats
-    assert all(s["held"] > 0 for s in stats), stats  # every process got the lock at some point
-    assert sum(s["refused"] for s in stats) > 0, stats  # and they did contend
+    assert all(s["held"] >= 50 for s in stats), stats  # every process got the lock, many times
+    assert all(s["refused"] > 0 for s in stats), stats  # and each contended
     assert not any(s["bad"] for s in stats), stats
     assert not (out / ".lock").exists()
 
