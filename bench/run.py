@@ -57,7 +57,8 @@ FIGURES = ["head_only_targets_step_ratio", "head_only_targets_mem_ratio", "harne
            "sift_step_ratio", "hft_step_ratio", "sift_peak_mem_ratio", "eval_speedup_vs_reload", "demo_seconds",
            "eval_share_T4", "eval_share_T8", "harness_overhead_ratio_checkpoint_every_stage",
            "head_only_targets_step_ratio_long", "head_only_targets_mem_ratio_long",
-           "fsdp_state_bytes_ratio", "fsdp_peak_mem_ratio", "fsdp_ddp_step_ratio", "generate_speedup"]
+           "fsdp_state_bytes_ratio", "fsdp_peak_mem_ratio", "fsdp_ddp_step_ratio", "fsdp_eval_ratio", "ddp_eval_ratio",
+           "generate_speedup"]
 FIGURES += ["lota_checkpoint_ratio", "lota_taskvec_ratio", "sift_checkpoint_ratio", "sift_taskvec_ratio",
             "hft_checkpoint_ratio", "lora_checkpoint_ratio", "merge_peak_ratio_T8_T4", "merge_peak_ratio_T8_T4_tiny"]
 GOALS = {"harness_overhead_ratio": 1.10, "lota_step_ratio": 1.05, "sift_step_ratio": 1.05, "hft_step_ratio": 0.85,
@@ -708,14 +709,16 @@ def merge_child(args):
                                        "model_mb": n * 4 / 2**20, "seconds": secs}))
 
 
-def bench_fsdp(ctx: Ctx, out: Path, log: Path, steps: int = 4):
+def bench_fsdp(ctx: Ctx, out: Path, log: Path, steps: int = 4, eval_limit: int = 64):
     """Full FT on the first task: 1 process, 2 replicated processes (ddp) and 2 sharded ones (fsdp),
     each a fresh `clbench run` (torchrun, gloo on CPU). Per-rank bytes of parameters + gradients +
     optimizer state at the stage's last step and peak memory (CPU: the whole process's RSS, the
     base model and lm-eval included) from results.json's per_rank; the step time is the stage's
-    training seconds per step, fsdp over ddp."""
+    training seconds per step, fsdp over ddp. Evaluation (data-parallel: each rank scores half of the
+    documents with the gathered model) is the stage's evaluation seconds over one process's, on
+    eval_limit test documents."""
     sets = ["methods=[{name: full_ft}]", f"tasks=[{ctx.names[0]}]", "stream=null", f"train.steps={steps}",
-            "eval.limit=4", "keep_checkpoints=none", "threads=1"]
+            f"eval.limit={eval_limit}", "keep_checkpoints=none", "threads=1"]
     arms = {"one": (1, []), "ddp": (2, []), "fsdp": (2, ["distributed.strategy=fsdp"])}
     stage = {}
     for arm, (n, extra) in arms.items():
@@ -731,7 +734,11 @@ def bench_fsdp(ctx: Ctx, out: Path, log: Path, steps: int = 4):
     step_s = {a: st["train_seconds"] / st["steps"] for a, st in stage.items()}
     figs = {"fsdp_state_bytes_ratio": max(held["fsdp"]) / held["one"][0], "fsdp_peak_mem_ratio": max(peak["fsdp"]) / peak["one"][0],
             "fsdp_ddp_step_ratio": step_s["fsdp"] / step_s["ddp"]}
-    return figs, {"state_bytes_per_rank": held, "peak_mem_mb_per_rank": peak, "step_seconds": step_s, "steps": steps}
+    eval_s = {a: st["eval_seconds"] for a, st in stage.items()}
+    figs["fsdp_eval_ratio"] = eval_s["fsdp"] / eval_s["one"]
+    figs["ddp_eval_ratio"] = eval_s["ddp"] / eval_s["one"]
+    return figs, {"state_bytes_per_rank": held, "peak_mem_mb_per_rank": peak, "step_seconds": step_s, "steps": steps,
+                  "eval_seconds": eval_s, "eval_limit": eval_limit}
 
 
 def print_table(figs: dict, quick: bool):
