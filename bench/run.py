@@ -13,7 +13,7 @@ demo_seconds times what `make demo` runs, and the eval shares come from that run
   bench/run.py --quick      the same code paths on the tiny model and tasks (tests the script)
   bench/run.py --skip-demo  reuse the last demo run instead of running it again
   bench/run.py --only steps,memory,eval   only these sections (steps, eval, gen, long, memory,
-                            harness, offdiag, demo, storage, fsdp); figures of the others are taken from the last bench.json
+                            harness, offdiag, demo, storage, fsdp, gem); figures of the others are taken from the last bench.json
 Writes <out>/bench.json (runs/bench, or runs/bench/quick with --quick) and prints a table.
 """
 
@@ -26,6 +26,7 @@ import gc
 import itertools
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -58,7 +59,7 @@ FIGURES = ["head_only_targets_step_ratio", "head_only_targets_mem_ratio", "harne
            "eval_share_T4", "eval_share_T8", "harness_overhead_ratio_checkpoint_every_stage",
            "head_only_targets_step_ratio_long", "head_only_targets_mem_ratio_long",
            "fsdp_state_bytes_ratio", "fsdp_peak_mem_ratio", "fsdp_ddp_step_ratio", "fsdp_eval_ratio", "ddp_eval_ratio",
-           "generate_speedup"]
+           "generate_speedup", "gem_agem_step_ratio", "gem_agem_peak_mem_ratio"]
 FIGURES += ["lota_checkpoint_ratio", "lota_taskvec_ratio", "sift_checkpoint_ratio", "sift_taskvec_ratio",
             "hft_checkpoint_ratio", "lora_checkpoint_ratio", "merge_peak_ratio_T8_T4", "merge_peak_ratio_T8_T4_tiny"]
 GOALS = {"harness_overhead_ratio": 1.10, "lota_step_ratio": 1.05, "sift_step_ratio": 1.05, "hft_step_ratio": 0.85,
@@ -741,6 +742,57 @@ def bench_fsdp(ctx: Ctx, out: Path, log: Path, steps: int = 4, eval_limit: int =
                   "eval_seconds": eval_s, "eval_limit": eval_limit}
 
 
+GEM_TASKS = 3  # finished tasks whose memories GEM projects against (A-GEM pools them into one)
+
+
+def gem_subject(ctx: Ctx, method: str, k: int):
+    """(model, method, stage) of agem or gem with k finished tasks' memories filled (a seeded sample
+    of each stream task's training examples, m per task), on a copy of the loaded model."""
+    model, meth, st = ctx.subject(method, {"m": 64}, copy.deepcopy(ctx.model) if ctx.model is not None else None)
+    pools = (ctx.pools * k)[:k]
+    meth.memory = {f"done{i}": random.Random(i).sample(pool, min(64, len(pool))) for i, pool in enumerate(pools)}
+    return model, meth, st
+
+
+def gem_child(args):
+    """Peak memory of one arm (agem or gem) over a timed train_stage, in a fresh process."""
+    ctx = Ctx(Path(args.config), json.loads(args.overrides))
+    seq = [ctx.batches[0]] + ctx.batches
+    model, meth, st = gem_subject(ctx, args.gem_child, GEM_TASKS)
+    ctx.model = None
+    gc.collect()
+    base = proc_mb("VmRSS")
+    proc_mb("VmHWM", reset=True)
+    with fixed_batches(seq):
+        ctx.timed_steps(model, meth, st, with_train(ctx.tcfg, steps=len(seq)))
+    print("BENCH_CHILD " + json.dumps({"peak_increase_mb": proc_mb("VmHWM") - base}))
+
+
+def bench_gem(ctx: Ctx, rounds: int):
+    """GEM against A-GEM with GEM_TASKS finished tasks, each with 64 memory examples and a reference
+    batch of train.batch_size per task (GEM) or pooled (A-GEM): step time interleaved as the steps
+    section, and peak memory (RSS high-water mark over the steps, each arm in a fresh process)."""
+    seq = [ctx.batches[0]] + ctx.batches
+    tcfg = with_train(ctx.tcfg, steps=len(seq))
+    with fixed_batches(seq):
+        arms = [(m, gem_subject(ctx, m, GEM_TASKS), tcfg) for m in ("agem", "gem")]
+        ctx.timed_steps(*arms[0][1], tcfg)  # warm-up
+        times = interleaved(ctx, arms, rounds, len(ctx.batches))
+    step = mean_step(times)
+    mem = {}
+    for m in ("agem", "gem"):
+        p = subprocess.run([sys.executable, __file__, "--gem-child", m, "--config", str(ctx.config),
+                            "--overrides", json.dumps(ctx.overrides)], capture_output=True, text=True, cwd=REPO)
+        line = [x for x in p.stdout.splitlines() if x.startswith("BENCH_CHILD ")]
+        if p.returncode or not line:
+            raise RuntimeError(f"gem memory subprocess {m} failed: {p.stderr[-2000:]}")
+        mem[m] = json.loads(line[-1].split(" ", 1)[1])["peak_increase_mb"]
+    trained = sum(p.numel() for p in arms[1][1][0].parameters() if p.requires_grad)
+    return ({"gem_agem_step_ratio": step["gem"] / step["agem"], "gem_agem_peak_mem_ratio": mem["gem"] / mem["agem"]},
+            {"finished_tasks": GEM_TASKS, "step_seconds": step, "peak_increase_mb": mem,
+             "gem_reference_buffers_mb": GEM_TASKS * 4 * trained / 2**20, "samples_seconds": times})
+
+
 def print_table(figs: dict, quick: bool):
     from rich.console import Console
     from rich.table import Column, Table
@@ -764,15 +816,17 @@ def main():
     ap.add_argument("--out", help="output folder (default runs/bench, quick: runs/bench/quick)")
     ap.add_argument("--long-length", type=int, default=None, help="prompt tokens of the long section (default 256; quick: 64)")
     ap.add_argument("--only", help="comma-separated sections to run (steps, eval, gen, long, memory, harness, offdiag, "
-                    "demo, storage, fsdp); "
+                    "demo, storage, fsdp, gem); "
                     "the other figures are kept from the last bench.json in the output folder")
-    for hidden in ("--mem-child", "--merge-child", "--config", "--batches", "--overrides"):
+    for hidden in ("--mem-child", "--merge-child", "--gem-child", "--config", "--batches", "--overrides"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mem_child:
         return mem_child(args)
     if args.merge_child:
         return merge_child(args)
+    if args.gem_child:
+        return gem_child(args)
     out = REPO / (args.out or ("runs/bench/quick" if args.quick else "runs/bench"))
     out.mkdir(parents=True, exist_ok=True)
     (log := out / "bench.log").write_text("")
@@ -786,7 +840,7 @@ def main():
     figs, raw, secs, t_all = dict.fromkeys(FIGURES), {}, {}, time.perf_counter()
     only = set(args.only.split(",")) if args.only else None
     if only:
-        unknown = only - {"steps", "eval", "gen", "long", "memory", "harness", "offdiag", "demo", "storage", "fsdp"}
+        unknown = only - {"steps", "eval", "gen", "long", "memory", "harness", "offdiag", "demo", "storage", "fsdp", "gem"}
         if unknown:
             ap.error(f"--only: unknown sections {sorted(unknown)}")
         figs.update({k: v for k, v in prev.items() if k in FIGURES or k.endswith("_ratio")})
@@ -831,6 +885,8 @@ def main():
         section("long", bench_long, ctx, max(2, rounds - 1), out, args.long_length or (64 if args.quick else 256))
     if wanted("storage"):
         section("storage", bench_storage, ctx, out, 1 if args.quick else 3)
+    if wanted("gem"):
+        section("gem", bench_gem, ctx, max(2, rounds - 1))
     ctx.model = ctx.trained = None  # free the model before the subprocesses and stream runs
     gc.collect()
     if wanted("memory"):
