@@ -240,6 +240,13 @@ def record_data_change(out: Path, fp: dict, history: list) -> None:
 
 
 def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = False, allow_data_change: bool = False):
+    try:
+        return _execute(pl, out, fresh, allow_changes, allow_data_change)
+    finally:
+        set_run_info(out / "results.json", None)  # later writes of that file (another command) add nothing
+
+
+def _execute(pl: Plan, out: Path, fresh: bool, allow_changes: bool, allow_data_change: bool):
     from rich.console import Console
 
     from . import distributed as D
@@ -277,10 +284,7 @@ def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = Fals
             record_config_change(out, pl.cfg, changes)
             console.print(f"config changed ({len(changes)} difference(s), recorded in results.json config_changes): "
                           + "; ".join(changes[:5]), soft_wrap=True)
-        try:
-            rec = run(pl, out, console)
-        finally:
-            set_run_info(out / "results.json", None)
+        rec = run(pl, out, console)
     if D.is_main():
         print_results(rec, Console(width=max(120, Console().width)))
     return rec
