@@ -356,9 +356,10 @@ def load_results_json(out: Path) -> dict | None:
             w = f"methods.{m}.seeds.{s}"
             if not isinstance(se, dict) or not str(s).lstrip("-").isdigit():
                 raise bad(w, "an object under a seed number")
-            for key, width in (("matrix", len(tasks)), ("heldout_matrix", len(se.get("heldout_tasks") or []))):
+            for key, width in (("matrix", len(tasks)), ("heldout_matrix", len(se.get("heldout_tasks") or [])),
+                               ("other_kind_matrix", len(se.get("other_kind_tasks") or []))):
                 rows = se.get(key)
-                if key == "heldout_matrix" and rows is None:
+                if key != "matrix" and rows is None:
                     continue
                 if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == width and
                                                        all(isinstance(v, num) and not isinstance(v, bool) for v in r)
@@ -393,13 +394,14 @@ def _expected_rows(res: dict, pl: Plan, metric_of: dict) -> list[dict]:
             for i, row in enumerate(R):
                 for task, v in zip(tasks, row):
                     add(m, s, i, tasks[i - 1] if i else "", task, v, "stream")
-            hnames = se.get("heldout_tasks") or []
-            for i, row in enumerate(se.get("heldout_matrix") or []):
-                for task, v in zip(hnames, row):
-                    add(m, s, i, tasks[i - 1] if 0 < i <= len(tasks) else "", task, v, "heldout")
+            for group in ("heldout", "other_kind"):  # held-out probes; eval.other_kind's twins of the stream
+                for i, row in enumerate(se.get(f"{group}_matrix") or []):
+                    for task, v in zip(se.get(f"{group}_tasks") or [], row):
+                        add(m, s, i, tasks[i - 1] if 0 < i <= len(tasks) else "", task, v, group)
+            twins = set(se.get("other_kind_tasks") or [])
             for label, scores in (se.get("merged") or {}).items():
                 for task, v in (scores or {}).items():
-                    add(m, s, label, "", task, v, "stream" if task in tasks else "heldout")
+                    add(m, s, label, "", task, v, "stream" if task in tasks else "other_kind" if task in twins else "heldout")
     return rows
 
 
@@ -431,7 +433,7 @@ def _read_csv_tolerant(path: Path, columns: list[str], required: list[str]) -> t
         return [], 1
     lines = text.split("\n")
     if not lines or lines[0].split(",") != columns:
-        return [], 1
+        return [], -1  # not this version's header (an older clbench's, or damaged): rebuilt whole
     good, damaged = [], 0
     body = lines[1:]
     if body and body[-1] == "":
@@ -509,7 +511,7 @@ def verify_results(out: Path, pl: Plan | None, res: dict | None = None, repair: 
                 for r in have if _row_key(r) not in want_keys and _is_number(r["value"])] + want
         if repair:
             write_csv(mat_file, MATRIX_COLUMNS, _ordered(rows, pl))
-        why = ("it was missing" if not mat_existed else f"{damaged} damaged line(s), {len(wrong)} of results.json's {len(want)} score(s) missing or different")
+        why = ("it was missing" if not mat_existed else "its header is not this version's" if damaged < 0 else f"{damaged} damaged line(s), {len(wrong)} of results.json's {len(want)} score(s) missing or different")
         said.append(f"rebuilt matrix.csv from results.json ({why})")
     summ_want = _expected_summary(res)
     existed = sum_file.is_file()
@@ -525,6 +527,7 @@ def verify_results(out: Path, pl: Plan | None, res: dict | None = None, repair: 
         if repair:
             write_csv(sum_file, SUMMARY_COLUMNS, rows)
         said.append("rebuilt summary.csv from results.json (" + ("it was missing" if not existed else
+                    "its header is not this version's" if sdamaged < 0 else
                     f"{sdamaged} damaged line(s), {len(swrong)} of its {len(summ_want)} row(s) missing or different") + ")")
     return said
 
@@ -547,8 +550,16 @@ def data_fingerprint(pl: Plan) -> dict:
     from . import paths
     from .files import sha256_file
 
+    from . import method as M
+
+    needed = []  # tasks a method reads besides the ones it is scored on (replay's general data, ...)
+    for spec in pl.method_specs:
+        try:
+            needed += M.make(spec.name, spec.options).needs_tasks()
+        except Exception:  # validated at plan time; a method that cannot be made here adds nothing
+            pass
     out = {}
-    for name in dict.fromkeys(pl.eval_names):
+    for name in dict.fromkeys(pl.eval_names + needed):
         t = pl.task_defs.get(name)
         if t is None:
             continue

@@ -126,3 +126,20 @@ def test_resume_over_changed_data_is_refused_naming_the_task(tmp_path, run_cli):
     assert run["data_fingerprint"]["tiny_compare"] != fp["tiny_compare"]
     code, _, err = run_cli("run", cfg, "--output-dir", out)  # the new data is now the directory's
     assert code == 0 and "already complete" in err, err
+
+
+def test_rebuilt_matrix_keeps_the_other_kind_rows(tmp_path, run_cli, one_thread):
+    """eval.other_kind's twin rows are in results.json too (other_kind_matrix): a deleted matrix.csv
+    comes back with them, equal to the file the run wrote."""
+    from test_other_kind import config, twin_folder
+
+    cfg = config(tmp_path, twin_folder(tmp_path), ["tiny_parity", "tiny_compare"])
+    out = tmp_path / "out"
+    code, _, err = run_cli("run", cfg, "--output-dir", out)
+    assert code == 0, err
+    before = (out / "matrix.csv").read_text()
+    assert ",other_kind" in before
+    (out / "matrix.csv").unlink()
+    code, _, err = run_cli("run", cfg, "--output-dir", out)
+    assert code == 0 and "rebuilt matrix.csv" in err and "already complete" in err, err
+    assert (out / "matrix.csv").read_text() == before
