@@ -386,9 +386,9 @@ def ship_tasks(defs: Iterable, cache: Path, seed: int = DEFAULT_SEED) -> list[Pa
         plan.shipped_dir = None  # build afresh, without comparing to the copy being replaced
         _build_and_write(plan, files, archive)
         dest = shipped_dir(d.path, d.name)
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("train.jsonl", "validation.jsonl", "test.jsonl", "manifest.json"):  # clbench's files only
+            (dest / name).unlink(missing_ok=True)
         for name in [p.name for p in plan.paths().values()] + ["manifest.json"]:
             shutil.copyfile(plan.out_dir / name, dest / name)
         out.append(dest)

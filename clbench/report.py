@@ -12,6 +12,8 @@ never averaged together: each group gets its own section, figures and tables, na
 
 from __future__ import annotations
 
+import json
+
 import math
 import warnings
 from pathlib import Path
@@ -335,6 +337,7 @@ def _write_report(out: Path, runs, groups, notes, reference: str, tunes: list[di
     _clear_previous(out)
     fig_dir.mkdir(parents=True, exist_ok=True)
     tab_dir.mkdir(parents=True, exist_ok=True)
+    before = _listing(out)
 
     styles = plotstyle.MethodStyle(m for g in groups for m in g.methods)
     vrange = value_range(runs)
@@ -350,18 +353,44 @@ def _write_report(out: Path, runs, groups, notes, reference: str, tunes: list[di
     if notes:
         page += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     (out / "report.md").write_text("\n".join(page))
+    after = _listing(out)
+    written = sorted(k for k, v in after.items() if before.get(k) != v)
+    (out / REPORT_RECORD).write_text(json.dumps({"files": written}, indent=0))
     return out
 
 
+REPORT_RECORD = ".clbench-report.json"  # the files the last report wrote into its folder
+
+
+def _listing(out: Path) -> dict[str, tuple[int, int]]:
+    """{path relative to out: (size, mtime_ns)} of report.md and the files in figures/ and tables/."""
+    files = [out / "report.md", *[f for sub in ("figures", "tables") for f in (out / sub).glob("*")]]
+    return {str(f.relative_to(out)): (st.st_size, st.st_mtime_ns) for f in files if f.is_file() and (st := f.stat())}
+
+
 def _clear_previous(out: Path) -> None:
-    """A re-run must not leave figures of groups that are gone; only our own file types in our own
-    sub-folders of a previous report are removed."""
-    if not (out / "report.md").is_file():
-        return
-    for sub, exts in (("figures", (".png", ".pdf")), ("tables", (".md", ".tex", ".csv"))):
-        for f in (out / sub).glob("*"):
-            if f.is_file() and f.suffix in exts:
+    """A re-run must not leave figures of groups that are gone: the files the previous report
+    recorded as its own (REPORT_RECORD) are removed, nothing else. A report.md that clbench did not
+    write is refused; a report from before the record keeps its files (they are overwritten where
+    the new report writes the same names)."""
+    rec = out / REPORT_RECORD
+    if rec.is_file():
+        try:
+            names = json.loads(rec.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ReportError(f"{rec}: unreadable record of the previous report's files ({e}); delete it, or "
+                              "choose another --out") from None
+        for name in names:
+            f = (out / name)
+            if f.parent.resolve() in {out.resolve(), (out / "figures").resolve(), (out / "tables").resolve()} and f.is_file():
                 f.unlink()
+        return
+    md = out / "report.md"
+    if md.is_file():
+        with open(md, encoding="utf-8", errors="replace") as fh:
+            first = fh.readline().strip()
+        if first != "# clbench report":
+            raise ReportError(f"{md} exists and clbench did not write it; choose another --out")
 
 
 def _tuning_section(tunes: list[dict]) -> list[str]:

@@ -383,3 +383,28 @@ def test_did_not_learn_is_flagged_never_best_and_paired_differences_marked(tmp_p
     pt = parse_md_table(paired_table(paired, "md"))
     assert numbers(pt["lora"][1])[0] == pytest.approx((0.25 + 0.25 + 0.15) / 3, abs=5e-4) and pt["lora"][1].endswith("†")
     assert pt["lora"][-1] == "runs" and pt["lora"][-2] == "3"
+
+
+def test_a_new_report_removes_only_the_files_the_last_one_wrote(tmp_path):
+    """A report into a folder that holds an earlier one removes the figures and tables the earlier
+    one recorded (a group that is gone leaves nothing behind) and nothing the user put there; a
+    report.md that clbench did not write is refused before anything is written."""
+    a = write_run(tmp_path / "a", {"full_ft": {0: R_FT[0]}})
+    b = write_run(tmp_path / "b", {"full_ft": {0: R_FT[0]}}, stream="other", tasks=("x", "y", "z"))
+    out = tmp_path / "rep"
+    build_report([a, b], out)
+    gone = out / "figures" / "heatmap__tiny__other__order-1.png"
+    assert gone.is_file()
+    mine = [out / "figures" / "my_plot.png", out / "tables" / "my_notes.md", out / "tables" / "my.csv"]
+    for f in mine:
+        f.write_text("the user's")
+    build_report([a], out)  # stream `other` is no longer reported
+    assert not gone.exists() and (out / "figures" / "heatmap__tiny__s3__order-1.png").is_file()
+    assert all(f.read_text() == "the user's" for f in mine)
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "report.md").write_text("# my own notes\n")
+    with pytest.raises(ReportError, match="report.md exists and clbench did not write it"):
+        build_report([a], theirs)
+    assert (theirs / "report.md").read_text() == "# my own notes\n" and not (theirs / "figures").exists()
