@@ -11,13 +11,18 @@ after the previous stage, weighted by how much the earlier tasks' likelihood dep
     F <- gamma * F + F_t after stage t;  theta* = the weights at the end of stage t
 
 How it runs here (no loop change needed):
-- Where the Fisher's data comes from: the loop hands every training micro-batch's examples to
-  the `batch` hook. EWC keeps the last `fisher_batches` of them (the loop draws batches from
-  seeded shuffles of the whole training set, so these are a random sample of the stage's
-  training data), collates them as the loop does, and at `stage_end` runs
-  its own forward/backward passes over them AT the final weights theta*, with
-  torch.autograd.grad (no .grad is touched, no optimizer state). This is the empirical
-  Fisher (labels from the data, not sampled from the model) on the stage's training data.
+- Where the Fisher's data comes from (option fisher_source): "sample" (default) draws
+  fisher_batches x train.batch_size examples uniformly without replacement from the stage's
+  whole training set (seeded from the run seed and the stage, the same on every rank), in
+  micro-batches of train.batch_size; "last_batches" keeps, through the `batch` hook, the last
+  fisher_batches micro-batches the loop trained on (this file's earlier default). Both are
+  then collated as the loop does, and at `stage_end` EWC runs its own forward/backward passes
+  over them AT the final weights theta*, with torch.autograd.grad (no .grad is touched, no
+  optimizer state). This is the empirical Fisher (labels from the data, not sampled from the
+  model) on the stage's training data. Why "sample": the last micro-batches are the ones the
+  optimizer has just descended on, so their gradients, and the Fisher, are biased low; a draw
+  over the whole training set (seen early, late, or not at all in a step-budgeted stage)
+  estimates the task's Fisher at theta*, which is what Kirkpatrick et al. compute.
   Rejected alternative: squaring the training gradients in after_backward. They are taken
   at moving weights before theta*, they contain the EWC penalty's own gradient from stage 2
   on, and they are mini-batch means (the square of a mean gradient is not a mean of squared
@@ -52,16 +57,40 @@ its backward from the parameters (a small autograd.Function), so autograd keeps 
 copy; only one parameter-sized temporary exists at a time. Checkpoints hold F (0.54 GB).
 
 Options (defaults and sources):
-  ewc_lambda 1.0  (lambda above) unconfirmed: no source fixes it for LMs. 1 is the
-                 Laplace-approximation value when both losses are per-example means and the
-                 tasks are equally large (the penalty then stands in for the earlier tasks'
-                 log-likelihood); in practice lambda is tuned, sweep it over orders of
-                 magnitude for a given model and budget.
+  ewc_lambda 1000.0  (lambda above) no source fixes it for LMs: papers on LLMs sweep it over
+                 orders of magnitude (1e2-1e6 on a mean Fisher). 1 (this file's earlier default,
+                 the Laplace-approximation value when both losses are per-example means and the
+                 tasks are equally large) made the penalty ~1e-5 of the task loss: EWC was full
+                 fine-tuning. Chosen by measuring the penalty's share, method_stats.penalty_ratio
+                 (the mean over a stage's micro-batches of penalty / task CE), at several lambdas
+                 from the same stage-1 state (per-example Fisher of 64 examples drawn from stage
+                 1's training set):
+                   SmolLM2-135M-Instruct, configs/demo.yaml (cls3_gen; lr 1e-4 constant, batch 8),
+                   stage 2 (sms_spam_gen) after stage 1 (trec_gen), 20 steps (a demo stage):
+                     lambda 1e3: 0.22 | 1e4: 1.4 (the penalty outweighs the task loss)
+                   the first 8 steps: 1: 2.7e-5, 1e2: 2.3e-3, 1e3: 0.018, 1e4: 0.16
+                   (.venv/bin/python bench/ewc_lambda.py --steps 20 --lambdas 1e3,1e4, and
+                   --steps 8 --lambdas 1,1e2,1e3,1e4; stage 1 about 90 s, a lambda 30-70 s on an
+                   idle 2-core CPU). A mean of per-micro-batch ratios: late in a stage the task CE
+                   is small (0.05 here) and the ratio large, so it weighs the stage's end.
+                   the tiny model, configs/tiny.yaml (20 steps a stage, lr 3e-3), stages 2 / 3:
+                     1: 8e-4 / 6e-4 | 1e2: 0.016 / 0.015 | 1e4: 0.073 / 0.098 | 1e5: 0.48 / 0.84 |
+                     1e6: 3.1 / 6.9   (clbench run configs/tiny.yaml --set 'methods=[{name: ewc,
+                     options: {ewc_lambda: L}}]', results.json stages[i].method_stats)
+                 1e3 makes the penalty about a fifth of the loss over a demo-length stage of the
+                 real model (the share grows as the weights leave theta*: 0.018 over the first 8
+                 steps), a regulariser that acts without dominating. It is a starting point on
+                 this scale, not a tuned value: the share depends on the model, the lr, the stage
+                 length and the Fisher's scale (normalize: max changes it entirely); tune lambda
+                 (clbench tune) and read penalty_ratio in results.json.
   gamma 1.0      online decay of earlier Fishers (1 = sum over tasks, Schwarz et al.'s gamma;
                  Kirkpatrick's original keeps one penalty per task with its own anchor,
                  which online EWC replaces by one anchor at the latest weights)
-  fisher_batches 8      training micro-batches kept for the Fisher (the last 8 of the stage;
-                 fewer if the stage is shorter). Unconfirmed.
+  fisher_batches 8      micro-batches (of train.batch_size examples) the Fisher is estimated on:
+                 with per-example Fisher, 8 x batch_size backward passes at the stage end.
+                 Unconfirmed.
+  fisher_source sample  see above; "last_batches" for the last fisher_batches trained on
+                 (fewer if the stage is shorter).
   fisher_mode example   see above
   normalize none        see above
 """
@@ -75,16 +104,22 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import distributed as dist
-from clbench.masking import gather_rows, is_sharded, local_rows, own_rows
+from clbench.masking import derive_seed, gather_rows, is_sharded, local_rows, own_rows
 from clbench.method import MethodError, Method, StageMeans, register
 from clbench.train import IGNORE, collate, lm_loss
 
 
+SALT_FISHER = 51  # the seeded draw of the Fisher's examples
+
+
 class EwcOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ewc_lambda: float = Field(1.0, ge=0, description="penalty weight (lambda / 2) * sum F (theta - theta*)^2")
+    ewc_lambda: float = Field(1000.0, ge=0, description="penalty weight (lambda / 2) * sum F (theta - theta*)^2 "
+                                                        "(chosen by its measured share of the loss: see the docstring)")
     gamma: float = Field(1.0, ge=0, le=1, description="online EWC: F <- gamma * F + F_t")
-    fisher_batches: int = Field(8, gt=0, description="last training micro-batches of a stage used for its Fisher")
+    fisher_batches: int = Field(8, gt=0, description="micro-batches of a stage's training data its Fisher is estimated on")
+    fisher_source: Literal["sample", "last_batches"] = Field(
+        "sample", description="sample: a seeded draw from the stage's training set; last_batches: the last micro-batches trained on")
     fisher_mode: Literal["example", "batch"] = Field("example", description="squared per-example or per-batch gradients")
     normalize: Literal["none", "max"] = Field("none", description="divide each stage's Fisher by its maximum")
 
@@ -153,8 +188,20 @@ class EWC(Method):
         return model
 
     def batch(self, examples, stage):
-        self.batches.append(list(examples))
+        if self.options.fisher_source == "last_batches":
+            self.batches.append(list(examples))
         return None
+
+    def fisher_examples(self, stage) -> list[list]:
+        """The micro-batches (lists of examples) the stage's Fisher is estimated on."""
+        if self.options.fisher_source == "last_batches":
+            return [list(b) for b in self.batches]
+        examples = list(stage.examples)
+        bs = max(1, int(getattr(stage.train_config, "batch_size", 8) or 8))
+        n = min(len(examples), self.options.fisher_batches * bs)
+        gen = torch.Generator().manual_seed(derive_seed(stage.seed, stage.stage, SALT_FISHER))
+        chosen = [examples[i] for i in torch.randperm(len(examples), generator=gen)[:n].tolist()]
+        return [chosen[i:i + bs] for i in range(0, n, bs)]
 
     def extra_loss(self, model, batch, stage, out):
         if not self.fisher or self.options.ewc_lambda == 0:
@@ -186,7 +233,7 @@ class EWC(Method):
     def stage_end(self, model, stage):
         head_only = getattr(getattr(stage, "train_config", None), "head_only_targets", True)
         device = next(model.parameters()).device
-        batches = [{k: v.to(device) for k, v in collate(b, self.pad_id).items()} for b in self.batches]
+        batches = [{k: v.to(device) for k, v in collate(b, self.pad_id).items()} for b in self.fisher_examples(stage)]
         f_t, n = self.compute_fisher(model, batches, head_only)
         self.batches.clear()
         if n == 0:

@@ -281,10 +281,10 @@ def test_ewc_fisher_is_the_mean_squared_per_example_gradient(tok, data):
         assert (fisher[k] >= 0).all()
     # nonzero where gradients flowed (in this model every tensor gets a gradient)
     assert all(float(f.sum()) > 0 for f in fisher.values())
-    norm = M.make("ewc", {"normalize": "max"})
-    norm.batches.append(parity[:3])  # what its batch hook keeps: the micro-batch's examples
+    norm = M.make("ewc", {"normalize": "max"})  # fisher_source sample: the stage's 3 examples, all drawn
     norm.pad_id = tok.pad_token_id
-    norm.stage_end(model, stage_ctx(None, TrainConfig(), 1))
+    norm.stage_end(model, stage_ctx(None, TrainConfig(batch_size=3), 1, examples=parity[:3]))
+    assert norm.stats[0]["samples"] == 3
     assert max(float(f.max()) for f in norm.fisher.values()) == 1.0
     torch.testing.assert_close(norm.fisher[name := "model.norm.weight"], fisher[name] / norm.stats[0]["max"])
     fb, nb = M.make("ewc", {"fisher_mode": "batch"}).compute_fisher(model, [batch, batch])
@@ -300,7 +300,7 @@ def test_ewc_penalty_zero_at_anchor_and_online_fisher_and_resume(tok, data):
     meth, model, run = fresh(tok, "ewc", {"ewc_lambda": 50.0, "gamma": 0.5, "fisher_batches": 2})
     cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4)
     model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
-    assert meth.stats[0]["samples"] == 8  # the last 2 micro-batches of 4 examples
+    assert meth.stats[0]["samples"] == 8  # 2 micro-batches of 4 examples drawn from the stage's training set
     f1 = {k: v.clone() for k, v in meth.fisher.items()}
     assert set(f1) == {n for n, _ in model.named_parameters()}
     assert all((f >= 0).all() and float(f.sum()) > 0 for f in f1.values())
@@ -335,14 +335,14 @@ def test_ewc_penalty_zero_at_anchor_and_online_fisher_and_resume(tok, data):
     with torch.no_grad():
         named["model.norm.weight"].copy_(saved["model.norm.weight"])
 
-    # online accumulation: F <- gamma * F_1 + F_2 (F_2 on stage 2's captured batches at theta_2)
+    # online accumulation: F <- gamma * F_1 + F_2 (F_2 on stage 2's drawn batches at theta_2)
     captured = {}
 
     def keep_batches(m, st):
         real = meth.stage_end
 
         def spy(m2, st2):
-            captured["f2"], _ = meth.compute_fisher(m2, [T.collate(b, tok.pad_token_id) for b in meth.batches])
+            captured["f2"], _ = meth.compute_fisher(m2, [T.collate(b, tok.pad_token_id) for b in meth.fisher_examples(st2)])
             return real(m2, st2)
         meth.stage_end = spy
 

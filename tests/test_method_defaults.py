@@ -1,7 +1,7 @@
 """Each method's defaults are what its docstring says and what its source does: LwF without
 T^2, I-LoRA's stable adapter an EMA that lags, O-LoRA's alpha and dropout from the authors' code,
 SIFT discarding its selection step, HFT drawing the embedding / LM head like its other
-categories, SDFT refused on a stream with nothing to rewrite."""
+categories, SDFT refused on a stream with nothing to rewrite, EWC's lambda and Fisher source."""
 
 import re
 import sys
@@ -30,6 +30,8 @@ DEFAULTS = [
     ("olora", "dropout", 0.1, "0.1"),
     ("sift", "train_selection_step", False, "False"),
     ("hft", "embeddings", "draw", '"draw"'),
+    ("ewc", "ewc_lambda", 1000.0, "1000.0"),
+    ("ewc", "fisher_source", "sample", "sample"),
 ]
 
 
@@ -162,3 +164,24 @@ def test_lwf_distils_without_t_squared_by_default(tok, examples):
     plain = lwf_mod.distillation(student, teacher, o.temperature, o.kl, t_squared=False)
     assert float(lwf_mod.distillation(student, teacher, o.temperature, o.kl, o.t_squared)) == float(plain)
     assert o.temperature == 2.0 and float(plain) > 0
+
+
+# --- EWC ----------------------------------------------------------------------------------
+
+
+def test_ewc_fisher_is_a_seeded_draw_from_the_whole_stage_not_its_last_batches(examples):
+    meth = M.make("ewc", {"fisher_batches": 2})
+    st = M.Stage(stage=1, task="t1", seed=0, run=None, train_config=TrainConfig(batch_size=4), generator=None,
+                 examples=examples)
+    meth.batch(list(examples[-4:]), st)  # what the loop trained on last: not kept
+    assert not meth.batches
+    got = meth.fisher_examples(st)
+    assert [len(b) for b in got] == [4, 4]
+    flat = [e for b in got for e in b]
+    assert len({id(e) for e in flat}) == 8 and all(any(e is x for x in examples) for e in flat)
+    assert got == M.make("ewc", {"fisher_batches": 2}).fisher_examples(st)  # seeded: the same on every rank
+    assert got != meth.fisher_examples(M.Stage(stage=2, task="t2", seed=0, run=None, train_config=TrainConfig(batch_size=4),
+                                                generator=None, examples=examples))
+    old = M.make("ewc", {"fisher_batches": 2, "fisher_source": "last_batches"})
+    old.batch(list(examples[-4:]), st)
+    assert old.fisher_examples(st) == [list(examples[-4:])]
