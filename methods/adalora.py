@@ -42,8 +42,8 @@ Options (defaults and their source):
                                matrices: q, k, v, o, and both FFN matrices)
   variant seq                  see above
 
-Learning rate (train.lr, not an option): 3e-3, chosen by `clbench tune configs/tune/study-cls4.yaml`
-on SmolLM2-135M-Instruct at the demo budget (5 steps of 8 examples a stage). On trec's validation
+Learning rate (train.lr, not an option): 3e-3, chosen by the earlier cls4 study's tuning (a tune
+file since removed) on SmolLM2-135M-Instruct at the demo budget (5 steps of 8 examples a stage). On trec's validation
 split (base model 0.300) lr 1e-3 scored 0.300, 3e-3 0.425, 1e-2 0.300: the paper's GLUE lrs
 (5e-4 .. 1.2e-3) are for thousands of steps; peft starts the increment at zero (E = 0, with P and Q
 drawn at std 0.02, so E's gradient is small) and the budget shrinks during the stage, so 5 steps

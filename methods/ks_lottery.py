@@ -48,8 +48,8 @@ Options:
                      tests rows the paper never could. Measured on SmolLM2-135M, trec, 5 steps at
                      lr 1e-2: 3,300 seen rows were tested, max D 0.068, min p 0.14, so no row passes
                      alpha 0.05.
-Learning at a short budget (measured; no default makes it learn there). `clbench tune
-configs/tune/study-cls4.yaml` on SmolLM2-135M-Instruct, 5 steps of 8 examples, trec's validation
+Learning at a short budget (measured; no default makes it learn there). The earlier cls4 study's
+tuning (a tune file since removed) on SmolLM2-135M-Instruct, 5 steps of 8 examples, trec's validation
 split (40 examples, base model 0.300): lr 1e-2 with n 100 / 1000 scored 0.125 / 0.300, lr 3e-2
 0.275 / 0.325 (the winner, used by the study). A wider probe (same protocol, --select-only): lr 1e-1
 0.325 / 0.225 and lr 3e-1 0.350 / 0.350 with n 1000 / 3000, the training loss rising (11.2 -> 29
