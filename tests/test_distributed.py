@@ -69,9 +69,11 @@ def test_two_processes_give_the_same_matrix_losses_and_weights(runs):
         if s1["matrix"] != s2["matrix"] or any(abs(a - b) > 1e-5 for a, b in losses):
             diverged[m] = losses
     assert not diverged, diverged
-    assert dependent == {"ilora"}  # (its extra loss is computed per rank's share; see methods/ilora.py)
+    # their extra losses are each rank's mean over its share of the batch (methods/ilora.py, methods/lwf.py)
+    assert dependent == {"ilora", "lwf"}
     printed = (two.parent / "two.stderr").read_text()
     assert printed.count("ilora: its results depend on the number of processes") == 1
+    assert printed.count("lwf: its results depend on the number of processes") == 1
     for m in WEIGHTS:
         c1 = checkpoint.load(one / "checkpoints" / m / "seed0" / "stage2.pt")["diff"]
         c2 = checkpoint.load(two / "checkpoints" / m / "seed0" / "stage2.pt")["diff"]
