@@ -25,8 +25,8 @@ from scipy import stats
 from . import plotstyle, stats as cistats
 from .rundirs import (CI_LEVEL, COST_COLUMNS, COST_LABELS, HIGHER_IS_BETTER, LABELS, METRICS, Group, ReportError,
                       RunResults, _seed_key, _slug, aggregate, discover_runs, group_runs, load_run)
-from .tables import (_render, cost_table, heldout_table, metrics_table, other_kind_matrices, paired_table,
-                     reference_table)
+from .tables import (_render, cost_table, heldout_table, method_stats_table, metrics_table, other_kind_matrices,
+                     paired_table, reference_table)
 
 # --- figures: turn a group into the plain numbers plotstyle draws ----------------------------------
 
@@ -478,6 +478,14 @@ def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path, refer
         table(f"intervals__{g.slug}", paired_table(intervals, "md", delta=False), paired_table(intervals, "tex", delta=False),
               pd.DataFrame(intervals))
     _other_kind_section(g, lines, table)
+    acting = method_stats_table(g)
+    if acting is not None:
+        lines += ["### What each method's mechanism did", "",
+                  "Each method's own per-stage diagnostics (results.json `method_stats`; docs/methods.md says "
+                  "what each means), mean over seeds: a regulariser's share of the task loss, the share of "
+                  "the gradient a projection removed, the pseudo-examples a generative method kept. A "
+                  "penalty near 0 means the method trained as full fine-tuning there.", ""]
+        table(f"method_stats__{g.slug}", acting[1], extra_csv=acting[0])
     _learning_section(g, checks, lines, table)
     _paired_section(g, paired, reference, styles, flags, lines, table, fig)
     accuracy = "per_byte_likelihood" not in _stream_metrics(g.runs)  # raw-text domains: a likelihood

@@ -80,6 +80,8 @@ class RunResults:
         return (cands[0], self.joint[(cands[0], seed)]) if len(cands) == 1 else None
 
     named_refs: dict[tuple[str, str], str] = field(default_factory=dict)
+    # each (method, seed)'s per-stage diagnostics (results.json stages[i].method_stats): {stage: {name: value}}
+    method_stats: dict[tuple[str, str], dict[int, dict[str, float]]] = field(default_factory=dict)
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -227,6 +229,13 @@ def load_run(run_dir: str | Path) -> RunResults:
                 ref = (se.get("intransigence") or {}).get("reference") if isinstance(se, dict) else None
                 if ref:
                     out.named_refs[(str(m), str(seed))] = str(ref)
+                stats = {}
+                for st in (se.get("stages") or []) if isinstance(se, dict) else []:
+                    ms = st.get("method_stats") if isinstance(st, dict) else None
+                    if isinstance(ms, dict) and isinstance(st.get("stage"), int):
+                        stats[st["stage"]] = {str(k): float(v) for k, v in ms.items() if isinstance(v, (int, float))}
+                if stats:
+                    out.method_stats[(str(m), str(seed))] = stats
                 twins = se.get("other_kind_tasks") if isinstance(se, dict) else None
                 if isinstance(twins, list) and len(twins) == len(tasks) and not out.other_kind_tasks:
                     out.other_kind_tasks = [str(t) for t in twins]

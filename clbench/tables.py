@@ -202,6 +202,28 @@ def other_kind_matrices(group: Group) -> str | None:
     return "\n".join(out) if out else None
 
 
+def method_stats_table(group: Group) -> tuple[pd.DataFrame, str] | None:
+    """Each method's own per-stage diagnostics (a regulariser's share of the loss, the share of the
+    gradient a projection removed, ...: results.json stages[i].method_stats), mean over its seeds
+    and orders, one row per (method, diagnostic), one column per stage."""
+    rows = []
+    for r in group.runs:
+        for (method, seed), per in r.method_stats.items():
+            if r.mode(method) != "sequential":
+                continue
+            for stage, stats in per.items():
+                for name, v in stats.items():
+                    rows.append({"method": method, "stat": name, "stage": stage, "value": v})
+    if not rows:
+        return None
+    df = pd.DataFrame(rows).groupby(["method", "stat", "stage"])["value"].agg(["mean", "count"]).reset_index()
+    T = max(len(r.tasks) for r in group.runs)
+    wide = df.pivot(index=["method", "stat"], columns="stage", values="mean").reindex(columns=range(1, T + 1))
+    head = ["method", "diagnostic"] + [f"stage {s}" for s in wide.columns]
+    body = [[m, stat] + [("–" if pd.isna(v) else f"{v:.3g}") for v in wide.loc[(m, stat)]] for m, stat in wide.index]
+    return df, _render(head, body, "md", align="ll" + "r" * len(wide.columns))
+
+
 def paired_table(rows: list[dict], fmt: str, delta: bool = True) -> str:
     """Paired differences against the reference method (clbench.stats.paired_differences): the mean
     difference and its 95% bootstrap CI per metric, † where the CI excludes 0. delta=False: each

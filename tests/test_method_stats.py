@@ -119,3 +119,18 @@ def test_ilora_nlora_osf_report_their_share(tmp_path, one_thread):
     assert set(two["osf"]) == {"projected_fraction"} and 0 < two["osf"]["projected_fraction"] < 1
     one = res["methods"]["nlora"]["seeds"]["0"]["stages"][0]
     assert one["method_stats"]["penalty_ratio"] > 0  # N-LoRA's l1 term acts from stage 1 on
+
+
+def test_the_report_shows_what_each_mechanism_did(tmp_path, one_thread):
+    """The report's table of the per-stage diagnostics holds each method's numbers from results.json,
+    stage by stage (– where a stage recorded none)."""
+    from clbench.report import build_report
+
+    res = _run(tmp_path, [{"name": "ewc", "options": {"ewc_lambda": 1.0e4}}, {"name": "full_ft"}])
+    ratio = res["methods"]["ewc"]["seeds"]["0"]["stages"][1]["method_stats"]["penalty_ratio"]
+    out = build_report([tmp_path / "out"], tmp_path / "rep")
+    page = (out / "report.md").read_text()
+    assert "### What each method's mechanism did" in page
+    row = next(line for line in page.splitlines() if line.startswith("| ewc | penalty_ratio |"))
+    assert row.split("|")[3].strip() == "–" and row.split("|")[4].strip() == f"{ratio:.3g}"
+    assert "| full_ft |" not in page.split("### What each method's mechanism did", 1)[1].split("###", 1)[0]
