@@ -16,6 +16,7 @@ from clbench import models
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
+from test_method_agem import dot, grad_of, grads, set_grads  # A-GEM's test helpers: the same gradients
 
 for _f in ("agem", "gem"):
     M.load_method_file(REPO / "methods" / f"{_f}.py")
@@ -59,25 +60,6 @@ def train(meth, model, run, tok, examples, t, cfg=CFG):
     model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
     T.train_stage(model, meth, list(stage.examples), cfg, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
     return M.call(meth, "stage_end", model, stage)
-
-
-def grad_of(model, examples, tok):
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = T.lm_loss(model, T.collate(examples, tok.pad_token_id))
-    return [g.double() for g in torch.autograd.grad(loss, params)]
-
-
-def dot(a, b):
-    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
-
-
-def grads(model):
-    return [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
-
-
-def set_grads(model, gs):
-    for p, g in zip([p for p in model.parameters() if p.requires_grad], gs):
-        p.grad = g.to(p.dtype).clone()
 
 
 def test_every_step_of_stage_3_keeps_every_finished_tasks_loss_from_rising(tok, data):
