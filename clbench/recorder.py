@@ -79,6 +79,28 @@ def _stage_label(v: str):
     return int(v) if str(v).lstrip("-").isdigit() else str(v)
 
 
+def ordered_rows(rows: list[dict], plan) -> list[dict]:
+    """matrix.csv rows in the config's order (methods, seeds, stages, then extra rows, tasks), the
+    order an uninterrupted run computes them in: a resumed run may redo stages after other rows, and a
+    matrix.csv rebuilt from results.json must be the file an uninterrupted run writes. Rows may carry
+    their values as the recorder holds them (int stages and seeds) or as matrix.csv reads back
+    (strings). Stable: rows of methods no longer in the config keep their order."""
+    m_ix = {s.run_name: i for i, s in enumerate(plan.method_specs)}
+    s_ix = {str(s): i for i, s in enumerate(plan.cfg.seeds)}
+    t_ix = {t: i for i, t in enumerate(plan.eval_names)}
+    extra_ix: dict = {}
+    for r in rows:
+        if not str(r["stage"]).isdigit():
+            extra_ix.setdefault(str(r["stage"]), len(extra_ix))
+
+    def key(r):
+        st = str(r["stage"])
+        return (m_ix.get(r["method"], len(m_ix)), s_ix.get(str(r["seed"]), len(s_ix)),
+                (0, int(st)) if st.isdigit() else (1, extra_ix[st]), t_ix.get(r["eval_task"], len(t_ix)))
+
+    return sorted(rows, key=key)
+
+
 class Recorder:
     """Holds every result so far and rewrites the results files atomically after each stage."""
 
@@ -189,22 +211,7 @@ class Recorder:
         return [[by_stage[s][t] for t in names] for s in sorted(by_stage)]
 
     def _ordered_rows(self) -> list[dict]:
-        """The rows in the config's order (methods, seeds, stages, then extra rows, tasks), the order
-        an uninterrupted run computes them in: a resumed run may redo stages after other rows."""
-        m_ix = {s.run_name: i for i, s in enumerate(self.plan.method_specs)}
-        s_ix = {s: i for i, s in enumerate(self.cfg.seeds)}
-        t_ix = {t: i for i, t in enumerate(self.plan.eval_names)}
-        extra_ix: dict = {}
-        for r in self.rows:
-            if not isinstance(r["stage"], int):
-                extra_ix.setdefault(r["stage"], len(extra_ix))
-
-        def key(r):
-            st = r["stage"]
-            return (m_ix.get(r["method"], len(m_ix)), s_ix.get(r["seed"], len(s_ix)),
-                    (0, st) if isinstance(st, int) else (1, extra_ix[st]), t_ix.get(r["eval_task"], len(t_ix)))
-
-        return sorted(self.rows, key=key)  # stable: rows of methods no longer in the config keep their order
+        return ordered_rows(self.rows, self.plan)
 
     def flush(self):
         if not D.is_main():  # one writer: the other ranks hold the same results

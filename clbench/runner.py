@@ -271,7 +271,7 @@ def _execute(pl: Plan, out: Path, fresh: bool, allow_changes: bool, allow_data_c
                 set_run_info(out / "results.json", {"data_fingerprint": fp, "data_changes": history})
                 if data_changed:
                     record_data_change(out, fp, history)
-                    console.print(f"data changed (--allow-data-change, recorded in results.json data_changes): "
+                    console.print("data changed (--allow-data-change, recorded in results.json data_changes): "
                                   + "; ".join(data_changed), soft_wrap=True)
             except ClbenchError as e:
                 if not D.enabled():
@@ -459,25 +459,6 @@ def _row_key(r) -> tuple:
     return (str(r["method"]), str(r["seed"]), str(r["stage"]), str(r["eval_task"]))
 
 
-def _ordered(rows: list[dict], pl: Plan) -> list[dict]:
-    """The recorder's order (clbench.recorder.Recorder._ordered_rows): methods, seeds, stages then
-    extra rows, tasks, so a repaired file is the file an uninterrupted run writes."""
-    m_ix = {s.run_name: i for i, s in enumerate(pl.method_specs)}
-    s_ix = {str(s): i for i, s in enumerate(pl.cfg.seeds)}
-    t_ix = {t: i for i, t in enumerate(pl.eval_names)}
-    extra_ix: dict = {}
-    for r in rows:
-        if not str(r["stage"]).isdigit():
-            extra_ix.setdefault(str(r["stage"]), len(extra_ix))
-
-    def key(r):
-        st = str(r["stage"])
-        return (m_ix.get(r["method"], len(m_ix)), s_ix.get(str(r["seed"]), len(s_ix)),
-                (0, int(st)) if st.isdigit() else (1, extra_ix[st]), t_ix.get(r["eval_task"], len(t_ix)))
-
-    return sorted(rows, key=key)
-
-
 def verify_results(out: Path, pl: Plan | None, res: dict | None = None, repair: bool = True) -> list[str]:
     """Check matrix.csv and summary.csv against results.json, the record the run resumes from: a
     missing file, a damaged line, a row results.json has and the file lacks or gives another value
@@ -485,6 +466,7 @@ def verify_results(out: Path, pl: Plan | None, res: dict | None = None, repair: 
     a stage recorded in matrix.csv just before a crash, are kept when they are well formed).
     Returns one message per repaired file; with repair=False (pl may then be None) only says what
     it would repair."""
+    from .recorder import ordered_rows
     from .results import MATRIX_COLUMNS, SUMMARY_COLUMNS, write_csv
 
     res = res if res is not None else load_results_json(out)
@@ -510,7 +492,7 @@ def verify_results(out: Path, pl: Plan | None, res: dict | None = None, repair: 
         rows = [{**r, "value": float(r["value"]) if _is_number(r["value"]) else r["value"]}
                 for r in have if _row_key(r) not in want_keys and _is_number(r["value"])] + want
         if repair:
-            write_csv(mat_file, MATRIX_COLUMNS, _ordered(rows, pl))
+            write_csv(mat_file, MATRIX_COLUMNS, ordered_rows(rows, pl))
         why = ("it was missing" if not mat_existed else "its header is not this version's" if damaged < 0 else f"{damaged} damaged line(s), {len(wrong)} of results.json's {len(want)} score(s) missing or different")
         said.append(f"rebuilt matrix.csv from results.json ({why})")
     summ_want = _expected_summary(res)
