@@ -22,3 +22,8 @@ class SourceUnavailable(DataError):
 
 class TrainingError(ClbenchError):
     """Training cannot go on: a non-finite loss, a batch that cannot be split, no parameter to train."""
+
+
+class RunDirError(ClbenchError):
+    """A run directory that cannot be used as it is: held by another process, written by someone
+    else, with damaged results files or over changed data."""

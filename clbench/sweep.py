@@ -365,7 +365,9 @@ def run_status(run: Run, run_dir: Path) -> str:
     its numbers were computed with equals this one (ignoring the non-result fields: the same check
     as `clbench run`'s); changed: another config's results; partial: results or a started run to
     resume; new: nothing yet."""
-    from .runner import RunDirError, comparable_config, results_config, verify_results
+    from .errors import RunDirError
+    from .resultcheck import verify_results
+    from .runner import comparable_config, results_config
 
     try:
         prev = results_config(run_dir)
