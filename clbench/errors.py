@@ -27,3 +27,7 @@ class TrainingError(ClbenchError):
 class RunDirError(ClbenchError):
     """A run directory that cannot be used as it is: held by another process, written by someone
     else, with damaged results files or over changed data."""
+
+
+class SweepError(ClbenchError):
+    """A sweep or tune that cannot be planned or launched as given."""

@@ -48,8 +48,9 @@ from pydantic import Field, ValidationError, field_validator
 
 from .config import RunConfig, Seed, Strict, format_validation_error, load_yaml, method_index
 from .errors import ConfigError
-from .sweep import (RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, _last_error, check_key_path, expand,
-                    run_sweep, with_set)
+from .launch import last_error
+from .sweep import (RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, check_key_path, expand, run_sweep,
+                    with_set)
 
 VARIANT = "__validation"  # a task's validation variant is named <task>__validation
 
@@ -273,7 +274,7 @@ def choose(tune: Tune, select: Sweep) -> dict:
             cand = {"run": r.id, "label": label, "setting": setting, "method": spec, "score": score,
                     "status": "complete" if not math.isnan(score) else r.status or "not complete"}
             if r.status == "failed" and math.isnan(score):
-                cand["error"] = _last_error(select.out / "logs" / f"{r.id}.log")
+                cand["error"] = last_error(select.out / "logs" / f"{r.id}.log")
             cands.append(cand)
         # a failed candidate is left out (recorded with its error); any other unfinished one leaves no winner
         scored = [c for c in cands if not math.isnan(c["score"])]

@@ -337,7 +337,9 @@ def test_fresh_sweep_starts_every_run_over(local_sweep, tmp_path, monkeypatch):
             launched.append((run.id, cmd))
             done(run, {"rc": 0, "seconds": 0.0})
 
-    monkeypatch.setattr(S, "_launch_local", fake_local)
+    from clbench import launch
+
+    monkeypatch.setattr(launch, "launch_local", fake_local)
     text = io.StringIO()
     S.run_sweep(S.load_sweep(path, copy), out=text)  # without --fresh: everything is complete
     assert launched == [] and "4 complete, 0 to run" in text.getvalue()
