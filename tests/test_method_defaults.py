@@ -44,11 +44,6 @@ def test_the_default_is_the_documented_one(name, option, value, written):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return models.build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def examples(tok):
     return tokenize(PAIRS, tok, 64)
 

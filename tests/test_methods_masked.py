@@ -47,11 +47,6 @@ OPTIONS = {"lota": {"calibration_steps": 1}, "hft": {}, "spafit": {"r": 2, "alph
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return models.build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def examples(tok):
     return tokenize(PAIRS, tok, 64)
 
