@@ -49,6 +49,8 @@ class TrainOverrides(Strict):
     decay_fraction: Optional[float] = Field(None, gt=0, le=1)
     decay_shape: Optional[Literal["linear", "cosine", "1-sqrt"]] = None
     max_train_examples: Optional[int] = Field(None, gt=0)
+    optimizer: Optional[Literal["adamw", "sgd", "rmsprop"]] = None
+    momentum: Optional[float] = Field(None, ge=0, lt=1)
 
 
 class TrainConfig(Strict):
@@ -74,6 +76,10 @@ class TrainConfig(Strict):
                                                                           "(default linear)")
     max_train_examples: Optional[int] = Field(None, gt=0, description="cap on training examples per task")
     head_only_targets: bool = Field(True, description="compute the LM head and loss only at target positions")
+    optimizer: Optional[Literal["adamw", "sgd", "rmsprop"]] = Field(
+        None, description="adamw, sgd or rmsprop; null: the optimizer the method names (Method.optimizer_name, "
+        "from its paper's code), else adamw. Recorded per stage in results.json")
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd and rmsprop: momentum (adamw ignores it)")
 
     @model_validator(mode="after")
     def _check_schedule(self):

@@ -41,6 +41,9 @@ Before the run (distributed.strategy fsdp only):
                                    else why not (the default: not verified), refused at planning
     world_size_dependent() -> str | None   None: the same numbers at any number of processes;
                                    else why not (recorded in results.json, printed on several)
+    optimizer_name() -> str | None   the optimizer the method's source trains with ("adamw", "sgd",
+                                   "rmsprop"); used when the config's train.optimizer is not set
+                                   (None: AdamW); recorded per stage in results.json
 
 Every method has an `Options` pydantic model whose defaults are its documented defaults;
 unknown option keys are refused whatever the author wrote (the registry enforces extra=forbid).
@@ -230,6 +233,9 @@ class Method:
         return "not verified under fsdp (sharded parameters)"
 
     def world_size_dependent(self) -> str | None:
+        return None
+
+    def optimizer_name(self) -> str | None:
         return None
 
 
@@ -477,6 +483,7 @@ _RETURNS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fsdp_refusal": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
     "stream_refusal": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
     "world_size_dependent": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
+    "optimizer_name": (lambda v: v in (None, "adamw", "sgd", "rmsprop"), "None, 'adamw', 'sgd' or 'rmsprop'"),
 }
 
 

@@ -43,6 +43,7 @@ def stage_entry(t, task, stats, es, ck_mb=None) -> dict:
     return {"stage": t, "task": task, "steps": stats["steps"], "first_loss": stats["first_loss"],
             "last_loss": stats["last_loss"], "train_seconds": stats["seconds"], "eval_seconds": es, "checkpoint_mb": ck_mb,
             **({"schedule": stats["schedule"]} if "schedule" in stats else {}),  # the stage's lr schedule (clbench.schedule)
+            **({"optimizer": stats["optimizer"]} if "optimizer" in stats else {}),  # the optimizer it trained with
             # the method's own per-stage diagnostics (Method.stage_stats): a regulariser's share of the loss, ...
             **({"method_stats": stats["method_stats"]} if stats.get("method_stats") else {}),
             # per rank: bytes of parameters, gradients and optimizer state held at the stage's last step, peak memory

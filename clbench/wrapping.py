@@ -84,6 +84,9 @@ class Wrapping(M.Method):
     def trainable_params(self, model):
         return self._inner("trainable_params", model)
 
+    def optimizer_name(self):
+        return self._inner("optimizer_name")
+
     def _base_state(self):
         return self._inner("state_dict")
 

@@ -37,7 +37,10 @@ How it runs here:
   all-reduce gives each rank the same sum, where N separate full computations could differ
   in their last bits), so every rank takes the same decision and the same projected step.
 - Every parameter trains (as full_ft). The optimizer is the loop's AdamW: A-GEM constrains
-  the gradient it is given, not Adam's per-coordinate update (the authors use plain SGD).
+  the gradient it is given, not Adam's per-coordinate update (the authors use plain SGD). AdamW
+  stays the default so that a paired difference against full FT measures the projection, not the
+  optimizer; `train: {optimizer: sgd}` on the method runs the authors' optimizer, recorded per
+  stage in results.json.
 - Cost: one extra forward and backward of ref_batch_size examples per optimizer step, and
   one gradient-sized set of tensors (g_ref) while the hook runs.
 

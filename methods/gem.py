@@ -40,7 +40,9 @@ How it runs here:
 - after_backward: gradients accumulated over the micro-batches and summed over the ranks, before
   clipping; the projected gradient is written in place into .grad. The optimizer is the loop's
   AdamW: GEM constrains the gradient it is given, not Adam's per-coordinate update (the authors
-  use plain SGD at lr 0.1).
+  use plain SGD at lr 0.1). AdamW stays the default so that a paired difference against full FT
+  measures the projection, not the optimizer; `train: {optimizer: sgd}` on the method runs the
+  authors' optimizer, recorded per stage in results.json.
 - Cost: per optimizer step, t - 1 extra forward and backward passes of ref_batch_size examples,
   and t - 1 gradient-sized float32 buffers held while the hook runs (4 bytes per trained
   parameter each: 0.54 GB per finished task for SmolLM2-135M, 27 GB per finished task for a

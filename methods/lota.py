@@ -42,6 +42,13 @@ Options:
   lotto              true: disjoint masks across stages (LoTTO). false: plain LoTA per stage.
   targets            the candidate module names (paper: attention and MLP projections).
 
+Optimizer and lr: the authors' continual-learning script (rlaif/scripts/continual_learning.sh)
+trains full FT and LoTA with the same script and optimizer (RMSprop, gradient-norm clip 1) and
+gives LoTA's sparse phase 20x full FT's lr (1e-5 against 5e-7). LoTA names no optimizer here
+(the loop's AdamW, as the full FT it is compared with; `train.optimizer: rmsprop` runs the
+authors' one), and its lr is the config's: a sparse method at a dense method's lr learns less,
+so compare it at its own tuned lr (configs/tune/study-seeds.yaml searches up to 20x full FT's).
+
 Unconfirmed: the calibration length and lr for this benchmark's budget; weight decay during
 sparse training (the loop's weight_decay, applied to trainable entries only).
 """

@@ -46,7 +46,7 @@ def run_stage(meth, model, run, examples, tok, cfg, t=1, autocast=None, monkeypa
     built = []
     if monkeypatch is not None:
         real = T.make_optimizer
-        monkeypatch.setattr(T, "make_optimizer", lambda groups, c: built.append(real(groups, c)) or built[-1])
+        monkeypatch.setattr(T, "make_optimizer", lambda groups, c, *a: built.append(real(groups, c, *a)) or built[-1])
     model, _, _ = stage_run(model, meth, examples, cfg, run, t, f"t{t}", device=torch.device("cpu"), autocast_dtype=autocast,
                             pad_id=tok.pad_token_id)
     return model, (built[-1] if built else None)
