@@ -50,6 +50,7 @@ def _lm_class():
     import torch.nn.functional as F
     from lm_eval.models.huggingface import HFLM
 
+    from . import prompting
     from .train import _split_head
 
     class _PrefixSharingLM(HFLM):
@@ -96,8 +97,12 @@ def _lm_class():
             dec, head = split
             groups: dict[tuple, list[int]] = {}
             slow = []
+            cut = prompting.needs_context(self.model)  # lm-eval's path cannot say where a context ends
             for i, (_, ctx, cont) in enumerate(requests):
-                if len(ctx) + len(cont) > self.max_length + 1 or not ctx or not cont:
+                if cut and ctx and cont and len(ctx) + len(cont) > self.max_length + 1 and len(cont) <= self.max_length:
+                    whole = (ctx + cont)[-(self.max_length + 1):]  # lm-eval's left truncation, packed here
+                    groups.setdefault(tuple(whole[:-len(cont)]), []).append(i)
+                elif len(ctx) + len(cont) > self.max_length + 1 or not ctx or not cont:
                     slow.append(i)  # lm-eval truncates these from the left: its own path
                 else:
                     groups.setdefault(tuple(ctx), []).append(i)
@@ -152,7 +157,8 @@ def _lm_class():
                     s += m
             dev = self.device
             with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=self.mixed_precision_dtype,
-                                                 enabled=self.mixed_precision_dtype is not None):
+                                                 enabled=self.mixed_precision_dtype is not None), \
+                    prompting.context_lengths(self.model, [len(ctx) for ctx, _ in batch]):
                 h = dec(input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=pos.to(dev),
                         use_cache=False).last_hidden_state
                 logits = head(h[torch.tensor(rows_b, device=dev), torch.tensor(rows_t, device=dev)])

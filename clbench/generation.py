@@ -227,6 +227,10 @@ GROUPED_MIN_ROWS = 16
 
 
 def _groupable(model, device, autocast_dtype) -> bool:
+    from .prompting import prompted
+
+    if prompted(model):  # its prompt goes in front of each sequence, not of a packed prefill
+        return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
     return (device.type == "cpu" and autocast_dtype == torch.bfloat16

@@ -24,6 +24,7 @@ from . import adapters
 from . import distributed as D
 from . import interrupt
 from . import method as M
+from . import prompting
 from .errors import TrainingError  # noqa: F401  (raised here; clbench.train.TrainingError for users)
 from .runtime import derive_seed, state_bytes
 from .schedule import check as check_schedule, describe as describe_schedule, lr_factor
@@ -113,12 +114,14 @@ def target_logits(model, batch: dict, head_only_targets: bool = True) -> tuple[t
     labels = batch["labels"]
     tgt = labels[:, 1:]
     sel = tgt != IGNORE
-    if head_only_targets and _split_head(model) is not None:
-        fwd = getattr(model, "clbench_head_logits", None)  # a sharded root's registered forward (clbench.fsdp)
-        if fwd is not None:
-            return fwd(batch["input_ids"], batch["attention_mask"], sel), tgt[sel]
-        return head_logits(model, batch["input_ids"], batch["attention_mask"], sel), tgt[sel]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # a prompt chosen from the input (L2P) sees each row's context only: up to its first target
+    with prompting.context_lengths(model, lambda: (labels != IGNORE).int().argmax(1)):
+        if head_only_targets and _split_head(model) is not None:
+            fwd = getattr(model, "clbench_head_logits", None)  # a sharded root's registered forward (clbench.fsdp)
+            if fwd is not None:
+                return fwd(batch["input_ids"], batch["attention_mask"], sel), tgt[sel]
+            return head_logits(model, batch["input_ids"], batch["attention_mask"], sel), tgt[sel]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits[:, :-1][sel], tgt[sel]
 
 
