@@ -25,7 +25,7 @@ def table() -> dict[str, tuple[str, str]]:
     body = text.split("## Methods under ddp and fsdp", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in body.splitlines():
-        m = re.fullmatch(r"\| `([a-z_]+)` \| (.+?) \| (.+?) \|", line.strip())
+        m = re.fullmatch(r"\| `([a-z0-9_]+)` \| (.+?) \| (.+?) \|", line.strip())
         if m:
             rows[m.group(1)] = (m.group(2), m.group(3))
     return rows
