@@ -20,7 +20,8 @@ from .errors import ConfigError
 
 
 # Fields that never change results: they may differ when a run directory is resumed.
-NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints", "checkpoint_interval", "trackers", "distributed")
+NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints", "checkpoint_interval", "checkpoint_steps", "trackers",
+                     "distributed")
 
 
 # A seed seeds numpy's generator too, which takes 0..2**32-1 only: anything else failed after training.
@@ -247,6 +248,10 @@ class RunConfig(Strict):
         60.0, ge=0, description="keep_checkpoints last: write a stage checkpoint once at least this many seconds of "
         "training and evaluation have passed since the last one (0 = after every stage); a crash redoes at most that "
         "much work, and stages cheaper than their checkpoint do not pay for one")
+    checkpoint_steps: Optional[int] = Field(
+        None, gt=0, description="also checkpoint inside a stage every this many optimizer steps (model, optimizer, "
+        "scheduler, RNG; clbench/midstage.py), so a run killed mid-stage resumes at that step; for methods with no "
+        "state of their own inside a stage (Method.step_resume_refusal), others restart the stage")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="experiment trackers fed the per-step loss and lr and each stage's scores "

@@ -158,13 +158,32 @@ class Job:
             t_start = time.perf_counter()
             model, stats, _ = run_stage(model, meth, examples, tcfg, run_ctx, t, task, device=s.device,
                                         autocast_dtype=s.autocast, pad_id=s.tok.pad_token_id, progress=s.progress,
-                                        on_step=on_step,
+                                        on_step=on_step, step_checkpoints=self.step_checkpoints(meth, t),
                                         desc=f"{self.name} seed {self.seed} stage {t}/{len(s.pl.task_names)} {task}")
             seconds = time.perf_counter() - t_start
+        if stats.get("resumed_at_step"):
+            s.console.print(f"{escape(self.tag())} stage {t} {task}: resumed at step {stats['resumed_at_step']} of "
+                            f"{stats['steps']} from its checkpoint inside the stage")
         if s.tracker is not None and "schedule" in stats:
             s.tracker.log_schedule(self.name, self.seed, t, stats["schedule"])
         stats["per_rank"] = D.gather({**stats.pop("state_bytes"), "peak_mem_mb": pm.peak_mb})
         return model, stats, seconds, pm.peak_mb
+
+    def step_checkpoints(self, meth, t: int):
+        """The checkpoint inside stage t (config checkpoint_steps), or None where it is off or the
+        method keeps state inside a stage that it would not hold (Method.step_resume_refusal)."""
+        from .midstage import StepCheckpoints
+
+        every = self.s.cfg.checkpoint_steps
+        if not every:
+            return None
+        why = M.call(meth, "step_resume_refusal")
+        if why:
+            if t == 1:
+                self.s.console.print(f"{escape(self.tag())} checkpoint_steps: not used, a stage restarts from its "
+                                     f"beginning ({why})")
+            return None
+        return StepCheckpoints(self.ckpt_dir, t, every, sharded=self.s.sharded)
 
     def evaluate(self, model, t, exact_task: str | None, folder: str, everywhere: bool = True):
         """Scores of every task; with eval.offdiag_limit, cells other than `exact_task` use the subset.
@@ -200,6 +219,9 @@ class Job:
         D.check_ranks(self.tag(), model, lambda: M.call(meth, "state_dict"), entry)
         # recorded first: the summary line means the stage is safely in the run directory
         self.record(meth, model, log, mode, merges_pending=bool(self.spec.merge))
+        from .midstage import StepCheckpoints
+
+        StepCheckpoints(self.ckpt_dir, entry["stage"], 1).remove()  # the stage is recorded: its step checkpoint goes
         n, ck_mb = len(self.s.pl.task_names), entry["checkpoint_mb"]
         self.s.console.print(f"{escape(self.tag())} stage {entry['stage']}/{n} {entry['task']}: {entry['steps']} steps, loss "
                              f"{entry['first_loss']:.3f} -> {entry['last_loss']:.3f} ({entry['train_seconds']:.1f}s); "

@@ -41,6 +41,9 @@ Before the run (distributed.strategy fsdp only):
                                    else why not (the default: not verified), refused at planning
     world_size_dependent() -> str | None   None: the same numbers at any number of processes;
                                    else why not (recorded in results.json, printed on several)
+    step_resume_refusal() -> str | None   None: the method keeps no state of its own inside a
+                                   stage, so `checkpoint_steps` may resume it mid-stage
+                                   (clbench/midstage.py); else why not (the default: not verified)
     optimizer_name() -> str | None   the optimizer the method's source trains with ("adamw", "sgd",
                                    "rmsprop"); used when the config's train.optimizer is not set
                                    (None: AdamW); recorded per stage in results.json
@@ -237,6 +240,9 @@ class Method:
 
     def optimizer_name(self) -> str | None:
         return None
+
+    def step_resume_refusal(self) -> str | None:
+        return "not verified: its state inside a stage is not in the step checkpoint"
 
 
 HOOKS = tuple(n for n, v in vars(Method).items() if callable(v) and not n.startswith("_") and not isinstance(v, type))
@@ -483,6 +489,7 @@ _RETURNS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fsdp_refusal": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
     "stream_refusal": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
     "world_size_dependent": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
+    "step_resume_refusal": (lambda v: v is None or isinstance(v, str), "None or a reason (str)"),
     "optimizer_name": (lambda v: v in (None, "adamw", "sgd", "rmsprop"), "None, 'adamw', 'sgd' or 'rmsprop'"),
 }
 

@@ -58,14 +58,14 @@ def start_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: s
 
 
 def run_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str, *, device, autocast_dtype=None,
-              pad_id: int, progress=None, on_step=None, desc: str | None = None):
+              pad_id: int, progress=None, on_step=None, desc: str | None = None, step_checkpoints=None):
     """Stage t of `method` on `examples` (clbench.train.Example) with train config `cfg`: start_stage,
     the one training loop, stage_end. Returns (model, stats, stage view)."""
     model, stage = start_stage(model, method, examples, cfg, run, t, task, device=device, autocast_dtype=autocast_dtype,
                                pad_id=pad_id, progress=progress)
     stats = train_stage(model, method, list(stage.examples), cfg, stage, device=device, autocast_dtype=autocast_dtype,
                         pad_id=pad_id, progress=progress, desc=desc or f"{run.method} seed {run.seed} stage {t} {task}",
-                        on_step=on_step)
+                        on_step=on_step, step_checkpoints=step_checkpoints)
     model = M.call(method, "stage_end", model, stage)
     measured = M.call(method, "stage_stats", stage)  # the method's own diagnostics (results.json: method_stats)
     if measured:

@@ -172,12 +172,15 @@ def num_steps(cfg, n_examples: int) -> int:
 
 
 def train_stage(model, method, examples: list[Example], cfg, stage, *, device, autocast_dtype, pad_id: int,
-                progress=None, desc: str = "train", dense: bool = False, on_step=None) -> dict:
+                progress=None, desc: str = "train", dense: bool = False, on_step=None, step_checkpoints=None) -> dict:
     """Train `model` on `examples` for one stage (`stage`: the method's clbench.method.Stage view).
     Returns stats (steps, losses, seconds).
 
     dense=True is a calibration pass: all parameters that require grad train, and the
-    method's hooks are not called (LoTA calibration, KS-Lottery's first pass)."""
+    method's hooks are not called (LoTA calibration, KS-Lottery's first pass).
+
+    step_checkpoints (clbench.midstage.StepCheckpoints): resume from this stage's checkpoint inside
+    the stage if there is one, and write one every `checkpoint_steps` optimizer steps."""
     if not examples:
         raise TrainingError(f"stage {stage.stage} ({stage.task}): no training examples")
     name = getattr(method, "name", "?")
@@ -199,9 +202,16 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
     multi, world = D.enabled(), D.world_size()
     sharded = isinstance(model, FSDPModule)  # clbench.fsdp: FSDP's reduce-scatter sums the gradients in backward
     losses: list[float] = []
+    first, before = 0, 0.0  # a stage resumed inside: the steps taken and the seconds spent before
+    if step_checkpoints is not None and not dense:
+        meta = step_checkpoints.load(model, opt, sched, total)
+        if meta is not None:
+            first, losses, before = meta["step"], list(meta["losses"]), meta["seconds"]
+            for _ in range(first * cfg.grad_accum):  # the seeded shuffle's batches of the steps taken
+                next(batches)
     t0 = time.perf_counter()
     log = _StepLog(desc, total, progress)
-    for step in range(total):
+    for step in range(first, total):
         interrupt.check()  # a Ctrl-C that some library caught earlier (clbench.interrupt)
         lr = opt.param_groups[0]["lr"]  # this step's learning rate (before the scheduler moves it)
         clock.step, clock.lr = step, lr
@@ -250,13 +260,16 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
         if on_step is not None:  # e.g. the run's trackers (TensorBoard, W&B)
             on_step(step, step_loss, lr)
         log.step(step, step_loss, lr)
+        if step_checkpoints is not None and not dense and step_checkpoints.due(step + 1, total):
+            step_checkpoints.save(model, opt, sched, step + 1, total, losses, before + time.perf_counter() - t0)
     log.close()
     if dense:  # a calibration pass leaves the stage's position as it found it
         clock.step, clock.lr = saved
     else:
         clock.lr = None
     del opt
-    return {"steps": total, "losses": losses, "seconds": time.perf_counter() - t0, "first_loss": losses[0], "last_loss": losses[-1],
+    return {"steps": total, "losses": losses, "seconds": before + time.perf_counter() - t0, "first_loss": losses[0],
+            "last_loss": losses[-1], **({"resumed_at_step": first} if first else {}),
             "state_bytes": held, "schedule": describe_schedule(cfg, total),
             "optimizer": {"name": opt_name, "weight_decay": cfg.weight_decay,
                           **({"momentum": cfg.momentum} if opt_name != "adamw" else {})}}

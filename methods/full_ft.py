@@ -20,3 +20,6 @@ class FullFT(Method):
 
     def fsdp_refusal(self):
         return None  # every parameter trains, sharded like any other (tested in tests/test_fsdp.py)
+
+    def step_resume_refusal(self):
+        return None  # no state besides the weights: checkpoint_steps resumes it inside a stage (tests/test_midstage.py)

@@ -49,3 +49,6 @@ class LoRA(Method):
 
     def fsdp_refusal(self):
         return adapters.fsdp_refusal(self.options.variant)
+
+    def step_resume_refusal(self):
+        return None  # the adapters are weights of the model; stage_start redoes the same ones (tests/test_midstage.py)
