@@ -51,7 +51,7 @@ def _lm_class():
     from lm_eval.models.huggingface import HFLM
 
     from . import prompting
-    from .train import _split_head
+    from .train import split_head
 
     class _PrefixSharingLM(HFLM):
         # --- data-parallel evaluation: lm-eval's own rank/world-size support (its evaluator splits
@@ -91,7 +91,7 @@ def _lm_class():
                 dist.barrier()
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            split = _split_head(self.model) if self.backend == "causal" else None
+            split = split_head(self.model) if self.backend == "causal" else None
             if split is None or os.environ.get("CLBENCH_EVAL_PREFIX_SHARING", "1") == "0":
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
             dec, head = split

@@ -441,7 +441,7 @@ def loglikelihoods(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_
                    max_length: int | None = None, autocast=None) -> list[float]:
     """sum log p(continuation | context) for each (context, continuation), as lm-eval scores it."""
     from .tasks import encode_pair
-    from .train import _split_head
+    from .train import split_head
 
     limit = context_limit(model, max_length)
     items = []
@@ -452,7 +452,7 @@ def loglikelihoods(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_
         whole = (c + t)[-(limit + 1):]
         items.append((whole[:-1], whole[-len(t):]))  # inputs, and the targets they predict at the end
     device = next(model.parameters()).device
-    split = _split_head(model)
+    split = split_head(model)
     ac = autocast or contextlib.nullcontext
     res: list[float] = []
     with _eval_mode(model):

@@ -88,8 +88,9 @@ def batch_stream(examples: list[Example], batch_size: int, generator: torch.Gene
             yield [examples[j] for j in perm[i:i + batch_size]]
 
 
-def _split_head(model):
-    """(decoder, lm_head) of a causal LM (also inside a peft wrapper), or None."""
+def split_head(model):
+    """(decoder, lm_head) of a causal LM (also inside a peft wrapper), or None: a method computing
+    the LM head at a few positions only (as the loop's head-only loss does) calls the two itself."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     get_dec = getattr(base, "get_decoder", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -99,9 +100,12 @@ def _split_head(model):
     return dec, head
 
 
+_split_head = split_head  # the name before it was public (method files written against it keep working)
+
+
 def head_logits(model, input_ids, attention_mask, sel) -> torch.Tensor:
     """The LM head's logits at the positions `sel` marks (of the shifted sequence) only."""
-    dec, head = _split_head(model)
+    dec, head = split_head(model)
     h = dec(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return head(h[:, :-1][sel])
 
@@ -116,7 +120,7 @@ def target_logits(model, batch: dict, head_only_targets: bool = True) -> tuple[t
     sel = tgt != IGNORE
     # a prompt chosen from the input (L2P) sees each row's context only: up to its first target
     with prompting.context_lengths(model, lambda: (labels != IGNORE).int().argmax(1)):
-        if head_only_targets and _split_head(model) is not None:
+        if head_only_targets and split_head(model) is not None:
             fwd = getattr(model, "clbench_head_logits", None)  # a sharded root's registered forward (clbench.fsdp)
             if fwd is not None:
                 return fwd(batch["input_ids"], batch["attention_mask"], sel), tgt[sel]

@@ -116,7 +116,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clbench.masking import derive_seed
 from clbench.method import Method, MethodError, StageMeans, register
-from clbench.train import IGNORE, Example, _split_head, collate
+from clbench.train import IGNORE, Example, split_head, collate
 
 PLASTIC, STABLE = "plastic", "stable"
 SALT_BUFFER, SALT_DRAW = 31, 32
@@ -156,7 +156,7 @@ def hidden_forward(model, batch: dict, head_only_targets: bool, with_logits: boo
     """(target logits or None, targets or None, hidden states) of the active adapter on `batch`,
     the target rows as clbench.train.target_logits gives them."""
     sel = batch["labels"][:, 1:] != IGNORE
-    split = _split_head(model) if head_only_targets else None
+    split = split_head(model) if head_only_targets else None
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     if split is not None:
         dec, head = split

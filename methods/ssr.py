@@ -168,9 +168,9 @@ def mean_hidden(model, tokenizer, texts: list[str], batch_size: int = 16, autoca
     """The model's final hidden states (after its last norm) averaged over each text's tokens."""
     import contextlib
 
-    from clbench.train import _split_head
+    from clbench.train import split_head
 
-    split = _split_head(model)
+    split = split_head(model)
     device = next(model.parameters()).device
     ac = autocast or contextlib.nullcontext
     rows = []
