@@ -36,6 +36,15 @@ How it runs here:
   task loss, and the shares are summed over the ranks: every rank holds the same g_ref (the
   all-reduce gives each rank the same sum, where N separate full computations could differ
   in their last bits), so every rank takes the same decision and the same projected step.
+- Sharded (distributed.strategy fsdp, clbench/fsdp.py): torch.autograd.grad cannot reach an FSDP2
+  shard (the forward computes with the all-gathered copy), so the task gradient in .grad is set
+  aside, each rank's weighted share of the reference loss is backpropagated as the loop's loss is
+  (FSDP's reduce-scatter sums the shares into each rank's rows), the new .grad shards are g_ref and
+  the task gradient is put back. Every dot product is a sum of per-shard partial dots (float64),
+  all-reduced once per step (`shard_sums`), so every rank takes the same decision and applies the
+  same coefficient to its own rows. Memory: g_ref is sharded too (1/N of the gradient per rank).
+  Tested (tests/test_fsdp_methods.py): 2 sharded processes against 1, on a run where stages 2 and 3
+  project: the same matrix and projected steps, losses within 1e-5.
 - Every parameter trains (as full_ft). The optimizer is the loop's AdamW: A-GEM constrains
   the gradient it is given, not Adam's per-coordinate update (the authors use plain SGD). AdamW
   stays the default so that a paired difference against full FT measures the projection, not the
@@ -62,8 +71,11 @@ import math
 import random
 from typing import Optional
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from torch.distributed.tensor import DTensor
 
 from clbench import distributed as D
 from clbench.masking import derive_seed
@@ -80,7 +92,27 @@ class AgemOptions(BaseModel):
                                           "(none = train.batch_size; all of the memory when it holds fewer)")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) tensor; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def sharded(params) -> bool:
+    """Whether `params` are FSDP2 shards (distributed.strategy fsdp, clbench/fsdp.py)."""
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def shard_sums(values: np.ndarray, params) -> np.ndarray:
+    """Per-shard partial dot products summed over the ranks (float64, one all-reduce) when `params`
+    are sharded: every rank then holds the whole products; unchanged otherwise (whole tensors)."""
+    if not sharded(params) or not D.enabled():
+        return values
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(params[0].device)
+    return D.all_reduce_sum(t).cpu().numpy().reshape(values.shape)
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = _local(a), _local(b)
     if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
         return torch.dot(a.reshape(-1), b.reshape(-1)).double()
     return torch.dot(a.reshape(-1).float(), b.reshape(-1).float()).double()
@@ -129,6 +161,8 @@ class AGEM(Method):
     def reference_gradient(self, model, params, examples, stage) -> list[torch.Tensor | None]:
         """Gradient of the loop's lm_loss on `examples` w.r.t. `params`, .grad untouched; with
         several processes each rank takes its share and the shares are summed over the ranks."""
+        if sharded(params):
+            return self._sharded_reference_gradient(model, params, examples, stage)
         multi = D.enabled()
         if multi:
             n = D.world_size()
@@ -155,6 +189,39 @@ class AGEM(Method):
             grads = [D.all_reduce_sum(torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)]
         return grads
 
+    def _sharded_reference_gradient(self, model, params, examples, stage) -> list[torch.Tensor | None]:
+        """reference_gradient on FSDP2 shards: torch.autograd.grad cannot reach a sharded parameter
+        (the forward computes with the all-gathered copy; FSDP's post-backward hook reduce-scatters its
+        gradient into the shard's .grad), so the task gradient is set aside, the share's weighted loss
+        is backpropagated as the loop's is (FSDP sums the ranks' shares into each rank's rows), the
+        new .grad shards are taken as g_ref and the task gradient is put back. Every rank runs the
+        forward and backward, even one whose share has no target token (its loss is 0 times its
+        logits): FSDP's collectives need every rank."""
+        n = D.world_size()
+        if len(examples) < n:
+            raise MethodError(f"agem: a reference batch of {len(examples)} memory examples cannot be split over "
+                              f"{n} processes: raise m or ref_batch_size to at least {n}")
+        examples = D.shard(examples)
+        device = params[0].device
+        batch = {k: v.to(device) for k, v in collate(examples, self.pad_id).items()}
+        n_local = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float32)
+        n_global = D.all_reduce_sum(n_local.clone()) if D.enabled() else n_local
+        if float(n_global) == 0:
+            return [None] * len(params)
+        head_only = getattr(stage.train_config, "head_only_targets", True)
+        task = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            with stage.autocast():
+                out = lm_loss(model, batch, head_only, return_forward=True)
+            loss = out.loss * (n_local / n_global) if float(n_local) > 0 else out.logits.sum() * 0.0
+            loss.backward()
+            return [p.grad for p in params]
+        finally:
+            for p, g in zip(params, task):
+                p.grad = g
+
     def after_backward(self, model, stage):
         if not self.memory:
             return
@@ -173,7 +240,7 @@ class AGEM(Method):
             ref2 += _dot(r, r)
             if p.grad is not None:
                 dot += _dot(p.grad, r)
-        dot, ref2, g2 = float(dot), float(ref2), float(g2)
+        dot, ref2, g2 = shard_sums(np.array([float(dot), float(ref2), float(g2)]), params).tolist()
         projected = dot < 0 and ref2 > 0
         self.last = {"dot": dot, "ref_norm2": ref2, "projected": projected}
         # |g - g~| / |g| = |g.g_ref| / (|g_ref| |g|) when projected, else 0
@@ -190,6 +257,9 @@ class AGEM(Method):
                 p.grad = (r * -coef).to(p.dtype)
             else:
                 p.grad.add_(r.to(p.grad.dtype), alpha=-coef)
+
+    def fsdp_refusal(self):
+        return None  # sharded gradients: per-shard partial dot products summed over the ranks (shard_sums)
 
     def stage_stats(self, stage):
         """violated: the fraction of the stage's optimizer steps where g.g_ref < 0 (projected);

@@ -57,7 +57,10 @@ Options (defaults and sources):
   eps 1e-3          ridge on the Gram matrix's diagonal (the GEM ports'; not in the authors' code).
 
 State: the memory (token ids) and per-stage counts of projected steps, as A-GEM's.
-Not run sharded (fsdp): its gradient buffers and the QP are not verified on sharded gradients.
+Sharded (distributed.strategy fsdp): the reference gradients are A-GEM's sharded ones (each rank
+holds its rows of every g_k, 1/N of the t - 1 buffers); the Gram matrix, M g and |g|^2 are sums of
+per-shard partial dots, all-reduced once per step in float64, so every rank solves the same QP and
+adds the same M^T v to its own rows. Tested against 1 process as A-GEM (tests/test_fsdp_methods.py).
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ class GEM(_agem.AGEM):
                     rb = refs[b][j]
                     if rb is not None:
                         gram[a, b] += float(_agem._dot(ra, rb))
+        # sharded (fsdp): every rank summed its own rows' products; one all-reduce makes them whole
+        sums = _agem.shard_sums(np.concatenate([gram.reshape(-1), gdot, [g2]]), params)
+        gram, gdot, g2 = sums[:n * n].reshape(n, n), sums[n * n:n * n + n], float(sums[-1])
         gram = np.triu(gram) + np.triu(gram, 1).T
         violated = bool((gdot < 0).any())
         self.last = {"gdot": gdot.tolist(), "gram": gram.tolist(), "projected": violated}

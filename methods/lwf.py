@@ -22,7 +22,8 @@ How it runs here:
   no_grad, through `clbench.train.target_logits` with the stage's head_only_targets, so its
   rows line up one for one with the student's `out.logits`; the divergence is computed in
   float32. With several processes each rank distils its own shard and the loop divides the
-  extra loss by the number of ranks (as for every method's extra loss).
+  extra loss by the number of ranks (as for every method's extra loss). Not run sharded
+  (distributed.strategy fsdp, refused at planning): fsdp_refusal says why.
 - At the first step of a stage student and teacher are the same function, so the KD term
   and its gradient are 0 (the tests check this); it grows as the student moves.
 - base (optional): wrap another method (e.g. `base: lora`, `base_options: {r: 8}`): every hook
@@ -130,6 +131,12 @@ class LwF(Wrapping):
             teacher_rows, _ = target_logits(self.teacher, batch, head_only)
         o = self.options
         return distillation(student_rows, teacher_rows, o.temperature, o.kl, o.t_squared)
+
+    def fsdp_refusal(self):
+        return ("not made sharded yet: its teacher is a deep copy of the model (clbench.method.frozen_copy), not "
+                "built for an FSDP2-sharded student (a teacher sharded like the student, 1/N of the model per rank, "
+                "is not implemented), and its divergence is each rank's mean over its own target rows, so a sharded "
+                "run would equal one process only where the rows split evenly (see its ddp row)")
 
     def world_size_dependent(self):
         """Read by the recorder (results.json, and a printed line with several processes)."""
