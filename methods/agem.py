@@ -74,7 +74,6 @@ from typing import Optional
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-
 from torch.distributed.tensor import DTensor
 
 from clbench import distributed as D
