@@ -21,8 +21,10 @@ How it runs here:
 - extra_loss: the teacher runs on the loop's collated micro-batch under stage.autocast() and
   no_grad, through `clbench.train.target_logits` with the stage's head_only_targets, so its
   rows line up one for one with the student's `out.logits`; the divergence is computed in
-  float32. With several processes each rank distils its own shard and the loop divides the
-  extra loss by the number of ranks (as for every method's extra loss). Not run sharded
+  float32. With several processes each rank distils its own rows and weighs their sum by the
+  global batch's row count (one all-reduce of the counts), so the term is the mean over the
+  whole batch's target rows at any number of processes (the loop divides an extra loss by the
+  number of ranks, and the weight carries it back). Not run sharded
   (distributed.strategy fsdp, refused at planning): fsdp_refusal says why.
 - At the first step of a stage student and teacher are the same function, so the KD term
   and its gradient are 0 (the tests check this); it grows as the student moves.
@@ -63,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from clbench import distributed as D
 from clbench import method as M
 from clbench.method import StageMeans, register
 from clbench.train import target_logits
@@ -112,9 +115,19 @@ class LwF(Wrapping):
 
     def extra_loss(self, model, batch, stage, out):
         inner = self._inner("extra_loss", model, batch, stage, out)
-        if self.teacher is None or self.options.kd_lambda == 0 or out.logits.shape[0] == 0:
+        if self.teacher is None or self.options.kd_lambda == 0:
             return inner
-        kd = self.options.kd_lambda * self.kd(batch, stage, out.logits)
+        # the divergence's mean over the GLOBAL batch's target rows: each rank's sum over its rows over
+        # the global row count, times the number of ranks (the loop divides an extra loss by it), so a
+        # row weighs the same however the rows split over the processes (every rank joins the sum)
+        rows = out.logits.shape[0]
+        weight = 1.0
+        if D.enabled():
+            total = D.all_reduce_sum(torch.tensor(float(rows), device=out.logits.device)).item()
+            weight = rows * D.world_size() / max(total, 1.0)
+        if rows == 0:
+            return inner
+        kd = self.options.kd_lambda * self.kd(batch, stage, out.logits) * weight
         self._means.add("kd_ratio", StageMeans.share(kd, out.loss))  # weighted KD / task CE, per micro-batch
         return kd if inner is None else inner + kd
 
@@ -135,15 +148,10 @@ class LwF(Wrapping):
     def fsdp_refusal(self):
         return ("not made sharded yet: its teacher is a deep copy of the model (clbench.method.frozen_copy), not "
                 "built for an FSDP2-sharded student (a teacher sharded like the student, 1/N of the model per rank, "
-                "is not implemented), and its divergence is each rank's mean over its own target rows, so a sharded "
-                "run would equal one process only where the rows split evenly (see its ddp row)")
+                "is not implemented)")
 
     def world_size_dependent(self):
-        """Read by the recorder (results.json, and a printed line with several processes)."""
-        why = "each rank averages the divergence over its own target rows and the ranks' means are averaged, " \
-              "so the weight of a row depends on how the batch's rows split over the processes"
-        inner = self._inner("world_size_dependent")
-        return why if inner is None else f"{why}; base: {inner}"
+        return self._inner("world_size_dependent")  # the divergence weighs rows over the global batch
 
     def stage_end(self, model, stage):
         self.teacher = None
