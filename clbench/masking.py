@@ -62,16 +62,19 @@ def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t.to_local(), int(offset[0]) if t.ndim else 0
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether `model` is sharded by FSDP2; if so, every unit is resharded first, so that its
-    parameters are the sharded DTensors (FSDP keeps the root gathered after a forward, and a
-    method that masks, copies or freezes a gathered parameter would act on a temporary)."""
+def reshard(model: torch.nn.Module) -> bool:
+    """Reshard every FSDP2 unit of `model`, so that its parameters are the sharded DTensors (FSDP
+    keeps the root gathered after a forward, and a method that masks, copies or freezes a gathered
+    parameter would act on a temporary); returns whether `model` is sharded at all."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for u in units:
         u.reshard()
     return bool(units)
+
+
+is_sharded = reshard  # its former name (it reshards as it answers): method files written against it keep working
 
 
 def gather_rows(local: torch.Tensor) -> torch.Tensor:
@@ -206,7 +209,7 @@ class MaskedUpdate:
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Set requires_grad: True exactly on parameters with a trainable entry."""
-        is_sharded(model)  # under fsdp: the sharded parameters, not a gathered root's
+        reshard(model)  # under fsdp: the sharded parameters, not a gathered root's
         names = dict(model.named_parameters())
         missing = sorted(self.trainable_names - set(names))
         if missing:

@@ -104,7 +104,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import distributed as dist
-from clbench.masking import derive_seed, gather_rows, is_sharded, local_rows, own_rows
+from clbench.masking import derive_seed, gather_rows, reshard, local_rows, own_rows
 from clbench.method import MethodError, Method, StageMeans, register
 from clbench.train import IGNORE, collate, lm_loss
 
@@ -177,7 +177,7 @@ class EWC(Method):
         self.batches.clear()
         self._means.reset()
         # fsdp: the sharded parameters (in the forward FSDP swaps in gathered ones), for the penalty
-        self._sharded = dict(model.named_parameters()) if is_sharded(model) else None
+        self._sharded = dict(model.named_parameters()) if reshard(model) else None
         if self.fisher:  # theta* = the weights at the end of the previous stage (see docstring)
             params = dict(model.named_parameters())
             missing = sorted(set(self.fisher) - set(params))
@@ -253,7 +253,7 @@ class EWC(Method):
     def compute_fisher(self, model, batches, head_only_targets: bool = True) -> tuple[dict[str, torch.Tensor], int]:
         """Diagonal empirical Fisher at the current weights over `batches`: the mean of squared
         gradients per example ("example") or per batch ("batch"). Returns (F, samples used)."""
-        sharded = is_sharded(model)
+        sharded = reshard(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise MethodError("ewc: no trainable parameter to compute the Fisher for")

@@ -71,7 +71,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import distributed as dist
-from clbench.masking import MaskedMethod, MaskedUpdate, is_sharded, local_rows, sum_over_ranks, topk_masks
+from clbench.masking import MaskedMethod, MaskedUpdate, reshard, local_rows, sum_over_ranks, topk_masks
 from clbench.method import MethodError, register
 
 
@@ -173,7 +173,7 @@ class KSLottery(MaskedMethod):
 
     def stage_start(self, model, stage):
         o = self.options
-        sharded = is_sharded(model)  # fsdp: this rank holds some rows of the embedding
+        sharded = reshard(model)  # fsdp: this rank holds some rows of the embedding
         emb = dict(model.named_parameters())[self.emb_name]
         E0 = emb.detach().clone()
         self.update = None

@@ -61,7 +61,7 @@ from typing import Mapping, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.masking import (MaskedMethod, MaskedUpdate, copy_params, gather_rows, is_sharded, local_rows, own_rows, pack_mask,
+from clbench.masking import (MaskedMethod, MaskedUpdate, copy_params, gather_rows, reshard, local_rows, own_rows, pack_mask,
                              restore, sum_over_ranks, topk_masks, unpack_mask)
 from clbench.method import MethodError, register
 
@@ -117,7 +117,7 @@ class LoTA(MaskedMethod):
 
     def stage_start(self, model, stage):
         o = self.options
-        sharded = self._sharded = is_sharded(model)  # fsdp: this rank's rows of every parameter
+        sharded = self._sharded = reshard(model)  # fsdp: this rank's rows of every parameter
         if sharded:
             self._own_rows(model)
         theta0 = copy_params(model)  # every parameter: calibration moves them all
@@ -127,7 +127,7 @@ class LoTA(MaskedMethod):
         stats = stage.calibrate(model, steps=o.calibration_steps, lr=o.calibration_lr)
         self.calibration_stats.append({k: v for k, v in (stats or {}).items() if k != "losses"})
 
-        is_sharded(model)
+        reshard(model)
         params = dict(model.named_parameters())
         scores = {}
         with torch.no_grad():

@@ -82,7 +82,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import distributed as dist
-from clbench.masking import gather_rows, is_sharded, local_rows, topk_masks
+from clbench.masking import gather_rows, reshard, local_rows, topk_masks
 from clbench.method import MethodError, Method, register
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -262,7 +262,7 @@ class SIFT(Method):
     def stage_start(self, model, stage):
         self._remove_hooks()
         self._reset_stage()
-        self._sharded = is_sharded(model)
+        self._sharded = reshard(model)
         if self._sharded:  # fsdp: the sharded parameters replaced the ones setup saw
             params = dict(model.named_parameters())
             self.targets = {n: params[n] for n in self.targets}
