@@ -157,11 +157,9 @@ class AGEM(Method):
         idx = torch.randperm(len(pool), generator=self._draw)[:k].tolist()
         return [pool[i] for i in idx]
 
-    def reference_gradient(self, model, params, examples, stage) -> list[torch.Tensor | None]:
-        """Gradient of the loop's lm_loss on `examples` w.r.t. `params`, .grad untouched; with
-        several processes each rank takes its share and the shares are summed over the ranks."""
-        if sharded(params):
-            return self._sharded_reference_gradient(model, params, examples, stage)
+    def _reference_share(self, examples, params):
+        """This rank's share of the reference batch (examples rank, rank + N, ...), collated on the
+        parameters' device, with its target-token count and the whole batch's."""
         multi = D.enabled()
         if multi:
             n = D.world_size()
@@ -169,10 +167,17 @@ class AGEM(Method):
                 raise MethodError(f"agem: a reference batch of {len(examples)} memory examples cannot be split over "
                                   f"{n} processes: raise m or ref_batch_size to at least {n}")
             examples = D.shard(examples)
-        device = params[0].device
-        batch = {k: v.to(device) for k, v in collate(examples, self.pad_id).items()}
+        batch = {k: v.to(params[0].device) for k, v in collate(examples, self.pad_id).items()}
         n_local = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float32)
-        n_global = D.all_reduce_sum(n_local.clone()) if multi else n_local
+        return batch, n_local, (D.all_reduce_sum(n_local.clone()) if multi else n_local)
+
+    def reference_gradient(self, model, params, examples, stage) -> list[torch.Tensor | None]:
+        """Gradient of the loop's lm_loss on `examples` w.r.t. `params`, .grad untouched; with
+        several processes each rank takes its share and the shares are summed over the ranks."""
+        if sharded(params):
+            return self._sharded_reference_gradient(model, params, examples, stage)
+        multi = D.enabled()
+        batch, n_local, n_global = self._reference_share(examples, params)
         if float(n_global) == 0:
             return [None] * len(params)
         head_only = getattr(stage.train_config, "head_only_targets", True)
@@ -196,15 +201,7 @@ class AGEM(Method):
         new .grad shards are taken as g_ref and the task gradient is put back. Every rank runs the
         forward and backward, even one whose share has no target token (its loss is 0 times its
         logits): FSDP's collectives need every rank."""
-        n = D.world_size()
-        if len(examples) < n:
-            raise MethodError(f"agem: a reference batch of {len(examples)} memory examples cannot be split over "
-                              f"{n} processes: raise m or ref_batch_size to at least {n}")
-        examples = D.shard(examples)
-        device = params[0].device
-        batch = {k: v.to(device) for k, v in collate(examples, self.pad_id).items()}
-        n_local = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float32)
-        n_global = D.all_reduce_sum(n_local.clone()) if D.enabled() else n_local
+        batch, n_local, n_global = self._reference_share(examples, params)
         if float(n_global) == 0:
             return [None] * len(params)
         head_only = getattr(stage.train_config, "head_only_targets", True)
