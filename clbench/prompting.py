@@ -37,6 +37,7 @@ model (`prompted(model)`), which then decodes as transformers' generate does (_d
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import types
 
@@ -50,7 +51,7 @@ class PromptError(RuntimeError):
     pass
 
 
-class PromptInjector(torch.nn.Module):
+class PromptInjector(torch.nn.Module, metaclass=abc.ABCMeta):
     """The prompt of a model: subclasses give `length()` (the prompt tokens every row gets now)
     and `prompt_embeds(call)` (the (B, P, D) vectors of a prefill; `call` is a `Call`)."""
 
@@ -60,11 +61,13 @@ class PromptInjector(torch.nn.Module):
         super().__init__()
         self._context = None  # per-row context lengths of the forwards in a context_lengths scope
 
+    @abc.abstractmethod
     def length(self) -> int:
-        raise NotImplementedError
+        """The prompt tokens every row gets now."""
 
+    @abc.abstractmethod
     def prompt_embeds(self, call: "Call") -> torch.Tensor:
-        raise NotImplementedError
+        """The (B, P, D) prompt vectors of a prefill."""
 
     # the decoder's forward, bound to this module (a deep copy of the model rebinds it to the copy)
     def _decoder_forward(self, *args, **kwargs):
