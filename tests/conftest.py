@@ -94,3 +94,17 @@ def two_stage_run_and_resume(tmp_path, methods: list[dict], tasks=("tiny_parity"
         seed = res2["methods"][m]["seeds"]["0"]
         assert (seed["matrix"], [(s["first_loss"], s["last_loss"]) for s in seed["stages"]]) == first[m], m
     return saved
+
+
+def left_padded_generate(model, tok, rows: list[list[int]], n_new: int) -> list[list[int]]:
+    """The tokens transformers' generate (lm-eval's own generation path) adds greedily to each row of
+    token ids, the rows left-padded to one width."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=None)
+    return out[:, width:].tolist()

@@ -17,7 +17,7 @@ from clbench import models, prompting
 from clbench.config import TrainConfig
 from clbench.stage import run_stage
 from clbench.train import collate, target_logits, tokenize
-from conftest import REPO, two_stage_run_and_resume
+from conftest import REPO, left_padded_generate, two_stage_run_and_resume
 
 M.load_method_file(REPO / "methods" / "progressive_prompts.py")
 pp = sys.modules["clbench_methods.progressive_prompts"]
@@ -135,13 +135,7 @@ def test_generation_sees_the_prompt_with_a_kv_cache(tok):
         want.append(ids[len(r):])
     texts = G.greedy_until(model, tok, rows, [[0, 1], [2, 3]], max_new_tokens=n_new, eos_ids=[], pad=tok.pad_token_id)
     assert texts == [tok.decode(w, skip_special_tokens=True) for w in want]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=None)
-    assert out[:, width:].tolist() == want
+    assert left_padded_generate(model, tok, rows, n_new) == want
 
 
 def _run(tok, stages, options=None):
