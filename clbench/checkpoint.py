@@ -285,7 +285,7 @@ class PendingSave:
 
     def _write(self, payload) -> None:
         try:
-            self._mb = _save_atomic(self.path, payload())
+            self._mb = save_atomic(self.path, payload())
         except BaseException as e:  # re-raised by wait() in the loop's thread
             self._error = e
 
@@ -319,7 +319,8 @@ def save(path: Path, model, reference, method_state, extra: dict) -> float:
     return save_in_background(path, model, reference, method_state, extra).wait()
 
 
-def _save_atomic(path: Path, payload: dict) -> float:
+def save_atomic(path: Path, payload: dict) -> float:
+    """Write `payload` with torch.save under a temporary name and rename it into place; its size in MB."""
     from .results import temp_file
 
     path.parent.mkdir(parents=True, exist_ok=True)

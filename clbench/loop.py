@@ -28,6 +28,7 @@ from . import method as M
 from . import results
 from . import tasks as taskcat
 from .errors import ClbenchError
+from .midstage import StepCheckpoints
 from .planning import Plan
 from .recorder import MULTITASK, CostLog, Recorder, meta_info, stage_entry
 from .runtime import PeakMemory, quiet_libraries, seed_everything, select_device
@@ -172,8 +173,6 @@ class Job:
     def step_checkpoints(self, meth, t: int):
         """The checkpoint inside stage t (config checkpoint_steps), or None where it is off or the
         method keeps state inside a stage that it would not hold (Method.step_resume_refusal)."""
-        from .midstage import StepCheckpoints
-
         every = self.s.cfg.checkpoint_steps
         if not every:
             return None
@@ -219,8 +218,6 @@ class Job:
         D.check_ranks(self.tag(), model, lambda: M.call(meth, "state_dict"), entry)
         # recorded first: the summary line means the stage is safely in the run directory
         self.record(meth, model, log, mode, merges_pending=bool(self.spec.merge))
-        from .midstage import StepCheckpoints
-
         StepCheckpoints(self.ckpt_dir, entry["stage"], 1).remove()  # the stage is recorded: its step checkpoint goes
         n, ck_mb = len(self.s.pl.task_names), entry["checkpoint_mb"]
         self.s.console.print(f"{escape(self.tag())} stage {entry['stage']}/{n} {entry['task']}: {entry['steps']} steps, loss "

@@ -62,13 +62,13 @@ class StepCheckpoints:
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
             D.barrier()
             if D.is_main():
-                checkpoint._save_atomic(tmp / "meta.pt", meta)
+                checkpoint.save_atomic(tmp / "meta.pt", meta)
                 shutil.rmtree(self.dcp, ignore_errors=True)
                 tmp.rename(self.dcp)
             D.barrier()
             return
         if D.is_main():
-            checkpoint._save_atomic(self.path, {**meta, "model": model.state_dict(), "optim": opt.state_dict()})
+            checkpoint.save_atomic(self.path, {**meta, "model": model.state_dict(), "optim": opt.state_dict()})
 
     def load(self, model, opt, sched, total: int) -> dict | None:
         """Restore model, optimizer, scheduler and RNG from this stage's checkpoint if there is one
