@@ -203,13 +203,16 @@ class Recorder:
     def matrix(self, method, seed) -> list[list[float]]:
         return self._grid(method, seed, self.plan.task_names)
 
-    def _grid(self, method, seed, names: list[str]) -> list[list[float]]:
-        """Rows of the stream's stages 0..t (extra rows left out), columns `names`."""
-        by_stage: dict[int, dict] = {}
+    def _grid(self, method, seed, names: list[str], multitask: bool = False) -> list[list[float]]:
+        """Rows of the stream's stages 0..t (extra rows left out), columns `names`; for a multitask
+        reference, its two rows: the base model's (stage 0) and the joint model's."""
+        by_stage: dict = {}
         for r in self.rows:
-            if r["method"] == method and r["seed"] == seed and r["eval_task"] in names and isinstance(r["stage"], int):
+            if r["method"] == method and r["seed"] == seed and r["eval_task"] in names and (
+                    isinstance(r["stage"], int) or (multitask and r["stage"] == MULTITASK)):
                 by_stage.setdefault(r["stage"], {})[r["eval_task"]] = r["value"]
-        return [[by_stage[s][t] for t in names] for s in sorted(by_stage)]
+        order = sorted(by_stage, key=lambda s: (s == MULTITASK, s if isinstance(s, int) else 0))
+        return [[by_stage[s][t] for t in names] for s in order]
 
     def _ordered_rows(self) -> list[dict]:
         return ordered_rows(self.rows, self.plan)
@@ -260,10 +263,16 @@ class Recorder:
                 summ = metrics.summary(R)
                 # "did not learn" (clbench.stats): the tasks whose learning gain is not above the margin
                 summ["did_not_learn"] = ";".join(rec.plan.task_names[i] for i in not_learned_by_margin(R))
-        G = rec.heldout_matrix(name, seed) if rec.plan.heldout and mode == "sequential" and len(R) > 0 else None
-        if summ and G is not None:
+        # the held-out and other-kind rows of every mode are kept in results.json, so that matrix.csv
+        # can be rebuilt whole from it (a reference's rows too); only the stream's mean anything to
+        # general_delta and the other-kind metrics
+        seq = mode == "sequential"
+        G = (rec._grid(name, seed, rec.plan.heldout, multitask=mode == "multitask")
+             if rec.plan.heldout and len(R) > 0 else None)
+        if summ and G is not None and seq:
             summ["general_delta"] = metrics.general_ability_delta(G)[-1]
-        O = rec.other_kind_matrix(name, seed) if rec.plan.other_kind and mode == "sequential" and len(R) > 0 else None
+        O = (rec._grid(name, seed, rec.plan.other_kind, multitask=mode == "multitask")
+             if rec.plan.other_kind and len(R) > 0 else None)
         complete = done and not merges_pending
         row = {"method": name, "seed": seed, "mode": mode, **summ, "trainable_params": int(trainable),
                "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak}
@@ -276,10 +285,10 @@ class Recorder:
         entry["seeds"][str(seed)] = {
             "matrix": R, "complete": complete, "metrics": summ, "trainable_params": int(trainable),
             **({"merged": merged} if merged else {}),
-            **({"heldout_tasks": rec.plan.heldout, "heldout_matrix": G,
-                "general_delta_per_stage": metrics.general_ability_delta(G)} if G is not None else {}),
-            **({"other_kind_tasks": rec.plan.other_kind, "other_kind_matrix": O,
-                "other_kind_metrics": metrics.summary(O) if done else {}} if O is not None else {}),
+            **({"heldout_tasks": rec.plan.heldout, "heldout_matrix": G} if G is not None else {}),
+            **({"general_delta_per_stage": metrics.general_ability_delta(G)} if G is not None and seq else {}),
+            **({"other_kind_tasks": rec.plan.other_kind, "other_kind_matrix": O} if O is not None else {}),
+            **({"other_kind_metrics": metrics.summary(O) if done else {}} if O is not None and seq else {}),
             "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak, "stages": list(stage_log),
             **({"world_size_dependent": why} if why else {})}
         rec.update_intransigence()

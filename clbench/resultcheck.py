@@ -77,18 +77,20 @@ def _expected_rows(res: dict, pl: Plan, metric_of: dict) -> list[dict]:
         mode = entry.get("mode", "sequential")
         for s, se in entry.get("seeds", {}).items():
             R = se.get("matrix") or []
-            if mode == "multitask":
-                for i, row in enumerate(R[:2]):
-                    for task, v in zip(tasks, row):
-                        add(m, s, 0 if i == 0 else "multitask", "" if i == 0 else "multitask", task, v, "stream")
-                continue
+            if mode == "multitask":  # two rows: the base model's (stage 0) and the joint model's
+                label = lambda i: 0 if i == 0 else "multitask"  # noqa: E731
+                trained = lambda i: "" if i == 0 else "multitask"  # noqa: E731
+                R = R[:2]
+            else:
+                label = lambda i: i  # noqa: E731
+                trained = lambda i: tasks[i - 1] if 0 < i <= len(tasks) else ""  # noqa: E731
             for i, row in enumerate(R):
                 for task, v in zip(tasks, row):
-                    add(m, s, i, tasks[i - 1] if i else "", task, v, "stream")
+                    add(m, s, label(i), trained(i), task, v, "stream")
             for group in ("heldout", "other_kind"):  # held-out probes; eval.other_kind's twins of the stream
-                for i, row in enumerate(se.get(f"{group}_matrix") or []):
+                for i, row in enumerate((se.get(f"{group}_matrix") or [])[:len(R)]):
                     for task, v in zip(se.get(f"{group}_tasks") or [], row):
-                        add(m, s, i, tasks[i - 1] if 0 < i <= len(tasks) else "", task, v, group)
+                        add(m, s, label(i), trained(i), task, v, group)
             twins = set(se.get("other_kind_tasks") or [])
             for label, scores in (se.get("merged") or {}).items():
                 for task, v in (scores or {}).items():

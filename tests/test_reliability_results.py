@@ -143,3 +143,25 @@ def test_rebuilt_matrix_keeps_the_other_kind_rows(tmp_path, run_cli, one_thread)
     code, _, err = run_cli("run", cfg, "--output-dir", out)
     assert code == 0 and "rebuilt matrix.csv" in err and "already complete" in err, err
     assert (out / "matrix.csv").read_text() == before
+
+
+def test_rebuilt_matrix_keeps_the_references_heldout_rows(tmp_path, run_cli):
+    """A multitask and a single-task reference are scored on the held-out probes too; their rows
+    are in results.json, so a deleted matrix.csv comes back with every one of them, equal to the
+    file the run wrote."""
+    out = tmp_path / "out"
+    args = ("--output-dir", out, *RUN, "--set", "train.steps=2", "--set", "stream=null",
+            "--set", "tasks=[tiny_parity, tiny_compare]", "--set", "heldout=[tiny_copy]",
+            "--set", "methods=[{name: full_ft}, {name: full_ft, label: mtl, mode: multitask},"
+                     " {name: full_ft, label: single, mode: single}]")
+    code, _, err = run_cli("run", TINY_CONFIG, *args)
+    assert code == 0, err
+    before = (out / "matrix.csv").read_text()
+    held = {tuple(line.split(",")[:3]) for line in before.splitlines() if line.endswith(",heldout")}
+    # every method's every row: full_ft and single at stages 0-2, mtl at 0 and multitask
+    assert held == {(m, "0", str(s)) for m in ("full_ft", "single") for s in (0, 1, 2)} | {
+        ("mtl", "0", "0"), ("mtl", "0", "multitask")}, held
+    (out / "matrix.csv").unlink()
+    code, _, err = run_cli("run", TINY_CONFIG, *args)
+    assert code == 0 and "rebuilt matrix.csv" in err and "already complete" in err, err
+    assert (out / "matrix.csv").read_text() == before
