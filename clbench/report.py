@@ -24,7 +24,8 @@ from scipy import stats
 
 from . import plotstyle, stats as cistats
 from .rundirs import (CI_LEVEL, COST_COLUMNS, COST_LABELS, HIGHER_IS_BETTER, LABELS, METRICS, Group, ReportError,
-                      RunResults, _seed_key, _slug, aggregate, discover_runs, group_runs, load_run)
+                      RunResults, _seed_key, _slug, aggregate, discover_runs, drop_repeats, group_runs,
+                      load_run)
 from .tables import (_render, cost_table, heldout_table, method_stats_table, metrics_table, other_kind_matrices,
                      paired_table, reference_table)
 
@@ -303,6 +304,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, refe
     runs = [load_run(d) for d in found]
     for r in runs:
         notes += r.notes
+    notes += drop_repeats(runs)
     groups = group_runs(runs)
     if not groups:
         raise ReportError(f"no complete (method, seed) results in {', '.join(map(str, run_dirs))}: "

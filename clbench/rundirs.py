@@ -80,6 +80,7 @@ class RunResults:
         return (cands[0], self.joint[(cands[0], seed)]) if len(cands) == 1 else None
 
     named_refs: dict[tuple[str, str], str] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # config.yaml as written by the run
     # each (method, seed)'s per-stage diagnostics (results.json stages[i].method_stats): {stage: {name: value}}
     method_stats: dict[tuple[str, str], dict[int, dict[str, float]]] = field(default_factory=dict)
 
@@ -221,7 +222,7 @@ def load_run(run_dir: str | Path) -> RunResults:
         model_desc=str(meta.get("model") or model), stream=str(run.get("stream") or cfg.get("stream") or "custom"),
         order=str(run.get("order") or cfg.get("order") or "?"), tasks=tasks,
         seeds=list(run.get("seeds") or cfg.get("seeds") or []), git_sha=run.get("git_sha"), meta=meta,
-        matrix=mat, summary=summ)
+        matrix=mat, summary=summ, config=cfg if isinstance(cfg, dict) else {})
     for m, entry in (res.get("methods") or {}).items():
         if isinstance(entry, dict):
             out.modes[str(m)] = str(entry.get("mode") or "sequential")
@@ -340,6 +341,44 @@ def discover_runs(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
         notes += [f"{d}: skipped, it has no results.json (unfinished run?)" for d in sorted(data_dirs - set(below))]
     unique = list({r.resolve(): r for r in runs}.values())  # a run named twice counts once
     return unique, notes
+
+
+def _unit_key(run: RunResults, method: str) -> str | None:
+    """What decides a (method, seed)'s numbers, seed aside: the run's config without its name, its
+    other methods and the fields that never change results (config.NON_RESULT_FIELDS), and this
+    method's own entry. None when config.yaml does not name the method (it is then never merged)."""
+    from .config import NON_RESULT_FIELDS
+
+    specs = [m for m in run.config.get("methods") or [] if isinstance(m, dict)
+             and (m.get("label") or m.get("name")) == method]
+    if len(specs) != 1:
+        return None
+    rest = {k: v for k, v in run.config.items() if k not in ("name", "methods", "seeds", *NON_RESULT_FIELDS)}
+    return json.dumps([rest, specs[0]], sort_keys=True, default=str)
+
+
+def drop_repeats(runs: list[RunResults]) -> list[str]:
+    """A (method, seed) that two run directories computed from the same config (a sweep folder that
+    still holds an earlier sweep's runs, the same run copied) counts once: the first run (in the
+    order given) keeps it, the others lose it from every table, with a note naming both. This is
+    clbench's own bookkeeping (no library knows what a clbench config decides)."""
+    seen: dict[tuple[str, str], Path] = {}
+    notes = []
+    for r in runs:
+        for method, seed in sorted({(str(m), str(s)) for m, s in zip(r.matrix["method"], r.matrix["seed"])}):
+            key = _unit_key(r, method)
+            if key is None:
+                continue
+            first = seen.setdefault((key, seed), r.path)
+            if first == r.path:
+                continue
+            for d in (r.R, r.extra, r.heldout, r.other_kind, r.joint, r.method_stats, r.named_refs):
+                d.pop((method, seed), None)
+            r.matrix = r.matrix[~((r.matrix["method"] == method) & (r.matrix["seed"] == seed))]
+            r.summary = r.summary[~((r.summary["method"] == method) & (r.summary["seed"].astype(str) == seed))]
+            notes.append(f"{r.path}: {method} seed {seed} counted once: {first} holds the same result "
+                         "(the same config and seed)")
+    return notes
 
 
 # --- grouping and aggregation ---------------------------------------------------------------------
