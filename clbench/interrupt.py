@@ -16,7 +16,9 @@ runs, which may also have had it from the terminal): the command is already stop
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -56,10 +58,34 @@ def watching():
         return
     previous = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        _stop_with_parent()
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# Set by a sweep's launcher (clbench.launch.run_unit) to its own pid: the run is to stop, as on
+# SIGTERM, if that process dies (a launcher SIGKILLed, as submitit's local executor does to its job
+# worker a second after cancelling it), rather than train on as an orphan holding its lock.
+PARENT_ENV = "CLBENCH_STOP_WITH_PARENT"
+
+
+def _stop_with_parent() -> None:
+    """Linux's PR_SET_PDEATHSIG (prctl(2)): SIGTERM to this process when the launcher that started
+    it dies; a launcher already gone by now is seen by the parent pid having changed. Elsewhere a
+    no-op. The variable is consumed, so processes this one starts do not inherit it."""
+    want = os.environ.pop(PARENT_ENV, "")
+    if not want.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(want):  # the launcher died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check() -> None:

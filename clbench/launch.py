@@ -35,7 +35,9 @@ def run_unit(cmd: list[str], log: str, cwd: str, env: dict) -> dict:
     """One run: `python -m clbench run ...` as a subprocess, output appended to its log file.
     Module-level so that Ray and submitit ship it by reference."""
     t0 = time.time()
-    full_env = {**os.environ, **env}
+    from .interrupt import PARENT_ENV
+
+    full_env = {**os.environ, **env, PARENT_ENV: str(os.getpid())}  # the run stops if this process dies
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(cmd)}   # {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.uname().nodename}\n")
@@ -163,12 +165,57 @@ def launch_slurm(units, opts: SlurmOptions, folder: Path, name: str, done):
     jobs = ex.map_array(run_unit, *cols)
     print(f"submitted {len(jobs)} job(s) via submitit ({ex.cluster}): {', '.join(str(j.job_id) for j in jobs[:8])}"
           + (" ..." if len(jobs) > 8 else ""), flush=True)
-    for (run, _), job in zip(units, jobs):
-        try:
-            res = job.result()
-        except Exception as e:  # the job itself failed (killed, timed out): name it, keep the others
-            res = {"rc": -1, "seconds": 0.0, "error": f"submitit job {job.job_id}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__}"}
-        done(run, res)
+    try:
+        for (run, _), job in zip(units, jobs):
+            try:
+                res = job.result()
+            except Exception as e:  # the job itself failed (killed, timed out): name it, keep the others
+                res = {"rc": -1, "seconds": 0.0, "error": f"submitit job {job.job_id}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__}"}
+            done(run, res)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM of the sweep: its jobs are cancelled and waited for
+        cancel_jobs(jobs, [run.dir for run, _ in units])
+        raise
+
+
+def cancel_jobs(jobs, run_dirs: list[Path]) -> list:
+    """Cancel every job of a Slurm sweep that has not ended and wait until each one's run has
+    ended, so that every run records what it finished and releases its lock before the sweep goes.
+    `job.cancel` is scancel on Slurm, which sends every process of the job SIGTERM; submitit's local
+    executor sends its worker SIGINT, which stops the run with SIGTERM through run_unit. The job can
+    be over before its run (the local executor SIGKILLs its worker a second later), so the wait is
+    on the run's own lock, which the OS releases when the run's process ends. A repeated signal
+    does not stop the wait. Returns the jobs cancelled."""
+    live = [(j, d) for j, d in zip(jobs, run_dirs) if not j.done()]
+    for j, _ in live:
+        j.cancel(check=False)
+    print(f"stopping: cancelled {len(live)} submitit job(s) still under way; waiting for their runs to end", flush=True)
+    for j, d in live:
+        for wait in (j.wait, lambda: wait_for_lock_release(Path(d))):
+            while True:
+                try:
+                    wait()
+                    break
+                except KeyboardInterrupt:
+                    continue
+                except Exception:  # noqa: BLE001 - a cancelled job's state may be unreadable; it has ended
+                    break
+    return [j for j, _ in live]
+
+
+def wait_for_lock_release(run_dir: Path) -> None:
+    """Block until no process holds `run_dir`'s run lock (clbench.runner.RunLock): take it and give
+    it back at once, writing nothing; no lock file means no run there."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 # --- the sweep ---------------------------------------------------------------------------------

@@ -101,6 +101,32 @@ def _alive(pid):
     return True
 
 
+def _lock_held(run_dir):
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _wait_gone(pids):
+    """Wait until none of these processes (not this test's children) is alive; the deadline is only
+    a guard against a run that never ends, which fails the test."""
+    deadline = time.time() + 120
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.01)
+    return not any(_alive(p) for p in pids)
+
+
 def _cleanup(markers):
     """Whatever happens, no run stays blocked after the test."""
     (markers / "release").write_text("")
@@ -163,6 +189,77 @@ def test_a_signal_to_a_sweep_is_forwarded_to_its_runs_and_waited_for(tmp_path, s
         assert len(json.loads((out / run / "results.json").read_text())["methods"]["blocks"]["seeds"][run[-1]]["stages"]) == 1
     assert not (out / ".lock").exists()
     assert {r["status"] for r in json.loads((out / "sweep.json").read_text())["runs"]} == {"partial"}
+
+
+def test_a_signal_to_a_slurm_sweep_cancels_its_jobs_and_waits_for_them(tmp_path):
+    """launcher slurm, with submitit's local executor in Slurm's place (the same submitit jobs, run
+    as processes on this machine; no Slurm here): SIGTERM to the sweep cancels every job under way
+    (scancel on Slurm), each job's run gets SIGTERM and records what it finished, and the sweep
+    waits for them and says so; no run is left behind, no lock held."""
+    pytest.importorskip("submitit")
+    base = _config(tmp_path)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "base": str(base), "grid": {"seeds": [0, 1]},
+                                     "launcher": "slurm", "slurm": {"cluster": "local"}}))
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    proc = _start(["sweep", sweep, "--output-dir", out], markers, start_new_session=True)
+    try:
+        _wait_for_markers(proc, markers, 2)
+        pids = [int(f.name.split(".")[0]) for f in markers.glob("*.blocked")]
+        proc.send_signal(signal.SIGTERM)
+        text, err = proc.communicate(timeout=120)
+        # when the sweep is back, no run holds its lock any more: each has recorded what it finished
+        held = [run for run in ("seed=0", "seed=1") if _lock_held(out / run)]
+        # and then each run's process ends (the sweep waited on the lock, which the run gives back
+        # just before it exits; the local executor has already killed the job's worker)
+        gone = _wait_gone(pids)
+    finally:
+        _cleanup(markers)
+    assert proc.returncode == 143, err
+    assert held == [] and gone, (held, gone)
+    assert "cancelled 2 submitit job(s) still under way; waiting for their runs to end" in text, text
+    # clbench's last word is its one line; the only tracebacks are those submitit's local controller
+    # prints on the SIGINT its cancel sends it (the local executor's, not Slurm's), none from clbench
+    assert err.strip().splitlines()[-1].startswith("clbench: terminated (SIGTERM); its runs were stopped and waited for"), err
+    assert "/clbench/" not in err, err
+    for run in ("seed=0", "seed=1"):
+        log = (out / "logs" / f"{run}.log").read_text()
+        assert "clbench: terminated (SIGTERM); results of completed stages are in the run directory" in log, log
+        assert not (out / run / ".lock").exists()
+        assert len(json.loads((out / run / "results.json").read_text())["methods"]["blocks"]["seeds"][run[-1]]["stages"]) == 1
+    assert not (out / ".lock").exists()
+
+
+def test_a_run_whose_launcher_dies_stops_as_on_sigterm(tmp_path):
+    """A sweep's run (started with CLBENCH_STOP_WITH_PARENT, as run_unit does) whose launcher is
+    SIGKILLed gets SIGTERM from the OS (Linux's parent-death signal): it records its finished
+    stage, releases its lock and ends, rather than training on as an orphan."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    cfg, markers, out = _config(tmp_path), tmp_path / "markers", tmp_path / "out"
+    log = tmp_path / "run.log"
+    launcher = textwrap.dedent(f"""
+        import os, subprocess, sys
+        env = dict(os.environ, CLBENCH_STOP_WITH_PARENT=str(os.getpid()))
+        with open({str(log)!r}, "w") as f:
+            subprocess.Popen([sys.executable, "-m", "clbench", "run", {str(cfg)!r}, "--output-dir", {str(out)!r}],
+                             stdout=f, stderr=subprocess.STDOUT, env=env).wait()
+    """)
+    markers.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", launcher], env=dict(os.environ, CLBENCH_TEST_MARKERS=str(markers)))
+    try:
+        _wait_for_markers(parent, markers, 1)
+        (pid,) = [int(f.name.split(".")[0]) for f in markers.glob("*.blocked")]
+        parent.kill()
+        parent.wait()
+        gone = _wait_gone([pid])
+    finally:
+        _cleanup(markers)
+    assert gone
+    text = log.read_text()
+    assert "clbench: terminated (SIGTERM); results of completed stages are in the run directory" in text, text
+    assert not (out / ".lock").exists()
+    assert len(json.loads((out / "results.json").read_text())["methods"]["blocks"]["seeds"]["0"]["stages"]) == 1
 
 
 def _tune(tmp_path, methods, method_file):
