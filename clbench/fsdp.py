@@ -103,7 +103,10 @@ def shard(model, device: torch.device, autocast_dtype=None):
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
     was_training = model.training
     model.eval()  # no dropout: the pinning forward draws nothing from the RNG
-    with torch.no_grad():
+    from .prompting import context_lengths
+
+    # a prompt chosen from the context (L2P) needs to know where it ends: here, the one token
+    with torch.no_grad(), context_lengths(model, [1]):
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
     model.train(was_training)
     model.reset_iter_state()  # reshards every unit (the root stays gathered after a forward; the optimizer

@@ -218,6 +218,11 @@ class MoELoRA(Method):
         self._means.reset()
         return model
 
+    def fsdp_refusal(self):
+        # every expert and router exists from setup, inside its decoder layer's FSDP unit
+        # (tests/test_fsdp_methods.py); the router statistics are each rank's own micro-batches'
+        return None
+
     def extra_loss(self, model, batch, stage, out):
         ents, shares = [], []
         for _, m in moe_layers(model):

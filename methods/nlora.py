@@ -68,6 +68,7 @@ from typing import Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from clbench.fsdp import full
 from clbench.method import MethodError, method_module, register
 
 
@@ -94,7 +95,7 @@ def delta_w_penalty(model, current: str) -> torch.Tensor | None:
         for layer in lora_layers(model):
             if current not in layer.lora_A:
                 continue
-            term = (layer.lora_B[current].weight.float() @ layer.lora_A[current].weight.float()).abs().sum()
+            term = (full(layer.lora_B[current].weight).float() @ full(layer.lora_A[current].weight).float()).abs().sum()
             total = term if total is None else total + term
     return total
 
@@ -106,7 +107,7 @@ def code_penalty(model, current: str) -> torch.Tensor | None:
         for layer in lora_layers(model):
             if current not in layer.lora_A:
                 continue
-            term = (layer.lora_A[current].weight.float() @ layer.lora_B[current].weight.float()).abs().sum()
+            term = (full(layer.lora_A[current].weight).float() @ full(layer.lora_B[current].weight).float()).abs().sum()
             total = term if total is None else total + term
     return total
 
@@ -134,6 +135,11 @@ class NLoRA(OLoRA):
                     "Use penalty: delta_w (the paper's |B A|_1, any shape), or target_modules without them "
                     "(grouped-query attention makes k_proj and v_proj narrower than their input)")
         return model
+
+    def fsdp_refusal(self):
+        # every stage's adapter exists from setup (O-LoRA's structure); the penalty reads the current
+        # adapter's whole matrices through clbench.fsdp.full (tests/test_fsdp_methods.py)
+        return None
 
     def extra_loss(self, model, batch, stage, out):
         o = self.options

@@ -6,7 +6,8 @@ processes.
 - lota, hft, ks_lottery, spafit, ewc, sift, replay run sharded on 2 processes and on 1 (both through
   `clbench run` with distributed.strategy fsdp): the same matrix, losses, selected entries, rows
   and frozen matrices; agem and gem likewise (their own run, where both project): the same
-  projected steps;
+  projected steps; nlora, moelora, moelora_expand, progressive_prompts and l2p likewise (their own
+  run), with the parts they freeze bit-identical while sharded;
 - the dropout keyed by the global example: the same mask for an example whatever batch holds it.
 
 Run as a script under torchrun, this file is the worker of the top-k check."""
@@ -138,7 +139,14 @@ STREAM1 = [{"name": "lota", "options": {"calibration_steps": 2}}, {"name": "hft"
 # constraint is violated in 3 steps, and order 1 at lr 1e-2 drifts 3e-5 apart in the losses, Adam's
 # sign-like steps at that lr, before the projection matters); seen: losses within 2.2e-6
 PROJECTING = [{"name": "agem", "options": {"m": 8}}, {"name": "gem", "options": {"m": 8}}]
-SHARDED = STREAM1 + PROJECTING  # every method these tests run sharded (tests/test_compat_table.py reads it)
+# Methods that add trainable modules at setup (a LoRA per stage, experts, soft prompts) and freeze the
+# earlier ones stage by stage: their own run, checked for the same numbers and for the frozen parts
+# staying bit-identical while sharded (a requires_grad switch that FSDP missed would move them).
+# Each one's part frozen after stage 1 (a key fragment of the stage checkpoint's state dict).
+ADDED = [{"name": "nlora", "options": {"r": 2}}, {"name": "moelora"}, {"name": "moelora_expand"},
+         {"name": "progressive_prompts"}, {"name": "l2p"}]
+FROZEN_AFTER_1 = {"nlora": ".stage1.", "moelora_expand": ".groups.0.", "progressive_prompts": "prompts.0"}
+SHARDED = STREAM1 + PROJECTING + ADDED  # every method these tests run sharded (tests/test_compat_table.py reads it)
 
 
 def _two_and_one(d, methods, order="1", lr=3.0e-3):
@@ -164,6 +172,11 @@ def fsdp_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def projecting_runs(tmp_path_factory):
     return _two_and_one(tmp_path_factory.mktemp("fsdp_projecting"), PROJECTING, order="2", lr=1.0e-2)
+
+
+@pytest.fixture(scope="module")
+def added_runs(tmp_path_factory):
+    return _two_and_one(tmp_path_factory.mktemp("fsdp_added"), ADDED)
 
 
 def _method_state(run, m, t):
@@ -326,3 +339,33 @@ def test_keyed_dropout_gives_an_example_the_same_mask_in_any_batch_and_padding()
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_methods_with_added_modules_match_one_process_sharded(added_runs):
+    """N-LoRA (its penalty over whole matrices through clbench.fsdp.full), MoE-LoRA and its expanding
+    variant, Progressive Prompts and L2P (the prompt module in the root unit, gathered before the
+    decoder's prompt hook runs): the same matrix as one process, losses within 1e-5 (the ranks' token
+    sums added in another order, as above), the weights after the last stage within one lr step and
+    1% of entries beyond 1e-5 (as above), and in the sharded run the part each freezes after stage 1
+    bit-identical from stage 1 to stage 3."""
+    one, two = (json.loads((r / "results.json").read_text()) for r in added_runs)
+    for spec in ADDED:
+        m = spec["name"]
+        s1, s2 = one["methods"][m]["seeds"]["0"], two["methods"][m]["seeds"]["0"]
+        assert s1["complete"] and s2["complete"], m
+        assert s1["matrix"] == s2["matrix"], m
+        for a, b in zip(s1["stages"], s2["stages"], strict=True):
+            assert b["first_loss"] == pytest.approx(a["first_loss"], abs=1e-5), m
+            assert b["last_loss"] == pytest.approx(a["last_loss"], abs=1e-5), m
+        a, b = (_weights(r, m, 3) for r in added_runs)
+        assert a.keys() == b.keys(), m
+        for k in a:
+            d = (a[k].float() - b[k].float()).abs()
+            assert d.max() <= 3e-3 and (d > 1e-5).float().mean() <= 1e-2, (m, k)
+    for m, frag in FROZEN_AFTER_1.items():
+        first, last = _weights(added_runs[1], m, 1), _weights(added_runs[1], m, 3)
+        keys = [k for k in first if frag in k]
+        assert keys, (m, frag)
+        assert all(torch.equal(first[k], last[k]) for k in keys), m
+        trained = [k for k in last if frag.replace("1", "3").replace("0", "2") in k]  # the last stage's part moved
+        assert trained and any(not torch.equal(first[k], last[k]) for k in trained), m
