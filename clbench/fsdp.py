@@ -127,7 +127,11 @@ def full(p: torch.Tensor) -> torch.Tensor:
 def unsharded(model):
     """Every unit all-gathered in place while the block runs, on every rank (collective), then
     resharded: inside, the model computes with plain tensors and no collective, so rank 0 alone
-    may run an evaluation. Peak: the whole model in the compute dtype, on every rank."""
+    may run an evaluation. Peak: the whole model in the compute dtype, on every rank. Nested
+    (generation inside an evaluation), the inner block finds the model gathered and leaves it so."""
+    if model.__dict__.get("_clbench_gathered"):
+        yield model
+        return
     units = _units(model) if is_sharded(model) else []
     for u in units:
         u.unshard()
@@ -137,9 +141,11 @@ def unsharded(model):
     flagged = [m for m in model.modules() if getattr(m, "_is_fsdp_managed_module", False)] if units else []
     for m in flagged:
         m._is_fsdp_managed_module = False
+    model.__dict__["_clbench_gathered"] = bool(units)
     try:
         yield model
     finally:
+        model.__dict__.pop("_clbench_gathered", None)
         for m in flagged:
             m._is_fsdp_managed_module = True
         for u in units:

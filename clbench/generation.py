@@ -41,6 +41,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import fsdp
+
 
 def context_limit(model, max_length: int | None = None) -> int:
     """max_length, or the longest sequence the model takes (its max_position_embeddings; 2048
@@ -122,7 +124,10 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     device = next(model.parameters()).device
     ac = autocast or contextlib.nullcontext
     out: list[list[str]] = []
-    with _eval_mode(model):
+    # sharded (FSDP2): every rank calls this (a method's hook), gathers the whole model once and
+    # generates its own rows with no collective, so ranks whose sequences end at different steps
+    # cannot wait on each other's forwards
+    with fsdp.unsharded(model), _eval_mode(model):
         for b0 in range(0, len(encoded), batch_size):
             rows = [ids for ids in encoded[b0:b0 + batch_size] for _ in range(num_return_sequences)]
             texts = _decode_batch(model, tokenizer, rows, max_new_tokens, stop, do_sample, procs, generator, eos, pad,

@@ -258,6 +258,12 @@ class ILoRA(Method):
         return ("each rank draws buffer_batch (default: its own micro-batch size) buffered examples and subtracts "
                 "its own CE_p(x) in its extra loss, so the total depends on how the batch is split over the processes")
 
+    def fsdp_refusal(self):
+        # both adapters exist from setup; the EMA acts on each rank's own rows of them, elementwise.
+        # Sharded it depends on N as replicated does (world_size_dependent): at N sharded processes
+        # it equals N replicated ones (tests/test_fsdp_methods.py)
+        return None
+
     def extra_loss(self, model, batch, stage, out):
         self.last = {}
         if not self._replays(stage):

@@ -75,7 +75,8 @@ from typing import Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.masking import derive_seed
+from clbench import fsdp
+from clbench.masking import derive_seed, local_rows, own_rows
 from clbench.method import MethodError, method_module, register
 from clbench.train import collate
 
@@ -229,7 +230,8 @@ class InfLoRA(_OLoRA):
         if o.max_batches is not None and o.max_batches * bs < len(examples):
             gen = torch.Generator().manual_seed(derive_seed(stage.seed, stage.stage, _SUBSET_SALT))
             examples = [examples[i] for i in torch.randperm(len(examples), generator=gen)[:o.max_batches * bs].tolist()]
-        return input_moments(model, examples, bs, pad, stage.autocast)
+        with fsdp.unsharded(model):  # sharded: every rank gathers the model and passes over every example
+            return input_moments(model, examples, bs, pad, stage.autocast)
 
     def _basis(self, name: str):
         m = self.M.get(name)
@@ -258,13 +260,19 @@ class InfLoRA(_OLoRA):
                     u = torch.linalg.svd(h)[0]
                     a = project_rows(u[:, :o.r].T / math.sqrt(3), m, rescale=m is not None)
                 else:
-                    a = project_rows(w.detach(), m, rescale=True)
-                w.copy_(a.to(w.dtype))
+                    a = project_rows(fsdp.full(w.detach()), m, rescale=True)
+                local_rows(w)[0].copy_(own_rows(a, w).to(w.dtype))  # sharded: this rank's rows of A_t
                 w.requires_grad_(False)
         return model
 
     def extra_loss(self, model, batch, stage, out):
         return None  # A_t is fixed orthogonal to M: no penalty (O-LoRA's is not part of InfLoRA)
+
+    def fsdp_refusal(self):
+        # every adapter exists from setup (O-LoRA's structure); the passes gather the model
+        # (fsdp.unsharded) on every rank, so every rank computes the same bases, and each writes its
+        # own rows of A_t (tests/test_fsdp_methods.py)
+        return None
 
     def stage_end(self, model, stage):
         model = super().stage_end(model, stage)

@@ -124,6 +124,12 @@ class LAMOL(Method):
         return ("its LM loss is each rank's token mean over its share of the batch, averaged over the ranks "
                 "(not weighted by their token counts)")
 
+    def fsdp_refusal(self):
+        # pseudo-samples are generated on the gathered model (clbench.generation under fsdp.unsharded),
+        # the same on every rank; it depends on N as under ddp, and at N sharded processes equals N
+        # replicated ones (tests/test_fsdp_methods.py)
+        return None
+
     # --- the LM objective ---------------------------------------------------------------
 
     def lm_example(self, ex: Example, task: str) -> Example:

@@ -193,6 +193,12 @@ class OSF(Method):
         self._handles = []
         return model.merge_and_unload()
 
+    def fsdp_refusal(self):
+        return ("peft's OSF replaces every target matrix by its SVD factors at each stage start, new parameters "
+                "FSDP2 (which shards those present at setup) would not manage, and its SVDs and gradient "
+                "projections (I - U_high U_high^T) dU mix the rows FSDP2 splits over the ranks; not implemented "
+                "sharded")
+
     def trainable_params(self, model):
         """(out + in + 1) * (min(out, in) - k) over the target matrices at the last stage run."""
         t = self.stage or 1

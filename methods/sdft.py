@@ -155,6 +155,11 @@ class Sdft(W.Wrapping):
             return "answer"
         return None
 
+    def fsdp_refusal(self):
+        # the rewrites are generated on the gathered model (clbench.generation under fsdp.unsharded), the
+        # same on every rank; sharded it is its base method's (tests/test_fsdp_methods.py)
+        return self._inner("fsdp_refusal")
+
     def stream_refusal(self, output_types):
         """SDFT rewrites generation targets: refused on a stream without one, or with raw text."""
         text = [t for t, kind in output_types.items() if kind == "loglikelihood_rolling"]

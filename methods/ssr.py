@@ -296,6 +296,11 @@ class Ssr(W.Wrapping):
 
     # --- resume ---------------------------------------------------------------------------
 
+    def fsdp_refusal(self):
+        # the synthetic pairs are generated on the gathered model (clbench.generation under
+        # fsdp.unsharded), the same on every rank; sharded it is its base method's (tests/test_fsdp_methods.py)
+        return self._inner("fsdp_refusal")
+
     def state_dict(self):
         return {"synthetic": {t: [list(p) for p in ps] for t, ps in self.synthetic.items()},
                 "examples": {t: [(ex.input_ids, ex.n_prompt) for ex in exs] for t, exs in self.examples.items()},

@@ -18,6 +18,7 @@ from conftest import REPO
 
 DOC = REPO / "docs" / "distributed.md"
 SAME = "same as 1 process"
+DEPENDENT = "depends on N as under ddp; equal to ddp at the same N"
 
 
 def table() -> dict[str, tuple[str, str]]:
@@ -56,5 +57,7 @@ def test_the_table_is_what_every_method_declares_and_what_the_tests_run():
         refusal = M.call(meth, "fsdp_refusal")
         if refusal:
             assert fsdp == f"refused: {refusal}", name
+        elif why:  # sharded it splits the batch as replicated does: tested against ddp at the same N
+            assert fsdp == DEPENDENT + ("" if same_names & fsdp_run else " (not run sharded by the tests)"), name
         else:
             assert fsdp == SAME + ("" if same_names & fsdp_run else " (not run sharded by the tests)"), name

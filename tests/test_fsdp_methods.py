@@ -143,14 +143,22 @@ PROJECTING = [{"name": "agem", "options": {"m": 8}}, {"name": "gem", "options": 
 # earlier ones stage by stage: their own run, checked for the same numbers and for the frozen parts
 # staying bit-identical while sharded (a requires_grad switch that FSDP missed would move them).
 # Each one's part frozen after stage 1 (a key fragment of the stage checkpoint's state dict).
+# InfLoRA's passes over the stage's examples, and LAMOL's, SDFT's and SSR's generation, run on the
+# model gathered on every rank (clbench.fsdp.unsharded).
 ADDED = [{"name": "nlora", "options": {"r": 2}}, {"name": "moelora"}, {"name": "moelora_expand"},
-         {"name": "progressive_prompts"}, {"name": "l2p"}]
-FROZEN_AFTER_1 = {"nlora": ".stage1.", "moelora_expand": ".groups.0.", "progressive_prompts": "prompts.0"}
-SHARDED = STREAM1 + PROJECTING + ADDED  # every method these tests run sharded (tests/test_compat_table.py reads it)
+         {"name": "progressive_prompts"}, {"name": "l2p"}, {"name": "inflora", "options": {"r": 2}},
+         {"name": "sdft"}, {"name": "ssr"}]
+FROZEN_AFTER_1 = {"nlora": ".stage1.", "moelora_expand": ".groups.0.", "progressive_prompts": "prompts.0",
+                  "inflora": ".stage1."}
+# Methods whose numbers depend on the number of processes (world_size_dependent: how the batch
+# splits over the ranks): sharded at N they equal replicated at N.
+DEPENDENT = [{"name": "ilora"}, {"name": "lamol"}]
+SHARDED = STREAM1 + PROJECTING + ADDED + DEPENDENT  # every method these tests run sharded (test_compat_table.py reads it)
 
 
-def _two_and_one(d, methods, order="1", lr=3.0e-3):
-    """The same config run by 2 sharded processes (d/two) and by 1 (d/one)."""
+def _two_and_one(d, methods, order="1", lr=3.0e-3, other="one"):
+    """The same config run by 2 sharded processes (d/two) and by 1 (d/one), or (other="ddp") by 2
+    replicated ones (d/ddp)."""
     from clbench.cli import main
 
     cfg = {"name": "fsdp", "model": "tiny", "stream": "tiny3", "order": order,
@@ -160,6 +168,9 @@ def _two_and_one(d, methods, order="1", lr=3.0e-3):
            "threads": 1, "distributed": {"strategy": "fsdp"}}
     (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     _torchrun("-m", "clbench", "run", d / "cfg.yaml", "--output-dir", d / "two")
+    if other == "ddp":
+        _torchrun("-m", "clbench", "run", d / "cfg.yaml", "--output-dir", d / "ddp", "--set", "distributed.strategy=ddp")
+        return d / "ddp", d / "two"
     assert main(["run", str(d / "cfg.yaml"), "--output-dir", str(d / "one")]) == 0
     return d / "one", d / "two"
 
@@ -177,6 +188,11 @@ def projecting_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def added_runs(tmp_path_factory):
     return _two_and_one(tmp_path_factory.mktemp("fsdp_added"), ADDED)
+
+
+@pytest.fixture(scope="module")
+def dependent_runs(tmp_path_factory):
+    return _two_and_one(tmp_path_factory.mktemp("fsdp_dependent"), DEPENDENT, other="ddp")
 
 
 def _method_state(run, m, t):
@@ -344,7 +360,8 @@ if __name__ == "__main__":
 def test_methods_with_added_modules_match_one_process_sharded(added_runs):
     """N-LoRA (its penalty over whole matrices through clbench.fsdp.full), MoE-LoRA and its expanding
     variant, Progressive Prompts and L2P (the prompt module in the root unit, gathered before the
-    decoder's prompt hook runs): the same matrix as one process, losses within 1e-5 (the ranks' token
+    decoder's prompt hook runs), InfLoRA, SDFT and SSR (passes and generation on the gathered
+    model): the same matrix as one process, losses within 1e-5 (the ranks' token
     sums added in another order, as above), the weights after the last stage within one lr step and
     1% of entries beyond 1e-5 (as above), and in the sharded run the part each freezes after stage 1
     bit-identical from stage 1 to stage 3."""
@@ -369,3 +386,19 @@ def test_methods_with_added_modules_match_one_process_sharded(added_runs):
         assert all(torch.equal(first[k], last[k]) for k in keys), m
         trained = [k for k in last if frag.replace("1", "3").replace("0", "2") in k]  # the last stage's part moved
         assert trained and any(not torch.equal(first[k], last[k]) for k in trained), m
+
+
+def test_methods_that_depend_on_n_match_replicated_at_the_same_n_sharded(dependent_runs):
+    """I-LoRA and LAMOL depend on how a batch splits over the ranks (each says why); at 2 sharded
+    processes they equal 2 replicated ones: the same matrix, losses within 1e-5 (as above), and
+    both record the same dependence."""
+    ddp, two = (json.loads((r / "results.json").read_text()) for r in dependent_runs)
+    for spec in DEPENDENT:
+        m = spec["name"]
+        s1, s2 = ddp["methods"][m]["seeds"]["0"], two["methods"][m]["seeds"]["0"]
+        assert s1["complete"] and s2["complete"], m
+        assert s1["matrix"] == s2["matrix"], m
+        assert s1["world_size_dependent"] == s2["world_size_dependent"] and s2["world_size_dependent"], m
+        for a, b in zip(s1["stages"], s2["stages"], strict=True):
+            assert b["first_loss"] == pytest.approx(a["first_loss"], abs=1e-5), m
+            assert b["last_loss"] == pytest.approx(a["last_loss"], abs=1e-5), m
