@@ -252,7 +252,7 @@ def _fmt_scores(scores: dict) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in scores.items())
 
 
-def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -> Recorder:
+def run(pl: Plan, out: Path, console=None) -> Recorder:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -287,8 +287,6 @@ def run(pl: Plan, out: Path, console=None, config_changes: list | None = None) -
 
     rec = Recorder(out, cfg, pl)
     resumed = rec.load_existing()
-    if config_changes:
-        rec.config_changes = rec.config_changes + [config_changes]
     rec.meta = meta_info(desc, device, autocast)
     s = Session(pl, out, rec, console, None, None, device, autocast, base_model, tok, lm_tasks, pairs, None, 0.0, {},
                 sharded=sharded)

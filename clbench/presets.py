@@ -127,12 +127,6 @@ def layout_of(spec: dict) -> Layout:
     return LAYOUTS[name]
 
 
-def is_release_task(task_yaml: dict) -> bool:
-    """True for a task whose clbench.data.source is `release:<layout>` (prepared here, not in data.py)."""
-    data = ((task_yaml or {}).get("clbench") or {}).get("data") or {}
-    return str(data.get("source", "")).startswith(SOURCE_PREFIX)
-
-
 def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
     """The data root: the explicit value (config `data_root` / --data-root), else $CLBENCH_DATA_ROOT."""
     root = explicit or os.environ.get(ENV_VAR)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 
-DECAYING = ("linear", "cosine", "wsd")
 WSD_DECAY_FRACTION = 0.1  # MiniCPM's ~10% of the tokens
 
 

@@ -54,7 +54,6 @@ from . import launch
 from .errors import ClbenchError, ConfigError, SweepError
 
 AXES = ("methods", "seeds", "orders")  # grid keys that are not key paths of the run config
-LAUNCHERS = ("local", "ray", "slurm")
 # Passed from the sweep's environment to every run, whatever the launcher's workers inherit.
 PASS_ENV = re.compile(r"^(CLBENCH_|HF_|TRANSFORMERS_|TOKENIZERS_|WANDB_|OMP_NUM_THREADS$|MKL_NUM_THREADS$|PYTHONPATH$)")
 
