@@ -65,7 +65,7 @@ Deviations and what is not implemented:
   - A raw-text stream (no context to query) is refused at planning.
 Sequences get top_k x length positions longer (25 at the defaults).
 ddp: the same numbers as one process: each row's selection depends on that row only and the
-surrogate is scaled to the global micro-batch's row mean (not run at 2 processes by the tests).
+surrogate is scaled to the global micro-batch's row mean (tests/test_distributed.py).
 fsdp: same as one process (tests/test_fsdp_methods.py): the prompt pool is a submodule of the root
 FSDP unit, gathered before the decoder's prompt hook runs.
 """

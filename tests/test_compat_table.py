@@ -1,15 +1,14 @@
 """docs/distributed.md's table of every built-in method under ddp and fsdp says what the code
 declares (world_size_dependent, fsdp_refusal at the method's defaults), and each "same as 1
 process" is backed by a test that runs the method at 2 processes against 1 (tests/test_distributed.py
-runs configs/all-methods.yaml's methods under ddp; tests/test_fsdp.py and tests/test_fsdp_methods.py
+runs configs/all-methods.yaml's methods and a few more under ddp; tests/test_fsdp.py and tests/test_fsdp_methods.py
 run theirs sharded), or says that no test does."""
 
 import re
 import sys
 from pathlib import Path
 
-import yaml
-
+import test_distributed
 import test_fsdp
 import test_fsdp_methods
 from clbench import method as M
@@ -44,7 +43,7 @@ def test_the_table_is_what_every_method_declares_and_what_the_tests_run():
     names = builtin()
     rows = table()
     assert set(rows) == names, set(rows) ^ names
-    ddp_run = {m["name"] for m in yaml.safe_load((REPO / "configs" / "all-methods.yaml").read_text())["methods"]}
+    ddp_run = {m["name"] for m in test_distributed.METHODS}
     fsdp_run = {m["name"] for m in test_fsdp.METHODS} | {m["name"] for m in test_fsdp_methods.SHARDED}
     for name, (ddp, fsdp) in rows.items():
         meth = M.make(name, {})

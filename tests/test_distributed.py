@@ -1,5 +1,5 @@
 """Two CPU processes (gloo) train like one process with the same global batch: every method of
-configs/all-methods.yaml, in one launch per number of processes."""
+configs/all-methods.yaml and those it leaves out (EXTRA), in one launch per number of processes."""
 
 import json
 import os
@@ -15,8 +15,11 @@ from conftest import REPO
 # every method of configs/all-methods.yaml, with budgets cut to the tiny model (every code path still runs)
 TINY = {"lota": {"calibration_steps": 2}, "ks_lottery": {"calibration_steps": 2, "n": 20}, "inflora": {"max_batches": 2},
         "ssr": {"n_demos": 4, "samples_per_prompt": 1, "max_new_tokens": 24, "per_task": 4, "n_clusters": 2}}
+# and the methods all-methods.yaml leaves out (it is the real-model check; these are checked here only)
+EXTRA = [{"name": "gem", "options": {"m": 8}}, {"name": "moelora"}, {"name": "moelora_expand"},
+         {"name": "progressive_prompts"}, {"name": "l2p"}]
 METHODS = [{**m, "options": {**m.get("options", {}), **TINY.get(m["name"], {})}}
-           for m in yaml.safe_load((REPO / "configs" / "all-methods.yaml").read_text())["methods"]]
+           for m in yaml.safe_load((REPO / "configs" / "all-methods.yaml").read_text())["methods"]] + EXTRA
 WEIGHTS = ("full_ft", "lota", "sift", "hft")  # whose stage checkpoints are compared entry by entry
 
 
