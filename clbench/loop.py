@@ -141,7 +141,7 @@ class Job:
                                pairs=s.task_pairs,
                                tokenize=lambda pairs: tokenize(pairs, s.tok, run_cfg.max_length),
                                task=lambda name: s.lm_tasks[name],
-                               autocast=autocast_factory(s.device, s.autocast))
+                               autocast=autocast_factory(s.device, s.autocast), sharded=s.sharded)
         model = M.call(meth, "setup", copy.deepcopy(s.base_model), run_ctx)
         if s.sharded:
             model = fsdp.shard(model, s.device, s.autocast)

@@ -101,6 +101,9 @@ class RunContext:
     # the loop's autocast for this run (a context manager factory): a method that runs its own
     # forward outside the loop's (A-GEM's reference gradient, a teacher) uses the same precision
     autocast: Callable[[], Any] | None = None
+    # whether the loop shards (distributed.strategy fsdp) the model setup returns: a method that
+    # keeps a second model of its own (a teacher) shards it too (clbench.fsdp.shard)
+    sharded: bool = False
 
 
 class _Clock:

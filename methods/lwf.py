@@ -24,8 +24,11 @@ How it runs here:
   float32. With several processes each rank distils its own rows and weighs their sum by the
   global batch's row count (one all-reduce of the counts), so the term is the mean over the
   whole batch's target rows at any number of processes (the loop divides an extra loss by the
-  number of ranks, and the weight carries it back). Not run sharded
-  (distributed.strategy fsdp, refused at planning): fsdp_refusal says why.
+  number of ranks, and the weight carries it back). Sharded (distributed.strategy fsdp), FSDP2
+  cannot deep-copy the student, so setup copies the model before the loop shards it, the first
+  stage start shards that copy like the student (1/N of the model per rank) and every later one
+  copies each rank's shards of the student's weights into it; its forwards run in step with the
+  student's, one per micro-batch on every rank.
 - At the first step of a stage student and teacher are the same function, so the KD term
   and its gradient are 0 (the tests check this); it grows as the student moves.
 - base (optional): wrap another method (e.g. `base: lora`, `base_options: {r: 8}`): every hook
@@ -66,7 +69,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import distributed as D
+from clbench import fsdp
 from clbench import method as M
+from clbench.masking import local_rows, reshard
 from clbench.method import StageMeans, register
 from clbench.train import target_logits
 from clbench.wrapping import BASE_FIELD, BASE_OPTIONS_FIELD, BaseName, BaseOptions, Wrapping
@@ -105,11 +110,43 @@ class LwF(Wrapping):
         super().__init__(options)  # the base method, if any (clbench.wrapping)
         self.teacher: torch.nn.Module | None = None
         self._means = StageMeans()  # the stage's distillation term / task loss (stage_stats)
+        self._template: torch.nn.Module | None = None  # sharded runs: the teacher's module, unsharded until stage 1
+        self._sharded_teacher: torch.nn.Module | None = None  # sharded runs: the teacher's module, sharded
+        self._device = None
+
+    def setup(self, model, run):
+        model = super().setup(model, run)
+        if run.sharded:
+            # FSDP2 cannot deep-copy a sharded model, so the teacher's module is copied now, before the
+            # loop shards the student, and sharded like it at the first stage start (1/N per rank)
+            self._template, self._device = M.frozen_copy(model), run.device
+        return model
 
     # --- stages ---------------------------------------------------------------------------
 
+    def _teacher(self, model, stage) -> torch.nn.Module | None:
+        """The model as the previous stage left it, frozen: a deep copy, or (sharded) the teacher's
+        sharded module with each rank's shards of the student's weights copied into it."""
+        if self._template is None and self._sharded_teacher is None:
+            return M.frozen_copy(model) if stage.stage > 1 else None
+        if self._sharded_teacher is None:
+            self._sharded_teacher = fsdp.shard(self._template, self._device)  # a collective: every rank is here
+            self._template = None
+        if stage.stage == 1:
+            return None
+        reshard(model)  # the student's parameters as their shards, not the root's gathered copy
+        reshard(self._sharded_teacher)
+        mine, theirs = dict(model.named_parameters()), dict(self._sharded_teacher.named_parameters())
+        if mine.keys() != theirs.keys():
+            raise M.MethodError("lwf: the student's parameters are not the teacher's (a base method that adds "
+                                "parameters after setup cannot be distilled sharded)")
+        with torch.no_grad():
+            for name, p in mine.items():
+                local_rows(theirs[name])[0].copy_(local_rows(p.detach())[0])
+        return self._sharded_teacher.eval()
+
     def stage_start(self, model, stage):
-        self.teacher = M.frozen_copy(model) if stage.stage > 1 else None
+        self.teacher = self._teacher(model, stage)
         self._means.reset()
         return self._inner("stage_start", model, stage, default=model)
 
@@ -146,9 +183,10 @@ class LwF(Wrapping):
         return distillation(student_rows, teacher_rows, o.temperature, o.kl, o.t_squared)
 
     def fsdp_refusal(self):
-        return ("not made sharded yet: its teacher is a deep copy of the model (clbench.method.frozen_copy), not "
-                "built for an FSDP2-sharded student (a teacher sharded like the student, 1/N of the model per rank, "
-                "is not implemented)")
+        # the teacher is sharded like the student (setup's copy, sharded at the first stage start) and
+        # runs its FSDP forwards in step with the student's, one per micro-batch on every rank
+        # (tests/test_fsdp_methods.py); a base method's own answer stands
+        return self._inner("fsdp_refusal")
 
     def world_size_dependent(self):
         return self._inner("world_size_dependent")  # the divergence weighs rows over the global batch

@@ -144,10 +144,11 @@ PROJECTING = [{"name": "agem", "options": {"m": 8}}, {"name": "gem", "options": 
 # staying bit-identical while sharded (a requires_grad switch that FSDP missed would move them).
 # Each one's part frozen after stage 1 (a key fragment of the stage checkpoint's state dict).
 # InfLoRA's passes over the stage's examples, and LAMOL's, SDFT's and SSR's generation, run on the
-# model gathered on every rank (clbench.fsdp.unsharded).
+# model gathered on every rank (clbench.fsdp.unsharded); LwF's teacher is sharded like its student.
 ADDED = [{"name": "nlora", "options": {"r": 2}}, {"name": "moelora"}, {"name": "moelora_expand"},
          {"name": "progressive_prompts"}, {"name": "l2p"}, {"name": "inflora", "options": {"r": 2}},
-         {"name": "sdft"}, {"name": "ssr"}]
+         {"name": "sdft"}, {"name": "ssr"}, {"name": "lwf"},
+         {"name": "lwf", "label": "lwf_lora", "options": {"base": "lora", "base_options": {"r": 4}}}]
 FROZEN_AFTER_1 = {"nlora": ".stage1.", "moelora_expand": ".groups.0.", "progressive_prompts": "prompts.0",
                   "inflora": ".stage1."}
 # Methods whose numbers depend on the number of processes (world_size_dependent: how the batch
@@ -361,13 +362,13 @@ def test_methods_with_added_modules_match_one_process_sharded(added_runs):
     """N-LoRA (its penalty over whole matrices through clbench.fsdp.full), MoE-LoRA and its expanding
     variant, Progressive Prompts and L2P (the prompt module in the root unit, gathered before the
     decoder's prompt hook runs), InfLoRA, SDFT and SSR (passes and generation on the gathered
-    model): the same matrix as one process, losses within 1e-5 (the ranks' token
+    model), LwF alone and over LoRA (its teacher sharded like the student): the same matrix as one process, losses within 1e-5 (the ranks' token
     sums added in another order, as above), the weights after the last stage within one lr step and
     1% of entries beyond 1e-5 (as above), and in the sharded run the part each freezes after stage 1
     bit-identical from stage 1 to stage 3."""
     one, two = (json.loads((r / "results.json").read_text()) for r in added_runs)
     for spec in ADDED:
-        m = spec["name"]
+        m = spec.get("label", spec["name"])
         s1, s2 = one["methods"][m]["seeds"]["0"], two["methods"][m]["seeds"]["0"]
         assert s1["complete"] and s2["complete"], m
         assert s1["matrix"] == s2["matrix"], m
