@@ -48,14 +48,15 @@ def _config(tmp_path, methods):
     return path
 
 
-def _run(path, out, die_in=None, ranks=None):
-    """`clbench run` in a process of its own; ranks: under torchrun, sharded (distributed.strategy fsdp)."""
+def _run(path, out, die_in=None, ranks=None, strategy="fsdp"):
+    """`clbench run` in a process of its own; ranks: under torchrun, sharded (distributed.strategy
+    fsdp) or replicated (strategy ddp)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CLBENCH_TEST_DIE", None)
     if die_in is not None:
         env["CLBENCH_TEST_DIE"] = str(die_in)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)] if ranks else [sys.executable]
-    extra = ["--set", "distributed.strategy=fsdp"] if ranks else []
+    extra = ["--set", f"distributed.strategy={strategy}"] if ranks else []
     return subprocess.run([*launch, "-m", "clbench", "run", str(path), "--output-dir", str(out), *extra], env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -112,3 +113,21 @@ def test_under_fsdp_the_step_checkpoint_is_sharded_and_resumes(tmp_path):
     assert "[ft_dies seed 0] stage 2 tiny_compare: resumed at step 4 of 6" in _said(second)
     assert _numbers(out) == _numbers(tmp_path / "ref")
     assert not list(out.glob("checkpoints/**/*.steps.dcp"))
+
+
+def test_under_ddp_rank_zero_writes_the_step_checkpoint_and_every_rank_resumes_from_it(tmp_path):
+    """Two replicated processes: rank 0 writes stage2.steps.pt (model, AdamW, scheduler, RNG) and
+    every rank reads it; killed in step 5 of stage 2, the run resumes at step 4 with the numbers of
+    an uninterrupted replicated run."""
+    path = _config(tmp_path, [{"name": "ft_dies"}])
+    ref = _run(path, tmp_path / "ref", ranks=2, strategy="ddp")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "out"
+    first = _run(path, out, die_in=tmp_path, ranks=2, strategy="ddp")
+    assert first.returncode != 0
+    assert (out / "checkpoints" / "ft_dies" / "seed0" / "stage2.steps.pt").is_file()
+    second = _run(path, out, die_in=tmp_path, ranks=2, strategy="ddp")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[ft_dies seed 0] stage 2 tiny_compare: resumed at step 4 of 6" in _said(second)
+    assert _numbers(out) == _numbers(tmp_path / "ref")
+    assert not list(out.glob("checkpoints/**/*.steps.pt"))
