@@ -58,14 +58,15 @@ FIGURES = ["head_only_targets_step_ratio", "head_only_targets_mem_ratio", "harne
            "sift_step_ratio", "hft_step_ratio", "sift_peak_mem_ratio", "eval_speedup_vs_reload", "demo_seconds",
            "eval_share_T4", "eval_share_T8", "harness_overhead_ratio_checkpoint_every_stage",
            "head_only_targets_step_ratio_long", "head_only_targets_mem_ratio_long",
-           "fsdp_state_bytes_ratio", "fsdp_peak_mem_ratio", "fsdp_ddp_step_ratio", "fsdp_eval_ratio", "ddp_eval_ratio",
+           "fsdp_state_bytes_ratio", "fsdp_host_rss_ratio", "fsdp_ddp_step_ratio", "fsdp_eval_ratio", "ddp_eval_ratio",
            "generate_speedup", "gem_agem_step_ratio", "gem_agem_peak_mem_ratio"]
 FIGURES += ["lota_checkpoint_ratio", "lota_taskvec_ratio", "sift_checkpoint_ratio", "sift_taskvec_ratio",
             "hft_checkpoint_ratio", "lora_checkpoint_ratio", "merge_peak_ratio_T8_T4", "merge_peak_ratio_T8_T4_tiny"]
 GOALS = {"harness_overhead_ratio": 1.10, "lota_step_ratio": 1.05, "sift_step_ratio": 1.05, "hft_step_ratio": 0.85,
          "sift_peak_mem_ratio": 0.45, "lota_checkpoint_ratio": 0.25, "lota_taskvec_ratio": 0.25,
          "sift_checkpoint_ratio": 0.20, "sift_taskvec_ratio": 0.20, "merge_peak_ratio_T8_T4": 1.10,
-         "merge_peak_ratio_T8_T4_tiny": 1.10}  # figure <= goal; the issue sets no goal for the others
+         "merge_peak_ratio_T8_T4_tiny": 1.10, "fsdp_eval_ratio": 0.6, "fsdp_host_rss_ratio": 0.6,
+         "fsdp_state_bytes_ratio": 0.55}  # figure <= goal; the issue sets no goal for the others
 MEM_METHOD = ("peak RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS after model load and method setup, "
               "with every parameter read once first (transformers maps the safetensors file lazily: the first "
               "touch of the weights would otherwise count ~0.5 GB of the loaded model as training memory), "
@@ -733,7 +734,7 @@ def bench_fsdp(ctx: Ctx, out: Path, log: Path, steps: int = 4, eval_limit: int =
     held = {a: [r["params"] + r["grads"] + r["optimizer"] for r in st["per_rank"]] for a, st in stage.items()}
     peak = {a: [r["peak_mem_mb"] for r in st["per_rank"]] for a, st in stage.items()}
     step_s = {a: st["train_seconds"] / st["steps"] for a, st in stage.items()}
-    figs = {"fsdp_state_bytes_ratio": max(held["fsdp"]) / held["one"][0], "fsdp_peak_mem_ratio": max(peak["fsdp"]) / peak["one"][0],
+    figs = {"fsdp_state_bytes_ratio": max(held["fsdp"]) / held["one"][0], "fsdp_host_rss_ratio": max(peak["fsdp"]) / peak["one"][0],
             "fsdp_ddp_step_ratio": step_s["fsdp"] / step_s["ddp"]}
     eval_s = {a: st["eval_seconds"] for a, st in stage.items()}
     figs["fsdp_eval_ratio"] = eval_s["fsdp"] / eval_s["one"]
