@@ -64,7 +64,7 @@ def _units(model) -> list:
 
 
 def _layers(model):
-    from .train import _split_head
+    from .train import split_head as _split_head
 
     split = _split_head(model)
     layers = getattr(split[0], "layers", None) if split is not None else None

@@ -95,7 +95,7 @@ class Session:
     def examples(self, task: str, tcfg) -> list:
         """The tokenized training examples of any task, as a fresh list: a method may change its
         list without touching the cache that every method and seed shares."""
-        from .train import tokenize
+        from .examples import tokenize
 
         self.task_pairs(task)
         key = (task, tcfg.max_length)
@@ -130,7 +130,7 @@ class Job:
     def new_model(self):
         """A fresh copy of the base model with the method set up on it (peft wraps in place, so the
         base itself stays pristine for the next method)."""
-        from .train import tokenize
+        from .examples import tokenize
 
         s = self.s
         seed_everything(self.seed)

@@ -87,7 +87,7 @@ class RunContext:
     tasks: list[str]
     device: torch.device
     tokenizer: Any = None
-    # examples(task) -> a fresh list of the tokenized training examples (clbench.train.Example) of
+    # examples(task) -> a fresh list of the tokenized training examples (clbench.examples.Example) of
     # any task with training data, also one outside the stream (general data for replay); a method
     # that uses a task outside the stream returns it from needs_tasks(), checked before the run.
     examples: Callable[[str], list] | None = None
@@ -478,8 +478,8 @@ _RETURNS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "setup": (_is_model, "the model to train (a torch.nn.Module)"),
     "stage_start": (_is_model, "the model to train (a torch.nn.Module)"),
     "stage_end": (_is_model, "the model to evaluate (a torch.nn.Module)"),
-    "stage_examples": (_is_examples, "None or a list of clbench.train.Example"),
-    "batch": (_is_examples, "None or a list of clbench.train.Example"),
+    "stage_examples": (_is_examples, "None or a list of clbench.examples.Example"),
+    "batch": (_is_examples, "None or a list of clbench.examples.Example"),
     "param_groups": (lambda v: v is None or (isinstance(v, list) and all(isinstance(g, dict) and "params" in g for g in v)),
                      "None or a list of optimizer parameter groups (dicts with 'params')"),
     "extra_loss": (lambda v: v is None or (isinstance(v, torch.Tensor) and v.numel() == 1), "None or a scalar tensor"),

@@ -45,15 +45,6 @@ def blocks(stream: list[int], block_len: int) -> list[list[int]]:
     return [stream[i:i + block_len] for i in range(0, max(1, len(stream) - 1), step)]
 
 
-def pack_documents(documents: list[str], tokenizer, max_length: int) -> list:
-    """The training examples (clbench.train.Example, loss on every token) of a raw-text task."""
-    from .train import Example
-
-    if not documents:
-        raise DataError("a raw-text task has no training documents")
-    return [Example(b, 0) for b in blocks(token_stream(tokenizer, documents), max_length)]
-
-
 def target_tokens(example) -> int:
     """How many loss targets an example has (the positions after its prompt; at least its first
     token is context only)."""
@@ -63,3 +54,13 @@ def target_tokens(example) -> int:
 def is_text_task(lm_task) -> bool:
     """True for an lm-eval task scored by rolling log-likelihood (a `kind: text` stage)."""
     return getattr(lm_task, "OUTPUT_TYPE", None) == "loglikelihood_rolling"
+
+
+def __getattr__(name):
+    # pack_documents lives with the Example it builds (clbench.examples); reached from here lazily,
+    # so that this module imports nothing of the examples (no import circle)
+    if name == "pack_documents":
+        from .examples import pack_documents
+
+        return pack_documents
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

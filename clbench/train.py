@@ -26,16 +26,9 @@ from . import interrupt
 from . import method as M
 from . import prompting
 from .errors import TrainingError  # noqa: F401  (raised here; clbench.train.TrainingError for users)
+from .examples import IGNORE, Example, collate, tokenize  # noqa: F401  (their former home: clbench.train.Example ...)
 from .runtime import derive_seed, state_bytes
 from .schedule import check as check_schedule, describe as describe_schedule, lr_factor
-
-IGNORE = -100
-
-
-@dataclass(frozen=True)
-class Example:
-    input_ids: list[int]
-    n_prompt: int  # positions < n_prompt carry no loss
 
 
 @dataclass
@@ -47,37 +40,6 @@ class Forward:
     loss: torch.Tensor
     logits: torch.Tensor
     targets: torch.Tensor
-
-
-def tokenize(pairs, tokenizer, max_length: int) -> list[Example]:
-    """(context, target) pairs -> examples with the loss on the target; the document strings of a
-    raw-text task -> blocks of max_length tokens with the loss on every token (clbench.packing)."""
-    from .tasks import encode_pair
-
-    if pairs and isinstance(pairs[0], str):
-        from .packing import pack_documents
-
-        return pack_documents(list(pairs), tokenizer, max_length)
-    out = []
-    for ctx, cont in pairs:
-        c, t = encode_pair(tokenizer, ctx, cont)
-        t = t[:max_length - 1]
-        c = c[-(max_length - len(t)):]  # cut long prompts from the left, keep the target
-        out.append(Example(c + t, len(c)))
-    return out
-
-
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    n = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, e in enumerate(examples):
-        L = len(e.input_ids)
-        ids[i, :L] = torch.tensor(e.input_ids)
-        labels[i, e.n_prompt:L] = ids[i, e.n_prompt:L]
-        mask[i, :L] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def batch_stream(examples: list[Example], batch_size: int, generator: torch.Generator):

@@ -77,9 +77,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.distributed.tensor import DTensor
 
 from clbench import distributed as D
+from clbench.examples import IGNORE, Example, collate
 from clbench.masking import derive_seed
 from clbench.method import MethodError, Method, StageMeans, register
-from clbench.train import IGNORE, Example, collate, lm_loss
+from clbench.train import lm_loss
 
 SALT_MEMORY, SALT_DRAW = 21, 22
 

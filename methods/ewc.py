@@ -104,9 +104,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import distributed as dist
+from clbench.examples import IGNORE, collate
 from clbench.masking import derive_seed, gather_rows, reshard, local_rows, own_rows
 from clbench.method import MethodError, Method, StageMeans, register
-from clbench.train import IGNORE, collate, lm_loss
+from clbench.train import lm_loss
 
 
 SALT_FISHER = 51  # the seeded draw of the Fisher's examples

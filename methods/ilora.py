@@ -114,9 +114,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from clbench.examples import IGNORE, Example, collate
 from clbench.masking import derive_seed
 from clbench.method import Method, MethodError, StageMeans, register
-from clbench.train import IGNORE, Example, split_head, collate
+from clbench.train import split_head
 
 PLASTIC, STABLE = "plastic", "stable"
 SALT_BUFFER, SALT_DRAW = 31, 32

@@ -76,9 +76,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import fsdp
+from clbench.examples import collate
 from clbench.masking import derive_seed, local_rows, own_rows
 from clbench.method import MethodError, method_module, register
-from clbench.train import collate
 
 _SUBSET_SALT = 401  # the examples of a capped H pass: a draw of its own, apart from the batch order
 

@@ -59,9 +59,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import generation as G
+from clbench.examples import Example, collate
 from clbench.masking import derive_seed
 from clbench.method import Method, MethodError, StageMeans, register
-from clbench.train import Example, collate, lm_loss
+from clbench.train import lm_loss
 
 GEN, ANS = "__gen__", "__ans__"
 SALT_SAMPLE = 41

@@ -68,10 +68,11 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from clbench.examples import IGNORE, Example, collate
 from clbench.masking import derive_seed
 from clbench.method import MethodError, register
 from clbench.packing import is_text_task, target_tokens
-from clbench.train import IGNORE, Example, collate, lm_loss
+from clbench.train import lm_loss
 from clbench.wrapping import BASE_FIELD, BASE_OPTIONS_FIELD, BaseName, BaseOptions, Wrapping
 
 SALT_BUFFER, SALT_DRAW, SALT_GENERAL = 11, 12, 13

@@ -82,9 +82,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clbench import generation as G
 from clbench import wrapping as W
+from clbench.examples import Example
 from clbench.masking import derive_seed
 from clbench.method import MethodError, register
-from clbench.train import Example
 
 log = logging.getLogger(__name__)
 
