@@ -66,6 +66,17 @@ def init_group(device: torch.device) -> None:
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
+def finish() -> None:
+    """The end of a run that completed on several processes: every rank waits for the others (rank 0
+    writes the results last), then the process group is destroyed, so that no rank tears down its
+    connections while another still uses them (a gloo rank that exited first was seen to abort in
+    its teardown: "terminate called without an active exception"). Not called after an error: a
+    rank that failed would leave the others waiting here."""
+    if enabled() and _active():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if _active() else 0
 

@@ -236,10 +236,14 @@ def record_data_change(out: Path, fp: dict, history: list) -> None:
 
 
 def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = False, allow_data_change: bool = False):
+    from . import distributed as D
+
     try:
-        return _execute(pl, out, fresh, allow_changes, allow_data_change)
+        rec = _execute(pl, out, fresh, allow_changes, allow_data_change)
     finally:
         set_run_info(out / "results.json", None)  # later writes of that file (another command) add nothing
+    D.finish()
+    return rec
 
 
 def _execute(pl: Plan, out: Path, fresh: bool, allow_changes: bool, allow_data_change: bool):
