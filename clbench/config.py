@@ -24,6 +24,16 @@ NON_RESULT_FIELDS = ("cache_dir", "threads", "keep_checkpoints", "checkpoint_int
                      "distributed")
 
 
+def comparable_config(cfg: dict) -> dict:
+    """A config as compared between runs: JSON values, without the fields that do not change results."""
+    import json
+
+    cfg = json.loads(json.dumps(cfg))
+    for ignore in NON_RESULT_FIELDS:
+        cfg.pop(ignore, None)
+    return cfg
+
+
 # A seed seeds numpy's generator too, which takes 0..2**32-1 only: anything else failed after training.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 

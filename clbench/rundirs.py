@@ -347,13 +347,13 @@ def _unit_key(run: RunResults, method: str) -> str | None:
     """What decides a (method, seed)'s numbers, seed aside: the run's config without its name, its
     other methods and the fields that never change results (config.NON_RESULT_FIELDS), and this
     method's own entry. None when config.yaml does not name the method (it is then never merged)."""
-    from .config import NON_RESULT_FIELDS
+    from .config import comparable_config
 
     specs = [m for m in run.config.get("methods") or [] if isinstance(m, dict)
              and (m.get("label") or m.get("name")) == method]
     if len(specs) != 1:
         return None
-    rest = {k: v for k, v in run.config.items() if k not in ("name", "methods", "seeds", *NON_RESULT_FIELDS)}
+    rest = {k: v for k, v in comparable_config(run.config).items() if k not in ("name", "methods", "seeds")}
     return json.dumps([rest, specs[0]], sort_keys=True, default=str)
 
 

@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import NON_RESULT_FIELDS
+from .config import comparable_config
 from .errors import ClbenchError, RunDirError
 from .loop import run
 from .planning import Plan
@@ -119,14 +119,6 @@ def results_config(out: Path) -> tuple[dict, dict] | None:
     if res is None:
         return None
     return res["run"]["config"], res.get("methods", {})
-
-
-def comparable_config(cfg: dict) -> dict:
-    """A config as compared between runs: JSON values, without the fields that do not change results."""
-    cfg = json.loads(json.dumps(cfg))
-    for ignore in NON_RESULT_FIELDS:
-        cfg.pop(ignore, None)
-    return cfg
 
 
 def _complete_entries(methods: dict) -> dict[str, list[str]]:

@@ -337,10 +337,10 @@ def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, w
 def _shared_key(rc: RunConfig) -> str:
     """What a run's methods share that bears on their results: its config without its name, its
     methods and the fields that never change results."""
-    from .config import NON_RESULT_FIELDS
+    from .config import comparable_config
 
-    d = rc.model_dump(mode="json")
-    for k in ("name", "methods", *NON_RESULT_FIELDS):
+    d = comparable_config(rc.model_dump(mode="json"))
+    for k in ("name", "methods"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 
