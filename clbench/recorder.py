@@ -193,12 +193,12 @@ class Recorder:
                               "eval_group": ("heldout" if task in self.plan.heldout else
                                              "other_kind" if task in self.plan.other_kind else "stream")})
 
-    def heldout_matrix(self, method, seed) -> list[list[float]]:
-        return self._grid(method, seed, self.plan.heldout)
+    def heldout_matrix(self, method, seed, multitask: bool = False) -> list[list[float]]:
+        return self._grid(method, seed, self.plan.heldout, multitask)
 
-    def other_kind_matrix(self, method, seed) -> list[list[float]]:
+    def other_kind_matrix(self, method, seed, multitask: bool = False) -> list[list[float]]:
         """eval.other_kind: the stream scored the other way, column i = stream task i's twin."""
-        return self._grid(method, seed, self.plan.other_kind)
+        return self._grid(method, seed, self.plan.other_kind, multitask)
 
     def matrix(self, method, seed) -> list[list[float]]:
         return self._grid(method, seed, self.plan.task_names)
@@ -267,12 +267,10 @@ class Recorder:
         # can be rebuilt whole from it (a reference's rows too); only the stream's mean anything to
         # general_delta and the other-kind metrics
         seq = mode == "sequential"
-        G = (rec._grid(name, seed, rec.plan.heldout, multitask=mode == "multitask")
-             if rec.plan.heldout and len(R) > 0 else None)
+        G = rec.heldout_matrix(name, seed, mode == "multitask") if rec.plan.heldout and len(R) > 0 else None
         if summ and G is not None and seq:
             summ["general_delta"] = metrics.general_ability_delta(G)[-1]
-        O = (rec._grid(name, seed, rec.plan.other_kind, multitask=mode == "multitask")
-             if rec.plan.other_kind and len(R) > 0 else None)
+        O = rec.other_kind_matrix(name, seed, mode == "multitask") if rec.plan.other_kind and len(R) > 0 else None
         complete = done and not merges_pending
         row = {"method": name, "seed": seed, "mode": mode, **summ, "trainable_params": int(trainable),
                "train_seconds": train_s, "eval_seconds": eval_s, "peak_mem_mb": peak}
