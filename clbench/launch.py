@@ -78,13 +78,19 @@ def stop_children(signum: int | None = None) -> list[int]:
             except ProcessLookupError:
                 pass
     for p in procs:
-        while True:
-            try:
-                p.wait()
-                break
-            except KeyboardInterrupt:  # a repeated signal: keep waiting, the runs are ending
-                continue
+        _wait_through_signals(p.wait)
     return [p.pid for p in procs]
+
+
+def _wait_through_signals(wait) -> None:
+    """Call `wait` until it returns: a repeated Ctrl-C or SIGTERM does not stop the wait, the runs
+    are ending."""
+    while True:
+        try:
+            wait()
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 @__import__("contextlib").contextmanager
@@ -191,14 +197,10 @@ def cancel_jobs(jobs, run_dirs: list[Path]) -> list:
     print(f"stopping: cancelled {len(live)} submitit job(s) still under way; waiting for their runs to end", flush=True)
     for j, d in live:
         for wait in (j.wait, lambda: wait_for_lock_release(Path(d))):
-            while True:
-                try:
-                    wait()
-                    break
-                except KeyboardInterrupt:
-                    continue
-                except Exception:  # noqa: BLE001 - a cancelled job's state may be unreadable; it has ended
-                    break
+            try:
+                _wait_through_signals(wait)
+            except Exception:  # noqa: BLE001 - a cancelled job's state may be unreadable; it has ended
+                pass
     return [j for j, _ in live]
 
 
