@@ -200,6 +200,36 @@ def _method_state(run, m, t):
     return torch.load(run / "checkpoints" / m / "seed0" / f"stage{t}.dcp" / "rank0.pt", weights_only=False)["method"]
 
 
+def _same_numbers(runs, specs) -> dict:
+    """Every method of `specs` complete in both runs, with the same matrix and every stage's losses
+    within 1e-5 (each rank sums its share of the tokens, then the ranks' sums are added: float sums
+    in another order). Returns {name: (seed entry of run 0, of run 1)}."""
+    one, two = (json.loads((r / "results.json").read_text()) for r in runs)
+    out = {}
+    for spec in specs:
+        m = spec.get("label", spec["name"])
+        s1, s2 = one["methods"][m]["seeds"]["0"], two["methods"][m]["seeds"]["0"]
+        assert s1["complete"] and s2["complete"], m
+        assert s1["matrix"] == s2["matrix"], m
+        for a, b in zip(s1["stages"], s2["stages"], strict=True):
+            assert b["first_loss"] == pytest.approx(a["first_loss"], abs=1e-5), m
+            assert b["last_loss"] == pytest.approx(a["last_loss"], abs=1e-5), m
+        out[m] = (s1, s2)
+    return out
+
+
+def _weights_within_a_step(runs, specs) -> None:
+    """The weights after the last stage: none off by more than one lr step (3e-3), at most 1% of a
+    tensor's entries by more than 1e-5 (see the tests' docstrings)."""
+    for spec in specs:
+        m = spec.get("label", spec["name"])
+        a, b = (_weights(r, m, 3) for r in runs)
+        assert a.keys() == b.keys(), m
+        for k in a:
+            d = (a[k].float() - b[k].float()).abs()
+            assert d.max() <= 3e-3 and (d > 1e-5).float().mean() <= 1e-2, (m, k)
+
+
 def test_sharded_methods_on_two_processes_match_one(fsdp_runs):
     """Matrices identical; losses within 1e-5 (each rank sums its share of the tokens, then the
     ranks' sums are added: float sums in another order); LoTA's masks, KS-Lottery's rows, HFT's
@@ -210,15 +240,7 @@ def test_sharded_methods_on_two_processes_match_one(fsdp_runs):
     differs by rounding; seen: 2.2e-4 after stage 3)."""
     from clbench.masking import unpack_mask
 
-    one, two = (json.loads((r / "results.json").read_text()) for r in fsdp_runs)
-    for spec in STREAM1:
-        m = spec.get("label", spec["name"])
-        s1, s2 = one["methods"][m]["seeds"]["0"], two["methods"][m]["seeds"]["0"]
-        assert s1["complete"] and s2["complete"], m
-        assert s1["matrix"] == s2["matrix"], m
-        for a, b in zip(s1["stages"], s2["stages"], strict=True):
-            assert b["first_loss"] == pytest.approx(a["first_loss"], abs=1e-5), m
-            assert b["last_loss"] == pytest.approx(a["last_loss"], abs=1e-5), m
+    _same_numbers(fsdp_runs, STREAM1)
     for t in (1, 2, 3):
         a, b = (_method_state(r, "lota", t) for r in fsdp_runs)
         assert len(a["masks"]) == t
@@ -252,13 +274,7 @@ def test_sharded_weights_and_sift_entries_match_one_process(fsdp_runs):
     changed (its selection: every selected entry moves) are the same, and as many as its budget."""
     from clbench.method import get
 
-    for spec in STREAM1:
-        m = spec.get("label", spec["name"])
-        a, b = (_weights(r, m, 3) for r in fsdp_runs)
-        assert a.keys() == b.keys(), m
-        for k in a:
-            d = (a[k].float() - b[k].float()).abs()
-            assert d.max() <= 3e-3 and (d > 1e-5).float().mean() <= 1e-2, (m, k)
+    _weights_within_a_step(fsdp_runs, STREAM1)
     budget = sys.modules[get("sift").__module__].budget
     for m in ("sift", "sift_decay"):
         for t in (2, 3):
@@ -366,20 +382,8 @@ def test_methods_with_added_modules_match_one_process_sharded(added_runs):
     sums added in another order, as above), the weights after the last stage within one lr step and
     1% of entries beyond 1e-5 (as above), and in the sharded run the part each freezes after stage 1
     bit-identical from stage 1 to stage 3."""
-    one, two = (json.loads((r / "results.json").read_text()) for r in added_runs)
-    for spec in ADDED:
-        m = spec.get("label", spec["name"])
-        s1, s2 = one["methods"][m]["seeds"]["0"], two["methods"][m]["seeds"]["0"]
-        assert s1["complete"] and s2["complete"], m
-        assert s1["matrix"] == s2["matrix"], m
-        for a, b in zip(s1["stages"], s2["stages"], strict=True):
-            assert b["first_loss"] == pytest.approx(a["first_loss"], abs=1e-5), m
-            assert b["last_loss"] == pytest.approx(a["last_loss"], abs=1e-5), m
-        a, b = (_weights(r, m, 3) for r in added_runs)
-        assert a.keys() == b.keys(), m
-        for k in a:
-            d = (a[k].float() - b[k].float()).abs()
-            assert d.max() <= 3e-3 and (d > 1e-5).float().mean() <= 1e-2, (m, k)
+    _same_numbers(added_runs, ADDED)
+    _weights_within_a_step(added_runs, ADDED)
     for m, frag in FROZEN_AFTER_1.items():
         first, last = _weights(added_runs[1], m, 1), _weights(added_runs[1], m, 3)
         keys = [k for k in first if frag in k]
@@ -393,13 +397,5 @@ def test_methods_that_depend_on_n_match_replicated_at_the_same_n_sharded(depende
     """I-LoRA and LAMOL depend on how a batch splits over the ranks (each says why); at 2 sharded
     processes they equal 2 replicated ones: the same matrix, losses within 1e-5 (as above), and
     both record the same dependence."""
-    ddp, two = (json.loads((r / "results.json").read_text()) for r in dependent_runs)
-    for spec in DEPENDENT:
-        m = spec["name"]
-        s1, s2 = ddp["methods"][m]["seeds"]["0"], two["methods"][m]["seeds"]["0"]
-        assert s1["complete"] and s2["complete"], m
-        assert s1["matrix"] == s2["matrix"], m
+    for m, (s1, s2) in _same_numbers(dependent_runs, DEPENDENT).items():
         assert s1["world_size_dependent"] == s2["world_size_dependent"] and s2["world_size_dependent"], m
-        for a, b in zip(s1["stages"], s2["stages"], strict=True):
-            assert b["first_loss"] == pytest.approx(a["first_loss"], abs=1e-5), m
-            assert b["last_loss"] == pytest.approx(a["last_loss"], abs=1e-5), m
