@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import SweepError
+from .rundir import RunDir
 
 if TYPE_CHECKING:
     from .sweep import RayOptions, SlurmOptions
@@ -196,28 +197,12 @@ def cancel_jobs(jobs, run_dirs: list[Path]) -> list:
         j.cancel(check=False)
     print(f"stopping: cancelled {len(live)} submitit job(s) still under way; waiting for their runs to end", flush=True)
     for j, d in live:
-        for wait in (j.wait, lambda: wait_for_lock_release(Path(d))):
+        for wait in (j.wait, RunDir(d).wait_unlocked):
             try:
                 _wait_through_signals(wait)
             except Exception:  # noqa: BLE001 - a cancelled job's state may be unreadable; it has ended
                 pass
     return [j for j, _ in live]
-
-
-def wait_for_lock_release(run_dir: Path) -> None:
-    """Block until no process holds `run_dir`'s run lock (clbench.runner.RunLock): take it and give
-    it back at once, writing nothing; no lock file means no run there."""
-    import fcntl
-
-    try:
-        fd = os.open(run_dir / ".lock", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 # --- the sweep ---------------------------------------------------------------------------------

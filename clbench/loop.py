@@ -31,7 +31,8 @@ from .errors import ClbenchError
 from .midstage import StepCheckpoints
 from .planning import Plan
 from .recorder import MULTITASK, CostLog, Recorder, meta_info, stage_entry
-from .runtime import PeakMemory, quiet_libraries, seed_everything, select_device
+from .rundir import RunDir
+from .runtime import PeakMemory, quiet_libraries, seed_everything
 from .stage import autocast_factory, run_stage
 
 
@@ -252,7 +253,9 @@ def _fmt_scores(scores: dict) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in scores.items())
 
 
-def run(pl: Plan, out: Path, console=None) -> Recorder:
+def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) -> Recorder:
+    """Every (method, seed) of the plan into `rundir`, which the caller (clbench.runner) has locked,
+    checked and written config.yaml into; device and autocast from clbench.runtime.select_device."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -262,12 +265,10 @@ def run(pl: Plan, out: Path, console=None) -> Recorder:
     cfg = pl.cfg
     console = console or Console(stderr=True, quiet=not D.is_main())
     quiet_libraries()
+    out = rundir.path
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if D.is_main():
-        results.write_yaml(out / "config.yaml", cfg.model_dump(mode="json"))
-    device, autocast = select_device(cfg)
     console.print(f"[bold]clbench[/] {cfg.name}: model={cfg.model} stream={cfg.stream or 'custom'} order={cfg.order} "
                   f"tasks={pl.task_names} methods={[m.run_name for m in pl.method_specs]} seeds={cfg.seeds} "
                   f"device={device.type} autocast={autocast or 'none'}")
@@ -285,7 +286,7 @@ def run(pl: Plan, out: Path, console=None) -> Recorder:
     console.print(f"loaded model and {len(defs)} tasks in {time.perf_counter() - t0:.1f}s "
                   f"(train examples: {', '.join(f'{n}={len(p)}' for n, p in pairs.items())})")
 
-    rec = Recorder(out, cfg, pl)
+    rec = Recorder(rundir, cfg, pl)
     resumed = rec.load_existing()
     rec.meta = meta_info(desc, device, autocast)
     s = Session(pl, out, rec, console, None, None, device, autocast, base_model, tok, lm_tasks, pairs, None, 0.0, {},

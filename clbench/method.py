@@ -387,7 +387,6 @@ def load_plugin_methods() -> None:
     if _PLUGINS["done"] or _PLUGINS["loading"]:
         return
     import os
-    import types
 
     from . import paths
 

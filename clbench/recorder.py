@@ -3,13 +3,13 @@ files (clbench.results defines their columns), rewritten atomically after every 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +18,9 @@ from . import method as M
 from . import metrics, results
 from .config import RunConfig
 from .stats import not_learned_by_margin
+
+if TYPE_CHECKING:
+    from .rundir import RunDir
 
 MULTITASK = "multitask"  # the stage label of the joint reference's row in matrix.csv
 
@@ -105,8 +108,9 @@ def ordered_rows(rows: list[dict], plan) -> list[dict]:
 class Recorder:
     """Holds every result so far and rewrites the results files atomically after each stage."""
 
-    def __init__(self, out: Path, cfg: RunConfig, plan):
-        self.out, self.cfg, self.plan = out, cfg, plan
+    def __init__(self, rundir: RunDir, cfg: RunConfig, plan):
+        self.rundir, self.cfg, self.plan = rundir, cfg, plan
+        self.out = rundir.path
         self.rows: list[dict] = []
         self.summary: list[dict] = []
         self.methods: dict = {}
@@ -116,16 +120,15 @@ class Recorder:
 
     def load_existing(self) -> bool:
         """Pick up the results of an earlier, interrupted run of the same config."""
-        f = self.out / "results.json"
-        if not (f.is_file() and (self.out / "matrix.csv").is_file()):
+        rows = self.rundir.read_rows()
+        if rows is None:
             return False
-        prev = json.loads(f.read_text())
+        prev = self.rundir.results()
         self.methods = prev.get("methods", {})
         self.config_changes = prev.get("run", {}).get("config_changes", [])
         self.rows = [{**r, "seed": int(r["seed"]), "stage": _stage_label(r["stage"]), "value": float(r["value"])}
-                     for r in results.read_csv(self.out / "matrix.csv")]
-        self.summary = [{**r, "seed": int(r["seed"])} for r in results.read_csv(self.out / "summary.csv")] \
-            if (self.out / "summary.csv").is_file() else []
+                     for r in rows[0]]
+        self.summary = [{**r, "seed": int(r["seed"])} for r in rows[1]]
         for r in self.summary:
             for k, v in r.items():
                 if k not in ("method", "seed", "mode", *results.FLAG_COLUMNS):  # flags are text (task names)
@@ -220,9 +223,8 @@ class Recorder:
     def flush(self):
         if not D.is_main():  # one writer: the other ranks hold the same results
             return
-        results.write_csv(self.out / "matrix.csv", results.MATRIX_COLUMNS, self._ordered_rows())
-        results.write_csv(self.out / "summary.csv", results.SUMMARY_COLUMNS, self.summary)
-        results.write_json(self.out / "results.json", {
+        self.rundir.write_rows(results.MATRIX_COLUMNS, self._ordered_rows(), results.SUMMARY_COLUMNS, self.summary)
+        self.rundir.write_results({
             "run": {"name": self.cfg.name, "stream": self.cfg.stream or "custom", "order": self.cfg.order if self.cfg.stream else "custom",
                     "tasks": self.plan.task_names, "seeds": self.cfg.seeds, "git_sha": git_sha(),
                     "config_hash": self.cfg.hash(), "config_changes": self.config_changes,

@@ -296,11 +296,11 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, refe
         run_dirs = [run_dirs]
     if not run_dirs:
         raise ReportError("no run directory given")
-    from .tune import is_tune_dir, read_record
+    from .rundir import RunDir
 
-    tunes = [read_record(d) for d in run_dirs if is_tune_dir(d)]
+    tunes = [RunDir(d).tune_record() for d in run_dirs if RunDir(d).is_tune()]
     # a tune directory is reported by its final (test) runs; its selection runs scored validation only
-    found, notes = discover_runs([Path(d) / "final" if is_tune_dir(d) else d for d in run_dirs])
+    found, notes = discover_runs([Path(d) / "final" if RunDir(d).is_tune() else d for d in run_dirs])
     runs = [load_run(d) for d in found]
     for r in runs:
         notes += r.notes

@@ -10,57 +10,12 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import RunDirError
-from .planning import Plan
 
-
-def load_results_json(out: Path) -> dict | None:
-    """results.json of a run directory, its shape checked (None when there is none). A file that is
-    not JSON, or does not have the shape a run writes, is one line naming it and the key."""
-    f = out / "results.json"
-    if not f.is_file():
-        return None
-    again = "; use --fresh to start over or another --output-dir"
-    try:
-        res = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise RunDirError(f"run directory {out}: {f} cannot be read ({e}){again}") from None
-
-    def bad(where: str, what: str):
-        return RunDirError(f"run directory {out}: {f} is damaged: {where} is not {what}{again}")
-
-    if not isinstance(res, dict):
-        raise bad("the file", "an object")
-    if not isinstance(res.get("run"), dict) or not isinstance(res["run"].get("config"), dict):
-        raise bad("run.config", "an object")
-    tasks = res["run"].get("tasks")
-    if not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
-        raise bad("run.tasks", "a list of task names")
-    if not isinstance(res.get("methods", {}), dict):
-        raise bad("methods", "an object")
-    num = (int, float)
-    for m, entry in res.get("methods", {}).items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("seeds", {}), dict):
-            raise bad(f"methods.{m}", "an object with seeds")
-        for s, se in entry.get("seeds", {}).items():
-            w = f"methods.{m}.seeds.{s}"
-            if not isinstance(se, dict) or not str(s).lstrip("-").isdigit():
-                raise bad(w, "an object under a seed number")
-            for key, width in (("matrix", len(tasks)), ("heldout_matrix", len(se.get("heldout_tasks") or [])),
-                               ("other_kind_matrix", len(se.get("other_kind_tasks") or []))):
-                rows = se.get(key)
-                if key != "matrix" and rows is None:
-                    continue
-                if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == width and
-                                                       all(isinstance(v, num) and not isinstance(v, bool) for v in r)
-                                                       for r in rows)):
-                    raise bad(f"{w}.{key}", f"a list of rows of {width} numbers")
-            if not isinstance(se.get("metrics", {}), dict) or not isinstance(se.get("merged", {}), dict):
-                raise bad(w, "an object with metrics")
-            if not isinstance(se.get("stages", []), list):
-                raise bad(f"{w}.stages", "a list")
-    return res
+if TYPE_CHECKING:
+    from .planning import Plan
 
 
 def _expected_rows(res: dict, pl: Plan, metric_of: dict) -> list[dict]:
@@ -152,8 +107,8 @@ def _row_key(r) -> tuple:
     return (str(r["method"]), str(r["seed"]), str(r["stage"]), str(r["eval_task"]))
 
 
-def verify_results(out: Path, pl: Plan | None, res: dict | None = None, repair: bool = True) -> list[str]:
-    """Check matrix.csv and summary.csv against results.json, the record the run resumes from: a
+def verify_results(out: Path, pl: Plan | None, res: dict | None, repair: bool = True) -> list[str]:
+    """Check matrix.csv and summary.csv against `res` (results.json, read by clbench.rundir.RunDir), the record the run resumes from: a
     missing file, a damaged line, a row results.json has and the file lacks or gives another value
     is repaired by writing the file again from results.json (rows results.json does not hold, e.g.
     a stage recorded in matrix.csv just before a crash, are kept when they are well formed).
@@ -162,7 +117,6 @@ def verify_results(out: Path, pl: Plan | None, res: dict | None = None, repair: 
     from .recorder import ordered_rows
     from .results import MATRIX_COLUMNS, SUMMARY_COLUMNS, write_csv
 
-    res = res if res is not None else load_results_json(out)
     if res is None:
         return []
     said = []

@@ -34,7 +34,7 @@ import yaml
 from .files import WriteError, atomic_write, temp_file, write_failed  # noqa: F401  (the writers' errors, re-exported)
 
 # The results contract: what a run directory holds, written by the loop (clbench.recorder) and
-# read by everything else (clbench.report, clbench.runner, outside tools) from these names only.
+# read by everything else (clbench.rundir, clbench.report, outside tools) from these names only.
 RESULT_FILES = ("config.yaml", "matrix.csv", "summary.csv", "results.json")
 MATRIX_COLUMNS = ["method", "seed", "stage", "trained_task", "eval_task", "metric", "value", "eval_group"]
 MATRIX_OPTIONAL = ("eval_group",)  # absent in files written before held-out probes existed: read as "stream"
@@ -72,25 +72,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-# Run provenance the runner holds for the results.json of the directory it has locked (the data
-# fingerprint, the accepted data changes): merged into the file's `run` object whenever it is written.
-_RUN_INFO: dict[str, dict] = {}
-
-
-def set_run_info(results_json: Path, info: dict | None) -> None:
-    """Every later write of `results_json` (a run directory's results.json) carries `info` in its
-    `run` object; None stops it (clbench.runner sets it while it holds the directory's lock)."""
-    key = str(Path(results_json).resolve())
-    if info is None:
-        _RUN_INFO.pop(key, None)
-    else:
-        _RUN_INFO[key] = dict(info)
-
-
 def write_json(path: Path, obj) -> None:
-    info = _RUN_INFO.get(str(Path(path).resolve())) if _RUN_INFO else None
-    if info and isinstance(obj, dict) and isinstance(obj.get("run"), dict):
-        obj = {**obj, "run": {**obj["run"], **info}}
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n")
 
 

@@ -21,6 +21,11 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def wants_cpu(cfg: RunConfig) -> bool:
+    """Whether the run trains on the CPU (the process group's backend is then gloo)."""
+    return cfg.device == "cpu" or not torch.cuda.is_available()
+
+
 def select_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype | None]:
     """(device, autocast dtype or None). Master weights always stay float32."""
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -52,6 +52,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from .config import RunConfig, Strict, format_validation_error, load_yaml, method_index, set_path
 from . import launch
 from .errors import ClbenchError, ConfigError, SweepError
+from .rundir import RunDir
 
 AXES = ("methods", "seeds", "orders")  # grid keys that are not key paths of the run config
 # Passed from the sweep's environment to every run, whatever the launcher's workers inherit.
@@ -352,33 +353,6 @@ def _point_str(point: dict) -> str:
 # --- status of a run directory ----------------------------------------------------------------
 
 
-def run_status(run: Run, run_dir: Path) -> str:
-    """complete: results.json says every (method, seed) of this config is complete (and matrix.csv and
-    summary.csv agree with it), and the config
-    its numbers were computed with equals this one (ignoring the non-result fields: the same check
-    as `clbench run`'s); changed: another config's results; partial: results or a started run to
-    resume; new: nothing yet."""
-    from .errors import RunDirError
-    from .resultcheck import verify_results
-    from .runner import comparable_config, results_config
-
-    try:
-        prev = results_config(run_dir)
-        damaged = prev is not None and verify_results(run_dir, None, repair=False)
-    except RunDirError:
-        return "partial"
-    if prev is None:
-        return "partial" if (run_dir / "config.yaml").is_file() else "new"
-    if comparable_config(prev[0]) != comparable_config(run.cfg.model_dump(mode="json")):
-        return "changed"
-    for spec in run.cfg.methods:
-        seeds = (prev[1].get(spec.run_name) or {}).get("seeds") or {}
-        if not all((seeds.get(str(s)) or {}).get("complete") for s in run.cfg.seeds):
-            return "partial"
-    # matrix.csv or summary.csv missing or disagreeing with results.json: `clbench run` rebuilds them
-    return "partial" if damaged else "complete"
-
-
 def prepare(sweep: Sweep, validate_plans: bool = True) -> None:
     """Validate every run as `clbench run` would (methods, options, tasks, data, model) before
     anything runs, then write the expanded configs and note each run's status."""
@@ -400,7 +374,7 @@ def prepare(sweep: Sweep, validate_plans: bool = True) -> None:
         text = yaml.safe_dump(run.raw, sort_keys=False)
         if not run.config_path.is_file() or run.config_path.read_text() != text:
             results.atomic_write_text(run.config_path, text)
-        run.status = run_status(run, run.dir)
+        run.status = RunDir(run.dir).status(run.cfg)
     results.atomic_write_text(sweep.out / "sweep.yaml", yaml.safe_dump(
         {"source": str(sweep.path.resolve()), **sweep.cfg.model_dump(mode="json")}, sort_keys=False))
 
@@ -416,10 +390,9 @@ def _write_index(sweep: Sweep, outcome: dict) -> None:
 def run_sweep(sweep: Sweep, dry_run: bool = False, out=None, fresh: bool = False) -> dict:
     """Run what is not complete (fresh: every run, each started over as `clbench run --fresh`);
     returns {run id: status}. Raises SweepError naming failed runs."""
-    from .runner import RunLock
 
     out = out or sys.stdout
-    with RunLock(sweep.out, what="sweep directory"):  # one sweep (or tune) process per directory
+    with RunDir(sweep.out).lock("sweep directory"):  # one sweep (or tune) process per directory
         return _run_sweep(sweep, dry_run, out, fresh)
 
 
@@ -446,7 +419,7 @@ def _run_sweep(sweep: Sweep, dry_run: bool, out, fresh: bool) -> dict:
 
     def done(run: Run, res: dict):
         ok = res.get("rc") == 0
-        run.status = run_status(run, run.dir) if ok else "failed"
+        run.status = RunDir(run.dir).status(run.cfg) if ok else "failed"
         if ok and run.status != "complete":
             run.status, ok = "failed", False
             res.setdefault("error", "the run ended without complete results")
@@ -467,7 +440,7 @@ def _run_sweep(sweep: Sweep, dry_run: bool, out, fresh: bool) -> dict:
     except KeyboardInterrupt:
         for r in todo:
             if r.id not in outcome:
-                r.status = run_status(r, r.dir)
+                r.status = RunDir(r.dir).status(r.cfg)
         _write_index(sweep, outcome)
         raise
     _write_index(sweep, outcome)

@@ -49,6 +49,7 @@ from pydantic import Field, ValidationError, field_validator
 from .config import RunConfig, Seed, Strict, format_validation_error, load_yaml, method_index
 from .errors import ConfigError
 from .launch import last_error
+from .rundir import RunDir
 from .sweep import (RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, check_key_path, expand, run_sweep,
                     with_set)
 
@@ -249,11 +250,8 @@ def selection_sweep(tune: Tune, task_dirs: list[Path]) -> Sweep:
 
 def validation_score(run_dir: Path, label: str, seed: int) -> float:
     """The mean of the last row of a selection run's matrix (validation ACC), NaN when not complete."""
-    try:
-        entry = json.loads((run_dir / "results.json").read_text())["methods"][label]["seeds"][str(seed)]
-    except (OSError, ValueError, KeyError):
-        return math.nan
-    if not entry.get("complete"):
+    entry = RunDir(run_dir).seed_result(label, seed)
+    if not (entry and entry.get("complete")):
         return math.nan
     last = entry["matrix"][-1]
     return float(sum(last) / len(last))
@@ -314,9 +312,8 @@ def _write_record(tune: Tune, chosen: dict, final: Sweep | None) -> None:
 def run_tune(tune: Tune, dry_run: bool = False, fresh: bool = False, select_only: bool = False, out=None) -> dict:
     """Selection, then the winners' final runs (unless select_only). Returns tune.json's content.
     One tune process per tune directory (a lock on it, as `clbench run` holds one on a run's)."""
-    from .runner import RunLock
 
-    with RunLock(tune.out, what="tune directory"):
+    with RunDir(tune.out).lock("tune directory"):
         return _run_tune(tune, dry_run, fresh, select_only, out or sys.stdout)
 
 
@@ -357,11 +354,3 @@ def _run_tune(tune: Tune, dry_run: bool, fresh: bool, select_only: bool, out) ->
     print(f"tune {tune.name}: final runs of the winners on test", file=out, flush=True)
     run_sweep(final, out=out, fresh=fresh)
     return json.loads((tune.out / "tune.json").read_text())
-
-
-def is_tune_dir(path: Path) -> bool:
-    return (Path(path) / "tune.json").is_file()
-
-
-def read_record(path: Path) -> dict:
-    return json.loads((Path(path) / "tune.json").read_text())

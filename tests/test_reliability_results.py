@@ -66,10 +66,11 @@ def test_intact_results_are_not_rewritten(complete_run, tmp_path):
     from clbench.config import load_config
     from clbench.planning import plan
     from clbench.resultcheck import verify_results
+    from clbench.rundir import RunDir
 
     cfg, cdir = load_config(TINY_CONFIG, ["threads=1"])
     out = _copy(complete_run, tmp_path)
-    assert verify_results(out, plan(cfg, cdir)) == []
+    assert verify_results(out, plan(cfg, cdir), RunDir(out).results()) == []
 
 
 @pytest.mark.parametrize("how", ["not_json", "matrix_not_rows", "methods_not_object"])

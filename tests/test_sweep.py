@@ -12,6 +12,8 @@ import yaml
 
 from conftest import REPO, TINY_CONFIG
 
+from clbench.rundir import RunDir
+
 # Every run of these sweeps: the tiny model, 2 steps a stage, 4 test examples, one thread.
 FAST = {"train.steps": 2, "eval.limit": 4, "eval.log_samples": False, "threads": 1}
 
@@ -143,7 +145,7 @@ def test_rerun_skips_complete_runs(local_sweep, run_cli):
     assert {d: (out / d / "results.json").stat().st_mtime_ns for d in run_dirs(out)} == stamps
 
 
-def test_run_status_partial_and_changed(local_sweep, tmp_path):
+def test_run_dir_status_partial_and_changed(local_sweep, tmp_path):
     from clbench import sweep as S
 
     path, out = local_sweep
@@ -151,25 +153,25 @@ def test_run_status_partial_and_changed(local_sweep, tmp_path):
     run = next(r for r in sw.runs if r.id == "lora__seed=1")
     d = tmp_path / "copy"
     shutil.copytree(out / run.id, d)
-    assert S.run_status(run, d) == "complete"
+    assert RunDir(d).status(run.cfg) == "complete"
     summary = (d / "summary.csv").read_text()
     (d / "summary.csv").unlink()  # results.json is complete, a derived file is gone: `clbench run` rebuilds it
-    assert S.run_status(run, d) == "partial"
+    assert RunDir(d).status(run.cfg) == "partial"
     (d / "summary.csv").write_text(summary)
     res = json.loads((d / "results.json").read_text())
     res["methods"]["lora"]["seeds"]["1"]["complete"] = False
     (d / "results.json").write_text(json.dumps(res))
-    assert S.run_status(run, d) == "partial"
+    assert RunDir(d).status(run.cfg) == "partial"
     # the config the numbers were computed with is results.json's (as `clbench run` reads it)
     res["run"]["config"]["threads"] = 2  # a non-result field: no difference
     (d / "results.json").write_text(json.dumps(res))
-    assert S.run_status(run, d) == "partial"
+    assert RunDir(d).status(run.cfg) == "partial"
     res["run"]["config"]["train"]["lr"] = 0.5
     (d / "results.json").write_text(json.dumps(res))
-    assert S.run_status(run, d) == "changed"
+    assert RunDir(d).status(run.cfg) == "changed"
     (d / "results.json").unlink()  # a started run that has no result yet
-    assert S.run_status(run, d) == "partial"
-    assert S.run_status(run, tmp_path / "nothing") == "new"
+    assert RunDir(d).status(run.cfg) == "partial"
+    assert RunDir(tmp_path / "nothing").status(run.cfg) == "new"
 
 
 # --- submitit (resuming a run) and Ray --------------------------------------------------------------
@@ -230,7 +232,7 @@ def test_ray_sweep_lr_by_seed(ray_cluster, tmp_path, run_cli):
 def test_failed_run_is_named_with_its_log(tmp_path, run_cli):
     """A run that fails (here: its run directory is locked by a live process) fails the sweep,
     naming the run and its log, and the other runs still complete."""
-    from clbench.runner import RunLock
+    from clbench.rundir import RunLock
 
     path = write_sweep(tmp_path, name="fail", grid={"seeds": [0, 1]})
     doc = yaml.safe_load(path.read_text())
