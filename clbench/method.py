@@ -330,18 +330,57 @@ def register(name: str, *aliases: str):
     return deco
 
 
+BUILTIN_PACKAGE = "clbench_builtin.methods"  # the built-in methods (pyproject.toml maps the repository's methods/)
+FILE_PREFIX = "clbench_methods"  # the module name of a method file loaded by path: clbench_methods.<file stem>
+
+
+def builtin_package():
+    """The built-in methods' package, imported as an ordinary package, so one built-in method reaches
+    another by import (`from clbench_builtin.methods import olora`). From an uninstalled checkout on
+    PYTHONPATH (clbench.paths: bench/gpu_check.py) the package is made importable from its folder."""
+    import types
+
+    from . import paths
+
+    if importlib.util.find_spec("clbench_builtin") is None and BUILTIN_PACKAGE not in sys.modules:
+        folder = paths.BUILTIN_METHODS_DIR
+        top = types.ModuleType("clbench_builtin")
+        top.__path__ = []
+        sys.modules.setdefault("clbench_builtin", top)
+        spec = importlib.util.spec_from_file_location(BUILTIN_PACKAGE, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[BUILTIN_PACKAGE] = pkg
+        spec.loader.exec_module(pkg)
+    return importlib.import_module(BUILTIN_PACKAGE)
+
+
+def _is_builtin(path: Path) -> bool:
+    from . import paths
+
+    return path.resolve().parent == paths.BUILTIN_METHODS_DIR.resolve()
+
+
 def load_method_file(path: Path) -> list[str]:
-    """Import one method file by path; returns the names it registered."""
+    """Import one method file; returns the names it registered. A built-in method is imported as
+    clbench_builtin.methods.<stem> (once, however often it is asked for); any other file by path, as
+    clbench_methods.<stem>. The built-ins are reachable under clbench_methods.<stem> too (the name
+    they had when they were loaded by path)."""
     path = Path(path)
     if not path.is_file():
         raise MethodError(f"method file not found: {path}")
     before = dict(_REGISTRY)
-    mod_name = f"clbench_methods.{path.stem}"
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
+    builtin = _is_builtin(path)
+    mod_name = f"{BUILTIN_PACKAGE}.{path.stem}" if builtin else f"{FILE_PREFIX}.{path.stem}"
     try:
-        spec.loader.exec_module(module)
+        if builtin:
+            builtin_package()
+            module = importlib.import_module(mod_name)
+        else:
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_name] = module
+            spec.loader.exec_module(module)
     except MethodError as e:
         sys.modules.pop(mod_name, None)
         raise MethodError(f"method file {path}: {e}") from e
@@ -350,19 +389,21 @@ def load_method_file(path: Path) -> list[str]:
         if isinstance(e, KeyboardInterrupt):
             raise
         raise MethodError(f"method file {path} failed to import: {type(e).__name__}: {e}") from e
+    if builtin:
+        sys.modules[f"{FILE_PREFIX}.{path.stem}"] = module
     new = [n for n, c in _REGISTRY.items() if before.get(n) is not c]
-    if not new and path.parent.name != "methods":
+    if not new and not builtin and path.parent.name != "methods":
         raise MethodError(f"method file {path} registered no method (decorate a Method subclass with "
                           "@clbench.method.register('name'))")
     return new
 
 
 def method_module(path: Path):
-    """The module of a method file, imported through load_method_file if it is not yet: a method
-    that extends another's class (N-LoRA and InfLoRA extend O-LoRA's) imports it this way, whatever
-    order the files load in."""
+    """The module of a method file, imported through load_method_file if it is not yet. A user's
+    method that extends a built-in one imports it instead (`from clbench_builtin.methods import
+    olora`); this serves method files that extend each other by path."""
     path = Path(path)
-    name = f"clbench_methods.{path.stem}"
+    name = f"{BUILTIN_PACKAGE if _is_builtin(path) else FILE_PREFIX}.{path.stem}"
     if name not in sys.modules:
         load_method_file(path)
     return sys.modules[name]

@@ -66,7 +66,6 @@ adds the same M^T v to its own rows. Tested against 1 process as A-GEM (tests/te
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -74,9 +73,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import nnls
 
-from clbench.method import method_module, register
-
-_agem = method_module(Path(__file__).with_name("agem.py"))  # the memory and reference gradients GEM shares
+from clbench.method import register
+from clbench_builtin.methods import agem as _agem  # the memory and reference gradients GEM shares
 
 
 class GemOptions(BaseModel):

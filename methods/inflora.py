@@ -69,7 +69,6 @@ Memory: H is d x d float64 per distinct module input during a pass (SmolLM2-135M
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
@@ -78,12 +77,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from clbench import fsdp
 from clbench.examples import collate
 from clbench.masking import derive_seed, local_rows, own_rows
-from clbench.method import MethodError, method_module, register
+from clbench.method import MethodError, register
+from clbench_builtin.methods import olora as _olora_mod  # its class is the structure InfLoRA extends
 
 _SUBSET_SALT = 401  # the examples of a capped H pass: a draw of its own, apart from the batch order
 
-
-_olora_mod = method_module(Path(__file__).with_name("olora.py"))  # its class is the structure InfLoRA extends
 adapter_name, lora_layers = _olora_mod.adapter_name, _olora_mod.lora_layers
 
 

@@ -59,11 +59,8 @@ Memory: T groups exist from setup; only the current one has gradients and optimi
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from clbench.method import MethodError, method_module, register
-
-_moelora = method_module(Path(__file__).with_name("moelora.py"))
+from clbench.method import MethodError, register
+from clbench_builtin.methods import moelora as _moelora  # MoELoRA's experts and router
 
 
 @register("moelora_expand")

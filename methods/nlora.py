@@ -62,17 +62,15 @@ lora_A / lora_B pair; keeping one peft adapter per stage gives the same forward.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench.fsdp import full
-from clbench.method import MethodError, method_module, register
+from clbench.method import MethodError, register
+from clbench_builtin.methods import olora as _olora  # O-LoRA's adapters and orthogonality structure
 
-
-_olora = method_module(Path(__file__).with_name("olora.py"))
 OLoRA, adapter_name, lora_layers = _olora.OLoRA, _olora.adapter_name, _olora.lora_layers
 
 

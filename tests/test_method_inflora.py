@@ -16,7 +16,7 @@ from clbench.train import collate, tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
 
 M.load_method_file(REPO / "methods" / "inflora.py")
-inf = sys.modules["clbench_methods.inflora"]
+from clbench_builtin.methods import inflora as inf  # noqa: E402  (after the loads above)
 
 STAGE1 = [
     ("Number: 12\nEven or odd?\nAnswer:", " even"),

@@ -6,7 +6,6 @@ generation; lm-eval's own log-likelihood path refuses; the surrogate loss and wh
 2-stage run with resume."""
 
 import copy
-import sys
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from clbench.train import collate, lm_loss, target_logits, tokenize
 from conftest import REPO, left_padded_generate, two_stage_run_and_resume
 
 M.load_method_file(REPO / "methods" / "l2p.py")
-l2p = sys.modules["clbench_methods.l2p"]
 
 CPU = torch.device("cpu")
 PAIRS = [("Number: 12\nEven or odd?\nAnswer:", " even"), ("Review: dull and slow\nSentiment:", " negative"),

@@ -7,7 +7,6 @@ head), evaluation's log-likelihoods (prefix-shared and lm-eval's own path), gree
 two stages and a 2-stage run with resume."""
 
 import copy
-import sys
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from clbench.train import collate, target_logits, tokenize
 from conftest import REPO, left_padded_generate, two_stage_run_and_resume
 
 M.load_method_file(REPO / "methods" / "progressive_prompts.py")
-pp = sys.modules["clbench_methods.progressive_prompts"]
+from clbench_builtin.methods import progressive_prompts as pp  # noqa: E402  (after the loads above)
 
 CPU = torch.device("cpu")
 PAIRS = [("Number: 12\nEven or odd?\nAnswer:", " even"), ("Number: 7\nEven or odd?\nAnswer:", " odd"),

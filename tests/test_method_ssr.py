@@ -5,7 +5,6 @@ model's choice scoring (a plain forward's log-likelihoods) or transformers' gree
 it is fixed after stage t, later stages train on it, it survives a state_dict round trip;
 plus a two-stage CLI run resumed after stage 1."""
 
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from clbench.train import tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
 
 M.load_method_file(REPO / "methods" / "ssr.py")
-ssr = sys.modules["clbench_methods.ssr"]
+from clbench_builtin.methods import ssr  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

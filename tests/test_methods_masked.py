@@ -5,7 +5,6 @@ The hard invariant: entries a method freezes stay BIT-IDENTICAL through a stage 
 (fused, as the loop builds it) with weight decay 0.1, gradient clipping, bf16 autocast and
 gradient accumulation 2."""
 
-import sys
 
 import pytest
 import torch
@@ -23,10 +22,9 @@ from conftest import REPO
 MINE = ("lota", "hft", "spafit", "ks_lottery")
 for _f in MINE:
     M.load_method_file(REPO / "methods" / f"{_f}.py")
-lota_mod = sys.modules["clbench_methods.lota"]
-hft_mod = sys.modules["clbench_methods.hft"]
-spafit_mod = sys.modules["clbench_methods.spafit"]
-ks_mod = sys.modules["clbench_methods.ks_lottery"]
+from clbench_builtin.methods import lota as lota_mod  # noqa: E402  (after the loads above)
+from clbench_builtin.methods import hft as hft_mod  # noqa: E402  (after the loads above)
+from clbench_builtin.methods import ks_lottery as ks_mod  # noqa: E402  (after the loads above)
 
 PAIRS = [
     ("Number: 12\nEven or odd?\nAnswer:", " even"),
