@@ -3,7 +3,6 @@
 model through the loop's real train_stage, or on hand-made tensors with hand-computed
 results; one 2-stage CLI run of every method, resumed after stage 1 with identical losses."""
 
-import sys
 
 import pytest
 import torch
@@ -14,18 +13,15 @@ from clbench import merging
 from clbench import method as M
 from clbench import models
 from clbench.config import MergeSpec, TrainConfig
-from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
+from harness import CPU, bits, compare, fresh, one_stage, parity, stage_view
 
 for _f in ("olora", "ewc", "replay", "lota", "lora"):
     M.load_method_file(REPO / "methods" / f"{_f}.py")
-olora_mod = sys.modules["clbench_methods.olora"]
-lota_mod = sys.modules["clbench_methods.lota"]
+from clbench_builtin.methods import olora as olora_mod  # noqa: E402  (after the loads above)
+from clbench_builtin.methods import lota as lota_mod  # noqa: E402  (after the loads above)
 
-PARITY = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(20)]
-COMPARE = [(f"Which is larger, {a} or {b}?\nAnswer:", " first" if a > b else " second")
-           for a, b in zip(range(3, 63, 3), range(50, 10, -2))]
-CPU = torch.device("cpu")
+PARITY, COMPARE = parity(20), compare(20)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; `tok` comes from there too
@@ -34,31 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; `tok` comes f
 @pytest.fixture(scope="module")
 def data(tok):
     return T.tokenize(PARITY, tok, 64), T.tokenize(COMPARE, tok, 64)
-
-
-def fresh(tok, name, options=None, tasks=("t1", "t2")):
-    torch.manual_seed(0)
-    meth = M.make(name, options or {})
-    run = M.RunContext(method=name, seed=0, tasks=list(tasks), device=CPU, tokenizer=tok)
-    return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
-
-
-def stage_ctx(run, cfg, t, examples=()):
-    return M.Stage(stage=t, task=f"t{t}", seed=0, run=run, train_config=cfg, generator=torch.Generator().manual_seed(t),
-                   examples=examples)
-
-
-def run_stage(meth, model, run, examples, tok, cfg, t, between=None):
-    """clbench.stage's stage t: start_stage, then (between(model, stage)) the loop's train_stage, stage_end."""
-    model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
-    if between is not None:
-        between(model, stage)
-    T.train_stage(model, meth, list(stage.examples), cfg, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
-    return M.call(meth, "stage_end", model, stage), stage
-
-
-def bits(t):
-    return t.detach().clone().view(torch.int32)
 
 
 # --- merging on hand-made tensors -------------------------------------------------------
@@ -209,9 +180,9 @@ def _set_A(model, adapter, fn):
 
 def test_olora_penalty_zero_for_orthogonal_adapters_positive_otherwise(tok):
     meth, model, run = fresh(tok, "olora", {"r": 4, "alpha": 8, "dropout": 0.0})
-    one = stage_ctx(run, TrainConfig(), 1)
+    one = stage_view(run, 1, TrainConfig())
     meth.stage_end(meth.stage_start(model, one), one)  # stage 1 done: its adapter is an earlier one at stage 2
-    stage = stage_ctx(run, TrainConfig(), 2)
+    stage = stage_view(run, 2, TrainConfig())
     meth.stage_start(model, stage)
     assert len(olora_mod.lora_layers(model)) == 4  # q_proj and v_proj of 2 layers
 
@@ -226,21 +197,21 @@ def test_olora_penalty_zero_for_orthogonal_adapters_positive_otherwise(tok):
     _set_A(model, "stage1", lambda s: torch.zeros(s).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(1.0)))
     _set_A(model, "stage2", lambda s: torch.zeros(s).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(-2.0)))
     assert float(meth.extra_loss(model, None, stage, None).detach()) == pytest.approx(0.5 * 4 * 2.0)
-    assert meth.extra_loss(model, None, stage_ctx(run, TrainConfig(), 1), None) is None  # no earlier adapter
+    assert meth.extra_loss(model, None, stage_view(run, 1, TrainConfig()), None) is None  # no earlier adapter
 
 
 def test_olora_earlier_adapters_frozen_but_active_and_overlap_shrinks(tok, data):
     parity, compare = data
     meth, model, run = fresh(tok, "olora", {"r": 4, "alpha": 8, "lambda1": 5.0}, tasks=("t1", "t2", "t3"))
     cfg = TrainConfig(lr=2e-2, steps=4, batch_size=4, weight_decay=0.1)
-    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
+    model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
     after1 = {n: bits(p) for n, p in model.named_parameters()}
     overlap = {}
 
     def record(m, st):
         overlap["start"] = float(olora_mod.orthogonality_penalty(m, "stage2", ["stage1"]).detach())
 
-    model, stage = run_stage(meth, model, run, compare, tok, cfg, 2, between=record)
+    model, stage, _ = one_stage(meth, model, run, tok, compare, cfg, 2, between=record)
     assert model.base_model.active_adapters == ["stage1", "stage2"]  # stage 1's adapter stays in the forward
     moved = {n for n, p in model.named_parameters() if not torch.equal(bits(p), after1[n])}
     assert moved and all(".stage2." in n for n in moved)  # only the new adapter trained
@@ -283,7 +254,7 @@ def test_ewc_fisher_is_the_mean_squared_per_example_gradient(tok, data):
     assert all(float(f.sum()) > 0 for f in fisher.values())
     norm = M.make("ewc", {"normalize": "max"})  # fisher_source sample: the stage's 3 examples, all drawn
     norm.pad_id = tok.pad_token_id
-    norm.stage_end(model, stage_ctx(None, TrainConfig(batch_size=3), 1, examples=parity[:3]))
+    norm.stage_end(model, stage_view(None, 1, TrainConfig(batch_size=3), examples=parity[:3]))
     assert norm.stats[0]["samples"] == 3
     assert max(float(f.max()) for f in norm.fisher.values()) == 1.0
     torch.testing.assert_close(norm.fisher[name := "model.norm.weight"], fisher[name] / norm.stats[0]["max"])
@@ -299,13 +270,13 @@ def test_ewc_penalty_zero_at_anchor_and_online_fisher_and_resume(tok, data):
     parity, compare = data
     meth, model, run = fresh(tok, "ewc", {"ewc_lambda": 50.0, "gamma": 0.5, "fisher_batches": 2})
     cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4)
-    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
+    model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
     assert meth.stats[0]["samples"] == 8  # 2 micro-batches of 4 examples drawn from the stage's training set
     f1 = {k: v.clone() for k, v in meth.fisher.items()}
     assert set(f1) == {n for n, _ in model.named_parameters()}
     assert all((f >= 0).all() and float(f.sum()) > 0 for f in f1.values())
 
-    stage = stage_ctx(run, cfg, 2)
+    stage = stage_view(run, 2, cfg)
     meth.stage_start(model, stage)
     pen = meth.extra_loss(model, T.collate(compare[:4], tok.pad_token_id), stage, None)
     assert float(pen.detach()) == 0.0  # theta = theta*
@@ -328,7 +299,7 @@ def test_ewc_penalty_zero_at_anchor_and_online_fisher_and_resume(tok, data):
     state = meth.state_dict()
     again = M.make("ewc", {"ewc_lambda": 50.0, "gamma": 0.5, "fisher_batches": 2})
     again.load_state_dict(state)
-    again.stage_start(model, stage_ctx(run, cfg, 2))
+    again.stage_start(model, stage_view(run, 2, cfg))
     with torch.no_grad():
         named["model.norm.weight"].add_(0.1)
     assert float(again.penalty(model).detach()) == pytest.approx(float(meth.penalty(model).detach()), rel=1e-6) and float(meth.penalty(model).detach()) > 0
@@ -346,7 +317,7 @@ def test_ewc_penalty_zero_at_anchor_and_online_fisher_and_resume(tok, data):
             return real(m2, st2)
         meth.stage_end = spy
 
-    model, _ = run_stage(meth, model, run, compare, tok, cfg, 2, between=keep_batches)
+    model, _, _ = one_stage(meth, model, run, tok, compare, cfg, 2, between=keep_batches)
     for k in f1:
         torch.testing.assert_close(meth.fisher[k], 0.5 * f1[k] + captured["f2"][k], rtol=1e-5, atol=1e-12)
 
@@ -369,12 +340,12 @@ def test_replay_buffer_share_and_only_past_tasks(tok, data, monkeypatch):
         return out
 
     monkeypatch.setattr(meth, "batch", spy)
-    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
+    model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
     assert all(not rep for s, _, rep, _ in calls if s == 1)  # nothing to replay in stage 1
     buf = meth.buffers["t1"]
     assert len(buf) == 6 and all(ex in parity for ex in buf)  # m examples, all of task 1's training data
     assert len({tuple(e.input_ids) for e in buf}) == 6
-    model, _ = run_stage(meth, model, run, compare, tok, cfg, 2)
+    model, _, _ = one_stage(meth, model, run, tok, compare, cfg, 2)
     stage2 = [c for c in calls if c[0] == 2]
     assert len(stage2) == 3
     for _, B, rep, tasks in stage2:
@@ -383,14 +354,14 @@ def test_replay_buffer_share_and_only_past_tasks(tok, data, monkeypatch):
     assert set(meth.buffers) == {"t1", "t2"} and all(ex in compare for ex in meth.buffers["t2"])
     # seeded: the same run draws the same replay examples
     meth2, model2, run2 = fresh(tok, "replay", {"m": 6, "ratio": 0.25})
-    model2, _ = run_stage(meth2, model2, run2, parity, tok, cfg, 1)
+    model2, _, _ = one_stage(meth2, model2, run2, tok, parity, cfg, 1)
     assert meth2.buffers["t1"] == buf
 
 
 def test_replay_first_selection_keeps_the_first_m_seen(tok, data):
     parity, _ = data
     meth, model, run = fresh(tok, "replay", {"m": 5, "selection": "first"})
-    stage = stage_ctx(run, TrainConfig(), 1)
+    stage = stage_view(run, 1, TrainConfig())
     meth.stage_start(model, stage)
     for i in (0, 4, 8):
         meth.batch(parity[i:i + 4], stage)
@@ -403,8 +374,8 @@ def test_replay_loss_equals_the_mean_over_the_mixed_batch(tok, data, weighting):
     parity, compare = data
     meth, model, run = fresh(tok, "replay", {"m": 8, "ratio": 0.4, "weighting": weighting})
     cfg = TrainConfig(lr=1e-2, steps=2, batch_size=4)
-    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
-    stage = stage_ctx(run, cfg, 2)
+    model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
+    stage = stage_view(run, 2, cfg)
     meth.stage_start(model, stage)
     new = compare[:6]
     trained = meth.batch(new, stage)  # what the loop does: the batch hook, collate, lm_loss, extra_loss
@@ -434,8 +405,8 @@ def test_replay_wraps_a_base_method(tok, data):
     meth, model, run = fresh(tok, "replay", {"m": 4, "base": "lora", "base_options": {"r": 2, "alpha": 4, "dropout": 0.0}})
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
     cfg = TrainConfig(lr=1e-2, steps=2, batch_size=4)
-    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
-    model, _ = run_stage(meth, model, run, compare, tok, cfg, 2)
+    model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
+    model, _, _ = one_stage(meth, model, run, tok, compare, cfg, 2)
     # what the results record: the base method's count, here LoRA's adapter entries
     lora_entries = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     recorded = M.call(meth, "trainable_params", model)
@@ -471,10 +442,10 @@ def test_replay_of_general_data_from_stage_one(tok, data, monkeypatch):
         return out
 
     monkeypatch.setattr(meth, "batch", spy)
-    model, _ = run_stage(meth, model, run, parity, tok, cfg, 1)
+    model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
     for stage, B, tasks in draws:  # stage 1 already replays: general data only
         assert len(tasks) == round(0.25 * B / 0.75) and set(tasks) == {"general:gen"}
-    model, _ = run_stage(meth, model, run, parity, tok, cfg, 2)
+    model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 2)
     pooled = {t for s, _, tasks in draws if s == 2 for t in tasks}
     assert pooled <= {"general:gen", "t1"} and pooled  # stage 2 draws from task 1's buffer and the general data
     # seeded: a second setup keeps the same general examples

@@ -11,6 +11,7 @@ from clbench import generation as G
 from clbench import models
 from clbench.tasks import encode_pair
 from conftest import REPO
+from harness import hf_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,22 +22,6 @@ PROMPTS = ["Repeat the word: apple\nAnswer:", "Number: 7\nEven or odd?\nAnswer:"
 @pytest.fixture(scope="module")
 def model(tok):
     return models.build_tiny_model(0, len(tok))
-
-
-def hf_greedy(model, tok, prompts, n):
-    """transformers' greedy search on the prompts left-padded into one batch, as token lists
-    (everything after the prompt, up to the first EOS)."""
-    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(map(len, enc))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    rows = []
-    for r in out[:, width:].tolist():
-        rows.append(r[:r.index(tok.eos_token_id)] if tok.eos_token_id in r else r)
-    return rows
 
 
 def test_greedy_equals_transformers_generate(model, tok):

@@ -13,18 +13,16 @@ import torch
 
 import clbench.train as T
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
+from harness import CPU, bits, compare, fresh, one_stage, parity
 
 for _f in ("agem", "full_ft"):
     M.load_method_file(REPO / "methods" / f"{_f}.py")
 
-PARITY = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(16)]
-COMPARE = [(f"Which is larger, {a} or {b}?\nAnswer:", " first" if a > b else " second")
-           for a, b in zip(range(3, 51, 3), range(50, 18, -2))]
-CPU = torch.device("cpu")
+PARITY = parity(16)
+COMPARE = compare(16)
 CFG = TrainConfig(lr=1e-2, steps=4, batch_size=4, weight_decay=0.1)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,26 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(tok):
     return T.tokenize(PARITY, tok, 64), T.tokenize(COMPARE, tok, 64)
-
-
-def fresh(tok, name="agem", options=None):
-    torch.manual_seed(0)
-    meth = M.make(name, options or {})
-    run = M.RunContext(method=name, seed=0, tasks=["t1", "t2"], device=CPU, tokenizer=tok)
-    return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
-
-
-def bits(t):
-    return t.detach().clone().view(torch.int32)
-
-
-def train(meth, model, run, tok, examples, t, cfg=CFG, end=True):
-    model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
-    stats = T.train_stage(model, meth, list(stage.examples), cfg, stage, device=CPU, autocast_dtype=None,
-                          pad_id=tok.pad_token_id)
-    if end:
-        model = M.call(meth, "stage_end", model, stage)
-    return model, stage, stats
 
 
 def grad_of(model, examples, tok):
@@ -78,8 +56,8 @@ def set_grads(model, gs):
 def test_empty_memory_is_exactly_full_fine_tuning(tok, data):
     a, ma, ra = fresh(tok, "agem")
     f, mf, rf = fresh(tok, "full_ft")
-    _, _, sa = train(a, ma, ra, tok, data[0], 1, end=False)
-    _, _, sf = train(f, mf, rf, tok, data[0], 1, end=False)
+    _, _, sa = one_stage(a, ma, ra, tok, data[0], CFG, 1, end=False)
+    _, _, sf = one_stage(f, mf, rf, tok, data[0], CFG, 1, end=False)
     assert sa["losses"] == sf["losses"]
     pf = dict(mf.named_parameters())
     assert all(torch.equal(bits(p), bits(pf[n])) for n, p in ma.named_parameters())
@@ -87,24 +65,24 @@ def test_empty_memory_is_exactly_full_fine_tuning(tok, data):
 
 
 def test_memory_is_a_seeded_sample_of_the_stage_examples(tok, data):
-    meth, model, run = fresh(tok, options={"m": 5})
-    model, _, _ = train(meth, model, run, tok, data[0], 1)
+    meth, model, run = fresh(tok, "agem", options={"m": 5})
+    model, _, _ = one_stage(meth, model, run, tok, data[0], CFG, 1)
     mem = meth.memory["t1"]
     assert len(mem) == 5 and len({tuple(e.input_ids) for e in mem}) == 5
     assert all(e in data[0] for e in mem)
-    again, m2, r2 = fresh(tok, options={"m": 5})
-    train(again, m2, r2, tok, data[0], 1)
+    again, m2, r2 = fresh(tok, "agem", options={"m": 5})
+    one_stage(again, m2, r2, tok, data[0], CFG, 1)
     assert again.memory["t1"] == mem  # the same seed, stage and examples draw the same sample
-    big, m3, r3 = fresh(tok, options={"m": 100})
-    train(big, m3, r3, tok, data[0], 1)
+    big, m3, r3 = fresh(tok, "agem", options={"m": 100})
+    one_stage(big, m3, r3, tok, data[0], CFG, 1)
     assert sorted(map(tuple, (e.input_ids for e in big.memory["t1"]))) == sorted(tuple(e.input_ids) for e in data[0])
 
 
 @pytest.fixture
 def stage2(tok, data):
     """An A-GEM model after stage 1 (memory: 6 parity examples), at the start of stage 2."""
-    meth, model, run = fresh(tok, options={"m": 6, "ref_batch_size": 64})
-    model, _, _ = train(meth, model, run, tok, data[0], 1)
+    meth, model, run = fresh(tok, "agem", options={"m": 6, "ref_batch_size": 64})
+    model, _, _ = one_stage(meth, model, run, tok, data[0], CFG, 1)
     model, stage = start_stage(model, meth, data[1], CFG, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)
     model.train()
     ref = grad_of(model, meth.memory["t1"], tok)  # the whole memory is the reference batch (6 < 64)
@@ -141,8 +119,8 @@ def test_agreeing_gradient_is_left_bit_identical(stage2):
 
 
 def test_every_step_of_a_looped_stage_satisfies_the_invariants(tok, data):
-    meth, model, run = fresh(tok, options={"m": 6, "ref_batch_size": 64})
-    model, _, _ = train(meth, model, run, tok, data[0], 1)
+    meth, model, run = fresh(tok, "agem", options={"m": 6, "ref_batch_size": 64})
+    model, _, _ = one_stage(meth, model, run, tok, data[0], CFG, 1)
     cfg = TrainConfig(lr=3e-2, steps=6, batch_size=4, grad_accum=2, max_grad_norm=1.0)
     seen = []
     original = meth.after_backward
@@ -163,7 +141,7 @@ def test_every_step_of_a_looped_stage_satisfies_the_invariants(tok, data):
         assert meth.last["projected"] == (d < 0)
 
     meth.after_backward = checked
-    model, stage, _ = train(meth, model, run, tok, data[1], 2, cfg=cfg)
+    model, stage, _ = one_stage(meth, model, run, tok, data[1], cfg, 2)
     assert len(seen) == 6
     assert any(seen) and not all(seen)  # both branches ran (2 of the 6 steps conflict with this seed)
     assert meth.stats == [{"stage": 2, "steps": 6, "projected": sum(seen)}]
@@ -173,8 +151,8 @@ def test_every_step_of_a_looped_stage_satisfies_the_invariants(tok, data):
 def test_reference_batches_are_seeded_draws_from_the_memory(tok, data):
     draws = []
     for _ in range(2):
-        meth, model, run = fresh(tok, options={"m": 10, "ref_batch_size": 3})
-        model, _, _ = train(meth, model, run, tok, data[0], 1)
+        meth, model, run = fresh(tok, "agem", options={"m": 10, "ref_batch_size": 3})
+        model, _, _ = one_stage(meth, model, run, tok, data[0], CFG, 1)
         _, stage = start_stage(model, meth, data[1], CFG, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)
         draws.append([meth.reference_examples(stage) for _ in range(4)])
     assert draws[0] == draws[1]  # every process draws the same reference batches

@@ -16,11 +16,12 @@ from clbench.config import TrainConfig
 from clbench.stage import run_stage
 from clbench.train import tokenize
 from conftest import REPO
+from harness import parity
 
 M.load_builtin_methods(REPO / "methods")
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
-PAIRS = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(16)]
+PAIRS = parity(16)
 
 # (method, option, the default, how the docstring's options list writes it)
 DEFAULTS = [

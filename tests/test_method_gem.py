@@ -12,21 +12,19 @@ import torch
 
 import clbench.train as T
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
+from harness import CPU, compare, fresh, one_stage, parity
 from test_method_agem import dot, grad_of, grads, set_grads  # A-GEM's test helpers: the same gradients
 
 for _f in ("agem", "gem"):
     M.load_method_file(REPO / "methods" / f"{_f}.py")
 from clbench_methods.gem import solve_dual  # noqa: E402  (registered above)
 
-PARITY = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(16)]
-COMPARE = [(f"Which is larger, {a} or {b}?\nAnswer:", " first" if a > b else " second")
-           for a, b in zip(range(3, 51, 3), range(50, 18, -2))]
+PARITY = parity(16)
+COMPARE = compare(16)
 COPY = [(f"Repeat the word: w{i}\nAnswer:", f" w{i}") for i in range(16)]
-CPU = torch.device("cpu")
 CFG = TrainConfig(lr=1e-2, steps=4, batch_size=4, weight_decay=0.1)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,23 +47,10 @@ def data(tok):
     return T.tokenize(PARITY, tok, 64), T.tokenize(COMPARE, tok, 64), T.tokenize(COPY, tok, 64)
 
 
-def fresh(tok, name="gem", options=None):
-    torch.manual_seed(0)
-    meth = M.make(name, options or {})
-    run = M.RunContext(method=name, seed=0, tasks=["t1", "t2", "t3"], device=CPU, tokenizer=tok)
-    return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
-
-
-def train(meth, model, run, tok, examples, t, cfg=CFG):
-    model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
-    T.train_stage(model, meth, list(stage.examples), cfg, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
-    return M.call(meth, "stage_end", model, stage)
-
-
 def test_every_step_of_stage_3_keeps_every_finished_tasks_loss_from_rising(tok, data):
-    meth, model, run = fresh(tok, options={"m": 6})
-    model = train(meth, model, run, tok, data[0], 1)
-    model = train(meth, model, run, tok, data[1], 2)
+    meth, model, run = fresh(tok, "gem", tasks=("t1", "t2", "t3"), options={"m": 6})
+    model, _, _ = one_stage(meth, model, run, tok, data[0], CFG, 1)
+    model, _, _ = one_stage(meth, model, run, tok, data[1], CFG, 2)
     assert list(meth.memory) == ["t1", "t2"]
     cfg = TrainConfig(lr=3e-2, steps=6, batch_size=4, max_grad_norm=1.0)
     seen = []
@@ -96,7 +81,7 @@ def test_every_step_of_stage_3_keeps_every_finished_tasks_loss_from_rising(tok, 
             torch.testing.assert_close(x.double(), w, rtol=1e-4, atol=1e-6)
 
     meth.reference_sets, meth.after_backward = sets, checked
-    train(meth, model, run, tok, data[2], 3, cfg=cfg)
+    one_stage(meth, model, run, tok, data[2], cfg, 3)
     assert len(seen) == 6 and any(s["violated"] for s in seen)
     assert meth.stats[-1] == {"stage": 3, "steps": 6, "projected": sum(s["violated"] for s in seen)}
 
@@ -104,8 +89,8 @@ def test_every_step_of_stage_3_keeps_every_finished_tasks_loss_from_rising(tok, 
 def test_one_finished_task_margin_0_is_agems_step(tok, data):
     """The same memory, model and task gradient: GEM (margin 0, eps 0) and A-GEM project alike."""
     opts = {"m": 6, "ref_batch_size": 4}
-    agem, model, run = fresh(tok, "agem", opts)
-    model = train(agem, model, run, tok, data[0], 1)
+    agem, model, run = fresh(tok, "agem", opts, tasks=("t1", "t2", "t3"))
+    model, _, _ = one_stage(agem, model, run, tok, data[0], CFG, 1)
     gem = M.make("gem", {**opts, "margin": 0.0, "eps": 0.0})
     gem.load_state_dict(agem.state_dict())
     model, stage = start_stage(model, agem, data[1], CFG, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)

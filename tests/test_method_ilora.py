@@ -14,17 +14,17 @@ import torch.nn.functional as F
 
 import clbench.train as T
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
+from harness import CPU, compare, fresh, one_stage, parity
 
 M.load_method_file(REPO / "methods" / "ilora.py")
 
-PARITY = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(20)]
-COMPARE = [(f"Which is larger, {a} or {b}?\nAnswer:", " first" if a > b else " second")
-           for a, b in zip(range(3, 63, 3), range(50, 10, -2))]
-CPU = torch.device("cpu")
+PARITY = parity(20)
+COMPARE = compare(20)
+
+SMALL = {"r": 4, "alpha": 8, "dropout": 0.0}  # a small adapter without dropout, for the by-hand checks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,13 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(tok):
     return T.tokenize(PARITY, tok, 64), T.tokenize(COMPARE, tok, 64)
-
-
-def fresh(tok, options=None, tasks=("t1", "t2")):
-    torch.manual_seed(0)
-    meth = M.make("ilora", {"r": 4, "alpha": 8, "dropout": 0.0, **(options or {})})
-    run = M.RunContext(method="ilora", seed=0, tasks=list(tasks), device=CPU, tokenizer=tok)
-    return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
 
 
 def by_adapter(model, adapter):
@@ -87,17 +80,11 @@ class Watch:
             self.moved_after_step1 = {n for n, s in stable.items() if not torch.equal(s, self.setup_stable[n])}
 
 
-def train(meth, model, run, examples, tok, cfg, t):
-    model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
-    T.train_stage(model, meth, list(stage.examples), cfg, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
-    return M.call(meth, "stage_end", model, stage)
-
-
 @pytest.mark.parametrize("init", ["fresh", "copy"])
 def test_ema_after_every_step_by_hand_stable_gets_no_gradient_base_bit_identical(tok, data, init):
     parity, compare = data
     # decay 0.6: the first step's lam is min(1 - 1/2, 0.6) = 0.5, later ones 0.6
-    meth, model, run = fresh(tok, {"stable_decay": 0.6, "buffer_size": 6, "stable_init": init, "gamma": 2.0})
+    meth, model, run = fresh(tok, "ilora", {**SMALL, "stable_decay": 0.6, "buffer_size": 6, "stable_init": init, "gamma": 2.0})
     base0 = {n: p.detach().clone() for n, p in base_params(model).items()}
     stable, plastic = by_adapter(model, "stable"), by_adapter(model, "plastic")
     assert len(stable) == len(plastic) == 16  # lora_A and lora_B of q, k, v, o_proj in 2 layers
@@ -107,14 +94,14 @@ def test_ema_after_every_step_by_hand_stable_gets_no_gradient_base_bit_identical
         assert not any(torch.equal(stable[k], plastic[k]) for k in stable if k.endswith("lora_A"))
     cfg = TrainConfig(lr=2e-2, steps=3, batch_size=4)
     watch = Watch(meth, model, 0.6)
-    model = train(meth, model, run, parity, tok, cfg, 1)
+    model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
     assert meth.last == {}  # no replay in stage 1
     if init == "fresh":
         assert watch.moved_after_step1 == set(stable)  # every stable tensor left its setup value at step 1
     else:  # the plastic A gets no gradient while B = 0, so at step 1 only the B's move
         assert watch.moved_after_step1 == {k for k in stable if k.endswith("lora_B")}
     assert not any(torch.equal(stable[k], watch.setup_stable[k]) for k in stable)  # all moved by stage 1's end
-    model = train(meth, model, run, compare, tok, cfg, 2)
+    model, _, _ = one_stage(meth, model, run, tok, compare, cfg, 2)
     assert watch.steps == 6 and watch.in_stage == {1: 3, 2: 3}
     assert meth.last["consistency"] > 0 and meth.last["ce_buffer"] > 0  # stage 2 replays
     for n, p in base_params(model).items():
@@ -124,7 +111,7 @@ def test_ema_after_every_step_by_hand_stable_gets_no_gradient_base_bit_identical
 
 def test_replay_loss_and_consistency_equal_an_independent_computation(tok, data):
     parity, compare = data
-    meth, model, run = fresh(tok, {"gamma": 0.7, "buffer_batch": 4})
+    meth, model, run = fresh(tok, "ilora", {**SMALL, "gamma": 0.7, "buffer_batch": 4})
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # make the two adapters different functions
         for adapter in ("plastic", "stable"):
@@ -181,7 +168,7 @@ def test_replay_loss_and_consistency_equal_an_independent_computation(tok, data)
 
 def test_reservoir_buffer_and_state_dict(tok, data):
     parity, compare = data
-    meth, model, run = fresh(tok, {"buffer_size": 5})
+    meth, model, run = fresh(tok, "ilora", {**SMALL, "buffer_size": 5})
     stage = M.Stage(stage=1, task="t1", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator())
     meth.stage_start(model, stage)
     assert meth.batch(parity[:3], stage) is None  # the micro-batch itself is unchanged
@@ -205,9 +192,9 @@ def test_reservoir_buffer_and_state_dict(tok, data):
 
 def test_evaluate_option_picks_the_adapter(tok, data):
     parity, _ = data
-    meth, model, run = fresh(tok, {"evaluate": "stable"})
+    meth, model, run = fresh(tok, "ilora", {**SMALL, "evaluate": "stable"})
     cfg = TrainConfig(lr=2e-2, steps=2, batch_size=4)
-    model = train(meth, model, run, parity, tok, cfg, 1)
+    model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
     assert model.base_model.active_adapters == ["stable"]
     assert meth.trainable_params(model) == sum(p.numel() for p in by_adapter(model, "plastic").values())
     model, _ = start_stage(model, meth, parity, cfg, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)

@@ -11,18 +11,17 @@ import torch
 
 import clbench.train as T
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
+from harness import CPU, fresh, one_stage, parity
 
 M.load_method_file(REPO / "methods" / "lamol.py")
 from clbench_methods.lamol import ANS, parse_sample  # noqa: E402  (registered above)
 
-PARITY = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(40)]
+PARITY = parity(40)
 COMPARE = [(f"Which is larger, {a} or {b}?\nAnswer:", " first" if a > b else " second")
            for a, b in zip(range(3, 123, 3), range(100, 20, -2))]
-CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,16 +42,14 @@ class _Task:
         self.OUTPUT_TYPE = kind
 
 
-def fresh(tok, options=None):
-    torch.manual_seed(0)
-    meth = M.make("lamol", options or {})
-    run = M.RunContext(method="lamol", seed=0, tasks=["t1", "t2"], device=CPU, tokenizer=tok,
-                       task=lambda name: _Task("multiple_choice"), tokenize=lambda pairs: T.tokenize(pairs, tok, 64))
-    return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
+def fresh_lamol(tok, options=None):
+    """LAMOL set up on the tiny model, with the task and tokenizer callbacks its pseudo-samples need."""
+    return fresh(tok, "lamol", options, task=lambda name: _Task("multiple_choice"),
+                 tokenize=lambda pairs: T.tokenize(pairs, tok, 64))
 
 
 def test_lm_loss_is_lambda_times_the_marked_sequence_loss(tok):
-    meth, model, run = fresh(tok, {"lm_lambda": 0.25})
+    meth, model, run = fresh_lamol(tok, {"lm_lambda": 0.25})
     cfg = TrainConfig(lr=1e-3, steps=1, batch_size=2, max_length=64)
     exs = T.tokenize(PARITY[:2], tok, 64)
     model, stage = start_stage(model, meth, exs, cfg, run, 1, "t1", device=CPU, pad_id=tok.pad_token_id)
@@ -70,12 +67,10 @@ def test_lm_loss_is_lambda_times_the_marked_sequence_loss(tok):
 
 
 def _after_stage_1(tok, options):
-    meth, model, run = fresh(tok, options)
+    meth, model, run = fresh_lamol(tok, options)
     cfg = TrainConfig(lr=3e-3, steps=60, batch_size=8, max_length=64)
     data1, data2 = T.tokenize(PARITY, tok, 64), T.tokenize(COMPARE, tok, 64)
-    model, stage = start_stage(model, meth, data1, cfg, run, 1, "t1", device=CPU, pad_id=tok.pad_token_id)
-    T.train_stage(model, meth, list(stage.examples), cfg, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
-    model = M.call(meth, "stage_end", model, stage)
+    model, _, _ = one_stage(meth, model, run, tok, data1, cfg, 1)
     _, stage2 = start_stage(model, meth, data2, cfg, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)
     return meth, stage2, data2
 

@@ -4,7 +4,6 @@ teacher never moves while the student trains; stage 1 is plain fine-tuning; a Lo
 trains only its adapter; a 2-stage CLI run resumed after stage 1 repeats exactly."""
 
 import math
-import sys
 
 import pytest
 import torch
@@ -12,20 +11,18 @@ import torch.nn.functional as F
 
 import clbench.train as T
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
 from clbench.errors import ConfigError
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
+from harness import CPU, bits, compare, fresh, parity
 
 for _f in ("lwf", "lora"):
     M.load_method_file(REPO / "methods" / f"{_f}.py")
-lwf_mod = sys.modules["clbench_methods.lwf"]
+from clbench_builtin.methods import lwf as lwf_mod  # noqa: E402  (after the loads above)
 
-PARITY = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(16)]
-COMPARE = [(f"Which is larger, {a} or {b}?\nAnswer:", " first" if a > b else " second")
-           for a, b in zip(range(3, 51, 3), range(50, 18, -2))]
-CPU = torch.device("cpu")
+PARITY = parity(16)
+COMPARE = compare(16)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,17 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(tok):
     return T.tokenize(PARITY, tok, 64), T.tokenize(COMPARE, tok, 64)
-
-
-def fresh(tok, options=None):
-    torch.manual_seed(0)
-    meth = M.make("lwf", options or {})
-    run = M.RunContext(method="lwf", seed=0, tasks=["t1", "t2"], device=CPU, tokenizer=tok)
-    return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
-
-
-def bits(t):
-    return t.detach().clone().view(torch.int32)
 
 
 def dense_target_rows(model, batch):
@@ -80,7 +66,7 @@ def test_distillation_equals_a_hand_computation():
 
 
 def test_stage_one_is_plain_fine_tuning(tok, data):
-    meth, model, run = fresh(tok)
+    meth, model, run = fresh(tok, "lwf")
     model, stage = start_stage(model, meth, data[0], CFG, run, 1, "t1", device=CPU, pad_id=tok.pad_token_id)
     assert meth.teacher is None
     batch = T.collate(list(stage.examples[:4]), tok.pad_token_id)
@@ -89,7 +75,7 @@ def test_stage_one_is_plain_fine_tuning(tok, data):
 
 
 def test_kd_zero_at_stage_start_then_positive_and_teacher_never_moves(tok, data):
-    meth, model, run = fresh(tok, {"temperature": 2.0, "kd_lambda": 0.7})
+    meth, model, run = fresh(tok, "lwf", {"temperature": 2.0, "kd_lambda": 0.7})
     model, stage = start_stage(model, meth, data[0], CFG, run, 1, "t1", device=CPU, pad_id=tok.pad_token_id)
     T.train_stage(model, meth, list(stage.examples), CFG, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
     model = M.call(meth, "stage_end", model, stage)
@@ -130,7 +116,7 @@ def test_kd_zero_at_stage_start_then_positive_and_teacher_never_moves(tok, data)
 
 
 def test_reverse_kl_matches_torch_kl_div_the_other_way(tok, data):
-    meth, model, run = fresh(tok, {"kl": "reverse", "temperature": 1.5, "t_squared": True})
+    meth, model, run = fresh(tok, "lwf", {"kl": "reverse", "temperature": 1.5, "t_squared": True})
     for t, exs in ((1, data[0]), (2, data[1])):
         model, stage = start_stage(model, meth, exs, CFG, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
         T.train_stage(model, meth, list(stage.examples), CFG, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
@@ -144,7 +130,7 @@ def test_reverse_kl_matches_torch_kl_div_the_other_way(tok, data):
 
 
 def test_lora_base_trains_only_the_adapter_with_a_frozen_teacher(tok, data):
-    meth, model, run = fresh(tok, {"base": "lora", "base_options": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    meth, model, run = fresh(tok, "lwf", {"base": "lora", "base_options": {"r": 4, "alpha": 8, "dropout": 0.0}})
     assert hasattr(model, "peft_config")
     for t, exs in ((1, data[0]), (2, data[1])):
         model, stage = start_stage(model, meth, exs, CFG, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)

@@ -14,22 +14,14 @@ import clbench.train as T
 from clbench import method as M
 from clbench import models
 from clbench.config import TrainConfig
-from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
+from harness import fresh, one_stage, parity
 
 M.load_method_file(REPO / "methods" / "moelora.py")
 
-PARITY = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(16)]
-CPU = torch.device("cpu")
+PARITY = parity(16)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def fresh(tok, options=None, tasks=("t1", "t2"), name="moelora"):
-    torch.manual_seed(0)
-    meth = M.make(name, options or {})
-    run = M.RunContext(method=name, seed=0, tasks=list(tasks), device=CPU, tokenizer=tok)
-    return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
 
 
 def layers(model):
@@ -67,7 +59,7 @@ def hand(layer, x, groups):
 
 
 def test_output_is_the_gated_sum_of_expert_updates(tok):
-    meth, model, run = fresh(tok, {"experts": 4, "r": 8, "alpha": 16, "dropout": 0.0})
+    meth, model, run = fresh(tok, "moelora", {"experts": 4, "r": 8, "alpha": 16, "dropout": 0.0})
     ls = layers(model)
     assert len(ls) == 2 * 7  # q, k, v, o, gate, up, down of 2 layers; never the LM head
     assert not any("lm_head" in n for n in ls)
@@ -88,21 +80,15 @@ def test_output_is_the_gated_sum_of_expert_updates(tok):
         assert float(gate.std()) > 0.05  # the gates are far from uniform: the test sees the router
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
     with pytest.raises(M.MethodError, match="multiple of experts"):
-        fresh(tok, {"experts": 3, "r": 8})
-
-
-def train(meth, model, run, examples, tok, cfg, t):
-    model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
-    T.train_stage(model, meth, list(stage.examples), cfg, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
-    return M.call(meth, "stage_end", model, stage), stage
+        fresh(tok, "moelora", {"experts": 3, "r": 8})
 
 
 def test_training_moves_experts_and_router_only_and_reports_the_router(tok):
     parity = T.tokenize(PARITY, tok, 64)
     cfg = TrainConfig(lr=2e-2, steps=3, batch_size=4, weight_decay=0.1)
-    meth, model, run = fresh(tok)
+    meth, model, run = fresh(tok, "moelora")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model, stage = train(meth, model, run, parity, tok, cfg, 1)
+    model, stage, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(".groups." in n for n in moved)  # base weights, embeddings, norms: bit-identical
     for kind in ("lora_A", "lora_B", "lora_router"):
@@ -113,7 +99,7 @@ def test_training_moves_experts_and_router_only_and_reports_the_router(tok):
 
 
 def test_cached_generation_and_split_head_match_the_full_forward(tok):
-    meth, model, run = fresh(tok, {"dropout": 0.0})
+    meth, model, run = fresh(tok, "moelora", {"dropout": 0.0})
     randomize(model, 3)
     model.eval()
     ids = torch.randint(1, 200, (2, 8), generator=torch.Generator().manual_seed(4))

@@ -11,23 +11,18 @@ import clbench.train as T
 from clbench import method as M
 from clbench.config import TrainConfig
 from conftest import REPO, two_stage_run_and_resume
-from test_method_moelora import PARITY, fresh, hand, layers, randomize, train
+from harness import compare, fresh, one_stage, stage_view
+from test_method_moelora import PARITY, hand, layers, randomize
 
 M.load_method_file(REPO / "methods" / "moelora_expand.py")
 
-COMPARE = [(f"Which is larger, {a} or {b}?\nAnswer:", " first" if a > b else " second")
-           for a, b in zip(range(3, 51, 3), range(50, 18, -2))]
+COMPARE = compare(16)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def stage_view(run, t):
-    return M.Stage(stage=t, task=f"t{t}", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator(),
-                   examples=())
-
-
 def test_stage_t_gates_over_the_trained_stages_and_its_own_experts(tok):
-    meth, model, run = fresh(tok, {"dropout": 0.0}, tasks=("t1", "t2", "t3"), name="moelora_expand")
+    meth, model, run = fresh(tok, "moelora_expand", {"dropout": 0.0}, tasks=("t1", "t2", "t3"))
     ls = layers(model)
     assert all(len(m.groups) == 3 for m in ls.values())  # one group of experts per stage, all made at setup
     meth.stage_start(model, stage_view(run, 1))
@@ -44,7 +39,7 @@ def test_stage_t_gates_over_the_trained_stages_and_its_own_experts(tok):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
         assert all(p.requires_grad == (i == 1) for i, grp in enumerate(layer.groups) for p in grp.parameters())
     # mode single: a fresh run of stage 3 sees only its own experts
-    meth1, model1, run1 = fresh(tok, {"dropout": 0.0}, tasks=("t1", "t2", "t3"), name="moelora_expand")
+    meth1, model1, run1 = fresh(tok, "moelora_expand", {"dropout": 0.0}, tasks=("t1", "t2", "t3"))
     meth1.stage_start(model1, stage_view(run1, 3))
     assert {tuple(m.active) for m in layers(model1).values()} == {(2,)}
     assert M.call(meth, "state_dict") == {"stage": 2, "trained": [1]}
@@ -53,13 +48,13 @@ def test_stage_t_gates_over_the_trained_stages_and_its_own_experts(tok):
 def test_earlier_experts_router_rows_and_base_bit_identical(tok):
     parity, compare = T.tokenize(PARITY, tok, 64), T.tokenize(COMPARE, tok, 64)
     cfg = TrainConfig(lr=2e-2, steps=3, batch_size=4, weight_decay=0.1)
-    meth, model, run = fresh(tok, tasks=("t1", "t2", "t3"), name="moelora_expand")
+    meth, model, run = fresh(tok, "moelora_expand", tasks=("t1", "t2", "t3"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model, _ = train(meth, model, run, parity, tok, cfg, 1)
+    model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
     moved1 = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved1 and all(".groups.0." in n for n in moved1)
     after1 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model, stage = train(meth, model, run, compare, tok, cfg, 2)
+    model, stage, _ = one_stage(meth, model, run, tok, compare, cfg, 2)
     moved2 = {n for n, p in model.named_parameters() if not torch.equal(p, after1[n])}
     assert moved2 and all(".groups.1." in n for n in moved2)  # stage 1's experts and router rows: untouched
     for kind in ("lora_A", "lora_B", "lora_router"):

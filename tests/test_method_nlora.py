@@ -10,31 +10,16 @@ import torch
 
 import clbench.train as T
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
-from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
+from harness import compare, fresh, one_stage, parity, stage_view
 
 M.load_method_file(REPO / "methods" / "nlora.py")
 
-PARITY = [(f"Number: {i}\nEven or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(20)]
-COMPARE = [(f"Which is larger, {a} or {b}?\nAnswer:", " first" if a > b else " second")
-           for a, b in zip(range(3, 63, 3), range(50, 10, -2))]
-CPU = torch.device("cpu")
+PARITY = parity(20)
+COMPARE = compare(20)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def fresh(tok, options=None, tasks=("t1", "t2")):
-    torch.manual_seed(0)
-    meth = M.make("nlora", options or {})
-    run = M.RunContext(method="nlora", seed=0, tasks=list(tasks), device=CPU, tokenizer=tok)
-    return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
-
-
-def stage_view(run, t):
-    return M.Stage(stage=t, task=f"t{t}", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator(),
-                   examples=())
 
 
 def adapter_pairs(model, adapter):
@@ -57,7 +42,7 @@ def randomize(model, adapter, seed):
 
 
 def test_penalty_is_dense_l1_of_BA_and_its_gradient_is_sign_BA_A_T(tok):
-    meth, model, run = fresh(tok, {"r": 4, "alpha": 8, "dropout": 0.0, "lambda1": 0.7})
+    meth, model, run = fresh(tok, "nlora", {"r": 4, "alpha": 8, "dropout": 0.0, "lambda1": 0.7})
     stage = stage_view(run, 2)
     model = meth.stage_start(model, stage)
     randomize(model, "stage1", 1)
@@ -82,14 +67,14 @@ def test_penalty_is_dense_l1_of_BA_and_its_gradient_is_sign_BA_A_T(tok):
         assert float(meth.extra_loss(model, None, stage_view(run, 1), None)) == pytest.approx(
             0.7 * sum(float((b.double() @ a.double()).abs().sum()) for a, b in one.values()), rel=1e-5)
         # at setup B = 0, so Delta W = 0: no penalty
-        meth0, model0, run0 = fresh(tok, {"r": 4, "alpha": 8})
+        meth0, model0, run0 = fresh(tok, "nlora", {"r": 4, "alpha": 8})
         assert float(meth0.extra_loss(model0, None, stage_view(run0, 1), None)) == 0.0
 
 
 def test_code_penalty_is_the_r_by_r_product_and_refused_for_non_square_modules(tok):
     with pytest.raises(M.MethodError, match=r"v_proj \(64 -> 32\).*penalty: delta_w"):
-        fresh(tok, {"penalty": "code"})
-    meth, model, run = fresh(tok, {"r": 4, "alpha": 8, "penalty": "code", "target_modules": ["q_proj"], "lambda1": 0.3})
+        fresh(tok, "nlora", {"penalty": "code"})
+    meth, model, run = fresh(tok, "nlora", {"r": 4, "alpha": 8, "penalty": "code", "target_modules": ["q_proj"], "lambda1": 0.3})
     stage = stage_view(run, 2)
     model = meth.stage_start(model, stage)
     randomize(model, "stage2", 3)
@@ -102,21 +87,15 @@ def test_code_penalty_is_the_r_by_r_product_and_refused_for_non_square_modules(t
         assert float(meth.extra_loss(model, None, stage, None)) == pytest.approx(expected, rel=1e-5)
 
 
-def train(meth, model, run, examples, tok, cfg, t):
-    model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
-    T.train_stage(model, meth, list(stage.examples), cfg, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
-    return M.call(meth, "stage_end", model, stage)
-
-
 def test_earlier_adapters_and_base_bit_identical_and_penalty_sparsifies(tok):
     parity, compare = T.tokenize(PARITY, tok, 64), T.tokenize(COMPARE, tok, 64)
     cfg = TrainConfig(lr=2e-2, steps=4, batch_size=4, weight_decay=0.1)
     l1 = {}
     for lam in (0.0, 2.0):
-        meth, model, run = fresh(tok, {"r": 4, "alpha": 8, "lambda1": lam}, tasks=("t1", "t2", "t3"))
-        model = train(meth, model, run, parity, tok, cfg, 1)
+        meth, model, run = fresh(tok, "nlora", {"r": 4, "alpha": 8, "lambda1": lam}, tasks=("t1", "t2", "t3"))
+        model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
         after1 = {n: p.detach().clone() for n, p in model.named_parameters()}
-        model = train(meth, model, run, compare, tok, cfg, 2)
+        model, _, _ = one_stage(meth, model, run, tok, compare, cfg, 2)
         assert model.base_model.active_adapters == ["stage1", "stage2"]
         moved = {n for n, p in model.named_parameters() if not torch.equal(p, after1[n])}
         assert moved and all(".stage2." in n for n in moved)  # stage 1's adapter, stage 3's and the base: untouched

@@ -5,20 +5,19 @@ The tiny Llama's targets cover every shape case of peft's projectors: q/o 64x64 
 subspaces are taken from the test's own float64 SVD of the stage's starting weights, not from
 peft's buffers."""
 
-import sys
 
 import pytest
 import torch
 
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from clbench.train import tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
+from harness import CPU, fresh
 
 M.load_method_file(REPO / "methods" / "osf.py")
-osf_mod = sys.modules["clbench_methods.osf"]
+from clbench_builtin.methods import osf as osf_mod  # noqa: E402  (after the loads above)
 
 PAIRS = [
     ("Number: 12\nEven or odd?\nAnswer:", " even"),
@@ -30,7 +29,6 @@ PAIRS = [
     ("Review: great fun\nSentiment:", " positive"),
     ("Review: dull and slow\nSentiment:", " negative"),
 ]
-CPU = torch.device("cpu")
 # AdamW with weight decay, clipping and accumulation, as the loop trains
 CFG = TrainConfig(lr=1e-2, steps=3, batch_size=4, grad_accum=2, weight_decay=0.1, max_grad_norm=0.5, max_length=64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,12 +37,6 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @pytest.fixture(scope="module")
 def examples(tok):
     return tokenize(PAIRS, tok, 64)
-
-
-def make(tok, options, tasks=("a", "b")):
-    meth = M.make("osf", options)
-    run = M.RunContext(method="osf", seed=0, tasks=list(tasks), device=CPU, tokenizer=tok)
-    return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
 
 
 def start(meth, model, run, t, examples, tok):
@@ -77,7 +69,7 @@ def leaks(w0: dict, w1: dict, k: dict):
 
 
 def run_one_stage(tok, examples, options):
-    meth, model, run = make(tok, options)
+    meth, model, run = fresh(tok, "osf", options, tasks=("a", "b"))
     w0 = target_weights(model)
     model, stage = start(meth, model, run, 1, examples, tok)
     k = {n.removeprefix("base_model.model."): layer.effective_rank["default"] for n, layer in osf_mod.osf_layers(model)}
@@ -105,7 +97,7 @@ def test_merged_weights_equal_w_plus_delta_and_the_model_is_plain(tok, examples,
     """stage_end's weights are W + (U_low S_low V_low - U_low0 S_low0 V_low0) for every target,
     every other tensor is unchanged, and the model is the plain transformers model again
     (unload() would have discarded the task)."""
-    meth, model, run = make(tok, {"reproject": True})
+    meth, model, run = fresh(tok, "osf", {"reproject": True}, tasks=("a", "b"))
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     model, stage = start(meth, model, run, 1, examples, tok)
     train(meth, model, stage, tok)
@@ -131,7 +123,7 @@ def test_default_schedule_and_trainable_count(tok, examples, one_thread):
     """Default ranks over 3 stages: stage t freezes (t-1)/3 of min(out, in) (stage 1: one
     direction); trainable entries are (out + in + 1)(min - k) per target, as the wrapped model's
     requires_grad count says."""
-    meth, model, run = make(tok, {}, tasks=("a", "b", "c"))
+    meth, model, run = fresh(tok, "osf", {}, tasks=("a", "b", "c"))
     want = {1: {"q_proj": 1, "k_proj": 1}, 2: {"q_proj": 21, "k_proj": 10}, 3: {"q_proj": 42, "k_proj": 21}}
     for t in (1, 2, 3):
         model, stage = start(meth, model, run, t, examples, tok)
@@ -147,7 +139,7 @@ def test_default_schedule_and_trainable_count(tok, examples, one_thread):
 
 def test_ranks_option_is_checked(tok):
     with pytest.raises(Exception, match="ranks has 1 entries"):
-        make(tok, {"ranks": [4]})
+        fresh(tok, "osf", {"ranks": [4]}, tasks=("a", "b"))
     with pytest.raises(Exception):
         M.make("osf", {"ranks": [1.5, 2]})
 

@@ -14,6 +14,7 @@ from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from clbench.train import tokenize
 from conftest import REPO, two_stage_run_and_resume
+from harness import hf_greedy
 
 M.load_method_file(REPO / "methods" / "sdft.py")
 
@@ -60,20 +61,9 @@ def sdft_stage(tok, lm, task, options, noise=0.0):
 
 
 def hf_rewrites(model, tok, prompts, n):
-    """transformers' greedy search on the prompts in one left-padded batch, decoded, leading
-    whitespace dropped, cut at tiny_copy's '\\n' and stripped."""
-    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(map(len, enc))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    texts = []
-    for r in out[:, width:].tolist():
-        r = r[:r.index(tok.eos_token_id)] if tok.eos_token_id in r else r
-        texts.append(tok.decode(r).lstrip().split("\n")[0].strip())
-    return texts
+    """transformers' greedy search (harness.hf_greedy) decoded, leading whitespace dropped, cut at
+    tiny_copy's '\\n' and stripped."""
+    return [tok.decode(r).lstrip().split("\n")[0].strip() for r in hf_greedy(model, tok, prompts, n)]
 
 
 def test_multiple_choice_targets_are_kept(tok, lm):

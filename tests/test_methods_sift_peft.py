@@ -14,6 +14,7 @@ from clbench import method as M
 from clbench import models
 from clbench.config import TrainConfig, TrainOverrides
 from clbench.stage import start_stage
+from harness import bits, fresh
 
 REPO = Path(__file__).resolve().parents[1]
 for _f in ("sift", "adalora", "miss"):
@@ -32,13 +33,6 @@ def examples(tok):
     return T.tokenize(PAIRS, tok, 64)
 
 
-def fresh(tok, name, options=None):
-    meth = M.make(name, options or {})
-    run = M.RunContext(method=name, seed=0, tasks=["t1", "t2"], device=torch.device("cpu"), tokenizer=tok)
-    model = meth.setup(models.build_tiny_model(0, len(tok)), run)
-    return meth, model, run
-
-
 def run_stage(meth, model, run, examples, tok, cfg, t=1, autocast=None, monkeypatch=None):
     """clbench.stage.run_stage; returns (model, optimizer the loop built)."""
     from clbench.stage import run_stage as stage_run
@@ -50,10 +44,6 @@ def run_stage(meth, model, run, examples, tok, cfg, t=1, autocast=None, monkeypa
     model, _, _ = stage_run(model, meth, examples, cfg, run, t, f"t{t}", device=torch.device("cpu"), autocast_dtype=autocast,
                             pad_id=tok.pad_token_id)
     return model, (built[-1] if built else None)
-
-
-def bits(t):
-    return t.detach().clone().view(torch.int32)
 
 
 def one_backward(meth, model, run, examples, tok, cfg):
