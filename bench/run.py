@@ -724,7 +724,7 @@ def bench_fsdp(ctx: Ctx, out: Path, log: Path, steps: int = 4, eval_limit: int =
     arms = {"one": (1, []), "ddp": (2, []), "fsdp": (2, ["distributed.strategy=fsdp"])}
     stage = {}
     for arm, (n, extra) in arms.items():
-        launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(n)] if n > 1 else []
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] if n > 1 else []
         cmd = [sys.executable, *launch, "-m", "clbench", "run", str(ctx.config), "--output-dir", str(out / "fsdp" / arm),
                "--fresh", *[a for o in ctx.overrides + sets + extra for a in ("--set", o)]]
         with open(log, "a") as fh:

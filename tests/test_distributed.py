@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
            "threads": 1}
     (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "clbench", "run",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clbench", "run",
                           str(d / "cfg.yaml"), "--output-dir", str(d / "two")], env=env, capture_output=True, text=True,
                          timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -24,7 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _launch(n: int, cfg, out, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "clbench", "run", str(cfg),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "clbench", "run", str(cfg),
            "--output-dir", str(out), *FSDP]
     return cmd, dict(env=ENV, **kw)
 

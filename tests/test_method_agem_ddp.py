@@ -24,7 +24,7 @@ def test_two_processes_project_alike_and_like_one_process(tmp_path):
            "eval": {"limit": 8, "batch_size": 16}, "precision": "fp32", "keep_checkpoints": "all", "threads": 1}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "clbench", "run",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clbench", "run",
                           str(tmp_path / "cfg.yaml"), "--output-dir", str(tmp_path / "two")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]  # the loop stops on "ranks diverged"

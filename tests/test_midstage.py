@@ -55,7 +55,7 @@ def _run(path, out, die_in=None, ranks=None, strategy="fsdp"):
     env.pop("CLBENCH_TEST_DIE", None)
     if die_in is not None:
         env["CLBENCH_TEST_DIE"] = str(die_in)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)] if ranks else [sys.executable]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks else [sys.executable]
     extra = ["--set", f"distributed.strategy={strategy}"] if ranks else []
     return subprocess.run([*launch, "-m", "clbench", "run", str(path), "--output-dir", str(out), *extra], env=env,
                           capture_output=True, text=True, timeout=600)

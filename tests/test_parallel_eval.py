@@ -38,7 +38,7 @@ def test_one_process_order_interleaves_values_and_sorts_samples():
 def test_two_ranks_split_the_documents_and_give_one_process_scores_and_samples(tmp_path):
     out = tmp_path / "eval.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(REPO / "tests" / "parallel_eval_worker.py"), str(out)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
