@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,17 +44,17 @@ class Session:
     out: Path
     rec: Recorder
     console: object
-    progress: object
-    tracker: object
     device: torch.device
-    autocast: object
+    autocast: object  # the autocast dtype, or None
     base_model: torch.nn.Module
     tok: object
     lm_tasks: dict
     pairs: dict  # task -> (context, target) strings of its training examples
-    base_scores: dict
-    base_eval_s: float
-    tok_cache: dict  # (task, max_length) -> tokenized examples, shared by all methods and seeds
+    progress: object = None  # the rich progress bar, once `run` has opened it
+    tracker: object = None  # the experiment trackers (clbench.trackers), once opened
+    base_scores: dict | None = None  # row 0, once evaluated or read back
+    base_eval_s: float = 0.0
+    tok_cache: dict = field(default_factory=dict)  # (task, max_length) -> tokenized examples, shared by all methods and seeds
     memory_released: bool = False  # PeakMemory has handed freed memory back once for the current method
     sharded: bool = False  # distributed.strategy fsdp: models are sharded after the method's setup (clbench.fsdp)
 
@@ -289,8 +289,8 @@ def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) 
     rec = Recorder(rundir, cfg, pl)
     resumed = rec.load_existing()
     rec.meta = meta_info(desc, device, autocast)
-    s = Session(pl, out, rec, console, None, None, device, autocast, base_model, tok, lm_tasks, pairs, None, 0.0, {},
-                sharded=sharded)
+    s = Session(pl=pl, out=out, rec=rec, console=console, device=device, autocast=autocast, base_model=base_model,
+                tok=tok, lm_tasks=lm_tasks, pairs=pairs, sharded=sharded)
 
     # Row 0: every method starts from the same base weights, so the base model is evaluated once.
     base_scores = rec.base_scores() if resumed else None
@@ -339,11 +339,23 @@ def run_method(job: Job):
     return runner(job, prev)
 
 
-def _run_stage(job: Job, meth, model, run_ctx, t: int, task: str, start_save=None):
+@dataclass
+class StageOutcome:
+    """What one trained and evaluated stage hands back to its mode (`_train_and_score`)."""
+
+    model: torch.nn.Module
+    stats: dict  # the training statistics (clbench.train.train_stage)
+    train_s: float
+    peak_mb: float
+    scores: dict  # task -> score: the stage's row
+    eval_s: float
+    pending: object = None  # the stage checkpoint still being written (clbench.resume), or None
+
+
+def _train_and_score(job: Job, meth, model, run_ctx, t: int, task: str, start_save=None) -> StageOutcome:
     """Train stage t, evaluate every task, record the row (and save the stage's weights for merging).
     start_save(model, train seconds, peak MB) may start writing the stage's checkpoint, which then
-    runs while the stage is evaluated. Returns (model, stats, train seconds, peak MB, scores,
-    eval seconds, the pending save or None)."""
+    runs while the stage is evaluated."""
     tcfg = job.stage_config(t, task)
     model, stats, secs, pk = job.train(meth, model, run_ctx, t, task, job.s.examples(task, tcfg), tcfg)
     pending = start_save(model, secs, pk) if start_save is not None else None
@@ -356,7 +368,7 @@ def _run_stage(job: Job, meth, model, run_ctx, t: int, task: str, start_save=Non
         if pending is not None:
             pending.cancel()
         raise
-    return model, stats, secs, pk, scores, es, pending
+    return StageOutcome(model, stats, secs, pk, scores, es, pending)
 
 
 def _run_sequential(job: Job, prev):
@@ -388,12 +400,13 @@ def _run_sequential(job: Job, prev):
         def start_save(model, secs, pk, t=t):
             return ckpts.start_save(t, model, meth, log, secs, pk)
 
-        model, stats, secs, pk, scores, es, pending = _run_stage(job, meth, model, run_ctx, t, task, start_save)
-        log.add(secs, es, pk)
-        ck_mb = pending.wait() if pending is not None else None  # before the results say the stage is done
-        ckpts.stage_done(t, secs + es, pending)
-        job.finish_stage(meth, model, stage_entry(t, task, stats, es, ck_mb), scores, log, "sequential")
-        ckpts.stage_recorded(t, pending)  # only now may the previous checkpoint go
+        out = _train_and_score(job, meth, model, run_ctx, t, task, start_save)
+        model = out.model
+        log.add(out.train_s, out.eval_s, out.peak_mb)
+        ck_mb = out.pending.wait() if out.pending is not None else None  # before the results say the stage is done
+        ckpts.stage_done(t, out.train_s + out.eval_s, out.pending)
+        job.finish_stage(meth, model, stage_entry(t, task, out.stats, out.eval_s, ck_mb), out.scores, log, "sequential")
+        ckpts.stage_recorded(t, out.pending)  # only now may the previous checkpoint go
     if job.spec.merge:
         log.eval_s += _run_merges(job, "sequential")
         job.record(meth, model, log, "sequential")
@@ -423,9 +436,10 @@ def _run_single(job: Job, prev):
         if t <= done:
             continue
         meth, run_ctx, model = job.new_model()
-        model, stats, secs, pk, scores, es, _ = _run_stage(job, meth, model, run_ctx, t, task)
-        log.add(secs, es, pk)
-        job.finish_stage(meth, model, stage_entry(t, task, stats, es), scores, log, "single")
+        out = _train_and_score(job, meth, model, run_ctx, t, task)
+        model = out.model
+        log.add(out.train_s, out.eval_s, out.peak_mb)
+        job.finish_stage(meth, model, stage_entry(t, task, out.stats, out.eval_s), out.scores, log, "single")
         if t < len(names):
             del model
     if meth is None:  # every stage was done before: the trainable count comes from a fresh setup
