@@ -109,138 +109,127 @@ def _user_dirs(config: str | None):
 
 
 def _dispatch(args) -> int:
-    from . import paths
     from .config import check_environment
 
     check_environment()  # a bad CLBENCH_* value fails now, not after a stage has trained
+    if args.cmd == "data":
+        return _data_ship(args) if args.data_cmd == "ship" else _data_prepare(args)
+    return COMMANDS[args.cmd](args)
 
-    if args.cmd == "run":
-        from .config import load_config
-        from .planning import plan
-        from .runner import execute
 
-        cfg, cdir = load_config(args.config, args.overrides)
-        pl = plan(cfg, cdir)  # a preset's release missing or unprepared: says where, before any model
-        out = Path(args.output_dir or Path("runs") / cfg.name)
-        execute(pl, out, fresh=args.fresh, allow_changes=args.allow_config_change,
-                allow_data_change=args.allow_data_change)
-        return 0
+def _run(args) -> int:
+    from .config import load_config
+    from .planning import plan
+    from .runner import execute
 
-    if args.cmd == "list":
-        cfg, tdirs, mfiles = _user_dirs(args.config)
-        paths.set_offline_env(paths.cache_dir(cfg.cache_dir if cfg else None))
-        if args.what == "methods":
-            from . import method as M
+    cfg, cdir = load_config(args.config, args.overrides)
+    pl = plan(cfg, cdir)  # a preset's release missing or unprepared: says where, before any model
+    out = Path(args.output_dir or Path("runs") / cfg.name)
+    execute(pl, out, fresh=args.fresh, allow_changes=args.allow_config_change, allow_data_change=args.allow_data_change)
+    return 0
 
-            M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
-            for f in mfiles:
-                M.load_method_file(f)
-            for name, cls in M.available().items():  # built-ins, clbench.methods plugins, method_files
-                doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-                print(f"{name:14s} {doc[0] if doc else ''}  [{M.origin(name)}]")
-        elif args.what == "tasks":
-            from .tasks import load_tasks
 
-            cache = paths.cache_dir(cfg.cache_dir if cfg else None)
-            for name, t in load_tasks(tdirs).items():
-                have = all(f.is_file() for f in t.data_files(cache).values())
-                print(f"{name:22s} {t.lm_eval['output_type']:16s} {'ready  ' if have else 'no data'} {t.clbench.get('description', '')}")
-        else:
-            from .presets import config_data_root, data_root, stream_status
-            from .tasks import load_streams, load_tasks
+def _list(args) -> int:
+    from . import paths
 
-            cache = paths.cache_dir(cfg.cache_dir if cfg else None)
-            tasks = load_tasks(tdirs)
-            root = config_data_root(cfg, Path(args.config).resolve().parent) if cfg else data_root()
-            for name, s in load_streams(tdirs, tasks).items():
-                print(f"{name}: {s.get('description', '')}")
-                if s.get("preset"):
-                    print(stream_status(s, tasks, root, cache))
-                for oname, names in s["orders"].items():
-                    ready = all(n in tasks and all(f.is_file() for f in tasks[n].data_files(cache).values()) for n in names)
-                    print(f"  order {oname}: {' -> '.join(names)}  [{'data ready' if ready else 'run: clbench data prepare ' + name}]")
-        return 0
+    cfg, tdirs, mfiles = _user_dirs(args.config)
+    paths.set_offline_env(paths.cache_dir(cfg.cache_dir if cfg else None))
+    if args.what == "methods":
+        from . import method as M
 
-    if args.cmd == "data" and args.data_cmd == "ship":
-        from .data import ship_tasks
+        M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+        for f in mfiles:
+            M.load_method_file(f)
+        for name, cls in M.available().items():  # built-ins, clbench.methods plugins, method_files
+            doc = (cls.__doc__ or getattr(sys.modules.get(cls.__module__), "__doc__", None) or "").strip().splitlines()
+            print(f"{name:14s} {doc[0] if doc else ''}  [{M.origin(name)}]")
+    elif args.what == "tasks":
         from .tasks import load_tasks
 
-        cache = paths.cache_dir()
-        paths.set_offline_env(cache)
-        tasks = load_tasks([])
-        names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-        unknown = [n for n in names if n not in tasks or not tasks[n].prepared or tasks[n].release]
-        if unknown:
-            raise ClbenchError(f"not built-in tasks with a registry source: {unknown}")
-        for dest in ship_tasks([tasks[n] for n in names], cache):
-            print(f"shipped {dest}")
-        return 0
-
-    if args.cmd == "data":
-        from .data import prepare_tasks
+        cache = paths.cache_dir(cfg.cache_dir if cfg else None)
+        for name, t in load_tasks(tdirs).items():
+            have = all(f.is_file() for f in t.data_files(cache).values())
+            print(f"{name:22s} {t.lm_eval['output_type']:16s} {'ready  ' if have else 'no data'} {t.clbench.get('description', '')}")
+    else:
+        from .presets import config_data_root, data_root, stream_status
         from .tasks import load_streams, load_tasks
 
-        cfg, tdirs, _ = _user_dirs(args.config)
         cache = paths.cache_dir(cfg.cache_dir if cfg else None)
-        paths.set_offline_env(cache)
         tasks = load_tasks(tdirs)
-        streams = load_streams(tdirs, tasks)
-        if args.tasks:
-            names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-        elif args.stream or (cfg and cfg.stream):
-            sname = args.stream or cfg.stream
-            if sname not in streams:
-                raise ClbenchError(f"unknown stream {sname!r}; available: {', '.join(sorted(streams))}")
-            names = list(dict.fromkeys(n for order in streams[sname]["orders"].values() for n in order))
-        elif cfg and cfg.tasks:  # groups and tags expanded as a run expands them; registry tasks need no data
-            from .tasks import resolve_stream
+        root = config_data_root(cfg, Path(args.config).resolve().parent) if cfg else data_root()
+        for name, s in load_streams(tdirs, tasks).items():
+            print(f"{name}: {s.get('description', '')}")
+            if s.get("preset"):
+                print(stream_status(s, tasks, root, cache))
+            for oname, names in s["orders"].items():
+                ready = all(n in tasks and all(f.is_file() for f in tasks[n].data_files(cache).values()) for n in names)
+                print(f"  order {oname}: {' -> '.join(names)}  [{'data ready' if ready else 'run: clbench data prepare ' + name}]")
+    return 0
 
-            names = [n for n in resolve_stream(cfg, tasks, streams) if not tasks[n].hub]
-        else:  # every built-in stream; presets (data on the user's disk) only when named
-            names = list(dict.fromkeys(n for s in streams.values() if not s.get("preset")
-                                       for o in s["orders"].values() for n in o))
-        if cfg and cfg.heldout and not args.tasks:  # the config's held-out probes too
-            from .planning import expand_heldout
 
-            names = list(dict.fromkeys(names + [n for n in expand_heldout(cfg.heldout, tasks) if n in tasks]))
-        if cfg and cfg.eval.other_kind and not args.tasks:  # and each task's other kind (eval.other_kind)
-            from .tasks import twin_name
+def _data_ship(args) -> int:
+    from . import paths
+    from .data import ship_tasks
+    from .tasks import load_tasks
 
-            names = list(dict.fromkeys(names + [twin_name(n) for n in names if twin_name(n) in tasks]))
-        unknown = [n for n in names if n not in tasks]
-        if unknown:
-            raise ClbenchError(f"unknown task(s) {unknown}; available: {', '.join(sorted(tasks))}")
-        todo = [n for n in names if tasks[n].prepared]
-        seed = cfg.data_seed if cfg else 1234
-        from .presets import config_data_root
+    cache = paths.cache_dir()
+    paths.set_offline_env(cache)
+    tasks = load_tasks([])
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    unknown = [n for n in names if n not in tasks or not tasks[n].prepared or tasks[n].release]
+    if unknown:
+        raise ClbenchError(f"not built-in tasks with a registry source: {unknown}")
+    for dest in ship_tasks([tasks[n] for n in names], cache):
+        print(f"shipped {dest}")
+    return 0
 
-        root = args.data_root or (config_data_root(cfg, Path(args.config).resolve().parent) if cfg else None)
-        out = prepare_tasks([tasks[n] for n in todo], cache, seed=seed, force=args.force, data_root=root)
-        for n, files in out.items():
-            print(f"{n}: " + ", ".join(f"{k}={v}" for k, v in files.items()))
-        return 0
 
-    if args.cmd == "report":
-        from .report import build_report
+def _data_prepare(args) -> int:
+    from . import paths
+    from .data import prepare_tasks
+    from .planning import tasks_to_prepare
+    from .presets import config_data_root
+    from .tasks import load_streams, load_tasks
 
-        out = build_report(args.run_dirs, args.out, reference=args.reference)
-        print(f"report written to {out}")
-        return 0
+    cfg, tdirs, _ = _user_dirs(args.config)
+    cache = paths.cache_dir(cfg.cache_dir if cfg else None)
+    paths.set_offline_env(cache)
+    tasks = load_tasks(tdirs)
+    named = [n.strip() for n in args.tasks.split(",") if n.strip()] if args.tasks else None
+    names = tasks_to_prepare(cfg, tasks, load_streams(tdirs, tasks), named, args.stream)
+    seed = cfg.data_seed if cfg else 1234
+    root = args.data_root or (config_data_root(cfg, Path(args.config).resolve().parent) if cfg else None)
+    out = prepare_tasks([tasks[n] for n in names if tasks[n].prepared], cache, seed=seed, force=args.force, data_root=root)
+    for n, files in out.items():
+        print(f"{n}: " + ", ".join(f"{k}={v}" for k, v in files.items()))
+    return 0
 
-    if args.cmd == "sweep":
-        from .sweep import load_sweep, run_sweep
 
-        run_sweep(load_sweep(args.sweep, args.output_dir, args.launcher, args.parallel), dry_run=args.dry_run,
-                  fresh=args.fresh)
-        return 0
+def _report(args) -> int:
+    from .report import build_report
 
-    if args.cmd == "tune":
-        from .tune import load_tune, run_tune
+    out = build_report(args.run_dirs, args.out, reference=args.reference)
+    print(f"report written to {out}")
+    return 0
 
-        run_tune(load_tune(args.tune, args.output_dir), dry_run=args.dry_run, fresh=args.fresh,
-                 select_only=args.select_only)
-        return 0
-    return 1
+
+def _sweep(args) -> int:
+    from .sweep import load_sweep, run_sweep
+
+    run_sweep(load_sweep(args.sweep, args.output_dir, args.launcher, args.parallel), dry_run=args.dry_run,
+              fresh=args.fresh)
+    return 0
+
+
+def _tune(args) -> int:
+    from .tune import load_tune, run_tune
+
+    run_tune(load_tune(args.tune, args.output_dir), dry_run=args.dry_run, fresh=args.fresh,
+             select_only=args.select_only)
+    return 0
+
+
+COMMANDS = {"run": _run, "list": _list, "report": _report, "sweep": _sweep, "tune": _tune}
 
 
 if __name__ == "__main__":

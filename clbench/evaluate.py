@@ -37,8 +37,6 @@ import time
 
 import torch
 
-
-_TASK_MANAGER = None
 _LM_CLASS = None
 
 
@@ -339,11 +337,8 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
     task_limits: a smaller limit for some tasks (off-diagonal cells on a subset); the
     first n test documents of the task are used, the same ones at every stage."""
     from lm_eval import evaluator
-    from lm_eval.tasks import TaskManager
 
-    global _TASK_MANAGER
-    if _TASK_MANAGER is None:  # the default manager indexes ~230 built-in task folders (~7 s) per call
-        _TASK_MANAGER = TaskManager(include_defaults=False)
+    from .tasks import task_manager
 
     t0 = time.perf_counter()
     was_training = model.training
@@ -383,7 +378,7 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
             apply_chat_template=apply_chat_template,
             system_instruction=system_instruction,
             verbosity="ERROR",
-            task_manager=_TASK_MANAGER,
+            task_manager=task_manager(),  # one without lm-eval's index (~7 s per call otherwise)
         )
     if was_training:
         model.train()

@@ -144,3 +144,32 @@ def expand_heldout(names: list[str], task_defs: dict) -> list[str]:
         else:
             out.append(n)
     return list(dict.fromkeys(out))
+
+
+def tasks_to_prepare(cfg: RunConfig | None, tasks: dict, streams: dict, names: list[str] | None = None,
+                     stream: str | None = None) -> list[str]:
+    """The tasks `clbench data prepare` prepares: those named; else a stream's (the option's, or the
+    config's); else the config's `tasks` (groups and tags expanded as a run expands them; registry
+    tasks need no data); else every built-in stream's (presets, whose data is on the user's disk,
+    only when named). A config adds its held-out probes and, with eval.other_kind, each task's
+    other kind. Unknown names fail, naming the available ones."""
+    if names:
+        out = list(names)
+    elif stream or (cfg and cfg.stream):
+        sname = stream or cfg.stream
+        if sname not in streams:
+            raise ConfigError(f"unknown stream {sname!r}; available: {', '.join(sorted(streams))}")
+        out = list(dict.fromkeys(n for order in streams[sname]["orders"].values() for n in order))
+    elif cfg and cfg.tasks:
+        out = [n for n in taskcat.resolve_stream(cfg, tasks, streams) if not tasks[n].hub]
+    else:
+        out = list(dict.fromkeys(n for s in streams.values() if not s.get("preset") for o in s["orders"].values()
+                                 for n in o))
+    if cfg and cfg.heldout and not names:
+        out = list(dict.fromkeys(out + [n for n in expand_heldout(cfg.heldout, tasks) if n in tasks]))
+    if cfg and cfg.eval.other_kind and not names:
+        out = list(dict.fromkeys(out + [taskcat.twin_name(n) for n in out if taskcat.twin_name(n) in tasks]))
+    unknown = [n for n in out if n not in tasks]
+    if unknown:
+        raise ConfigError(f"unknown task(s) {unknown}; available: {', '.join(sorted(tasks))}")
+    return out

@@ -432,17 +432,19 @@ def hub_task(name: str, heldout: bool = True) -> TaskDef:
     return TaskDef(name=name, path=None, lm_eval={"task": name}, clbench={"hub": True, "heldout": heldout})
 
 
-_REGISTRY = None
+_MANAGERS: dict[bool, Any] = {}
 
 
-def _registry():
-    """lm-eval's default TaskManager, built once (it indexes ~14,000 built-in YAML files: 7-28 s)."""
-    global _REGISTRY
-    if _REGISTRY is None:
+def task_manager(builtin: bool = False):
+    """lm-eval's TaskManager, one per process for each kind: builtin=True indexes lm-eval's own
+    ~14,000 task YAML files (7-28 s; only for `hub` tasks named by lm-eval name); builtin=False
+    indexes nothing, and builds clbench's tasks from their configs (build_lm_eval_tasks) and
+    evaluates them (clbench.evaluate)."""
+    if builtin not in _MANAGERS:
         from lm_eval.tasks import TaskManager
 
-        _REGISTRY = TaskManager()
-    return _REGISTRY
+        _MANAGERS[builtin] = TaskManager(include_defaults=builtin)
+    return _MANAGERS[builtin]
 
 
 def _adopt_metrics(d: TaskDef, task) -> None:
@@ -457,14 +459,12 @@ def build_lm_eval_tasks(defs: list[TaskDef], cache: Path) -> dict[str, Any]:
     """lm-eval Task objects for these tasks: a clbench task from its JSONL, a plain lm-eval task
     from its YAML as lm-eval's loader read it (data_files found: lmeval_yaml), `hub` ones by name
     through lm-eval's own task registry."""
-    from lm_eval.tasks import TaskManager
-
     out = {}
     for d in defs:
         if d.hub:
             continue
         try:
-            out[d.name] = TaskManager(include_defaults=False).load([d.lm_eval_config(cache)])["tasks"][d.name]
+            out[d.name] = task_manager().load([d.lm_eval_config(cache)])["tasks"][d.name]
         except Exception as e:  # datasets' and lm-eval's errors alike: name the task and its file
             if not d.native:
                 raise
@@ -475,7 +475,7 @@ def build_lm_eval_tasks(defs: list[TaskDef], cache: Path) -> dict[str, Any]:
     if hub:
         from lm_eval.tasks import get_task_dict
 
-        got = get_task_dict([d.name for d in hub], _registry())
+        got = get_task_dict([d.name for d in hub], task_manager(builtin=True))
         for d in hub:
             task = got.get(d.name)
             if task is None or isinstance(task, dict) or not hasattr(task, "config"):
