@@ -296,6 +296,37 @@ def test_nan_loss_stops_with_clear_error_and_resumes_after_change(tmp_path):
     assert res["run"]["config"]["methods"][0]["options"] == {"nan_at_stage": 99}
 
 
+def test_a_start_writes_config_yaml_once(tmp_path, run_cli, monkeypatch):
+    """The run directory has one writer (clbench.rundir.RunDir): a start that records a config change
+    writes config.yaml once (it was written twice: with the change record, then again by the loop)."""
+    from clbench import results
+
+    (tmp_path / "nan_method.py").write_text(NAN_METHOD)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        model: tiny
+        stream: tiny3
+        task_dirs: [{TINY_TASKS}]
+        method_files: [nan_method.py]
+        methods: [{{name: nan_after}}]
+        train: {{steps: 2, max_length: 64}}
+        eval: {{limit: 4}}
+        precision: fp32
+        checkpoint_interval: 0
+    """))
+    out = tmp_path / "out"
+    code, _, err = run_cli("run", cfg, "--output-dir", out)
+    assert code == 2 and "non-finite loss" in err
+    writes = []
+    real = results.atomic_write_text
+    monkeypatch.setattr(results, "atomic_write_text", lambda path, text: writes.append(path.name) or real(path, text))
+    code, _, err = run_cli("run", cfg, "--output-dir", out, "--set", "methods.0.options.nan_at_stage=99",
+                           "--allow-config-change")
+    assert code == 0, err
+    assert "config changed" in err and writes.count("config.yaml") == 1, writes
+    assert yaml.safe_load((out / "config.yaml").read_text())["methods"][0]["options"] == {"nan_at_stage": 99}
+
+
 # --- bad input: each case fails early, one readable message, no traceback ------------
 
 GOOD = f"""
