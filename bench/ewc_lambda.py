@@ -23,6 +23,7 @@ from clbench import models, planning
 from clbench import tasks as taskcat
 from clbench.stage import run_stage, start_stage
 from clbench.train import tokenize, train_stage
+from clbench.runtime import Runtime
 
 
 def main() -> None:
@@ -43,15 +44,15 @@ def main() -> None:
     run = M.RunContext(method="ewc", seed=0, tasks=names, device=dev, tokenizer=tok)
     meth = M.make("ewc", {})
     model = M.call(meth, "setup", model, run)
-    model, st1, _ = run_stage(model, meth, ex[names[0]], cfg.train, run, 1, names[0], device=dev, pad_id=tok.pad_token_id)
+    model, st1, _ = run_stage(model, meth, ex[names[0]], cfg.train, run, 1, names[0], Runtime(dev, None, tok.pad_token_id))
     print(f"stage 1 ({names[0]}): loss {st1['first_loss']:.3f} -> {st1['last_loss']:.3f}; Fisher {meth.stats[-1]} "
           f"({time.time() - t0:.0f}s)", flush=True)
     state, c2 = meth.state_dict(), cfg.train.model_copy(update={"steps": a.steps})
     for lam in (float(x) for x in a.lambdas.split(",")):
         m2, e2 = copy.deepcopy(model), M.make("ewc", {"ewc_lambda": lam})
         e2.load_state_dict(copy.deepcopy(state))
-        m2, stage = start_stage(m2, e2, ex[names[1]], c2, run, 2, names[1], device=dev, pad_id=tok.pad_token_id)
-        stats = train_stage(m2, e2, list(stage.examples), c2, stage, device=dev, autocast_dtype=None, pad_id=tok.pad_token_id)
+        m2, stage = start_stage(m2, e2, ex[names[1]], c2, run, 2, names[1], Runtime(dev, None, tok.pad_token_id))
+        stats = train_stage(m2, e2, list(stage.examples), c2, stage, Runtime(dev, None, tok.pad_token_id))
         s = e2.stage_stats(stage)
         print(f"lambda {lam:g}: stage 2 ({names[1]}), {a.steps} steps: penalty_ratio {s['penalty_ratio']:.3g} "
               f"(penalty {s['penalty']:.3g}); loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f} "

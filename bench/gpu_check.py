@@ -308,7 +308,7 @@ def big_model(bundle: Path, method: str) -> dict:
 
     from clbench import method as M
     from clbench.config import TrainConfig
-    from clbench.runtime import PeakMemory
+    from clbench.runtime import PeakMemory, Runtime
     from clbench.stage import run_stage
     from clbench.train import tokenize
 
@@ -328,8 +328,7 @@ def big_model(bundle: Path, method: str) -> dict:
     model.to(dev)
     tcfg = TrainConfig(steps=BIG_STEPS, batch_size=8, max_length=128, lr=1e-5)
     with PeakMemory(dev) as pm:
-        _, stats, _ = run_stage(model, meth, ex, tcfg, run, 1, "a", device=dev, autocast_dtype=torch.bfloat16,
-                                pad_id=tok.pad_token_id)
+        _, stats, _ = run_stage(model, meth, ex, tcfg, run, 1, "a", Runtime(dev, torch.bfloat16, tok.pad_token_id))
     del model
     torch.cuda.empty_cache()
     return {"method": method, "params_m": round(n_params / 1e6), "step_s": round(stats["seconds"] / BIG_STEPS, 4),

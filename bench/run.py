@@ -44,7 +44,7 @@ import yaml  # noqa: E402
 from clbench import method as M, models, tasks as T, train  # noqa: E402
 from clbench.config import EvalConfig, TrainConfig, load_config  # noqa: E402
 from clbench.planning import plan  # noqa: E402
-from clbench.runtime import quiet_libraries, select_device  # noqa: E402
+from clbench.runtime import Runtime, quiet_libraries, select_device  # noqa: E402
 from clbench.stage import stage_seed, start_stage  # noqa: E402
 from clbench.train import Example, collate, lm_loss, num_steps, tokenize, train_stage  # noqa: E402
 
@@ -139,8 +139,7 @@ class Ctx:
         meth = M.make(method, options)
         run = M.RunContext(method=method, seed=0, tasks=self.names, device=self.device, tokenizer=self.tok)
         model = M.call(meth, "setup", model, run).to(self.device).train()
-        model, st = start_stage(model, meth, self.batches[0], self.tcfg, run, 1, self.names[0], device=self.device,
-                                autocast_dtype=self.autocast, pad_id=self.tok.pad_token_id)
+        model, st = start_stage(model, meth, self.batches[0], self.tcfg, run, 1, self.names[0], Runtime(self.device, self.autocast, self.tok.pad_token_id))
         return model, meth, st
 
     def timed_steps(self, model, meth, st, tcfg, on_step=None) -> list[float]:
@@ -159,8 +158,7 @@ class Ctx:
 
         meth.after_step = after_step  # an instance attribute: M.call finds it first
         try:
-            train_stage(model, meth, self.batches[0], tcfg, st, device=self.device, autocast_dtype=self.autocast,
-                        pad_id=self.tok.pad_token_id)
+            train_stage(model, meth, self.batches[0], tcfg, st, Runtime(self.device, self.autocast, self.tok.pad_token_id))
         finally:
             del meth.after_step
         return [b - a for a, b in zip(marks, marks[1:])]
@@ -321,8 +319,8 @@ def bench_eval(ctx: Ctx, reps: int, out: Path, log: Path):
 
     ev, model = ctx.cfg.eval, ctx.trained
     primary = {n: ctx.pl.task_defs[n].primary_metric for n in ctx.names}
-    kw = dict(device=ctx.device, autocast_dtype=ctx.autocast, batch_size=ev.batch_size, limit=ev.limit,
-              bootstrap_iters=ev.bootstrap_iters, log_samples=ev.log_samples)
+    rt = Runtime(ctx.device, ctx.autocast)
+    kw = dict(batch_size=ev.batch_size, limit=ev.limit, bootstrap_iters=ev.bootstrap_iters, log_samples=ev.log_samples)
     work = out / "reload"
     shutil.rmtree(work, ignore_errors=True)
     (work / "tasks").mkdir(parents=True)
@@ -331,11 +329,11 @@ def bench_eval(ctx: Ctx, reps: int, out: Path, log: Path):
     # clbench evaluates under the loop's autocast; the CLI's HFLM does the same with mixed_precision_dtype.
     model_args = "pretrained={},dtype=float32" + (f",mixed_precision_dtype={str(ctx.autocast).split('.')[-1]}" if ctx.autocast else "")
     with quiet(log):
-        evaluate(model, ctx.tok, ctx.lm_tasks, primary, **kw)  # warm-up (lm-eval's task manager, kernels)
+        evaluate(model, ctx.tok, ctx.lm_tasks, primary, rt, **kw)  # warm-up (lm-eval's task manager, kernels)
     inproc, reload = [], []
     for _ in range(reps):
         with quiet(log):
-            s_in, _, sec = evaluate(model, ctx.tok, ctx.lm_tasks, primary, **kw)
+            s_in, _, sec = evaluate(model, ctx.tok, ctx.lm_tasks, primary, rt, **kw)
         inproc.append(sec)
         t0 = time.perf_counter()
         model.save_pretrained(work / "model")
@@ -634,8 +632,7 @@ def bench_storage(ctx: Ctx, out: Path, steps: int = 3):
         for t in (1, 2):
             from clbench.stage import run_stage
 
-            model, _, _ = run_stage(model, meth, ctx.pools[t - 1], tcfg, run, t, ctx.names[t - 1], device=ctx.device,
-                                    autocast_dtype=ctx.autocast, pad_id=ctx.tok.pad_token_id)
+            model, _, _ = run_stage(model, meth, ctx.pools[t - 1], tcfg, run, t, ctx.names[t - 1], Runtime(ctx.device, ctx.autocast, ctx.tok.pad_token_id))
             ck = checkpoint.save(work / f"{name}.stage{t}.pt", model, reference, M.call(meth, "state_dict"), {"stage": t})
             tv = checkpoint.save_state_diff(work / f"{name}.taskvec{t}.pt",
                                             checkpoint.state_diff(merging.effective_state(model), base_state, copy=False))

@@ -37,6 +37,8 @@ import time
 
 import torch
 
+from .runtime import Runtime
+
 _LM_CLASS = None
 
 
@@ -323,11 +325,11 @@ def without_env_info():
         evaluator.add_env_info, evaluator.get_git_commit_hash = env_info, git_hash
 
 
-def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str]], *, device, autocast_dtype,
-             batch_size, limit=None, seed: int = 0, bootstrap_iters: int = 0, log_samples: bool = True,
-             max_length: int | None = None, task_limits: dict[str, int | None] | None = None,
-             apply_chat_template: bool = False, system_instruction: str | None = None, data_parallel: bool = False):
-    """Returns (scores {task: value}, samples {task: [records]} or {}, seconds); with data_parallel
+def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str]], rt: Runtime, *, batch_size,
+             limit=None, seed: int = 0, bootstrap_iters: int = 0, log_samples: bool = True, max_length: int | None = None,
+             task_limits: dict[str, int | None] | None = None, apply_chat_template: bool = False, system_instruction: str | None = None, data_parallel: bool = False):
+    """Scores on the runtime `rt`'s device and autocast. Returns (scores {task: value}, samples
+    {task: [records]} or {}, seconds); with data_parallel
     (every rank of the process group calls it, each with the whole model) the documents are split
     over the ranks and rank 0 gets the scores and samples of one process; the others get (None, {}, s).
 
@@ -348,8 +350,8 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=batch_size,
-        device=str(device),
-        mixed_precision_dtype=autocast_dtype,
+        device=str(rt.device),
+        mixed_precision_dtype=rt.autocast_dtype,
         max_length=max_length,
     )
     if data_parallel:

@@ -32,7 +32,7 @@ from .midstage import StepCheckpoints
 from .planning import Plan
 from .recorder import MULTITASK, CostLog, Recorder, meta_info, stage_entry
 from .rundir import RunDir
-from .runtime import PeakMemory, quiet_libraries, seed_everything
+from .runtime import PeakMemory, Runtime, quiet_libraries, seed_everything
 from .stage import autocast_factory, run_stage
 
 
@@ -59,6 +59,11 @@ class Session:
     sharded: bool = False  # distributed.strategy fsdp: models are sharded after the method's setup (clbench.fsdp)
 
     @property
+    def runtime(self) -> Runtime:
+        """The runtime stages train on: this run's device, autocast, pad id and progress bar."""
+        return Runtime(self.device, self.autocast, self.tok.pad_token_id, self.progress)
+
+    @property
     def cfg(self):
         return self.pl.cfg
 
@@ -72,8 +77,8 @@ class Session:
         e = self.cfg.eval
         primary = {n: self.pl.task_defs[n].primary_metric for n in self.pl.eval_names}
         with preserved_rng():  # training's random stream does not depend on what was evaluated
-            scores, samples, seconds = evaluate(model, self.tok, self.lm_tasks, primary, seed=seed, device=self.device,
-                                                autocast_dtype=self.autocast, batch_size=e.batch_size, limit=e.limit,
+            scores, samples, seconds = evaluate(model, self.tok, self.lm_tasks, primary, self.runtime, seed=seed,
+                                                batch_size=e.batch_size, limit=e.limit,
                                                 bootstrap_iters=e.bootstrap_iters, log_samples=e.log_samples,
                                                 task_limits=limits, apply_chat_template=self.cfg.chat_template,
                                                 system_instruction=self.cfg.system_instruction,
@@ -158,9 +163,7 @@ class Job:
         with PeakMemory(s.device, release=not s.memory_released) as pm:
             s.memory_released = True
             t_start = time.perf_counter()
-            model, stats, _ = run_stage(model, meth, examples, tcfg, run_ctx, t, task, device=s.device,
-                                        autocast_dtype=s.autocast, pad_id=s.tok.pad_token_id, progress=s.progress,
-                                        on_step=on_step, step_checkpoints=self.step_checkpoints(meth, t),
+            model, stats, _ = run_stage(model, meth, examples, tcfg, run_ctx, t, task, s.runtime, on_step=on_step, step_checkpoints=self.step_checkpoints(meth, t),
                                         desc=f"{self.name} seed {self.seed} stage {t}/{len(s.pl.task_names)} {task}")
             seconds = time.perf_counter() - t_start
         if stats.get("resumed_at_step"):

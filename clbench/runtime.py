@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,23 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the loop computes, handed down as one object instead of loose arguments (as
+    Lightning Fabric carries device and precision): the device, the autocast dtype (None: float32;
+    master weights always stay float32), the tokenizer's pad id that batches are padded with, and
+    the rich progress bar stages report to (None: no bar). Collectives are clbench.distributed's."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    pad_id: int = 0
+    progress: object = None
+
+    def autocast(self):
+        """The autocast context of one forward (a no-op in float32)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
 
 def wants_cpu(cfg: RunConfig) -> bool:

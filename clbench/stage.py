@@ -18,7 +18,7 @@ import contextlib
 import torch
 
 from . import method as M
-from .runtime import derive_seed
+from .runtime import Runtime, derive_seed
 from .train import num_steps, train_stage
 
 
@@ -27,22 +27,20 @@ def stage_seed(seed: int, stage: int) -> int:
     return derive_seed(seed, stage)
 
 
-def start_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str, *, device, autocast_dtype=None,
-                pad_id: int, progress=None):
+def start_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str, rt: Runtime):
     """Everything of stage t before its training: the seeded stage view (whose calibrate() runs
     the loop's training loop densely on the stage's examples), the method's stage_examples and
     stage_start. Returns (model, stage view); the stage's examples are `stage.examples`."""
     from .config import TrainOverrides
 
     torch.manual_seed(stage_seed(run.seed, t))
-    kw = dict(device=device, autocast_dtype=autocast_dtype, pad_id=pad_id, progress=progress)
     holder: dict = {}
 
     def calibrate(m, steps=None, lr=None, weight_decay=None, desc="calibrate"):
         over = {k: v for k, v in dict(steps=steps, lr=lr, weight_decay=weight_decay).items() if v is not None}
         st = holder["stage"]
-        return train_stage(m, method, list(st.examples), cfg.merged(TrainOverrides(**over)), st,
-                           desc=f"{run.method} seed {run.seed} stage {t} {desc}", dense=True, **kw)
+        return train_stage(m, method, list(st.examples), cfg.merged(TrainOverrides(**over)), st, rt,
+                           desc=f"{run.method} seed {run.seed} stage {t} {desc}", dense=True)
 
     gen = torch.Generator().manual_seed(stage_seed(run.seed, t))
     stage = M.Stage(stage=t, task=task, seed=run.seed, run=run, train_config=cfg, generator=gen, examples=examples,
@@ -57,15 +55,15 @@ def start_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: s
     return M.call(method, "stage_start", model, stage), stage
 
 
-def run_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str, *, device, autocast_dtype=None,
-              pad_id: int, progress=None, on_step=None, desc: str | None = None, step_checkpoints=None):
-    """Stage t of `method` on `examples` (clbench.train.Example) with train config `cfg`: start_stage,
-    the one training loop, stage_end. Returns (model, stats, stage view)."""
-    model, stage = start_stage(model, method, examples, cfg, run, t, task, device=device, autocast_dtype=autocast_dtype,
-                               pad_id=pad_id, progress=progress)
-    stats = train_stage(model, method, list(stage.examples), cfg, stage, device=device, autocast_dtype=autocast_dtype,
-                        pad_id=pad_id, progress=progress, desc=desc or f"{run.method} seed {run.seed} stage {t} {task}",
-                        on_step=on_step, step_checkpoints=step_checkpoints)
+def run_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str, rt: Runtime, *, on_step=None,
+              desc: str | None = None, step_checkpoints=None):
+    """Stage t of `method` on `examples` (clbench.train.Example) with train config `cfg` on the
+    runtime `rt` (clbench.runtime.Runtime): start_stage, the one training loop, stage_end. Returns
+    (model, stats, stage view)."""
+    model, stage = start_stage(model, method, examples, cfg, run, t, task, rt)
+    stats = train_stage(model, method, list(stage.examples), cfg, stage, rt,
+                        desc=desc or f"{run.method} seed {run.seed} stage {t} {task}", on_step=on_step,
+                        step_checkpoints=step_checkpoints)
     model = M.call(method, "stage_end", model, stage)
     measured = M.call(method, "stage_stats", stage)  # the method's own diagnostics (results.json: method_stats)
     if measured:

@@ -27,7 +27,7 @@ from . import method as M
 from . import prompting
 from .errors import TrainingError  # noqa: F401  (raised here; clbench.train.TrainingError for users)
 from .examples import IGNORE, Example, collate, tokenize  # noqa: F401  (their former home: clbench.train.Example ...)
-from .runtime import derive_seed, state_bytes
+from .runtime import Runtime, derive_seed, state_bytes
 from .schedule import check as check_schedule, describe as describe_schedule, lr_factor
 
 
@@ -137,10 +137,10 @@ def num_steps(cfg, n_examples: int) -> int:
     return cfg.steps
 
 
-def train_stage(model, method, examples: list[Example], cfg, stage, *, device, autocast_dtype, pad_id: int,
-                progress=None, desc: str = "train", dense: bool = False, on_step=None, step_checkpoints=None) -> dict:
-    """Train `model` on `examples` for one stage (`stage`: the method's clbench.method.Stage view).
-    Returns stats (steps, losses, seconds).
+def train_stage(model, method, examples: list[Example], cfg, stage, rt: Runtime, *, desc: str = "train",
+                dense: bool = False, on_step=None, step_checkpoints=None) -> dict:
+    """Train `model` on `examples` for one stage (`stage`: the method's clbench.method.Stage view) on
+    the runtime `rt` (device, autocast, pad id, progress bar). Returns stats (steps, losses, seconds).
 
     dense=True is a calibration pass: all parameters that require grad train, and the
     method's hooks are not called (LoTA calibration, KS-Lottery's first pass).
@@ -176,7 +176,7 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
             for _ in range(first * cfg.grad_accum):  # the seeded shuffle's batches of the steps taken
                 next(batches)
     t0 = time.perf_counter()
-    log = _StepLog(desc, total, progress)
+    log = _StepLog(desc, total, rt.progress)
     for step in range(first, total):
         interrupt.check()  # a Ctrl-C that some library caught earlier (clbench.interrupt)
         lr = opt.param_groups[0]["lr"]  # this step's learning rate (before the scheduler moves it)
@@ -187,9 +187,9 @@ def train_stage(model, method, examples: list[Example], cfg, stage, *, device, a
             if not dense:
                 whole = M.call(method, "batch", whole, stage) or whole
             micro, rows = D.shard(whole), D.shard(list(range(len(whole))))  # rows: indices in the global batch
-            batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
+            batch = {k: v.to(rt.device) for k, v in collate(micro, rt.pad_id).items()}
             key = derive_seed(derive_seed(stage.seed, stage.stage, int(dense)), step, i)  # dropout masks by example
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with rt.autocast():
                 with adapters.keyed(model, key, rows, cfg.max_length):  # the loop's forward only (not a method's own)
                     out = lm_loss(model, batch, cfg.head_only_targets, return_forward=True)
                 loss = out.loss

@@ -10,6 +10,7 @@ from clbench import method as M
 from clbench import models
 from clbench import train as T
 from clbench.config import TrainConfig
+from clbench.runtime import Runtime
 from clbench.stage import start_stage
 
 CPU = torch.device("cpu")
@@ -26,6 +27,11 @@ def compare(n: int) -> list[tuple[str, str]]:
             for a, b in zip(range(3, 3 + 3 * n, 3), range(50, 50 - 2 * n, -2))]
 
 
+def cpu_rt(tok, autocast=None) -> Runtime:
+    """The runtime of the tests' stages: the CPU, float32 unless `autocast`, the tokenizer's pad id."""
+    return Runtime(CPU, autocast, tok.pad_token_id)
+
+
 def fresh(tok, name: str, options: dict | None = None, tasks=("t1", "t2"), **run_fields):
     """(method, its model after setup, the RunContext): `name` with `options` on the tiny model of
     seed 0, with torch's global generator seeded first (setup's own draws, e.g. adapter inits)."""
@@ -39,11 +45,10 @@ def one_stage(meth, model, run, tok, examples, cfg, t: int, end: bool = True, be
     """Stage t on `examples` as clbench.stage runs it: start_stage, then between(model, stage) if
     given, the loop's train_stage, and stage_end unless end=False. Returns (model, stage, the
     training statistics)."""
-    model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
+    model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", cpu_rt(tok))
     if between is not None:
         between(model, stage)
-    stats = T.train_stage(model, meth, list(stage.examples), cfg, stage, device=CPU, autocast_dtype=None,
-                          pad_id=tok.pad_token_id)
+    stats = T.train_stage(model, meth, list(stage.examples), cfg, stage, cpu_rt(tok))
     if end:
         model = M.call(meth, "stage_end", model, stage)
     return model, stage, stats

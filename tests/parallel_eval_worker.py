@@ -13,6 +13,7 @@ from clbench import distributed as D
 from clbench import models
 from clbench import tasks as taskcat
 from clbench.evaluate import evaluate
+from clbench.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,12 +26,12 @@ def main(out: str) -> None:
     names = ["tiny_parity", "tiny_copy"]
     lm_tasks = taskcat.build_lm_eval_tasks([defs[n] for n in names], None)
     primary = {n: defs[n].primary_metric for n in names}
-    kw = dict(device=torch.device("cpu"), autocast_dtype=None, batch_size=4, limit=7, log_samples=True)
-    scores, samples, _ = evaluate(model, tok, lm_tasks, primary, data_parallel=True, **kw)
+    rt, kw = Runtime(torch.device("cpu")), dict(batch_size=4, limit=7, log_samples=True)
+    scores, samples, _ = evaluate(model, tok, lm_tasks, primary, rt, data_parallel=True, **kw)
     mine = {n: sorted({i.doc_id for i in lm_tasks[n].instances}) for n in names}  # what this rank scored
     ranks = D.gather(mine)
     if D.is_main():
-        alone, alone_samples, _ = evaluate(model, tok, lm_tasks, primary, data_parallel=False, **kw)
+        alone, alone_samples, _ = evaluate(model, tok, lm_tasks, primary, rt, data_parallel=False, **kw)
         Path(out).write_text(json.dumps({
             "world": D.world_size(), "ranks": ranks, "parallel": scores, "alone": alone,
             "parallel_samples": {n: [{k: s[k] for k in ("doc_id", "filter", "resps", "filtered_resps")} for s in v]

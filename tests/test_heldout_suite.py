@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from harness import cpu_rt
 
 
 def test_general_expands_to_every_builtin_heldout_task():
@@ -34,8 +35,6 @@ def _ppl_task(folder):
 
 
 def test_perplexity_probe_is_reported_as_per_byte_likelihood(tmp_path, run_cli):
-    import torch
-
     from clbench import models, tasks as T
     from clbench.evaluate import evaluate
 
@@ -54,8 +53,7 @@ def test_perplexity_probe_is_reported_as_per_byte_likelihood(tmp_path, run_cli):
     defs = T.load_tasks([tmp_path])
     model, tok, _ = models.resolve("tiny", None)
     lm_tasks = T.build_lm_eval_tasks([defs["tiny_ppl"]], tmp_path / "cache")
-    raw, _, _ = evaluate(model, tok, lm_tasks, {"tiny_ppl": ("bits_per_byte", "none")}, device=torch.device("cpu"),
-                         autocast_dtype=None, batch_size=4, log_samples=False)
+    raw, _, _ = evaluate(model, tok, lm_tasks, {"tiny_ppl": ("bits_per_byte", "none")}, cpu_rt(tok), batch_size=4, log_samples=False)
     assert raw["tiny_ppl"] > 0
     assert base == pytest.approx(2.0 ** -raw["tiny_ppl"], rel=1e-6)
     assert 0 < base < 1

@@ -16,7 +16,7 @@ from clbench import method as M
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
-from harness import CPU, bits, compare, fresh, one_stage, parity
+from harness import bits, compare, cpu_rt, fresh, one_stage, parity
 
 for _f in ("agem", "full_ft"):
     M.load_method_file(REPO / "methods" / f"{_f}.py")
@@ -83,7 +83,7 @@ def stage2(tok, data):
     """An A-GEM model after stage 1 (memory: 6 parity examples), at the start of stage 2."""
     meth, model, run = fresh(tok, "agem", options={"m": 6, "ref_batch_size": 64})
     model, _, _ = one_stage(meth, model, run, tok, data[0], CFG, 1)
-    model, stage = start_stage(model, meth, data[1], CFG, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)
+    model, stage = start_stage(model, meth, data[1], CFG, run, 2, "t2", cpu_rt(tok))
     model.train()
     ref = grad_of(model, meth.memory["t1"], tok)  # the whole memory is the reference batch (6 < 64)
     new = grad_of(model, data[1][:4], tok)
@@ -153,7 +153,7 @@ def test_reference_batches_are_seeded_draws_from_the_memory(tok, data):
     for _ in range(2):
         meth, model, run = fresh(tok, "agem", options={"m": 10, "ref_batch_size": 3})
         model, _, _ = one_stage(meth, model, run, tok, data[0], CFG, 1)
-        _, stage = start_stage(model, meth, data[1], CFG, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)
+        _, stage = start_stage(model, meth, data[1], CFG, run, 2, "t2", cpu_rt(tok))
         draws.append([meth.reference_examples(stage) for _ in range(4)])
     assert draws[0] == draws[1]  # every process draws the same reference batches
     pool = meth.pool()

@@ -16,7 +16,7 @@ from clbench.config import TrainConfig
 from clbench.stage import run_stage
 from clbench.train import tokenize
 from conftest import REPO
-from harness import parity
+from harness import cpu_rt, parity
 
 M.load_builtin_methods(REPO / "methods")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,7 +56,7 @@ def setup(tok, name, options=None, model=None, tasks=("t1", "t2")):
 
 
 def stage(meth, model, run, examples, tok, cfg, t=1):
-    model, stats, _ = run_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
+    model, stats, _ = run_stage(model, meth, examples, cfg, run, t, f"t{t}", cpu_rt(tok))
     return model, stats
 
 
@@ -106,13 +106,13 @@ def test_hft_draws_the_embedding_and_head_per_stage(tok, examples):
     tied_frozen = []
     meth, model, run = setup(tok, "hft", tasks=[f"t{t}" for t in range(1, 9)])
     for t in range(1, 9):  # tied (one tensor): frozen in some stages, trained in others
-        model, _ = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
+        model, _ = start_stage(model, meth, examples, cfg, run, t, f"t{t}", cpu_rt(tok))
         tied_frozen.append(not model.get_input_embeddings().weight.requires_grad)
         assert tied_frozen[-1] == bool(meth.frozen_embeddings[-1])
     assert any(tied_frozen) and not all(tied_frozen)
     meth, model, run = setup(tok, "hft", model=untied(tok), tasks=["t1", "t2", "t3"])
     for t in (1, 2, 3):  # untied: one of the two frozen at every stage, as the norms
-        model, _ = start_stage(model, meth, examples, cfg, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
+        model, _ = start_stage(model, meth, examples, cfg, run, t, f"t{t}", cpu_rt(tok))
         grads = [model.get_input_embeddings().weight.requires_grad, model.get_output_embeddings().weight.requires_grad]
         assert sorted(grads) == [False, True]
 

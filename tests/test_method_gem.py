@@ -15,7 +15,7 @@ from clbench import method as M
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
-from harness import CPU, compare, fresh, one_stage, parity
+from harness import compare, cpu_rt, fresh, one_stage, parity
 from test_method_agem import dot, grad_of, grads, set_grads  # A-GEM's test helpers: the same gradients
 
 for _f in ("agem", "gem"):
@@ -93,7 +93,7 @@ def test_one_finished_task_margin_0_is_agems_step(tok, data):
     model, _, _ = one_stage(agem, model, run, tok, data[0], CFG, 1)
     gem = M.make("gem", {**opts, "margin": 0.0, "eps": 0.0})
     gem.load_state_dict(agem.state_dict())
-    model, stage = start_stage(model, agem, data[1], CFG, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)
+    model, stage = start_stage(model, agem, data[1], CFG, run, 2, "t2", cpu_rt(tok))
     model.train()
     ref = grad_of(model, agem.memory["t1"], tok)
     g = [-r + 0.3 * n for r, n in zip(ref, grad_of(model, data[1][:4], tok))]

@@ -17,7 +17,7 @@ from clbench import method as M
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
-from harness import CPU, compare, fresh, one_stage, parity
+from harness import compare, cpu_rt, fresh, one_stage, parity
 
 M.load_method_file(REPO / "methods" / "ilora.py")
 
@@ -197,7 +197,7 @@ def test_evaluate_option_picks_the_adapter(tok, data):
     model, _, _ = one_stage(meth, model, run, tok, parity, cfg, 1)
     assert model.base_model.active_adapters == ["stable"]
     assert meth.trainable_params(model) == sum(p.numel() for p in by_adapter(model, "plastic").values())
-    model, _ = start_stage(model, meth, parity, cfg, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)
+    model, _ = start_stage(model, meth, parity, cfg, run, 2, "t2", cpu_rt(tok))
     assert model.base_model.active_adapters == ["plastic"]
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters() if ".plastic." in n}

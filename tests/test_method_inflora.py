@@ -14,6 +14,7 @@ from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from clbench.train import collate, tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
+from harness import cpu_rt
 
 M.load_method_file(REPO / "methods" / "inflora.py")
 from clbench_builtin.methods import inflora as inf  # noqa: E402  (after the loads above)
@@ -68,12 +69,11 @@ def data(tok):
 
 
 def start(meth, model, run, t, examples, tok):
-    return start_stage(model, meth, examples, CFG.model_copy(), run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
+    return start_stage(model, meth, examples, CFG.model_copy(), run, t, f"t{t}", cpu_rt(tok))
 
 
 def train(meth, model, stage, tok):
-    return train_stage(model, meth, list(stage.examples), stage.train_config, stage, device=CPU, autocast_dtype=None,
-                       pad_id=tok.pad_token_id)
+    return train_stage(model, meth, list(stage.examples), stage.train_config, stage, cpu_rt(tok))
 
 
 def lora_names(model):

@@ -17,6 +17,7 @@ from clbench.config import TrainConfig
 from clbench.stage import run_stage
 from clbench.train import collate, lm_loss, target_logits, tokenize
 from conftest import REPO, left_padded_generate, two_stage_run_and_resume
+from harness import cpu_rt
 
 M.load_method_file(REPO / "methods" / "l2p.py")
 
@@ -111,8 +112,7 @@ def _train(tok, options, stages=2):
     snaps = [{k: v.clone() for k, v in model.state_dict().items()}]
     stats = []
     for t in range(1, stages + 1):
-        model, st, _ = run_stage(model, meth, tokenize(PAIRS[3 * (t - 1):3 * t], tok, 64), cfg, run, t, "ab"[t - 1],
-                                 device=CPU, pad_id=tok.pad_token_id)
+        model, st, _ = run_stage(model, meth, tokenize(PAIRS[3 * (t - 1):3 * t], tok, 64), cfg, run, t, "ab"[t - 1], cpu_rt(tok))
         snaps.append({k: v.clone() for k, v in model.state_dict().items()})
         stats.append(st)
     return model, snaps, stats
@@ -181,7 +181,7 @@ def test_evaluation_scores_each_context_with_its_own_selection(tok, tmp_path, mo
     assert max(abs(a[0] - b[0]) for a, b in zip(got, moved)) > 1e-3
     monkeypatch.setenv("CLBENCH_EVAL_PREFIX_SHARING", "0")
     with pytest.raises(prompting.PromptError, match="where the contexts end"):
-        E.evaluate(model, tok, lm_tasks, primary, device=CPU, autocast_dtype=None, batch_size=8, limit=2)
+        E.evaluate(model, tok, lm_tasks, primary, cpu_rt(tok), batch_size=8, limit=2)
 
 
 def test_generation_queries_the_whole_prompt(tok):

@@ -14,7 +14,7 @@ from clbench import method as M
 from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
-from harness import CPU, fresh, one_stage, parity
+from harness import cpu_rt, fresh, one_stage, parity
 
 M.load_method_file(REPO / "methods" / "lamol.py")
 from clbench_methods.lamol import ANS, parse_sample  # noqa: E402  (registered above)
@@ -52,7 +52,7 @@ def test_lm_loss_is_lambda_times_the_marked_sequence_loss(tok):
     meth, model, run = fresh_lamol(tok, {"lm_lambda": 0.25})
     cfg = TrainConfig(lr=1e-3, steps=1, batch_size=2, max_length=64)
     exs = T.tokenize(PARITY[:2], tok, 64)
-    model, stage = start_stage(model, meth, exs, cfg, run, 1, "t1", device=CPU, pad_id=tok.pad_token_id)
+    model, stage = start_stage(model, meth, exs, cfg, run, 1, "t1", cpu_rt(tok))
     model.train()
     batch = T.collate(exs, tok.pad_token_id)
     out = T.lm_loss(model, batch, return_forward=True)
@@ -71,7 +71,7 @@ def _after_stage_1(tok, options):
     cfg = TrainConfig(lr=3e-3, steps=60, batch_size=8, max_length=64)
     data1, data2 = T.tokenize(PARITY, tok, 64), T.tokenize(COMPARE, tok, 64)
     model, _, _ = one_stage(meth, model, run, tok, data1, cfg, 1)
-    _, stage2 = start_stage(model, meth, data2, cfg, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)
+    _, stage2 = start_stage(model, meth, data2, cfg, run, 2, "t2", cpu_rt(tok))
     return meth, stage2, data2
 
 

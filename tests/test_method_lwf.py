@@ -15,7 +15,7 @@ from clbench.config import TrainConfig
 from clbench.errors import ConfigError
 from clbench.stage import start_stage
 from conftest import REPO, two_stage_run_and_resume
-from harness import CPU, bits, compare, fresh, parity
+from harness import bits, compare, cpu_rt, fresh, parity
 
 for _f in ("lwf", "lora"):
     M.load_method_file(REPO / "methods" / f"{_f}.py")
@@ -67,7 +67,7 @@ def test_distillation_equals_a_hand_computation():
 
 def test_stage_one_is_plain_fine_tuning(tok, data):
     meth, model, run = fresh(tok, "lwf")
-    model, stage = start_stage(model, meth, data[0], CFG, run, 1, "t1", device=CPU, pad_id=tok.pad_token_id)
+    model, stage = start_stage(model, meth, data[0], CFG, run, 1, "t1", cpu_rt(tok))
     assert meth.teacher is None
     batch = T.collate(list(stage.examples[:4]), tok.pad_token_id)
     out = T.lm_loss(model, batch, return_forward=True)
@@ -76,12 +76,12 @@ def test_stage_one_is_plain_fine_tuning(tok, data):
 
 def test_kd_zero_at_stage_start_then_positive_and_teacher_never_moves(tok, data):
     meth, model, run = fresh(tok, "lwf", {"temperature": 2.0, "kd_lambda": 0.7})
-    model, stage = start_stage(model, meth, data[0], CFG, run, 1, "t1", device=CPU, pad_id=tok.pad_token_id)
-    T.train_stage(model, meth, list(stage.examples), CFG, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
+    model, stage = start_stage(model, meth, data[0], CFG, run, 1, "t1", cpu_rt(tok))
+    T.train_stage(model, meth, list(stage.examples), CFG, stage, cpu_rt(tok))
     model = M.call(meth, "stage_end", model, stage)
     after1 = {n: bits(p) for n, p in model.named_parameters()}
 
-    model, stage = start_stage(model, meth, data[1], CFG, run, 2, "t2", device=CPU, pad_id=tok.pad_token_id)
+    model, stage = start_stage(model, meth, data[1], CFG, run, 2, "t2", cpu_rt(tok))
     teacher = meth.teacher
     assert teacher is not None and teacher is not model and not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -100,7 +100,7 @@ def test_kd_zero_at_stage_start_then_positive_and_teacher_never_moves(tok, data)
     ce_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in g_ce if g is not None))
     assert ce_norm > 1e-3 and kd_norm <= 1e-6 * ce_norm  # rounding of softmax sums only
 
-    T.train_stage(model, meth, list(stage.examples), CFG, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
+    T.train_stage(model, meth, list(stage.examples), CFG, stage, cpu_rt(tok))
     assert all(torch.equal(bits(p), after1[n]) for n, p in teacher.named_parameters())  # the teacher never moved
     assert any(not torch.equal(bits(p), after1[n]) for n, p in model.named_parameters())  # the student did
     # now the student differs: the term is the mean per-row KL(teacher || student) at T, times lambda (no
@@ -118,8 +118,8 @@ def test_kd_zero_at_stage_start_then_positive_and_teacher_never_moves(tok, data)
 def test_reverse_kl_matches_torch_kl_div_the_other_way(tok, data):
     meth, model, run = fresh(tok, "lwf", {"kl": "reverse", "temperature": 1.5, "t_squared": True})
     for t, exs in ((1, data[0]), (2, data[1])):
-        model, stage = start_stage(model, meth, exs, CFG, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
-        T.train_stage(model, meth, list(stage.examples), CFG, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
+        model, stage = start_stage(model, meth, exs, CFG, run, t, f"t{t}", cpu_rt(tok))
+        T.train_stage(model, meth, list(stage.examples), CFG, stage, cpu_rt(tok))
     batch = T.collate(list(stage.examples[:4]), tok.pad_token_id)
     out = T.lm_loss(model, batch, return_forward=True)
     kd = float(meth.extra_loss(model, batch, stage, out).detach())
@@ -133,13 +133,13 @@ def test_lora_base_trains_only_the_adapter_with_a_frozen_teacher(tok, data):
     meth, model, run = fresh(tok, "lwf", {"base": "lora", "base_options": {"r": 4, "alpha": 8, "dropout": 0.0}})
     assert hasattr(model, "peft_config")
     for t, exs in ((1, data[0]), (2, data[1])):
-        model, stage = start_stage(model, meth, exs, CFG, run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
+        model, stage = start_stage(model, meth, exs, CFG, run, t, f"t{t}", cpu_rt(tok))
         if t == 2:
             before = {n: bits(p) for n, p in model.named_parameters()}
             batch = T.collate(list(stage.examples[:4]), tok.pad_token_id)
             out = T.lm_loss(model, batch, return_forward=True)
             assert float(meth.extra_loss(model, batch, stage, out).detach()) == 0.0
-        T.train_stage(model, meth, list(stage.examples), CFG, stage, device=CPU, autocast_dtype=None, pad_id=tok.pad_token_id)
+        T.train_stage(model, meth, list(stage.examples), CFG, stage, cpu_rt(tok))
     moved = {n for n, p in model.named_parameters() if not torch.equal(bits(p), before[n])}
     assert moved and all("lora_" in n for n in moved)
     assert all(torch.equal(bits(p), before[n]) for n, p in meth.teacher.named_parameters())

@@ -14,7 +14,7 @@ from clbench.config import TrainConfig
 from clbench.stage import start_stage
 from clbench.train import tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
-from harness import CPU, fresh
+from harness import cpu_rt, fresh
 
 M.load_method_file(REPO / "methods" / "osf.py")
 from clbench_builtin.methods import osf as osf_mod  # noqa: E402  (after the loads above)
@@ -40,12 +40,11 @@ def examples(tok):
 
 
 def start(meth, model, run, t, examples, tok):
-    return start_stage(model, meth, examples, CFG.model_copy(), run, t, f"t{t}", device=CPU, pad_id=tok.pad_token_id)
+    return start_stage(model, meth, examples, CFG.model_copy(), run, t, f"t{t}", cpu_rt(tok))
 
 
 def train(meth, model, stage, tok):
-    return train_stage(model, meth, list(stage.examples), stage.train_config, stage, device=CPU, autocast_dtype=None,
-                       pad_id=tok.pad_token_id)
+    return train_stage(model, meth, list(stage.examples), stage.train_config, stage, cpu_rt(tok))
 
 
 def target_weights(model):

@@ -17,6 +17,7 @@ from clbench.config import TrainConfig
 from clbench.stage import run_stage
 from clbench.train import collate, target_logits, tokenize
 from conftest import REPO, left_padded_generate, two_stage_run_and_resume
+from harness import cpu_rt
 
 M.load_method_file(REPO / "methods" / "progressive_prompts.py")
 from clbench_builtin.methods import progressive_prompts as pp  # noqa: E402  (after the loads above)
@@ -72,7 +73,7 @@ def _loglikelihoods(model, tok, lm_tasks, primary, sharing, monkeypatch):
     from clbench import evaluate as E
 
     monkeypatch.setenv("CLBENCH_EVAL_PREFIX_SHARING", "1" if sharing else "0")
-    scores, samples, _ = E.evaluate(model, tok, lm_tasks, primary, device=CPU, autocast_dtype=None, batch_size=8,
+    scores, samples, _ = E.evaluate(model, tok, lm_tasks, primary, cpu_rt(tok), batch_size=8,
                                     limit=6, log_samples=True)
     return {t: {s["doc_id"]: [r[0][0] for r in s["resps"]] for s in recs} for t, recs in samples.items()}, scores
 
@@ -144,8 +145,7 @@ def _run(tok, stages, options=None):
     cfg = TrainConfig(lr=0.3, steps=3, batch_size=4, weight_decay=1e-5, max_length=64)
     snaps = [{k: v.clone() for k, v in model.state_dict().items()}]
     for t, pairs in enumerate(stages, 1):
-        model, _, _ = run_stage(model, meth, tokenize(pairs, tok, 64), cfg, run, t, "ab"[t - 1], device=CPU,
-                                pad_id=tok.pad_token_id)
+        model, _, _ = run_stage(model, meth, tokenize(pairs, tok, 64), cfg, run, t, "ab"[t - 1], cpu_rt(tok))
         snaps.append({k: v.clone() for k, v in model.state_dict().items()})
     return meth, model, snaps
 
@@ -175,8 +175,7 @@ def test_trainable_count_during_a_stage(tok, one_thread):
     run = M.RunContext(method="progressive_prompts", seed=0, tasks=["a", "b", "c"], device=CPU, tokenizer=tok)
     model = M.call(meth, "setup", models.build_tiny_model(), run)
     meth.trained = [1]
-    model, _ = start_stage(model, meth, tokenize(PAIRS, tok, 64), TrainConfig(steps=1, batch_size=2), run, 2, "b",
-                           device=CPU, pad_id=tok.pad_token_id)
+    model, _ = start_stage(model, meth, tokenize(PAIRS, tok, 64), TrainConfig(steps=1, batch_size=2), run, 2, "b", cpu_rt(tok))
     assert M.count_trainable(model) == 4 * model.config.hidden_size
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["clbench_prompt.prompts.1"]
 

@@ -11,6 +11,7 @@ from clbench import models
 from clbench.config import TrainConfig
 from clbench.stage import run_stage
 from clbench.train import tokenize
+from harness import cpu_rt
 
 HEADER = """
 from pydantic import BaseModel
@@ -137,8 +138,7 @@ def test_a_hook_that_raises_or_returns_the_wrong_type_names_method_and_hook(tmp_
         else:
             model = M.call(meth, "setup", model, run)
             ex = tokenize([("Number: 2\nEven or odd?\nAnswer:", " even")] * 4, tok, 32)
-            run_stage(model, meth, ex, TrainConfig(steps=1, batch_size=2), run, 1, "t1", device=torch.device("cpu"),
-                      pad_id=tok.pad_token_id)
+            run_stage(model, meth, ex, TrainConfig(steps=1, batch_size=2), run, 1, "t1", cpu_rt(tok))
 
 
 def test_the_stage_view_is_read_only(tok):

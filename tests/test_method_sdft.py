@@ -11,10 +11,11 @@ from clbench import method as M
 from clbench import models
 from clbench import tasks as taskcat
 from clbench.config import TrainConfig
+from clbench.runtime import Runtime
 from clbench.stage import start_stage
 from clbench.train import tokenize
 from conftest import REPO, two_stage_run_and_resume
-from harness import hf_greedy
+from harness import cpu_rt, hf_greedy
 
 M.load_method_file(REPO / "methods" / "sdft.py")
 
@@ -56,7 +57,7 @@ def sdft_stage(tok, lm, task, options, noise=0.0):
     run = make_run(tok, lm)
     model = M.call(meth, "setup", tiny_model(tok, noise), run)
     cfg = TrainConfig(steps=1, lr=1e-3, batch_size=4, max_length=64)
-    model, stage = start_stage(model, meth, run.examples(task), cfg, run, 1, task, device=CPU, pad_id=tok.pad_token_id)
+    model, stage = start_stage(model, meth, run.examples(task), cfg, run, 1, task, cpu_rt(tok))
     return meth, run, model, stage
 
 
@@ -115,7 +116,7 @@ def test_paper_template_and_empty_rewrites_fall_back(tok, lm):
     meth2 = M.make("sdft", opts)
     M.call(meth2, "setup", model, run)
     cfg = TrainConfig(steps=1, lr=1e-3, batch_size=4, max_length=64)
-    _, stage2 = start_stage(model, meth2, run.examples("tiny_copy"), cfg, run, 1, "tiny_copy", device=CPU, pad_id=0)
+    _, stage2 = start_stage(model, meth2, run.examples("tiny_copy"), cfg, run, 1, "tiny_copy", Runtime(CPU, None, 0))
     assert meth2.last_rewrites == hf_rewrites(model, tok, prompts, 8) == [""] * N
     assert list(stage2.examples) == run.examples("tiny_copy") and meth2.stats[1]["rejected"] == {"empty": N}
 

@@ -15,6 +15,7 @@ from clbench import method as M
 from clbench import models
 from clbench import tasks as taskcat
 from clbench.config import TrainConfig
+from clbench.runtime import Runtime
 from clbench.stage import start_stage
 from clbench.tasks import encode_pair
 from clbench.train import tokenize, train_stage
@@ -46,8 +47,8 @@ def make_run(tok, lm, tasks):
 
 def stage(meth, model, run, t, task):
     cfg = TrainConfig(steps=3, lr=3e-3, batch_size=8, max_length=64)
-    model, st = start_stage(model, meth, run.examples(task), cfg, run, t, task, device=CPU, pad_id=0)
-    train_stage(model, meth, list(st.examples), cfg, st, device=CPU, autocast_dtype=None, pad_id=0)
+    model, st = start_stage(model, meth, run.examples(task), cfg, run, t, task, Runtime(CPU, None, 0))
+    train_stage(model, meth, list(st.examples), cfg, st, Runtime(CPU, None, 0))
     return M.call(meth, "stage_end", model, st), st
 
 

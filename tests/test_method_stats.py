@@ -15,6 +15,7 @@ from clbench.stage import run_stage
 from clbench.train import tokenize
 
 from conftest import REPO
+from harness import cpu_rt
 
 
 def _run(tmp_path, methods, tasks=("tiny_parity", "tiny_compare"), steps=3):
@@ -94,8 +95,7 @@ def test_stage_means_average_over_the_stages_micro_batches(tok):
     run = M.RunContext(method="counting", seed=0, tasks=["t1"], device=torch.device("cpu"), tokenizer=tok)
     model = models.build_tiny_model(0, len(tok))
     ex = tokenize([("Number: 2\nEven or odd?\nAnswer:", " even")] * 4, tok, 32)
-    _, stats, _ = run_stage(model, meth, ex, TrainConfig(steps=3, batch_size=2, grad_accum=2), run, 1, "t1",
-                            device=torch.device("cpu"), pad_id=tok.pad_token_id)
+    _, stats, _ = run_stage(model, meth, ex, TrainConfig(steps=3, batch_size=2, grad_accum=2), run, 1, "t1", cpu_rt(tok))
     assert stats["method_stats"] == pytest.approx({"ratio": 0.5, "step": 1.0})  # steps 0,0,1,1,2,2
 
 

@@ -23,6 +23,7 @@ from clbench import models, paths
 from clbench.config import TrainConfig
 from clbench.stage import run_stage
 from clbench.train import tokenize
+from harness import cpu_rt
 
 
 def _pairs(numbers):
@@ -53,8 +54,7 @@ def _run(tok, name, options, lr, steps=30):
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=8, max_length=64)
     stats = []
     for t, task in enumerate(["parity", "compare"], start=1):
-        model, s, _ = run_stage(model, meth, examples(task), cfg, run, t, task, device=torch.device("cpu"),
-                                pad_id=tok.pad_token_id)
+        model, s, _ = run_stage(model, meth, examples(task), cfg, run, t, task, cpu_rt(tok))
         stats.append(s.get("method_stats"))
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

@@ -18,6 +18,7 @@ from clbench import stage as stage_mod
 from clbench.stage import start_stage
 from clbench.train import collate, lm_loss, make_optimizer, tokenize, train_stage
 from conftest import REPO
+from harness import cpu_rt
 
 MINE = ("lota", "hft", "spafit", "ks_lottery")
 for _f in MINE:
@@ -73,23 +74,21 @@ def start(meth, model, run, t, examples, tok, cfg=CFG, autocast=BF16):
     densely) and the method's stage_start. Returns (model, stage).
     (bf16 autocast where the invariant is tested; fp32 elsewhere: bf16 matmuls of this tiny
     size are ~50x slower than fp32 on a busy 2-core CPU.)"""
-    return start_stage(model, meth, examples, cfg.model_copy(), run, t, f"t{t}", device=CPU, autocast_dtype=autocast,
-                       pad_id=tok.pad_token_id)
+    return start_stage(model, meth, examples, cfg.model_copy(), run, t, f"t{t}", cpu_rt(tok, autocast))
 
 
 def train(meth, model, stage, tok, autocast=BF16):
-    return train_stage(model, meth, list(stage.examples), stage.train_config, stage, device=CPU, autocast_dtype=autocast,
-                       pad_id=tok.pad_token_id)
+    return train_stage(model, meth, list(stage.examples), stage.train_config, stage, cpu_rt(tok, autocast))
 
 
 def spy_calibration(monkeypatch, seen: dict, check=None):
     """Record the weights each calibration pass (a dense train_stage) leaves, before the method resets them."""
     real = stage_mod.train_stage
 
-    def spy(m, meth, ex, cfg, st, **kw):
+    def spy(m, meth, ex, cfg, st, rt, **kw):
         if kw.get("dense") and check is not None:
             check(m, cfg)
-        out = real(m, meth, ex, cfg, st, **kw)
+        out = real(m, meth, ex, cfg, st, rt, **kw)
         if kw.get("dense"):
             seen.update(params(m))
         return out

@@ -14,7 +14,7 @@ from clbench import method as M
 from clbench import models
 from clbench.config import TrainConfig, TrainOverrides
 from clbench.stage import start_stage
-from harness import bits, fresh
+from harness import bits, cpu_rt, fresh
 
 REPO = Path(__file__).resolve().parents[1]
 for _f in ("sift", "adalora", "miss"):
@@ -41,14 +41,12 @@ def run_stage(meth, model, run, examples, tok, cfg, t=1, autocast=None, monkeypa
     if monkeypatch is not None:
         real = T.make_optimizer
         monkeypatch.setattr(T, "make_optimizer", lambda groups, c, *a: built.append(real(groups, c, *a)) or built[-1])
-    model, _, _ = stage_run(model, meth, examples, cfg, run, t, f"t{t}", device=torch.device("cpu"), autocast_dtype=autocast,
-                            pad_id=tok.pad_token_id)
+    model, _, _ = stage_run(model, meth, examples, cfg, run, t, f"t{t}", cpu_rt(tok, autocast))
     return model, (built[-1] if built else None)
 
 
 def one_backward(meth, model, run, examples, tok, cfg):
-    model, stage = start_stage(model, meth, examples[:20], cfg.merged(TrainOverrides(steps=5)), run, 1, "t1",
-                               device=torch.device("cpu"), pad_id=tok.pad_token_id)
+    model, stage = start_stage(model, meth, examples[:20], cfg.merged(TrainOverrides(steps=5)), run, 1, "t1", cpu_rt(tok))
     groups = M.call(meth, "param_groups", model, stage) or M.default_param_groups(model, cfg.weight_decay)
     batch = T.collate(examples[:4], tok.pad_token_id)
     out = T.lm_loss(model, batch, return_forward=True)

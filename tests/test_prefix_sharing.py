@@ -11,9 +11,9 @@ the scored rows only, against one padded sequence per choice), so they agree to 
 import json
 
 import pytest
-import torch
 
 from conftest import REPO
+from harness import cpu_rt
 
 TINY_TASKS = REPO / "configs" / "tiny_tasks"
 ATOL, RTOL = 1e-4, 1e-5
@@ -51,7 +51,7 @@ def _score(model, tok, lm_tasks, primary, sharing, limit, monkeypatch):
     cls = E._lm_class()
     real, calls = cls._score_packed, []
     monkeypatch.setattr(cls, "_score_packed", lambda self, batch, *a: calls.append(len(batch)) or real(self, batch, *a))
-    scores, samples, _ = E.evaluate(model, tok, lm_tasks, primary, device=torch.device("cpu"), autocast_dtype=None,
+    scores, samples, _ = E.evaluate(model, tok, lm_tasks, primary, cpu_rt(tok),
                                     batch_size=8, limit=limit, log_samples=True)
     monkeypatch.setattr(cls, "_score_packed", real)
     per_doc = {t: {s["doc_id"]: [tuple(r[0]) for r in s["resps"]] for s in recs} for t, recs in samples.items()}

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from conftest import REPO
+from harness import cpu_rt
 
 TASKS = ["tiny_parity", "tiny_compare", "tiny_copy"]
 STEPS = 6
@@ -205,7 +206,7 @@ def test_olora_single_mode_has_no_penalty_against_untrained_adapters():
         return meth, M.call(meth, "setup", models.build_tiny_model(0, len(tok)), run), run
 
     def penalty_at_stage_2(meth, model, run):
-        model, stage = start_stage(model, meth, ex, cfg, run, 2, "b", device=cpu, pad_id=tok.pad_token_id)
+        model, stage = start_stage(model, meth, ex, cfg, run, 2, "b", cpu_rt(tok))
         active = model.base_model.active_adapters
         return active, M.call(meth, "extra_loss", model, {}, stage, None), model
 
@@ -214,7 +215,7 @@ def test_olora_single_mode_has_no_penalty_against_untrained_adapters():
     assert list(active) == ["stage2"] and pen is None
 
     meth, model, run = fresh()  # the stream: stage 1 trained first
-    model, _, _ = run_stage(model, meth, ex, cfg, run, 1, "a", device=cpu, pad_id=tok.pad_token_id)
+    model, _, _ = run_stage(model, meth, ex, cfg, run, 1, "a", cpu_rt(tok))
     active, pen, model = penalty_at_stage_2(meth, model, run)
     assert list(active) == ["stage1", "stage2"]
     want = sum((m.lora_A["stage1"].weight @ m.lora_A["stage2"].weight.T).abs().sum()

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG
+from harness import cpu_rt
 
 TINY_TASKS = REPO / "configs" / "tiny_tasks"
 EVERY_STAGE = ("--set", "checkpoint_interval=0")  # tiny stages take ~1 s: by default none would get a checkpoint
@@ -501,7 +502,7 @@ def test_evaluation_leaves_the_rng_states_as_it_found_them():
     expected = draws()
     primary = {n: pl.task_defs[n].primary_metric for n in pl.eval_names}
     seeded()
-    evaluate(model, tok, lm_tasks, primary, device=torch.device("cpu"), autocast_dtype=None, batch_size=4, limit=4,
+    evaluate(model, tok, lm_tasks, primary, cpu_rt(tok), batch_size=4, limit=4,
              log_samples=False)
     moved = draws()  # lm-eval's own call does move them: what the loop must undo
     assert not torch.equal(moved[0], expected[0]) and moved[1:] != expected[1:]

@@ -13,6 +13,7 @@ from clbench import method as M
 from clbench.config import MergeSpec, TrainConfig
 from clbench.stage import run_stage
 from clbench.train import tokenize
+from harness import cpu_rt
 
 REPO = Path(__file__).resolve().parents[1]
 M.load_builtin_methods(REPO / "methods")
@@ -84,7 +85,7 @@ def _one_stage(name, options):
     run = M.RunContext(method=name, seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok, examples=lambda t: list(ex))
     model = M.call(meth, "setup", base, run)
     reference = checkpoint.snapshot(model)
-    model, _, _ = run_stage(model, meth, ex, CFG, run, 1, "a", device=CPU, pad_id=tok.pad_token_id)
+    model, _, _ = run_stage(model, meth, ex, CFG, run, 1, "a", cpu_rt(tok))
     return meth, model, reference, base_state, tok
 
 
