@@ -34,11 +34,13 @@ code and the same tie rule at any number of processes, so the masks do not depen
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Union
 
 import torch
 
 from . import method as M
+from .checkpoint import pack_bits, unpack_bits
 from .runtime import derive_seed  # noqa: F401  (methods' own seeded draws: clbench.runtime)
 
 MaskLike = Union[torch.Tensor, bool]
@@ -298,16 +300,11 @@ def restore(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def pack_mask(mask: torch.Tensor) -> dict:
-    """A bool mask as bits (8 entries per byte): for method state and checkpoints."""
-    import numpy as np
-
-    return {"shape": tuple(mask.shape), "bits": torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))}
+    """A bool mask as bits (8 entries per byte, clbench.checkpoint.pack_bits): for method state and
+    checkpoints."""
+    return {"shape": tuple(mask.shape), "bits": pack_bits(mask.detach().cpu())}
 
 
 def unpack_mask(packed: dict) -> torch.Tensor:
-    import numpy as np
-
     shape = tuple(packed["shape"])
-    n = int(np.prod(shape)) if shape else 1
-    bits = np.unpackbits(packed["bits"].numpy(), count=n).astype(bool)
-    return torch.from_numpy(bits).view(shape)
+    return unpack_bits(packed["bits"], math.prod(shape)).view(shape)

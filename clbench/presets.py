@@ -70,12 +70,12 @@ from . import leakage, manifests, paths
 from .errors import DataError
 from .files import sha256_file as _sha256_file
 from .splits import carve_validation
+from .tasks import RELEASE_PREFIX
 from .files import atomic_write as _write_atomic
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "CLBENCH_DATA_ROOT"
-SOURCE_PREFIX = "release:"
 READER_VERSION = 2  # bump when the documents a reader makes change (re-prepares the data); 2: validation split
 DEFAULT_VALIDATION = 200  # validation examples per task (at most the test size) unless clbench.data.validation says
 
@@ -120,10 +120,10 @@ LAYOUTS: dict[str, Layout] = {
 
 def layout_of(spec: dict) -> Layout:
     src = str(spec.get("source", ""))
-    name = src[len(SOURCE_PREFIX):] if src.startswith(SOURCE_PREFIX) else None
+    name = src[len(RELEASE_PREFIX):] if src.startswith(RELEASE_PREFIX) else None
     if name not in LAYOUTS:
         raise ReleaseDataError(f"unknown release source {src!r}; known: "
-                               + ", ".join(SOURCE_PREFIX + k for k in LAYOUTS))
+                               + ", ".join(RELEASE_PREFIX + k for k in LAYOUTS))
     return LAYOUTS[name]
 
 
