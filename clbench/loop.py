@@ -32,7 +32,7 @@ from .midstage import StepCheckpoints
 from .planning import Plan
 from .recorder import MULTITASK, CostLog, Recorder, meta_info, stage_entry
 from .rundir import RunDir
-from .runtime import PeakMemory, Runtime, quiet_libraries, seed_everything
+from .runtime import PeakMemory, Runtime, method_state_bytes, quiet_libraries, seed_everything
 from .stage import autocast_factory, run_stage
 
 
@@ -171,7 +171,8 @@ class Job:
                             f"{stats['steps']} from its checkpoint inside the stage")
         if s.tracker is not None and "schedule" in stats:
             s.tracker.log_schedule(self.name, self.seed, t, stats["schedule"])
-        stats["per_rank"] = D.gather({**stats.pop("state_bytes"), "peak_mem_mb": pm.peak_mb})
+        stats["per_rank"] = D.gather({**stats.pop("state_bytes"), "method_state": method_state_bytes(meth, model),
+                                      "peak_mem_mb": pm.peak_mb})
         return model, stats, seconds, pm.peak_mb
 
     def step_checkpoints(self, meth, t: int):

@@ -141,6 +141,47 @@ def state_bytes(model, opt) -> dict:
 
 
 
+def method_state_bytes(method, model: torch.nn.Module) -> int:
+    """Bytes of the tensors a method object holds on this rank (its masks, Fisher and anchor, task
+    vectors, memories, a teacher's weights), found by walking its attributes, containers and the
+    objects they hold; a sharded tensor counts its local shard, a tensor sharing storage with the
+    model's own parameters or buffers (a method keeping references to them) counts nothing, and
+    each storage counts once. Written by hand: no library measures an arbitrary object's tensors."""
+    owned = {local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen, visited, total = set(), set(), 0
+
+    def walk(o, depth):
+        nonlocal total
+        if torch.is_tensor(o):
+            t = local(o)
+            ptr = t.untyped_storage().data_ptr()
+            key = (ptr, t.storage_offset(), t.numel())
+            if ptr not in owned and key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+            return
+        if depth > 8 or id(o) in visited or isinstance(o, (str, bytes, int, float, bool, type(None))) or callable(o) \
+                and not isinstance(o, torch.nn.Module):
+            return
+        visited.add(id(o))
+        if isinstance(o, torch.nn.Module):
+            items = list(o.state_dict(keep_vars=True).values())
+        elif isinstance(o, dict):
+            items = list(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            items = list(o)
+        elif hasattr(o, "__dict__") and type(o).__module__.split(".")[0] in ("clbench", "clbench_builtin", "clbench_methods"):
+            items = list(vars(o).values())  # clbench's own objects (MaskedUpdate, ...); not libraries' (tokenizers)
+        else:
+            return
+        for v in items:
+            walk(v, depth + 1)
+
+    for v in vars(method).values():
+        walk(v, 0)
+    return total
+
+
 def derive_seed(seed: int, stage: int, salt: int = 0) -> int:
     """The one seed derivation: a seed for stage `stage` of a run with seed `seed`; salt 0 is the
     stage's own seed (its batch order), another salt a method's own draws at that stage,

@@ -257,6 +257,19 @@ def test_sharded_methods_on_two_processes_match_one(fsdp_runs):
         assert all((fa[n] - fb[n]).abs().max() <= 1e-3 * fa[n].abs().max() for n in fa)
 
 
+
+def test_sharded_method_state_is_held_in_shards(fsdp_runs):
+    """What LoTA (masks, task vectors) and EWC (Fisher, and the anchor from stage 2 on) hold between
+    stages is of each rank's rows under fsdp: after every stage each of the 2 ranks holds at most
+    0.55 of one process's bytes (clbench.runtime.method_state_bytes, results.json per_rank): half,
+    plus FSDP's even split rounding an odd row count up on one rank."""
+    one, two = (json.loads((r / "results.json").read_text()) for r in fsdp_runs)
+    for m in ("lota", "ewc"):
+        for a, b in zip(one["methods"][m]["seeds"]["0"]["stages"], two["methods"][m]["seeds"]["0"]["stages"], strict=True):
+            (whole,), ranks = [r["method_state"] for r in a["per_rank"]], [r["method_state"] for r in b["per_rank"]]
+            assert whole > 0 and len(ranks) == 2, (m, a["stage"])
+            assert max(ranks) <= 0.55 * whole, (m, a["stage"], ranks, whole)
+
 def _weights(run, m, t):
     """The whole model of a stage checkpoint (a torch.distributed.checkpoint folder)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
