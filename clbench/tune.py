@@ -32,6 +32,8 @@ Two phases, each a sweep (clbench.sweep: the same expansion, validation, launchi
 `<tune dir>/tune.json` holds every candidate, its validation score and the winner of each method;
 `clbench report <tune dir>` reports the final runs with a tuning section. Re-running the command
 skips complete runs and resumes the others, as sweeps do; `--dry-run` lists both phases' runs.
+Where the winner has changed since a final run ran (a grid widened afterwards), that run's
+directory is moved to `<tune dir>/superseded/` (listed in tune.json) and the winner runs afresh.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -295,9 +298,39 @@ def final_sweep(tune: Tune, chosen: dict) -> Sweep:
     return Sweep(_sweep_cfg(tune, f"{tune.name}-final"), tune.path, out, runs)
 
 
-def _write_record(tune: Tune, chosen: dict, final: Sweep | None) -> None:
+SUPERSEDED = "superseded"  # <tune dir>/superseded/<run id>.<n>: final runs of an earlier winner
+
+
+def set_aside_changed(tune: Tune, final: Sweep, out) -> list[str]:
+    """Final runs whose directory holds the results of another config (the winner changed since
+    they ran: a widened grid, a candidate completed later) are moved to <tune dir>/superseded/
+    (kept, not deleted) so that the winner's runs start there afresh; each is said, and returned
+    (paths relative to the tune directory) for tune.json. A run directory in use is refused."""
+    moved = []
+    for run in final.runs:
+        rd = RunDir(final.out / run.id)  # where the final sweep keeps the run (clbench.sweep.prepare)
+        if rd.status(run.cfg) != "changed":
+            continue
+        with rd.lock("final run directory"):
+            n = 1
+            while (tune.out / SUPERSEDED / f"{run.id}.{n}").exists():
+                n += 1
+            dest = tune.out / SUPERSEDED / f"{run.id}.{n}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(rd.path, dest)
+        (dest / ".lock").unlink(missing_ok=True)
+        moved.append(str(dest.relative_to(tune.out)))
+        print(f"  {run.id}: its results are of another config (an earlier winner); moved to {moved[-1]}, "
+              "the winner's run starts afresh", file=out, flush=True)
+    return moved
+
+
+def _write_record(tune: Tune, chosen: dict, final: Sweep | None, moved: list[str] = ()) -> None:
     from . import results
 
+    earlier = []
+    if RunDir(tune.out).is_tune():
+        earlier = list((RunDir(tune.out).tune_record().get("final") or {}).get("superseded") or [])
     c = tune.cfg
     results.write_json(tune.out / "tune.json", {
         "name": tune.name, "source": str(tune.path.resolve()),
@@ -306,7 +339,7 @@ def _write_record(tune: Tune, chosen: dict, final: Sweep | None) -> None:
                    "tasks": tune.tasks[: c.select.k] if c.select.protocol == "first_k" else tune.tasks},
         "methods": chosen,
         "final": {"dir": "final", "seeds": c.final.seeds, "orders": tune.orders,
-                  "runs": [r.id for r in final.runs] if final else []}})
+                  "runs": [r.id for r in final.runs] if final else [], "superseded": earlier + list(moved)}})
 
 
 def run_tune(tune: Tune, dry_run: bool = False, fresh: bool = False, select_only: bool = False, out=None) -> dict:
@@ -350,7 +383,8 @@ def _run_tune(tune: Tune, dry_run: bool, fresh: bool, select_only: bool, out) ->
         _write_record(tune, chosen, None)
         return json.loads((tune.out / "tune.json").read_text())
     final = final_sweep(tune, chosen)
-    _write_record(tune, chosen, final)
+    moved = set_aside_changed(tune, final, out)
+    _write_record(tune, chosen, final, moved)
     print(f"tune {tune.name}: final runs of the winners on test", file=out, flush=True)
     run_sweep(final, out=out, fresh=fresh)
     return json.loads((tune.out / "tune.json").read_text())

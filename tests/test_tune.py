@@ -93,6 +93,26 @@ def test_selection_scores_validation_and_the_winner_runs_on_test(tuned):
         assert (out / "select" / "logs" / f"{c['run']}.log").read_text().count("\n$ ") == 1
 
 
+
+def test_a_final_run_of_an_earlier_winner_is_set_aside_and_rerun(tuned, tmp_path):
+    """A final run whose results are of another config (the winner changed after it ran) is moved to
+    superseded/ with its results intact, tune.json lists it, and the winner's run is done afresh."""
+    out, _, final = tuned
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (run,) = final["final"]["runs"]
+    res_file = copy / "final" / run / "results.json"
+    res = json.loads(res_file.read_text())
+    res["run"]["config"]["methods"][0]["train"]["lr"] = 0.5  # as an earlier winner's setting would read
+    res_file.write_text(json.dumps(res))
+    old = res_file.read_bytes()
+    again = run_tune(load_tune(out.parent / "tune.yaml", copy))
+    assert again["final"]["superseded"] == [f"superseded/{run}.1"]
+    assert (copy / "superseded" / f"{run}.1" / "results.json").read_bytes() == old
+    now = json.loads((copy / "final" / run / "results.json").read_text())
+    assert now["run"]["config"]["methods"][0]["train"]["lr"] == final["methods"]["full_ft"]["winner"]["setting"]["train.lr"]
+    assert all(s["complete"] for m in now["methods"].values() for s in m["seeds"].values())
+
 def test_report_of_a_tune_dir_has_the_tuning_section(tuned, tmp_path):
     out, record, _ = tuned
     page = (build_report([out], tmp_path / "rep") / "report.md").read_text()
