@@ -64,9 +64,9 @@ def _units(model) -> list:
 
 
 def _layers(model):
-    from .train import split_head as _split_head
+    from .train import split_head
 
-    split = _split_head(model)
+    split = split_head(model)
     layers = getattr(split[0], "layers", None) if split is not None else None
     if layers is None or not len(layers):
         raise ClbenchError(f"distributed.strategy fsdp: {type(model).__name__} has no decoder with a `layers` list "

@@ -26,7 +26,7 @@ from . import plotstyle, stats as cistats
 from .rundirs import (CI_LEVEL, COST_COLUMNS, COST_LABELS, HIGHER_IS_BETTER, LABELS, METRICS, Group, ReportError,
                       RunResults, _seed_key, _slug, aggregate, discover_runs, drop_repeats, group_runs,
                       load_run)
-from .tables import (_render, cost_table, heldout_table, method_stats_table, metrics_table, other_kind_matrices,
+from .tables import (render_table, cost_table, heldout_table, method_stats_table, metrics_table, other_kind_matrices,
                      paired_table, reference_table)
 
 # --- figures: turn a group into the plain numbers plotstyle draws ----------------------------------
@@ -232,7 +232,7 @@ def _learning_section(g: Group, checks: dict, lines: list[str], table) -> None:
              f"(over runs, or over test examples with one run), or, without a CI (`margin`), the gain is not above "
              f"{cistats.LEARN_MARGIN}. A method that did not learn a task is flagged \"did not learn\" and never bold "
              "for BWT or forgetting: it cannot forget what it never learned.", ""]
-    md = _render(["method", *tasks, "decided by"], body, "md", align="l" + "r" * len(tasks) + "l")
+    md = render_table(["method", *tasks, "decided by"], body, "md", align="l" + "r" * len(tasks) + "l")
     table(f"learning__{g.slug}", md, extra_csv=frame)
 
 
@@ -416,7 +416,7 @@ def _tuning_section(tunes: list[dict]) -> list[str]:
                 score = "–" if cand["score"] is None or math.isnan(cand["score"]) else f"{cand['score']:.3f}"
                 cells = [m, cand["label"], setting, score]
                 body.append([f"**{x}**" for x in cells] if cand["label"] == win else cells)
-        lines += [_render(["method", "candidate", "setting", "validation ACC"], body, "md", align="lllr"), ""]
+        lines += [render_table(["method", "candidate", "setting", "validation ACC"], body, "md", align="lllr"), ""]
     return lines
 
 
@@ -427,7 +427,7 @@ def _runs_table(runs: list[RunResults]) -> str:
         seeds = sorted({s for _, s in r.pairs}, key=_seed_key)
         body.append([f"`{r.path}`", r.name, r.model, r.stream, r.order, " → ".join(r.tasks),
                      ", ".join(methods) or "–", ", ".join(seeds) or "–", (r.git_sha or "–")[:10]])
-    return _render(["run dir", "name", "model", "stream", "order", "tasks (training order)", "methods", "seeds",
+    return render_table(["run dir", "name", "model", "stream", "order", "tasks (training order)", "methods", "seeds",
                     "git"], body, "md", align="lllllllll")
 
 

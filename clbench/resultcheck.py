@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import RunDirError
+from .results import format_cell
 
 if TYPE_CHECKING:
     from .planning import Plan
@@ -98,9 +99,7 @@ def _read_csv_tolerant(path: Path, columns: list[str], required: list[str]) -> t
 
 
 def _fmt_cell(v) -> str:
-    from .results import _fmt
-
-    return str(_fmt(v))
+    return str(format_cell(v))
 
 
 def _row_key(r) -> tuple:

@@ -55,11 +55,12 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: _fmt(r.get(k)) for k in columns})
+        w.writerow({k: format_cell(r.get(k)) for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 
-def _fmt(v):
+def format_cell(v):
+    """A value as matrix.csv and summary.csv write it: None empty, a float by repr (exact)."""
     if v is None:
         return ""
     if isinstance(v, float):

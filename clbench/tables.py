@@ -68,7 +68,7 @@ def metrics_table(agg: pd.DataFrame, fmt: str, flags: dict[str, str] | None = No
         n = int(agg.loc[agg["method"] == method, "samples"].iloc[0])
         body.append([_esc(method, fmt), *cells, str(n), *([flags.get(method, "")] if flags else [])])
     n_head = "n" if fmt == "md" else "$n$"
-    return _render(["method", *head, n_head, *(["learning"] if flags else [])], body, fmt,
+    return render_table(["method", *head, n_head, *(["learning"] if flags else [])], body, fmt,
                    align="l" + "r" * (len(cols) + 1) + ("l" if flags else ""))
 
 
@@ -107,7 +107,7 @@ def reference_table(g: "Group") -> tuple[pd.DataFrame, str] | None:
         wide = d.pivot(index="row", columns="task", values="mean").reindex(columns=tasks)
         body = [[_esc(str(row), "md"), *[_num(v) if not pd.isna(v) else "–" for v in vals], _num(np.nanmean(vals))]
                 for row, vals in zip(wide.index, wide.to_numpy())]
-        lines.append(f"Order {lab}:\n\n" + _render(["row", *tasks, "mean"], body, "md", align="l" + "r" * (len(tasks) + 1)))
+        lines.append(f"Order {lab}:\n\n" + render_table(["row", *tasks, "mean"], body, "md", align="l" + "r" * (len(tasks) + 1)))
     return df, "\n".join(lines)
 
 
@@ -122,7 +122,7 @@ def cost_table(agg: pd.DataFrame, fmt: str) -> str:
             cells.append(_cell(r["mean"], std, fmt=fmt, decimals=decimals[c], thousands=True))
         n = int(agg.loc[agg["method"] == method, "samples"].iloc[0])
         body.append([_esc(method, fmt), *cells, str(n)])
-    return _render(["method", *(COST_LABELS[c] for c in COST_COLUMNS), "n" if fmt == "md" else "$n$"], body, fmt,
+    return render_table(["method", *(COST_LABELS[c] for c in COST_COLUMNS), "n" if fmt == "md" else "$n$"], body, fmt,
                    align="lrrrrr")
 
 
@@ -143,7 +143,7 @@ def _esc(text: str, fmt: str) -> str:
     return text if fmt == "md" else re.sub(r"([_&%#${}])", r"\\\1", text)
 
 
-def _render(head: list[str], body: list[list[str]], fmt: str, align: str) -> str:
+def render_table(head: list[str], body: list[list[str]], fmt: str, align: str) -> str:
     if fmt == "md":
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
@@ -168,7 +168,7 @@ def heldout_table(group: Group) -> tuple[pd.DataFrame, str] | None:
     wide = df.pivot(index="method", columns="stage", values="mean")
     head = ["method"] + [f"stage {s}" for s in wide.columns]
     body = [[m] + [_num(v) for v in wide.loc[m]] for m in wide.index]
-    return df, _render(head, body, "md", align="l" + "r" * len(wide.columns))
+    return df, render_table(head, body, "md", align="l" + "r" * len(wide.columns))
 
 
 
@@ -198,7 +198,7 @@ def other_kind_matrices(group: Group) -> str | None:
                 mean = np.mean(by_method[m], axis=0)
                 row += [(f"**{_num(mean[st, i], 2)}**" if st == i + 1 else _num(mean[st, i], 2)) for i in range(T)]
             body.append(row)
-        out.append(f"Order {r_order}:\n\n" + _render(head, body, "md", align="l" + "r" * (len(head) - 1)))
+        out.append(f"Order {r_order}:\n\n" + render_table(head, body, "md", align="l" + "r" * (len(head) - 1)))
     return "\n".join(out) if out else None
 
 
@@ -221,7 +221,7 @@ def method_stats_table(group: Group) -> tuple[pd.DataFrame, str] | None:
     wide = df.pivot(index=["method", "stat"], columns="stage", values="mean").reindex(columns=range(1, T + 1))
     head = ["method", "diagnostic"] + [f"stage {s}" for s in wide.columns]
     body = [[m, stat] + [("–" if pd.isna(v) else f"{v:.3g}") for v in wide.loc[(m, stat)]] for m, stat in wide.index]
-    return df, _render(head, body, "md", align="ll" + "r" * len(wide.columns))
+    return df, render_table(head, body, "md", align="ll" + "r" * len(wide.columns))
 
 
 def paired_table(rows: list[dict], fmt: str, delta: bool = True) -> str:
@@ -247,4 +247,4 @@ def paired_table(rows: list[dict], fmt: str, delta: bool = True) -> str:
     pre = ("Δ", r"$\Delta$ ") if delta else ("", "")
     head = ["method", *(f"{pre[0]}{LABELS[m]}" if fmt == "md" else rf"{pre[1]}{LABELS[m]}" for m in COMPARED),
             "n" if fmt == "md" else "$n$", "CI over"]
-    return _render(head, body, fmt, align="l" + "r" * (len(COMPARED) + 1) + "l")
+    return render_table(head, body, fmt, align="l" + "r" * (len(COMPARED) + 1) + "l")
