@@ -299,17 +299,19 @@ def test_nan_loss_stops_with_clear_error_and_resumes_after_change(tmp_path):
 
 def test_a_start_writes_config_yaml_once(tmp_path, run_cli, monkeypatch):
     """The run directory has one writer (clbench.rundir.RunDir): a start that records a config change
-    writes config.yaml once (it was written twice: with the change record, then again by the loop)."""
+    writes config.yaml once (it was written twice: with the change record, then again by the loop).
+    In this process, so the method gets a name of its own: the registry is the process's, and
+    other tests register `nan_after` from other files."""
     from clbench import results
 
-    (tmp_path / "nan_method.py").write_text(NAN_METHOD)
+    (tmp_path / "nan_once.py").write_text(NAN_METHOD.replace('@register("nan_after")', '@register("nan_after_once")'))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(textwrap.dedent(f"""
         model: tiny
         stream: tiny3
         task_dirs: [{TINY_TASKS}]
-        method_files: [nan_method.py]
-        methods: [{{name: nan_after}}]
+        method_files: [nan_once.py]
+        methods: [{{name: nan_after_once}}]
         train: {{steps: 2, max_length: 64}}
         eval: {{limit: 4}}
         precision: fp32
