@@ -262,20 +262,26 @@ class NanAfter(Method):
 '''
 
 
-def test_nan_loss_stops_with_clear_error_and_resumes_after_change(tmp_path):
-    (tmp_path / "nan_method.py").write_text(NAN_METHOD)
+def _nan_config(tmp_path, name="nan_after", steps=3, limit=8):
+    """A tiny3 run of NAN_METHOD registered as `name` (its loss turns NaN at stage 2)."""
+    (tmp_path / f"{name}.py").write_text(NAN_METHOD.replace('@register("nan_after")', f'@register("{name}")'))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(textwrap.dedent(f"""
         model: tiny
         stream: tiny3
         task_dirs: [{TINY_TASKS}]
-        method_files: [nan_method.py]
-        methods: [{{name: nan_after}}]
-        train: {{steps: 3, max_length: 64}}
-        eval: {{limit: 8}}
+        method_files: [{name}.py]
+        methods: [{{name: {name}}}]
+        train: {{steps: {steps}, max_length: 64}}
+        eval: {{limit: {limit}}}
         precision: fp32
         checkpoint_interval: 0
     """))
+    return cfg
+
+
+def test_nan_loss_stops_with_clear_error_and_resumes_after_change(tmp_path):
+    cfg = _nan_config(tmp_path)
     out = tmp_path / "out"
     r = clbench("run", cfg, "--output-dir", out)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -304,19 +310,7 @@ def test_a_start_writes_config_yaml_once(tmp_path, run_cli, monkeypatch):
     other tests register `nan_after` from other files."""
     from clbench import results
 
-    (tmp_path / "nan_once.py").write_text(NAN_METHOD.replace('@register("nan_after")', '@register("nan_after_once")'))
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(textwrap.dedent(f"""
-        model: tiny
-        stream: tiny3
-        task_dirs: [{TINY_TASKS}]
-        method_files: [nan_once.py]
-        methods: [{{name: nan_after_once}}]
-        train: {{steps: 2, max_length: 64}}
-        eval: {{limit: 4}}
-        precision: fp32
-        checkpoint_interval: 0
-    """))
+    cfg = _nan_config(tmp_path, "nan_after_once", steps=2, limit=4)
     out = tmp_path / "out"
     code, _, err = run_cli("run", cfg, "--output-dir", out)
     assert code == 2 and "non-finite loss" in err
