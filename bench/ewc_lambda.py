@@ -19,11 +19,11 @@ import torch
 
 from clbench import config as C
 from clbench import method as M
-from clbench import models, planning
-from clbench import tasks as taskcat
-from clbench.stage import run_stage, start_stage
-from clbench.train import tokenize, train_stage
+from clbench.data import tasks as taskcat
+from clbench.run import models, planning
 from clbench.runtime import Runtime
+from clbench.training.stage import run_stage, start_stage
+from clbench.training.train import tokenize, train_stage
 
 
 def main() -> None:

@@ -125,7 +125,8 @@ def requirement_closure(roots: list[str]) -> dict[str, str]:
 
 
 def prepare(bundle: Path) -> None:
-    from clbench import models, paths
+    from clbench.run import models
+    from clbench import paths
 
     bundle.mkdir(parents=True, exist_ok=True)
     wheels = bundle / "wheels"
@@ -273,8 +274,9 @@ def prefix_sharing_vs_lm_eval(model_dir: Path, work: Path, device: str = "cuda")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clbench import evaluate, paths
-    from clbench import tasks as taskcat
+    from clbench.run import evaluate
+    from clbench import paths
+    from clbench.data import tasks as taskcat
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -282,7 +284,7 @@ def prefix_sharing_vs_lm_eval(model_dir: Path, work: Path, device: str = "cuda")
     task = taskcat.build_lm_eval_tasks([defs[TASKS[0]]], paths.cache_dir())[TASKS[0]]
     task.build_all_requests(limit=STREAM["eval_limit"], rank=0, world_size=1)
     reqs = task.instances
-    lm = evaluate._lm_class()(pretrained=model, tokenizer=tok, batch_size=16,
+    lm = evaluate.lm_class()(pretrained=model, tokenizer=tok, batch_size=16,
                               mixed_precision_dtype=torch.bfloat16 if device == "cuda" else None)
     out = {}
     for flag in ("1", "0"):
@@ -309,8 +311,8 @@ def big_model(bundle: Path, method: str) -> dict:
     from clbench import method as M
     from clbench.config import TrainConfig
     from clbench.runtime import PeakMemory, Runtime
-    from clbench.stage import run_stage
-    from clbench.train import tokenize
+    from clbench.training.stage import run_stage
+    from clbench.training.train import tokenize
 
     base = LlamaConfig.from_json_file(str(bundle / "smollm2-135m.json")).to_dict()
     cfg = LlamaConfig(**{**base, **BIG})

@@ -3,7 +3,7 @@
 Every figure is a ratio of two measurements taken in this one run of this one script, because
 the machine is noisy (step times vary about +-20% between runs): the two sides are interleaved
 (the arm order rotated each round), warmed up first, and summarised by medians. Step ratios are
-timed inside clbench.train.train_stage on the same real batches; memory ratios in a fresh
+timed inside clbench.training.train.train_stage on the same real batches; memory ratios in a fresh
 subprocess per setting; the harness overhead is a short stream run through clbench / a bare
 PyTorch loop; the eval speedup is save + `python -m lm_eval` / clbench's in-memory evaluation;
 the generation speedup is lm-eval's HFLM.generate_until / clbench's on the same model and requests;
@@ -41,12 +41,16 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from clbench import method as M, models, tasks as T, train  # noqa: E402
+from clbench import method as M  # noqa: E402
 from clbench.config import EvalConfig, TrainConfig, load_config  # noqa: E402
-from clbench.planning import plan  # noqa: E402
+from clbench.data import tasks as T
+from clbench.method.lm import lm_loss
+from clbench.run import models
+from clbench.run.planning import plan  # noqa: E402
 from clbench.runtime import Runtime, quiet_libraries, select_device  # noqa: E402
-from clbench.stage import stage_seed, start_stage  # noqa: E402
-from clbench.train import Example, collate, lm_loss, num_steps, tokenize, train_stage  # noqa: E402
+from clbench.training import train
+from clbench.training.stage import stage_seed, start_stage  # noqa: E402
+from clbench.training.train import Example, collate, num_steps, tokenize, train_stage  # noqa: E402
 
 SHORT = ["train.steps=4", "eval.limit=20", "methods=[{name: full_ft}]"]  # the harness-overhead stream
 # Step-time arms: (label, method, options, head_only_targets). LoTA calibrates for one step in
@@ -106,7 +110,7 @@ def with_train(tcfg: TrainConfig, **kw) -> TrainConfig:
 
 
 def task_examples(task, tok, max_length):
-    eos = tok.eos_token if task.OUTPUT_TYPE == "generate_until" else None  # as clbench.loop.run does
+    eos = tok.eos_token if task.OUTPUT_TYPE == "generate_until" else None  # as clbench.run.loop.run does
     return tokenize(T.training_examples(task, eos), tok, max_length)
 
 
@@ -126,7 +130,7 @@ class Ctx:
         if load:  # the memory subprocess gets its batches from a file and skips lm-eval
             self.lm_tasks = T.build_lm_eval_tasks([self.pl.task_defs[n] for n in self.names], self.pl.cache)
             self.batches, self.pools = [], []  # each stage's first batch; its task's training examples
-            for t, n in enumerate(self.names, 1):  # each stage's first batch, drawn as clbench.loop draws it
+            for t, n in enumerate(self.names, 1):  # each stage's first batch, drawn as clbench.run.loop draws it
                 tc = self.cfg.train.merged(self.cfg.stage_overrides(t, n))
                 ex = task_examples(self.lm_tasks[n], self.tok, tc.max_length)
                 self.pools.append(ex)
@@ -134,7 +138,7 @@ class Ctx:
                 self.batches.append(next(train.batch_stream(ex, min(tc.batch_size, len(ex)), gen)))
 
     def subject(self, method, options, model):
-        """(model, method, stage) after setup and stage 1's start (clbench.stage.start_stage, as the
+        """(model, method, stage) after setup and stage 1's start (clbench.training.stage.start_stage, as the
         loop runs it, on stage 1's first batch)."""
         meth = M.make(method, options)
         run = M.RunContext(method=method, seed=0, tasks=self.names, device=self.device, tokenizer=self.tok)
@@ -313,9 +317,9 @@ def bench_long(ctx: Ctx, rounds: int, out: Path, length: int):
 
 def bench_eval(ctx: Ctx, reps: int, out: Path, log: Path):
     """The same model (full FT after the timing steps), tasks, limit, batch size and precision on
-    both sides: clbench.evaluate.evaluate in memory, and save_pretrained + `python -m lm_eval` on
+    both sides: clbench.run.evaluate.evaluate in memory, and save_pretrained + `python -m lm_eval` on
     the saved folder: the workflow without clbench, which reloads the model at every stage."""
-    from clbench.evaluate import evaluate
+    from clbench.run.evaluate import evaluate
 
     ev, model = ctx.cfg.eval, ctx.trained
     primary = {n: ctx.pl.task_defs[n].primary_metric for n in ctx.names}
@@ -375,20 +379,20 @@ def gen_requests(ctx: Ctx, n: int, max_gen_toks: int) -> list:
 
 
 def bench_generate(ctx: Ctx, reps: int, log: Path, n: int = 100, max_gen_toks: int = 8):
-    """lm-eval's HFLM.generate_until against clbench's (clbench.evaluate's HFLM subclass) on the
+    """lm-eval's HFLM.generate_until against clbench's (clbench.run.evaluate's HFLM subclass) on the
     same model, requests (gen_requests), batch size (eval.batch_size) and autocast: interleaved
     repeats (A B, B A, ...) after one untimed call of each, the ratio of the medians. Every call's
     strings must equal lm-eval's (the section fails otherwise)."""
     from lm_eval.models.huggingface import HFLM
 
-    from clbench.evaluate import _lm_class
+    from clbench.run.evaluate import lm_class
 
     model = ctx.trained or ctx.model
     model.eval()
     kw = dict(pretrained=model, tokenizer=ctx.tok, batch_size=ctx.cfg.eval.batch_size, device=str(ctx.device),
               mixed_precision_dtype=ctx.autocast)
     with quiet(log):
-        sides = {"lm_eval": HFLM(**kw), "clbench": _lm_class()(**kw)}
+        sides = {"lm_eval": HFLM(**kw), "clbench": lm_class()(**kw)}
     load0 = Path("/proc/loadavg").read_text().split()[:3]
     reqs = gen_requests(ctx, n, max_gen_toks)
     secs: dict[str, list[float]] = {k: [] for k in sides}
@@ -428,12 +432,12 @@ def bare_run(pl, split: dict | None = None) -> dict:
     loss, autocast, fused AdamW without decay on biases and norms, clipping over the parameters
     in the same order, so the same float sums and the same final scores; constant lr; no methods,
     hooks, model copy, checkpoints, results files or progress bars) and the same simple_evaluate calls on one HFLM
-    (clbench's subclass, as clbench.evaluate builds it, and without lm-eval's environment
+    (clbench's subclass, as clbench.run.evaluate builds it, and without lm-eval's environment
     report, which clbench skips too)."""
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
-    from clbench.evaluate import _lm_class, without_env_info
+    from clbench.run.evaluate import lm_class, without_env_info
 
     cfg, seed = pl.cfg, pl.cfg.seeds[0]
     device, autocast = select_device(cfg)
@@ -442,7 +446,7 @@ def bare_run(pl, split: dict | None = None) -> dict:
     lm_tasks = T.build_lm_eval_tasks([pl.task_defs[n] for n in pl.eval_names], pl.cache)
     # clbench's HFLM subclass (prefix-shared multiple-choice scoring): the same evaluation work
     # on both sides, so that the ratio measures the harness, not the evaluation method
-    lm = _lm_class()(pretrained=model, tokenizer=tok, batch_size=cfg.eval.batch_size, device=str(device), mixed_precision_dtype=autocast)
+    lm = lm_class()(pretrained=model, tokenizer=tok, batch_size=cfg.eval.batch_size, device=str(device), mixed_precision_dtype=autocast)
     tm = TaskManager(include_defaults=False)
 
     split = {} if split is None else split  # train and eval seconds, as results.json has them for clbench
@@ -487,7 +491,7 @@ def bare_run(pl, split: dict | None = None) -> dict:
 
 def clbench_run(ctx: Ctx, overrides: list[str], out: Path, log: Path) -> dict:
     """A stream run through the Python API behind `clbench run CONFIG --set ... --output-dir OUT --fresh`."""
-    from clbench.runner import execute
+    from clbench.run.runner import execute
 
     with quiet(log):
         execute(plan(*load_config(ctx.config, ctx.overrides + overrides)), out, fresh=True)
@@ -613,7 +617,8 @@ def bench_storage(ctx: Ctx, out: Path, steps: int = 3):
     stage checkpoint (as the loop writes it: a diff against the post-setup state plus the method
     state) and the task vector file (the effective weights' diff against the base model) are
     written and their file sizes taken. Ratios: stage 1's over full fine-tuning's."""
-    from clbench import checkpoint, merging
+    from clbench import checkpoint
+    from clbench.method import merging
 
     work = out / "storage"
     shutil.rmtree(work, ignore_errors=True)
@@ -630,7 +635,7 @@ def bench_storage(ctx: Ctx, out: Path, steps: int = 3):
         reference = checkpoint.snapshot(model, share=base_state)
         mb[name] = []
         for t in (1, 2):
-            from clbench.stage import run_stage
+            from clbench.training.stage import run_stage
 
             model, _, _ = run_stage(model, meth, ctx.pools[t - 1], tcfg, run, t, ctx.names[t - 1], Runtime(ctx.device, ctx.autocast, ctx.tok.pad_token_id))
             ck = checkpoint.save(work / f"{name}.stage{t}.pt", model, reference, M.call(meth, "state_dict"), {"stage": t})
@@ -685,7 +690,8 @@ def merge_peaks(ctx: Ctx, work: Path, config: Path, label: str) -> dict:
 
 
 def merge_child(args):
-    from clbench import checkpoint, merging
+    from clbench import checkpoint
+    from clbench.method import merging
     from clbench.config import MergeSpec
 
     cfg, _ = load_config(Path(args.config), [])

@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clbench.errors import ClbenchError
+from clbench.files import temp_file
+
 
 
 def snapshot(model: torch.nn.Module, share: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -160,8 +163,6 @@ def save_state_diff(path: Path, diff: dict) -> float:
 
     from safetensors.torch import save_file
 
-    from .results import temp_file
-
     tensors, kinds = {}, {}
     for k, entry in diff.items():
         kinds[k] = list(entry[:1]) + ([entry[1]] if entry[0] == "alias" else [])
@@ -228,8 +229,6 @@ class DiffFile:
 
 
 def _missing(path: Path):
-    from .errors import ClbenchError
-
     return ClbenchError(f"merging needs {path} (written after that stage); delete the run's rows of this "
                         "method (or use --fresh) to train the stream again")
 
@@ -292,9 +291,7 @@ class PendingSave:
     def wait(self) -> float:
         self._thread.join()
         if self._error is not None:
-            from .errors import ClbenchError
-
-            raise ClbenchError(f"writing the checkpoint {self.path} failed: {self._error}; results up to the "
+                    raise ClbenchError(f"writing the checkpoint {self.path} failed: {self._error}; results up to the "
                                "previous stage are kept") from self._error
         return self._mb
 
@@ -321,8 +318,6 @@ def save(path: Path, model, reference, method_state, extra: dict) -> float:
 
 def save_atomic(path: Path, payload: dict) -> float:
     """Write `payload` with torch.save under a temporary name and rename it into place; its size in MB."""
-    from .results import temp_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_file(path)
     try:

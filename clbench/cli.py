@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import ClbenchError
+from clbench.errors import ClbenchError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="the method every other is compared with (paired differences, bootstrap CIs)")
 
     sw = sub.add_parser("sweep", help="run a grid of configs (local, Ray or Slurm via submitit) into one sweep directory")
-    sw.add_argument("sweep", help="sweep file (clbench/sweep.py, configs/sweep-example.yaml)")
+    sw.add_argument("sweep", help="sweep file (clbench/experiments/sweep.py, configs/sweep-example.yaml)")
     sw.add_argument("--output-dir", default=None, help="sweep directory (default runs/<sweep name>)")
     sw.add_argument("--launcher", choices=["local", "ray", "slurm"], default=None, help="instead of the sweep file's launcher")
     sw.add_argument("--parallel", type=int, default=None, help="local launcher: runs at the same time")
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--fresh", action="store_true",
                     help="run every grid point again from scratch (complete ones too), discarding their results")
     tu = sub.add_parser("tune", help="choose each method's setting on validation splits, then run the winners on test")
-    tu.add_argument("tune", help="tune file (clbench/tune.py)")
+    tu.add_argument("tune", help="tune file (clbench/experiments/tune.py)")
     tu.add_argument("--output-dir", default=None, help="tune directory (default runs/<tune name>)")
     tu.add_argument("--dry-run", action="store_true", help="validate and list the selection runs and the final plan")
     tu.add_argument("--fresh", action="store_true", help="run every run again from scratch")
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from . import interrupt
+    from clbench import interrupt
 
     with interrupt.watching():  # a Ctrl-C that a library swallows still stops the run at the next step
         try:
@@ -102,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 def _user_dirs(config: str | None):
     if not config:
         return None, [], []
-    from .config import load_config
+    from clbench.config import load_config
 
     cfg, cdir = load_config(config)
     return cfg, [(cdir / d).resolve() for d in cfg.task_dirs], [(cdir / f).resolve() for f in cfg.method_files]
 
 
 def _dispatch(args) -> int:
-    from .config import check_environment
+    from clbench.config import check_environment
 
     check_environment()  # a bad CLBENCH_* value fails now, not after a stage has trained
     if args.cmd == "data":
@@ -118,9 +118,9 @@ def _dispatch(args) -> int:
 
 
 def _run(args) -> int:
-    from .config import load_config
-    from .planning import plan
-    from .runner import execute
+    from clbench.config import load_config
+    from clbench.run.planning import plan
+    from clbench.run.runner import execute
 
     cfg, cdir = load_config(args.config, args.overrides)
     pl = plan(cfg, cdir)  # a preset's release missing or unprepared: says where, before any model
@@ -130,12 +130,12 @@ def _run(args) -> int:
 
 
 def _list(args) -> int:
-    from . import paths
+    from clbench import paths
 
     cfg, tdirs, mfiles = _user_dirs(args.config)
     paths.set_offline_env(paths.cache_dir(cfg.cache_dir if cfg else None))
     if args.what == "methods":
-        from . import method as M
+        from clbench import method as M
 
         M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
         for f in mfiles:
@@ -144,15 +144,15 @@ def _list(args) -> int:
             doc = (cls.__doc__ or getattr(sys.modules.get(cls.__module__), "__doc__", None) or "").strip().splitlines()
             print(f"{name:14s} {doc[0] if doc else ''}  [{M.origin(name)}]")
     elif args.what == "tasks":
-        from .tasks import load_tasks
+        from clbench.data.tasks import load_tasks
 
         cache = paths.cache_dir(cfg.cache_dir if cfg else None)
         for name, t in load_tasks(tdirs).items():
             have = all(f.is_file() for f in t.data_files(cache).values())
             print(f"{name:22s} {t.lm_eval['output_type']:16s} {'ready  ' if have else 'no data'} {t.clbench.get('description', '')}")
     else:
-        from .presets import config_data_root, data_root, stream_status
-        from .tasks import load_streams, load_tasks
+        from clbench.data.presets import config_data_root, data_root, stream_status
+        from clbench.data.tasks import load_streams, load_tasks
 
         cache = paths.cache_dir(cfg.cache_dir if cfg else None)
         tasks = load_tasks(tdirs)
@@ -168,9 +168,9 @@ def _list(args) -> int:
 
 
 def _data_ship(args) -> int:
-    from . import paths
-    from .data import ship_tasks
-    from .tasks import load_tasks
+    from clbench import paths
+    from clbench.data.prepare import ship_tasks
+    from clbench.data.tasks import load_tasks
 
     cache = paths.cache_dir()
     paths.set_offline_env(cache)
@@ -185,11 +185,11 @@ def _data_ship(args) -> int:
 
 
 def _data_prepare(args) -> int:
-    from . import paths
-    from .data import prepare_tasks
-    from .planning import tasks_to_prepare
-    from .presets import config_data_root
-    from .tasks import load_streams, load_tasks
+    from clbench import paths
+    from clbench.data.prepare import prepare_tasks
+    from clbench.run.planning import tasks_to_prepare
+    from clbench.data.presets import config_data_root
+    from clbench.data.tasks import load_streams, load_tasks
 
     cfg, tdirs, _ = _user_dirs(args.config)
     cache = paths.cache_dir(cfg.cache_dir if cfg else None)
@@ -206,7 +206,7 @@ def _data_prepare(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import build_report
+    from clbench.report.build import build_report
 
     out = build_report(args.run_dirs, args.out, reference=args.reference)
     print(f"report written to {out}")
@@ -214,7 +214,7 @@ def _report(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .sweep import load_sweep, run_sweep
+    from clbench.experiments.sweep import load_sweep, run_sweep
 
     run_sweep(load_sweep(args.sweep, args.output_dir, args.launcher, args.parallel), dry_run=args.dry_run,
               fresh=args.fresh)
@@ -222,7 +222,7 @@ def _sweep(args) -> int:
 
 
 def _tune(args) -> int:
-    from .tune import load_tune, run_tune
+    from clbench.experiments.tune import load_tune, run_tune
 
     run_tune(load_tune(args.tune, args.output_dir), dry_run=args.dry_run, fresh=args.fresh,
              select_only=args.select_only)

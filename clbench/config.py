@@ -8,6 +8,7 @@ results as config.yaml.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,24 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from clbench.errors import ConfigError
+from clbench.schedule import check as check_schedule
+
+# The trackers a config may name and the package each needs (clbench/run/trackers.py runs them).
+TRACKERS = ("tensorboard", "wandb")
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pip install 'clbench[sweep]' (or: pip install tensorboard)"),
+                     "wandb": ("wandb", "pip install 'clbench[wandb]' (or: pip install wandb)")}
+
+
+def check_trackers(names) -> list[str]:
+    """Raise ConfigError naming the missing package for each configured tracker that cannot be imported."""
+    for name in names:
+        if name not in _TRACKER_PACKAGES:
+            raise ConfigError(f"trackers: unknown tracker {name!r}; available: {', '.join(TRACKERS)}")
+        module, how = _TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"trackers: {name} needs the {module!r} package, which is not installed: {how}")
+    return list(names)
 
 
 # Fields that never change results: they may differ when a run directory is resumed.
@@ -94,15 +112,13 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _check_schedule(self):
-        from .schedule import check
-
         if self.warmup_steps and self.warmup_fraction:
             raise ValueError("set warmup_steps or warmup_fraction, not both")
         if self.min_lr_ratio and self.lr_schedule == "constant":
             raise ValueError("min_lr_ratio needs a decaying lr_schedule (linear, cosine or wsd), not constant")
         if self.lr_schedule != "wsd" and (self.decay_fraction is not None or self.decay_shape is not None):
             raise ValueError(f"decay_fraction and decay_shape belong to lr_schedule wsd, not {self.lr_schedule}")
-        why = check(self, self.steps) if self.epochs is None and self.steps else None
+        why = check_schedule(self, self.steps) if self.epochs is None and self.steps else None
         if why:
             raise ValueError(why.replace("train.", ""))
         return self
@@ -124,7 +140,7 @@ class TrainConfig(Strict):
 
 
 class DistributedConfig(Strict):
-    """How several processes share the training (clbench/distributed.py, clbench/fsdp.py)."""
+    """How several processes share the training (clbench/distributed/collectives.py, clbench/distributed/fsdp.py)."""
 
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp = every rank holds the whole model, gradients summed; fsdp = parameters, gradients and "
@@ -164,7 +180,7 @@ class MergeSpec(Strict):
     """One merged model, evaluated after the last stage as the extra row `merged:<label>`."""
 
     how: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "lota_additive"] = Field(
-        description="peft's merges (clbench/merging.py): task_arithmetic (theta_0 + lam * sum tau), ties (trim, elect "
+        description="peft's merges (clbench/method/merging.py): task_arithmetic (theta_0 + lam * sum tau), ties (trim, elect "
         "sign, disjoint mean), dare_linear / dare_ties (drop entries at random with probability 1 - density, rescale "
         "by 1/density, then sum / TIES; seeded by the run's seed); or lota_additive (theta_0 + sum tau, LoTA's merge "
         "of sparse task vectors)")
@@ -260,20 +276,18 @@ class RunConfig(Strict):
         "much work, and stages cheaper than their checkpoint do not pay for one")
     checkpoint_steps: Optional[int] = Field(
         None, gt=0, description="also checkpoint inside a stage every this many optimizer steps (model, optimizer, "
-        "scheduler, RNG; clbench/midstage.py), so a run killed mid-stage resumes at that step; for methods with no "
+        "scheduler, RNG; clbench/training/midstage.py), so a run killed mid-stage resumes at that step; for methods with no "
         "state of their own inside a stage (Method.step_resume_refusal), others restart the stage")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="experiment trackers fed the per-step loss and lr and each stage's scores "
-        "(clbench/trackers.py); never change results")
+        "(clbench/run/trackers.py); never change results")
 
     @field_validator("trackers")
     @classmethod
     def _trackers_installed(cls, v):
-        from .trackers import check_available
-
         try:
-            return check_available(dict.fromkeys(v))
+            return check_trackers(dict.fromkeys(v))
         except ConfigError as e:
             raise ValueError(str(e).removeprefix("trackers: ")) from None
 

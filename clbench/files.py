@@ -18,7 +18,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .errors import ClbenchError
+from clbench.errors import ClbenchError
 
 
 def sha256_file(path: Path) -> str:
@@ -50,7 +50,7 @@ def temp_file(path: Path) -> str:
 
 
 _UNFINISHED = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-[A-Za-z0-9_]{8}-.+")  # temp_file's names
-# The folders of a run directory that clbench writes files into (clbench.results, clbench.checkpoint);
+# The folders of a run directory that clbench writes files into (clbench.results.contract, clbench.checkpoint);
 # anything else in it (a user's files, a tracker's folder, another run directory) is never looked into.
 RUN_SUBDIRS = ("samples", "checkpoints")
 

@@ -65,7 +65,7 @@ def watching():
             signal.signal(s, h)
 
 
-# Set by a sweep's launcher (clbench.launch.run_unit) to its own pid: the run is to stop, as on
+# Set by a sweep's launcher (clbench.experiments.launch.run_unit) to its own pid: the run is to stop, as on
 # SIGTERM, if that process dies (a launcher SIGKILLed, as submitit's local executor does to its job
 # worker a second after cancelling it), rather than train on as an orphan holding its lock.
 PARENT_ENV = "CLBENCH_STOP_WITH_PARENT"

@@ -24,7 +24,7 @@ from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
-from .errors import ClbenchError
+from clbench.errors import ClbenchError
 
 METHODS_GROUP, TASKS_GROUP = "clbench.methods", "clbench.tasks"
 _BUILTIN = {"BUILTIN_METHODS_DIR": ("clbench_builtin.methods", "methods"),

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as D
-from .config import RunConfig
-from .errors import ConfigError
+from clbench.config import RunConfig
+from clbench.distributed import collectives as D
+from clbench.errors import ConfigError
 
 
 def cpu_supports_bf16() -> bool:

@@ -15,7 +15,7 @@ How it runs in clbench:
   only inside train_stage, after stage_start and param_groups; so the schedule (total_step,
   tinit, tfinal) is written into the adapter's config at the stage's first `after_backward`.
 - peft adds the orthogonal regulariser inside AdaLoraModel.forward only when the model
-  computes a loss from labels; clbench computes the loss itself (clbench.train.lm_loss), so
+  computes a loss from labels; clbench computes the loss itself (clbench.method.lm.lm_loss), so
   `extra_loss` adds the same term (mean over the lora_A/lora_B matrices of ||cov - I||_F, times
   orth_reg_weight, computed in float32 outside autocast) to every micro-batch's loss, as peft's
   forward would. The loop's reported stage losses therefore include this term.
@@ -58,8 +58,8 @@ from typing import Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import adapters
 from clbench.method import MethodError, Method, StageMeans, register
+from clbench.method import adapters
 
 PLACEHOLDER_TOTAL = 1  # peft requires total_step > 0 at construction; the real value is set per stage
 

@@ -36,7 +36,7 @@ How it runs here:
   task loss, and the shares are summed over the ranks: every rank holds the same g_ref (the
   all-reduce gives each rank the same sum, where N separate full computations could differ
   in their last bits), so every rank takes the same decision and the same projected step.
-- Sharded (distributed.strategy fsdp, clbench/fsdp.py): torch.autograd.grad cannot reach an FSDP2
+- Sharded (distributed.strategy fsdp, clbench/distributed/fsdp.py): torch.autograd.grad cannot reach an FSDP2
   shard (the forward computes with the all-gathered copy), so the task gradient in .grad is set
   aside, each rank's weighted share of the reference loss is backpropagated as the loop's loss is
   (FSDP's reduce-scatter sums the shares into each rank's rows), the new .grad shards are g_ref and
@@ -76,11 +76,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.distributed.tensor import DTensor
 
-from clbench import distributed as D
-from clbench.examples import IGNORE, Example, collate
-from clbench.masking import derive_seed
+from clbench.data.examples import IGNORE, Example, collate
+from clbench.distributed import collectives as D
 from clbench.method import MethodError, Method, StageMeans, register
-from clbench.train import lm_loss
+from clbench.method.lm import lm_loss
+from clbench.method.masking import derive_seed
 
 SALT_MEMORY, SALT_DRAW = 21, 22
 
@@ -98,7 +98,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def sharded(params) -> bool:
-    """Whether `params` are FSDP2 shards (distributed.strategy fsdp, clbench/fsdp.py)."""
+    """Whether `params` are FSDP2 shards (distributed.strategy fsdp, clbench/distributed/fsdp.py)."""
     return any(isinstance(p, DTensor) for p in params)
 
 

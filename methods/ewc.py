@@ -103,11 +103,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import distributed as dist
-from clbench.examples import IGNORE, collate
-from clbench.masking import derive_seed, gather_rows, reshard, local_rows, own_rows
+from clbench.data.examples import IGNORE, collate
+from clbench.distributed import collectives as dist
 from clbench.method import MethodError, Method, StageMeans, register
-from clbench.train import lm_loss
+from clbench.method.lm import lm_loss
+from clbench.method.masking import derive_seed, gather_rows, reshard, local_rows, own_rows
 
 
 SALT_FISHER = 51  # the seeded draw of the Fisher's examples

@@ -10,7 +10,7 @@ The draw per layer (paper, rule `count`):
   MLP        in a random half of the layers freeze 2 of {gate, up, down}, in the other half 1
              (with an odd number of layers, floor(L/2) layers freeze 2);
   norms      freeze 1 of {input_layernorm, post_attention_layernorm}.
-Frozen matrices get requires_grad=False (whole tensors, clbench.masking.MaskedUpdate): autograd
+Frozen matrices get requires_grad=False (whole tensors, clbench.method.masking.MaskedUpdate): autograd
 skips their weight-gradient GEMMs and the optimizer never holds them. Under autocast a frozen
 nn.Linear also keeps one cast copy of its weight for the stage instead of casting the float32
 weight at every forward (the weight cannot change while frozen; the copy is checked against
@@ -24,7 +24,7 @@ parameters; ties are drawn at random. Per layer the frozen count is then within 
 of half (for SmolLM2-135M and the tiny model it is half within one k/v matrix, and exactly half
 summed over each pair of MLP-2/MLP-1 layers).
 
-Randomness: a torch.Generator seeded from (run seed, stage) (clbench.masking.derive_seed), so the
+Randomness: a torch.Generator seeded from (run seed, stage) (clbench.method.masking.derive_seed), so the
 same seed gives the same draw and every stage a new one; the loop's batch RNG is untouched.
 
 Embeddings and LM head (option `embeddings`): the paper's rule (its Figure 2 and Section 3,
@@ -60,8 +60,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import types
 
-from clbench.masking import MaskedMethod, MaskedUpdate, derive_seed
 from clbench.method import MethodError, register
+from clbench.method.masking import MaskedMethod, MaskedUpdate, derive_seed
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]

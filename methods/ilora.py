@@ -114,10 +114,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.examples import IGNORE, Example, collate
-from clbench.masking import derive_seed
+from clbench.data.examples import IGNORE, Example, collate
 from clbench.method import Method, MethodError, StageMeans, register
-from clbench.train import split_head
+from clbench.method.lm import split_head
+from clbench.method.masking import derive_seed
 
 PLASTIC, STABLE = "plastic", "stable"
 SALT_BUFFER, SALT_DRAW = 31, 32
@@ -155,7 +155,7 @@ def adapter_pairs(model) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
 
 def hidden_forward(model, batch: dict, head_only_targets: bool, with_logits: bool = True):
     """(target logits or None, targets or None, hidden states) of the active adapter on `batch`,
-    the target rows as clbench.train.target_logits gives them."""
+    the target rows as clbench.method.lm.target_logits gives them."""
     sel = batch["labels"][:, 1:] != IGNORE
     split = split_head(model) if head_only_targets else None
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)

@@ -74,10 +74,10 @@ from typing import Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import fsdp
-from clbench.examples import collate
-from clbench.masking import derive_seed, local_rows, own_rows
+from clbench.data.examples import collate
+from clbench.distributed import fsdp
 from clbench.method import MethodError, register
+from clbench.method.masking import derive_seed, local_rows, own_rows
 from clbench_builtin.methods import olora as _olora_mod  # its class is the structure InfLoRA extends
 
 _SUBSET_SALT = 401  # the examples of a capped H pass: a draw of its own, apart from the batch order

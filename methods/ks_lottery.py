@@ -19,10 +19,10 @@ Each stage (stage_start, then the loop's training):
      d, D = k/d, and the p-value depends only on (D, d, d), so scipy is called once per
      distinct k (at most d + 1 calls) on two samples with that statistic.
      Under fsdp (rows split over the ranks) each rank tests its own rows; the top-n and the
-     min_rows top-up are exact over all rows (clbench.masking.topk_masks), so the selected
+     min_rows top-up are exact over all rows (clbench.method.masking.topk_masks), so the selected
      rows are those of one process.
   4. Reset E, then train only the selected rows (a row mask on the embedding,
-     clbench.masking.MaskedUpdate; everything else frozen).
+     clbench.method.masking.MaskedUpdate; everything else frozen).
 
 Tied embeddings: SmolLM2 and the tiny model tie the input embedding to the output head;
 named_parameters() lists the tied weight once (as the embedding), so the first pass also
@@ -70,9 +70,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import distributed as dist
-from clbench.masking import MaskedMethod, MaskedUpdate, reshard, local_rows, sum_over_ranks, topk_masks
+from clbench.distributed import collectives as dist
 from clbench.method import MethodError, register
+from clbench.method.masking import MaskedMethod, MaskedUpdate, reshard, local_rows, sum_over_ranks, topk_masks
 
 
 class KsOptions(BaseModel):
@@ -134,7 +134,7 @@ def select_rows(D: torch.Tensor, p: torch.Tensor, alpha: float, n: Optional[int]
                 sharded: bool = False, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The selected rows of this rank's rows (all rows unless `sharded`): p < alpha, or the n of
     largest statistic, topped up to min_rows by the largest statistic; ties to the lower token
-    id. The top-n over all shards is exact (clbench.masking.topk_masks on the integer statistic
+    id. The top-n over all shards is exact (clbench.method.masking.topk_masks on the integer statistic
     D * d, which float32 holds exactly), so the rows are the same at any number of processes."""
     score = (D * d).round().to(torch.float32)
     if candidates is not None:  # rows outside the candidates never pass the test and are never in the top n

@@ -23,15 +23,15 @@ a generation. Never the target or a continuation: each multiple-choice option is
 prompts its question picked, so the prefix-shared evaluation (one context, its choices packed
 behind it) shares cached prefixes only between rows with the same selection. It costs one extra
 forward of the frozen model per training micro-batch and per evaluated context (as the paper's
-extra ViT pass). clbench's paths pass the context lengths (clbench/prompting.py
+extra ViT pass). clbench's paths pass the context lengths (clbench/method/prompting.py
 context_lengths); a forward that cannot (lm-eval's own log-likelihood path,
 CLBENCH_EVAL_PREFIX_SHARING=0) raises rather than scoring with a wrong selection.
 
 How it runs here (hand-written, not peft: peft's prompt tuning has no input-dependent
-selection): the pool is a `clbench.prompting.PromptInjector` registered on the model (submodule
+selection): the pool is a `clbench.method.prompting.PromptInjector` registered on the model (submodule
 `clbench_prompt`: `prompts` (M, L_p, hidden), `keys` (M, hidden)) whose decoder forward prepends
 the selected prompts, in order of decreasing similarity (torch.topk's order, as the port), in
-every forward (see clbench/prompting.py). setup freezes every weight of the model; the pool and
+every forward (see clbench/method/prompting.py). setup freezes every weight of the model; the pool and
 the keys are the only trained entries (M L_p hidden + M hidden), at every stage. extra_loss adds
 the surrogate for the rows of the loop's forward (their queries and selections, kept from it).
 
@@ -78,9 +78,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clbench import distributed as D
-from clbench import prompting
+from clbench.distributed import collectives as D
 from clbench.method import Method, MethodError, StageMeans, register
+from clbench.method import prompting
 from clbench.runtime import derive_seed
 
 

@@ -58,11 +58,11 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import generation as G
-from clbench.examples import Example, collate
-from clbench.masking import derive_seed
+from clbench.data.examples import Example, collate
 from clbench.method import Method, MethodError, StageMeans, register
-from clbench.train import lm_loss
+from clbench.method import generation as G
+from clbench.method.lm import lm_loss
+from clbench.method.masking import derive_seed
 
 GEN, ANS = "__gen__", "__ans__"
 SALT_SAMPLE = 41
@@ -126,7 +126,7 @@ class LAMOL(Method):
                 "(not weighted by their token counts)")
 
     def fsdp_refusal(self):
-        # pseudo-samples are generated on the gathered model (clbench.generation under fsdp.unsharded),
+        # pseudo-samples are generated on the gathered model (clbench.method.generation under fsdp.unsharded),
         # the same on every rank; it depends on N as under ddp, and at N sharded processes equals N
         # replicated ones (tests/test_fsdp_methods.py)
         return None
@@ -164,7 +164,7 @@ class LAMOL(Method):
 
     # --- pseudo-examples ------------------------------------------------------------------
 
-    def stage_examples(self, model, stage):  # the stage's first hook (clbench.stage.start_stage)
+    def stage_examples(self, model, stage):  # the stage's first hook (clbench.training.stage.start_stage)
         self._means.reset()
         self._task_of = {}
         done = self.run.tasks[: self.run.tasks.index(stage.task)] if stage.task in self.run.tasks else []

@@ -17,7 +17,7 @@ Each stage (stage_start, then the loop's training with the mask):
      are frozen.
   4. ONE global threshold over all candidates: k = round((1 - sparsity) * N) entries with the
      largest |delta| are trainable. Ties at the threshold: exactly k entries, the ties at the
-     lowest positions (candidate order, then row-major), found by clbench.masking.topk_masks
+     lowest positions (candidate order, then row-major), found by clbench.method.masking.topk_masks
      without gathering the scores, so the mask is the same for sharded parameters
      (distributed.strategy fsdp) at any number of processes. The authors' code keeps
      |delta| >= tau, which can keep a few more than k on ties; the k-th largest |delta| must be
@@ -25,7 +25,7 @@ Each stage (stage_start, then the loop's training with the mask):
   5. LoTTO (option lotto): |delta| = 0 on the union of earlier stages' trainable entries before
      the top-k, so the stages' masks are pairwise disjoint.
   6. Reset EVERY parameter to theta_0 (calibration moved all of them), then train only the
-     mask (clbench.masking.MaskedUpdate keeps frozen entries bit-identical under AdamW with
+     mask (clbench.method.masking.MaskedUpdate keeps frozen entries bit-identical under AdamW with
      weight decay; the authors use RMSprop without weight decay, any optimizer keeps the
      invariant).
 At stage_end the stage's sparse task vector (final - start on the mask) is kept;
@@ -61,7 +61,7 @@ from typing import Mapping, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.masking import (MaskedMethod, MaskedUpdate, copy_params, gather_rows, reshard, local_rows, own_rows, pack_mask,
+from clbench.method.masking import (MaskedMethod, MaskedUpdate, copy_params, gather_rows, reshard, local_rows, own_rows, pack_mask,
                              restore, sum_over_ranks, topk_masks, unpack_mask)
 from clbench.method import MethodError, register
 

@@ -7,7 +7,7 @@ trained (the student) is pulled towards those answers while it learns the new ta
     loss = CE(new targets) + lambda * KL_rows( softmax(z_teacher / T) || softmax(z_student / T) )
 
 KL_rows is the KL divergence over the vocabulary at each position that predicts a target token,
-averaged over those positions (the rows of `clbench.train.Forward.logits`, the same rows the
+averaged over those positions (the rows of `clbench.method.lm.Forward.logits`, the same rows the
 task loss averages over). Stage 1 is plain fine-tuning: there is no earlier model to keep.
 
 How it runs here:
@@ -19,7 +19,7 @@ How it runs here:
   stage_end drops it. Cost: one extra copy of the model (for a peft base, of the whole
   wrapped model) and one extra no-grad forward per micro-batch.
 - extra_loss: the teacher runs on the loop's collated micro-batch under stage.autocast() and
-  no_grad, through `clbench.train.target_logits` with the stage's head_only_targets, so its
+  no_grad, through `clbench.method.lm.target_logits` with the stage's head_only_targets, so its
   rows line up one for one with the student's `out.logits`; the divergence is computed in
   float32. With several processes each rank distils its own rows and weighs their sum by the
   global batch's row count (one all-reduce of the counts), so the term is the mean over the
@@ -68,13 +68,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import distributed as D
-from clbench import fsdp
 from clbench import method as M
-from clbench.masking import local_rows, reshard
+from clbench.distributed import collectives as D
+from clbench.distributed import fsdp
 from clbench.method import StageMeans, register
-from clbench.train import target_logits
-from clbench.wrapping import BASE_FIELD, BASE_OPTIONS_FIELD, BaseName, BaseOptions, Wrapping
+from clbench.method.lm import target_logits
+from clbench.method.masking import local_rows, reshard
+from clbench.method.wrapping import BASE_FIELD, BASE_OPTIONS_FIELD, BaseName, BaseOptions, Wrapping
 
 
 class LwfOptions(BaseModel):
@@ -107,7 +107,7 @@ class LwF(Wrapping):
     Options = LwfOptions
 
     def __init__(self, options: LwfOptions):
-        super().__init__(options)  # the base method, if any (clbench.wrapping)
+        super().__init__(options)  # the base method, if any (clbench.method.wrapping)
         self.teacher: torch.nn.Module | None = None
         self._means = StageMeans()  # the stage's distillation term / task loss (stage_stats)
         self._template: torch.nn.Module | None = None  # sharded runs: the teacher's module, unsharded until stage 1

@@ -31,8 +31,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import adapters
 from clbench.method import Method, register
+from clbench.method import adapters
 
 
 class MissOptions(BaseModel):

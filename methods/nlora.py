@@ -67,7 +67,7 @@ from typing import Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.fsdp import full
+from clbench.distributed.fsdp import full
 from clbench.method import MethodError, register
 from clbench_builtin.methods import olora as _olora  # O-LoRA's adapters and orthogonality structure
 
@@ -136,7 +136,7 @@ class NLoRA(OLoRA):
 
     def fsdp_refusal(self):
         # every stage's adapter exists from setup (O-LoRA's structure); the penalty reads the current
-        # adapter's whole matrices through clbench.fsdp.full (tests/test_fsdp_methods.py)
+        # adapter's whole matrices through clbench.distributed.fsdp.full (tests/test_fsdp_methods.py)
         return None
 
     def extra_loss(self, model, batch, stage, out):

@@ -64,7 +64,7 @@ from typing import Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.fsdp import full
+from clbench.distributed.fsdp import full
 from clbench.method import MethodError, Method, StageMeans, register
 
 
@@ -101,7 +101,7 @@ def orthogonality_penalty(model, current: str, previous: list[str]) -> torch.Ten
         for layer in lora_layers(model):
             if current not in layer.lora_A:
                 continue
-            a_t = full(layer.lora_A[current].weight).float()  # whole matrices also when sharded (clbench.fsdp)
+            a_t = full(layer.lora_A[current].weight).float()  # whole matrices also when sharded (clbench.distributed.fsdp)
             for s in previous:
                 if s in layer.lora_A:
                     term = (full(layer.lora_A[s].weight).float() @ a_t.T).abs().sum()
@@ -201,7 +201,7 @@ class OLoRA(Method):
         return {"stage": self.stage, "trained": list(self.trained)}
 
     def fsdp_refusal(self):
-        # every adapter exists from setup; the penalty reads whole matrices through clbench.fsdp.full.
+        # every adapter exists from setup; the penalty reads whole matrices through clbench.distributed.fsdp.full.
         # Methods extending this class (N-LoRA, InfLoRA) are not verified sharded by this.
         return None if type(self) is OLoRA else super().fsdp_refusal()
 

@@ -13,9 +13,9 @@ of virtual tokens per adapter and prepends it inside PeftModelForCausalLM.forwar
 frozen earlier prompts and a trainable new one in one prefix (one active prompt-learning adapter
 at a time), and clbench's training (LM head at the target positions only), prefix-shared
 evaluation and KV-cache generation call the decoder directly, which would skip peft's prompt.
-So the prompts are a `clbench.prompting.PromptInjector` registered on the model (submodule
+So the prompts are a `clbench.method.prompting.PromptInjector` registered on the model (submodule
 `clbench_prompt`, parameters `prompts.0` .. `prompts.(T-1)`, one (L, hidden) block per stage of
-the stream) whose decoder forward prepends them in every path (see clbench/prompting.py).
+the stream) whose decoder forward prepends them in every path (see clbench/method/prompting.py).
 - setup: every weight of the model frozen; T prompts created up front (the parameter set stays
   fixed, so stage checkpoints, diffs against the post-setup model, restore exactly on resume),
   each initialised from the input embeddings of L tokens drawn uniformly from the vocabulary
@@ -64,8 +64,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import prompting
 from clbench.method import Method, MethodError, register
+from clbench.method import prompting
 from clbench.runtime import derive_seed
 
 

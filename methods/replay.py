@@ -68,12 +68,12 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.examples import IGNORE, Example, collate
-from clbench.masking import derive_seed
+from clbench.data.examples import IGNORE, Example, collate
+from clbench.data.packing import is_text_task, target_tokens
 from clbench.method import MethodError, register
-from clbench.packing import is_text_task, target_tokens
-from clbench.train import lm_loss
-from clbench.wrapping import BASE_FIELD, BASE_OPTIONS_FIELD, BaseName, BaseOptions, Wrapping
+from clbench.method.lm import lm_loss
+from clbench.method.masking import derive_seed
+from clbench.method.wrapping import BASE_FIELD, BASE_OPTIONS_FIELD, BaseName, BaseOptions, Wrapping
 
 SALT_BUFFER, SALT_DRAW, SALT_GENERAL = 11, 12, 13
 
@@ -102,7 +102,7 @@ class Replay(Wrapping):
     Options = ReplayOptions
 
     def __init__(self, options: ReplayOptions):
-        super().__init__(options)  # the base method, if any (clbench.wrapping)
+        super().__init__(options)  # the base method, if any (clbench.method.wrapping)
         self.buffers: dict[str, list[Example]] = {}  # finished tasks, in stream order
         self._current: list[Example] = []  # the running stage's selection
         self._seen: set = set()

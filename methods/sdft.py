@@ -13,7 +13,7 @@ How it maps onto clbench:
 - stage_examples (before stage_start, at the weights the stage starts from): every training
   pair of the stage's task, as (context, target) strings from RunContext.pairs (checked to be
   the strings the stage's Examples were tokenized from), is rewritten by
-  clbench.generation.generate on the in-process model and re-tokenized with RunContext.tokenize.
+  clbench.method.generation.generate on the in-process model and re-tokenized with RunContext.tokenize.
   Continual use (a choice; the paper fine-tunes once): each stage's targets are rewritten by
   the model as it stands at that stage's start, so stage 1 rewrites with the base model.
 - Multiple-choice and other log-likelihood scored tasks keep their targets: the trained target
@@ -34,7 +34,7 @@ How it maps onto clbench:
   phrase       it contains one of `reject_phrases` (case-insensitive) or starts with one of
                `reject_prefixes` (the authors' verify(), eval/gen_distilled_data.py:54-68);
   answer       (accept: task_score) the task's own scoring (its first filter pipeline and first
-               metric, clbench.generation.TaskView.score) gives the rewrite less than it gives
+               metric, clbench.method.generation.TaskView.score) gives the rewrite less than it gives
                the reference: exact-match tasks keep a rewrite only if the task still extracts
                the label from it. This generalises the authors' math check (last integer equal
                to the reference's, eval/eval_math.py:33-42); accept: phrases skips it, the
@@ -80,10 +80,10 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import generation as G
-from clbench import wrapping as W
-from clbench.masking import derive_seed
 from clbench.method import MethodError, register
+from clbench.method import generation as G
+from clbench.method import wrapping as W
+from clbench.method.masking import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Sdft(W.Wrapping):
         return None
 
     def fsdp_refusal(self):
-        # the rewrites are generated on the gathered model (clbench.generation under fsdp.unsharded), the
+        # the rewrites are generated on the gathered model (clbench.method.generation under fsdp.unsharded), the
         # same on every rank; sharded it is its base method's (tests/test_fsdp_methods.py)
         return self._inner("fsdp_refusal")
 

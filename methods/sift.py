@@ -5,7 +5,7 @@ target matrix W (q, k, v, o, gate, up, down projections) the method keeps a dens
 delta in R^k and a fixed index set idx of k flat positions of W:
 
   1. selection: at the first backward of a stage, idx = top-k entries of |grad W| (per matrix;
-     ties to the lowest flat positions, clbench.masking.topk_masks); the indices stay fixed for
+     ties to the lowest flat positions, clbench.method.masking.topk_masks); the indices stay fixed for
      the stage (a new selection at every stage of the stream);
   2. the sparse gradient: each target nn.Linear runs, for the rest of the stage, through a
      custom autograd function (`_SparseGradLinear`) whose backward computes grad_input as usual
@@ -56,7 +56,7 @@ Options (defaults and their source):
 
 Sharded (distributed.strategy fsdp): W's rows are split over the ranks, the forward and backward
 see the gathered W (FSDP gathers it), so every rank holds all k entries of idx and delta; the
-selection is exact over the shards (clbench.masking.topk_masks on each rank's rows of |grad W|),
+selection is exact over the shards (clbench.method.masking.topk_masks on each rank's rows of |grad W|),
 each rank's delta.grad (its share of the batch) is summed over the ranks before the method's
 masks and clipping, and each rank flushes its own run of idx into its rows of W. Targets must
 then be plain nn.Linear weights.
@@ -81,9 +81,9 @@ import types
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import distributed as dist
-from clbench.masking import gather_rows, reshard, local_rows, topk_masks
+from clbench.distributed import collectives as dist
 from clbench.method import MethodError, Method, register
+from clbench.method.masking import gather_rows, reshard, local_rows, topk_masks
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

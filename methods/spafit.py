@@ -9,7 +9,7 @@ The top group's LoRA is a peft adapter (LoraConfig with layers_to_transform = th
 indices, target_modules = every linear module inside the decoder layers); one adapter is
 carried through all stages (like LoRA "seq"). Embeddings, lm_head and the final norm are
 frozen (option train_final_norm). Whole tensors train or not, so frozen weights never get a
-gradient (clbench.masking.MaskedUpdate on requires_grad only).
+gradient (clbench.method.masking.MaskedUpdate on requires_grad only).
 
 Group boundaries: `splits` [a, b] are fractions of the depth; with L layers the lowest group
 is layers [0, round(a*L)), the middle [round(a*L), round(b*L)), the top the rest. Default
@@ -36,8 +36,8 @@ from typing import Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from clbench.masking import MaskedMethod, MaskedUpdate
 from clbench.method import MethodError, register
+from clbench.method.masking import MaskedMethod, MaskedUpdate
 
 _IN_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.[\w.]*norm\.weight$")

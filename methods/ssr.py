@@ -80,11 +80,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import generation as G
-from clbench import wrapping as W
-from clbench.examples import Example
-from clbench.masking import derive_seed
+from clbench.data.examples import Example
 from clbench.method import MethodError, register
+from clbench.method import generation as G
+from clbench.method import wrapping as W
+from clbench.method.masking import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def mean_hidden(model, tokenizer, texts: list[str], batch_size: int = 16, autoca
     """The model's final hidden states (after its last norm) averaged over each text's tokens."""
     import contextlib
 
-    from clbench.train import split_head
+    from clbench.method.lm import split_head
 
     split = split_head(model)
     device = next(model.parameters()).device
@@ -297,7 +297,7 @@ class Ssr(W.Wrapping):
     # --- resume ---------------------------------------------------------------------------
 
     def fsdp_refusal(self):
-        # the synthetic pairs are generated on the gathered model (clbench.generation under
+        # the synthetic pairs are generated on the gathered model (clbench.method.generation under
         # fsdp.unsharded), the same on every rank; sharded it is its base method's (tests/test_fsdp_methods.py)
         return self._inner("fsdp_refusal")
 

@@ -50,7 +50,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tok():
     """The tiny byte-level BPE tokenizer (deterministic)."""
-    from clbench import models
+    from clbench.run import models
 
     return models.build_tiny_tokenizer()
 

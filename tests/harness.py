@@ -1,5 +1,5 @@
 """What the method tests share: the tiny prompt sets, a method set up on the tiny model, and one
-stage run the way clbench.stage runs it (start_stage, the loop's train_stage, stage_end). The
+stage run the way clbench.training.stage runs it (start_stage, the loop's train_stage, stage_end). The
 `tok` and `one_thread` fixtures are conftest.py's."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from clbench import method as M
-from clbench import models
-from clbench import train as T
 from clbench.config import TrainConfig
+from clbench.run import models
 from clbench.runtime import Runtime
-from clbench.stage import start_stage
+from clbench.training import train as T
+from clbench.training.stage import start_stage
 
 CPU = torch.device("cpu")
 
@@ -42,7 +42,7 @@ def fresh(tok, name: str, options: dict | None = None, tasks=("t1", "t2"), **run
 
 
 def one_stage(meth, model, run, tok, examples, cfg, t: int, end: bool = True, between=None):
-    """Stage t on `examples` as clbench.stage runs it: start_stage, then between(model, stage) if
+    """Stage t on `examples` as clbench.training.stage runs it: start_stage, then between(model, stage) if
     given, the loop's train_stage, and stage_end unless end=False. Returns (model, stage, the
     training statistics)."""
     model, stage = start_stage(model, meth, examples, cfg, run, t, f"t{t}", cpu_rt(tok))

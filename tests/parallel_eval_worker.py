@@ -1,5 +1,5 @@
 """Run by tests/test_parallel_eval.py under torchrun (2 CPU processes, gloo): every rank evaluates
-the tiny model data-parallel (clbench.evaluate.evaluate(data_parallel=True)) on a multiple-choice
+the tiny model data-parallel (clbench.run.evaluate.evaluate(data_parallel=True)) on a multiple-choice
 and a generation task with an odd number of test documents; rank 0 then evaluates alone, as one
 process does, and writes both results and what each rank scored to the JSON file named by argv[1]."""
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from clbench import distributed as D
-from clbench import models
-from clbench import tasks as taskcat
-from clbench.evaluate import evaluate
+from clbench.data import tasks as taskcat
+from clbench.distributed import collectives as D
+from clbench.run import models
+from clbench.run.evaluate import evaluate
 from clbench.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]

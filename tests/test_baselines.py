@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-import clbench.train as T
-from clbench import merging
 from clbench import method as M
-from clbench import models
 from clbench.config import MergeSpec, TrainConfig
+from clbench.method import merging
+from clbench.run import models
+import clbench.training.train as T
 from conftest import REPO, two_stage_run_and_resume
 from harness import CPU, bits, compare, fresh, one_stage, parity, stage_view
 

@@ -16,7 +16,8 @@ SYS = "Answer in one word."
 def smol_tok():
     from transformers import AutoTokenizer
 
-    from clbench import models, paths
+    from clbench.run import models
+    from clbench import paths
 
     converted = paths.models_dir(paths.cache_dir()) / "smollm2-135m-instruct"
     if (converted / "tokenizer.json").is_file():
@@ -35,7 +36,7 @@ def letters(tmp_path_factory):
     are the reference rendering of the training documents."""
     from lm_eval.tasks import TaskManager
 
-    from clbench import tasks as T
+    from clbench.data import tasks as T
 
     cache = tmp_path_factory.mktemp("cache")
     defs = T.load_tasks([FIXTURES])
@@ -51,7 +52,7 @@ def _hflm(tok):
     call and its tokenization; no score is read from it)."""
     from lm_eval.models.huggingface import HFLM
 
-    from clbench import models
+    from clbench.run import models
 
     return HFLM(pretrained=models.build_tiny_model(0, len(tok)), tokenizer=tok, batch_size=4, device="cpu")
 
@@ -64,7 +65,7 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("system", [None, SYS])
 def test_training_tokens_are_lm_evals_chat_request_then_the_target(letters, smol_tok, system):
-    from clbench.tasks import encode_pair, run_examples
+    from clbench.data.tasks import encode_pair, run_examples
 
     built, ref = letters
     lm = _hflm(smol_tok)
@@ -99,8 +100,8 @@ def test_training_tokens_are_lm_evals_chat_request_then_the_target(letters, smol
 
 
 def test_the_loss_covers_the_assistant_turn_only(letters, smol_tok):
-    from clbench.tasks import run_examples
-    from clbench.train import collate, tokenize
+    from clbench.data.tasks import run_examples
+    from clbench.training.train import collate, tokenize
 
     built, _ = letters
     pairs = run_examples(built["lm_next"], smol_tok, _cfg(chat_template=True))
@@ -113,11 +114,11 @@ def test_the_loss_covers_the_assistant_turn_only(letters, smol_tok):
 
 
 def test_evaluation_renders_the_same_requests(letters, smol_tok):
-    """clbench.evaluate gives lm-eval the run's chat settings: the request lm-eval scores for a
+    """clbench.run.evaluate gives lm-eval the run's chat settings: the request lm-eval scores for a
     document is the training example's context."""
-    from clbench import models
-    from clbench.evaluate import evaluate
-    from clbench.tasks import run_examples
+    from clbench.run import models
+    from clbench.run.evaluate import evaluate
+    from clbench.data.tasks import run_examples
 
     built, ref = letters
     pairs = run_examples(built["lm_vowel"], smol_tok, _cfg(chat_template=True, system_instruction=SYS))
@@ -131,7 +132,7 @@ def test_evaluation_renders_the_same_requests(letters, smol_tok):
 
 
 def test_chat_settings_are_part_of_the_config(tok):
-    from clbench.lmeval_yaml import LmEvalYamlError, prompting
+    from clbench.data.lmeval_yaml import LmEvalYamlError, prompting
 
     plain, chat, sys = _cfg(), _cfg(chat_template=True), _cfg(system_instruction=SYS)
     assert len({plain.hash(), chat.hash(), sys.hash()}) == 3  # results differ: a resumed run must not mix them
@@ -148,8 +149,8 @@ def test_a_run_trains_and_evaluates_through_the_chat_template(tmp_path, smol_tok
 
     import yaml
 
-    from clbench import models
-    from clbench import tasks as T
+    from clbench.run import models
+    from clbench.data import tasks as T
 
     folder = tmp_path / "model"
     models.build_tiny_model(0, len(smol_tok)).save_pretrained(folder)

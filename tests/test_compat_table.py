@@ -13,6 +13,7 @@ import test_fsdp
 import test_fsdp_methods
 from clbench import method as M
 from clbench import paths
+from clbench.method import registry
 from conftest import REPO
 
 DOC = REPO / "docs" / "distributed.md"
@@ -35,7 +36,7 @@ def builtin() -> set[str]:
     """The registered names of the methods in methods/ (other tests register their own)."""
     M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     here = paths.BUILTIN_METHODS_DIR.resolve()
-    files = {n: getattr(sys.modules.get(c.__module__), "__file__", None) for n, c in M._REGISTRY.items()}
+    files = {n: getattr(sys.modules.get(c.__module__), "__file__", None) for n, c in registry._REGISTRY.items()}
     return {n for n, f in files.items() if f and Path(f).resolve().parent == here}
 
 
@@ -47,7 +48,7 @@ def test_the_table_is_what_every_method_declares_and_what_the_tests_run():
     fsdp_run = {m["name"] for m in test_fsdp.METHODS} | {m["name"] for m in test_fsdp_methods.SHARDED}
     for name, (ddp, fsdp) in rows.items():
         meth = M.make(name, {})
-        same_names = {n for n in names if M._REGISTRY[n] is M._REGISTRY[name]}  # an alias (bone: miss)
+        same_names = {n for n in names if registry._REGISTRY[n] is registry._REGISTRY[name]}  # an alias (bone: miss)
         why = M.call(meth, "world_size_dependent")
         if why:
             assert ddp == f"depends on N: {why}", name

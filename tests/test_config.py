@@ -104,8 +104,8 @@ def test_every_shipped_config_validates(path):
     """Shipped configs parse, name registered methods with valid options, and known tasks."""
     from clbench import method as M
     from clbench import paths
-    from clbench.tasks import load_streams
-    from clbench.tasks import load_tasks, resolve_stream
+    from clbench.data.tasks import load_streams
+    from clbench.data.tasks import load_tasks, resolve_stream
 
     cfg, cdir = load_config(path)
     M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)

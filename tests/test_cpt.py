@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clbench import packing, paths
+from clbench import paths
 from clbench.config import TrainConfig
+from clbench.data import packing
 from clbench.schedule import lr_factor
 from harness import cpu_rt
 
@@ -56,7 +57,7 @@ def text_task_dir(tmp_path):
 
 @pytest.mark.parametrize("block", [2, 7, 16, 64])
 def test_packing_keeps_every_token_once_and_separates_documents(tok, block):
-    from clbench.train import IGNORE, collate
+    from clbench.training.train import IGNORE, collate
 
     docs = _docs(9)
     eos = tok.eos_token_id
@@ -98,9 +99,10 @@ def test_packing_refuses_a_tokenizer_without_eos(tok):
 def test_text_loss_covers_every_token(tok, one_thread):
     """lm_loss on packed blocks (LM head only at target positions) equals the mean NLL of every next
     token computed from the model's full logits."""
-    from clbench import models
-    from clbench.train import collate, lm_loss
+    from clbench.run import models
+    from clbench.training.train import collate
 
+    from clbench.method.lm import lm_loss
     model = models.build_tiny_model(0, len(tok)).eval()
     examples = packing.pack_documents(_docs(12), tok, 24)
     batch = collate(examples, tok.pad_token_id)
@@ -122,10 +124,10 @@ def test_text_loss_covers_every_token(tok, one_thread):
 def test_per_byte_likelihood_is_lm_eval_bits_per_byte_by_hand(tok, text_task_dir, tmp_path, one_thread):
     """R's value for a text task is 2^-(bits per byte) where bits per byte is lm-eval's rolling
     log-likelihood over the UTF-8 bytes; here recomputed from the model's own token log-probs."""
-    from clbench import models
-    from clbench import tasks as taskcat
-    from clbench.evaluate import evaluate
-    from clbench.tasks import read_jsonl
+    from clbench.run import models
+    from clbench.data import tasks as taskcat
+    from clbench.run.evaluate import evaluate
+    from clbench.data.tasks import read_jsonl
 
     defs = taskcat.load_tasks([text_task_dir])
     d = defs["tiny_text"]
@@ -165,7 +167,7 @@ def _stage(t, task, run, cfg):
 
 def test_replay_token_fraction_is_honoured_in_token_counts(tok):
     from clbench import method as M
-    from clbench.train import Example
+    from clbench.training.train import Example
 
     M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     kinds = {"old_text": "loglikelihood_rolling", "new_text": "loglikelihood_rolling", "instr": "multiple_choice"}
@@ -208,8 +210,8 @@ def test_rewarming_cosine_matches_hand_values_and_rewarms_every_stage(tok, one_t
     """Ibrahim et al. 2024: each stage warms up (10% of 10 steps = 1 here) to the peak and decays by
     cosine to 0.1 of it; the loop's optimizer takes exactly these learning rates, again at stage 2."""
     from clbench import method as M
-    from clbench import models
-    from clbench.stage import run_stage
+    from clbench.run import models
+    from clbench.training.stage import run_stage
 
     cfg = TrainConfig(lr=1e-3, steps=10, batch_size=4, max_length=24, lr_schedule="cosine", warmup_fraction=0.1,
                       min_lr_ratio=0.1)

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clbench import builders, data, paths, sources, splits
-from clbench import tasks as catalog
-from clbench.tasks import read_jsonl
+from clbench import paths
+from clbench.data import builders, prepare as data, sources, splits
+from clbench.data import tasks as catalog
+from clbench.data.tasks import read_jsonl
 
 
 def task_def(name: str, y: dict, path: Path | None = None) -> catalog.TaskDef:
@@ -490,7 +491,7 @@ def test_data_prepared_before_validation_splits_is_prepared_again(cache, caplog)
     del m["files"]["validation"]
     (d / "manifest.json").write_text(json.dumps(m))
     out["validation"].unlink()
-    from clbench.data import validation_file
+    from clbench.data.prepare import validation_file
     from clbench.errors import DataError
 
     with pytest.raises(DataError, match="no validation split .*clbench data prepare --tasks trec"):

@@ -1,4 +1,4 @@
-"""Plan-time data validation (clbench.datacheck): a row whose template reads a missing field, or
+"""Plan-time data validation (clbench.data.datacheck): a row whose template reads a missing field, or
 whose target is not one of its choices, fails before any model is loaded, naming file, line and
 field; so do `stages:` keys that name no task of the stream and no stage."""
 
@@ -97,7 +97,7 @@ def test_generation_task_row_missing_its_target(tmp_path, run_cli):
 
 
 def test_every_row_of_good_files_is_checked(tmp_path):
-    from clbench import datacheck, tasks
+    from clbench.data import datacheck, tasks
 
     d = write_task(tmp_path, GOOD_ROWS, GOOD_ROWS[:2])
     t = tasks.parse_task_file(d / "t.yaml")

@@ -26,12 +26,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
-from clbench import checkpoint, models
+from clbench import checkpoint
+from clbench.run import models
 from clbench import method as M
 from clbench.config import TrainConfig
 from clbench.runtime import Runtime
-from clbench.stage import run_stage
-from clbench.train import tokenize
+from clbench.training.stage import run_stage
+from clbench.training.train import tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = torch.device("meta")
@@ -177,7 +178,7 @@ TASKS = ["tiny_copy", "tiny_parity"]
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    from clbench import tasks as taskcat
+    from clbench.data import tasks as taskcat
 
     defs = taskcat.load_tasks([REPO / "configs" / "tiny_tasks"])
     return taskcat.build_lm_eval_tasks([defs[t] for t in TASKS], tmp_path_factory.mktemp("tasks"))
@@ -199,7 +200,7 @@ SMALL = {"ssr": {"n_demos": 4, "samples_per_prompt": 1, "max_new_tokens": 24, "p
 
 @pytest.mark.parametrize("name", _methods())
 def test_method_hooks_keep_to_the_model_device(name, lm, no_meta_autocast, one_thread):
-    from clbench import tasks as taskcat
+    from clbench.data import tasks as taskcat
 
     tok = models.build_tiny_tokenizer()
     pairs = {n: taskcat.training_examples(t, tok.eos_token if t.OUTPUT_TYPE == "generate_until" else None)

@@ -111,7 +111,7 @@ def test_only_rank_zero_writes(runs):
 
 
 def test_digest_sees_a_single_changed_mask_entry():
-    from clbench.distributed import state_digest
+    from clbench.distributed.collectives import state_digest
 
     model = torch.nn.Linear(4, 4)
     mask = torch.zeros(4, 4, dtype=torch.bool)

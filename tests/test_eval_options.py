@@ -28,7 +28,7 @@ def test_offdiag_limit_keeps_diagonal_and_final_row_exact(tmp_path, run_cli):
 def test_heldout_tasks_evaluated_every_stage_never_trained(tmp_path, run_cli):
     import csv
 
-    from clbench import metrics
+    from clbench.results import metrics
 
     out = tmp_path / "out"
     code, _, err = run_cli("run", TINY_CONFIG, "--output-dir", out, "--set", "methods=[{name: full_ft}]",

@@ -1,4 +1,4 @@
-"""clbench's generate_until (clbench/evaluate.py, clbench.generation.greedy_until) against
+"""clbench's generate_until (clbench/run/evaluate.py, clbench.method.generation.greedy_until) against
 lm-eval's own HFLM.generate_until on the same model and requests: the same strings, exactly.
 
 The fast path keeps every row in the left-padded batch lm-eval gives it (the same batches, the
@@ -37,7 +37,7 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 def model(tok):
     """The tiny random model with its weights scaled up, so that its greedy text varies (the plain
     tiny model repeats one token) and the stop strings below cut it at different places."""
-    from clbench import models
+    from clbench.run import models
 
     m = models.build_tiny_model(0, len(tok))
     with torch.no_grad():
@@ -54,9 +54,9 @@ def lm_eval_lm(model, tok, dtype, batch_size=16):
 
 
 def clbench_lm(model, tok, dtype, batch_size=16):
-    from clbench import evaluate as E
+    from clbench.run import evaluate as E
 
-    return E._lm_class()(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu",
+    return E.lm_class()(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu",
                          mixed_precision_dtype=dtype, max_length=MAX_LENGTH)
 
 
@@ -112,7 +112,7 @@ def check_logits_bit_for_bit(model, tok, rows, batches, dtype, n_new, stops, mon
     on each batch left-padded (output_logits, under the same autocast), bit for bit, at every step
     of every row up to the step it ends at (EOS or a stop string; after that the fast path may feed
     it the pad token). stops: a function of the rows' first generated texts. Returns the ends."""
-    from clbench import generation as G
+    from clbench.method import generation as G
 
     want, tokens, texts = {}, {}, []
     for b in batches:
@@ -154,7 +154,7 @@ def test_logits_bit_for_bit_as_transformers_generate(model, tok, precision, grou
     decoder (bf16: padding only in attention, all batches in one forward, ended rows leaving) and
     the per-batch one. Strings alone would not show it: this tiny model's greedy tokens survive
     small rounding changes."""
-    from clbench import generation as G
+    from clbench.method import generation as G
 
     rows = [tok(p, add_special_tokens=False)["input_ids"][-40:] for p in PROMPTS]
     # of mixed lengths; two of 16 rows or more (grouped in bf16), the others decoded one by one
@@ -175,8 +175,8 @@ def test_lora_model_bit_for_bit(tok, monkeypatch):
     """A LoRA-wrapped model (what clbench evaluates for LoRA methods) goes the grouped way too."""
     from peft import LoraConfig, get_peft_model
 
-    from clbench import generation as G
-    from clbench import models
+    from clbench.method import generation as G
+    from clbench.run import models
 
     base = models.build_tiny_model(2, len(tok))
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_lora_model_bit_for_bit(tok, monkeypatch):
 def test_same_strings_as_lm_eval(model, tok, precision, grouped, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
-    from clbench import generation as G
+    from clbench.method import generation as G
 
     if not grouped:  # the per-batch decoder, as on a model the grouped one does not take
         monkeypatch.setattr(G, "_GROUPED_TYPES", set())
@@ -233,7 +233,7 @@ def test_same_strings_as_lm_eval(model, tok, precision, grouped, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_eos_ends_a_row_as_in_lm_eval(tok, precision):
-    from clbench import models
+    from clbench.run import models
 
     model = models.build_tiny_model(1, len(tok))
     with torch.no_grad():
@@ -263,7 +263,7 @@ def test_batch_sizes(model, tok):
 def test_switch_off_and_sampling_take_lm_eval_path(model, tok, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
-    from clbench import generation as G
+    from clbench.method import generation as G
 
     seen = []
     real = HFLM.generate_until
@@ -302,8 +302,8 @@ def test_same_strings_as_lm_eval_on_the_real_model(precision, monkeypatch):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from clbench import evaluate as E
-    from clbench import models
+    from clbench.run import evaluate as E
+    from clbench.run import models
 
     try:
         models._find_smollm2_gguf()
@@ -316,7 +316,7 @@ def test_same_strings_as_lm_eval_on_the_real_model(precision, monkeypatch):
     dtype = AUTOCAST[precision]
     kw = dict(pretrained=model, tokenizer=tok, batch_size=16, device="cpu", mixed_precision_dtype=dtype)
     want = HFLM(**kw).generate_until(reqs, disable_tqdm=True)
-    got = E._lm_class()(**kw).generate_until(reqs, disable_tqdm=True)
+    got = E.lm_class()(**kw).generate_until(reqs, disable_tqdm=True)
     assert len(reqs) == 40 and got == want
     # and the logits, bit for bit, in batches of 16, 16 and 8 sorted by length (as lm-eval's)
     rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]

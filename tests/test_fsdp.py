@@ -162,7 +162,7 @@ def test_a_method_not_verified_sharded_is_refused_before_training(tmp_path, run_
 
 
 def test_accelerate_fsdp_launch_settings_select_fsdp(monkeypatch):
-    from clbench import fsdp
+    from clbench.distributed import fsdp
     from clbench.config import RunConfig
     from clbench.errors import ConfigError
 

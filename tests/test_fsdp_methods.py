@@ -1,7 +1,7 @@
 """Selections under sharding (distributed.strategy fsdp) and the same numbers at any number of
 processes.
 
-- clbench.masking.topk_masks, the exact top-k over row shards, against a stable descending sort
+- clbench.method.masking.topk_masks, the exact top-k over row shards, against a stable descending sort
   of the whole scores (2 gloo processes, rows split as FSDP2 splits them, heavy ties);
 - lota, hft, ks_lottery, spafit, ewc, sift, replay run sharded on 2 processes and on 1 (both through
   `clbench run` with distributed.strategy fsdp): the same matrix, losses, selected entries, rows
@@ -63,7 +63,7 @@ def _reference(kind: str, scores) -> dict[str, torch.Tensor]:
 def _worker(out_path: str) -> None:
     import torch.distributed as dist
 
-    from clbench.masking import topk_masks
+    from clbench.method.masking import topk_masks
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -95,7 +95,7 @@ def _torchrun(*args, timeout=600):
 def test_topk_over_two_shards_selects_what_a_stable_sort_of_the_whole_selects(tmp_path):
     """Exact: the same entries (ties included) as one process sorting everything, and at one
     process topk_masks gives them too (with no collective)."""
-    from clbench.masking import topk_masks
+    from clbench.method.masking import topk_masks
 
     _torchrun(__file__, tmp_path / "masks.pt")
     got = torch.load(tmp_path / "masks.pt")
@@ -113,7 +113,7 @@ def test_topk_over_two_shards_selects_what_a_stable_sort_of_the_whole_selects(tm
 
 
 def test_topk_refuses_negative_or_nan_scores():
-    from clbench.masking import topk_masks
+    from clbench.method.masking import topk_masks
 
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="negative, -0.0 or NaN"):
@@ -144,7 +144,7 @@ PROJECTING = [{"name": "agem", "options": {"m": 8}}, {"name": "gem", "options": 
 # staying bit-identical while sharded (a requires_grad switch that FSDP missed would move them).
 # Each one's part frozen after stage 1 (a key fragment of the stage checkpoint's state dict).
 # InfLoRA's passes over the stage's examples, and LAMOL's, SDFT's and SSR's generation, run on the
-# model gathered on every rank (clbench.fsdp.unsharded); LwF's teacher is sharded like its student.
+# model gathered on every rank (clbench.distributed.fsdp.unsharded); LwF's teacher is sharded like its student.
 ADDED = [{"name": "nlora", "options": {"r": 2}}, {"name": "moelora"}, {"name": "moelora_expand"},
          {"name": "progressive_prompts"}, {"name": "l2p"}, {"name": "inflora", "options": {"r": 2}},
          {"name": "sdft"}, {"name": "ssr"}, {"name": "lwf"},
@@ -238,7 +238,7 @@ def test_sharded_methods_on_two_processes_match_one(fsdp_runs):
     gradient is ~0, as in the DDP test); EWC's Fisher within 1e-3 of its largest entry per tensor
     (squares of gradients that differ by rounding, accumulated over stages of training that
     differs by rounding; seen: 2.2e-4 after stage 3)."""
-    from clbench.masking import unpack_mask
+    from clbench.method.masking import unpack_mask
 
     _same_numbers(fsdp_runs, STREAM1)
     for t in (1, 2, 3):
@@ -355,7 +355,7 @@ def test_an_option_that_cannot_run_sharded_is_refused_before_any_training(tmp_pa
 
 
 def test_keyed_dropout_gives_an_example_the_same_mask_in_any_batch_and_padding():
-    from clbench import adapters
+    from clbench.method import adapters
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Dropout(0.5), torch.nn.Dropout(0.3))
@@ -388,7 +388,7 @@ if __name__ == "__main__":
 
 
 def test_methods_with_added_modules_match_one_process_sharded(added_runs):
-    """N-LoRA (its penalty over whole matrices through clbench.fsdp.full), MoE-LoRA and its expanding
+    """N-LoRA (its penalty over whole matrices through clbench.distributed.fsdp.full), MoE-LoRA and its expanding
     variant, Progressive Prompts and L2P (the prompt module in the root unit, gathered before the
     decoder's prompt hook runs), InfLoRA, SDFT and SSR (passes and generation on the gathered
     model), LwF alone and over LoRA (its teacher sharded like the student): the same matrix as one process, losses within 1e-5 (the ranks' token

@@ -1,4 +1,4 @@
-"""clbench.generation on the tiny model: greedy decoding equals transformers' own model.generate
+"""clbench.method.generation on the tiny model: greedy decoding equals transformers' own model.generate
 on the same left-padded batch, stop strings and EOS end a row where transformers' output says,
 seeded sampling repeats, top_k=1 sampling is greedy, log-likelihoods equal a plain forward's
 sum of target log-probs, and TaskView reads tiny_copy's settings and scores as its YAML says."""
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clbench import generation as G
-from clbench import models
-from clbench.tasks import encode_pair
+from clbench.data.tasks import encode_pair
+from clbench.method import generation as G
+from clbench.run import models
 from conftest import REPO
 from harness import hf_greedy
 
@@ -105,7 +105,7 @@ def test_loglikelihoods_equal_a_plain_forward(model, tok):
 
 
 def test_taskview_reads_the_task(tmp_path):
-    from clbench import tasks as taskcat
+    from clbench.data import tasks as taskcat
 
     defs = taskcat.load_tasks([REPO / "configs" / "tiny_tasks"])
     lm = taskcat.build_lm_eval_tasks([defs["tiny_copy"], defs["tiny_parity"]], tmp_path)

@@ -12,8 +12,8 @@ from harness import cpu_rt
 
 
 def test_general_expands_to_every_builtin_heldout_task():
-    from clbench import tasks as T
-    from clbench.planning import expand_heldout
+    from clbench.data import tasks as T
+    from clbench.run.planning import expand_heldout
 
     defs = T.load_tasks([REPO / "configs" / "tiny_tasks"])
     got = expand_heldout(["general"], defs)
@@ -35,8 +35,9 @@ def _ppl_task(folder):
 
 
 def test_perplexity_probe_is_reported_as_per_byte_likelihood(tmp_path, run_cli):
-    from clbench import models, tasks as T
-    from clbench.evaluate import evaluate
+    from clbench.run import models
+    from clbench.data import tasks as T
+    from clbench.run.evaluate import evaluate
 
     _ppl_task(tmp_path)
     out = tmp_path / "out"
@@ -60,7 +61,7 @@ def test_perplexity_probe_is_reported_as_per_byte_likelihood(tmp_path, run_cli):
 
 
 def test_unknown_score_transform_is_named(tmp_path):
-    from clbench import tasks as T
+    from clbench.data import tasks as T
 
     _ppl_task(tmp_path)
     y = yaml.safe_load((tmp_path / "tiny_ppl.yaml").read_text())
@@ -85,7 +86,7 @@ def test_hub_task_goes_through_lm_eval_by_name(tmp_path, monkeypatch):
     check clbench's side (the task by name, its first metric as the primary one)."""
     import lm_eval.tasks
 
-    from clbench import tasks as T
+    from clbench.data import tasks as T
 
     defs = T.load_tasks([REPO / "configs" / "tiny_tasks"])
     local = T.build_lm_eval_tasks([defs["tiny_parity"]], tmp_path)["tiny_parity"]

@@ -20,7 +20,7 @@ TINY_TASKS = REPO / "configs" / "tiny_tasks"
 def test_the_folder_is_indexed_as_lm_evals_include_path():
     from lm_eval.tasks import TaskManager
 
-    from clbench import tasks as T
+    from clbench.data import tasks as T
 
     defs = T.load_tasks([FIXTURES])
     mine = {n for n, d in defs.items() if d.path and FIXTURES in d.path.parents}
@@ -42,7 +42,7 @@ def test_training_examples_are_lm_evals_requests_for_the_training_documents(tmp_
     target_delimiter + target + EOS)."""
     from lm_eval.tasks import TaskManager
 
-    from clbench import tasks as T
+    from clbench.data import tasks as T
 
     defs = T.load_tasks([FIXTURES])
     built = T.build_lm_eval_tasks([defs["lm_vowel"], defs["lm_next"]], tmp_path)
@@ -81,7 +81,7 @@ def _rows(path, rows):
 def test_data_files_beside_the_yaml_then_the_working_directory_and_parquet(tmp_path, monkeypatch):
     import pandas as pd
 
-    from clbench import tasks as T
+    from clbench.data import tasks as T
 
     folder, work = tmp_path / "tasks", tmp_path / "work"
     rows = [{"n": i, "label": i % 2} for i in range(6)]
@@ -105,7 +105,7 @@ def test_data_files_beside_the_yaml_then_the_working_directory_and_parquet(tmp_p
 def _stand_in(tmp_path, training: bool = True):
     """lm-eval's registry task `boolq` offline: a local task of that name, returned by a replaced
     get_task_dict (as tests of held-out hub tasks do)."""
-    from clbench import tasks as T
+    from clbench.data import tasks as T
 
     folder = tmp_path / "standin"
     rows = [{"n": i, "label": i % 2} for i in range(8)]
@@ -119,7 +119,7 @@ def _stand_in(tmp_path, training: bool = True):
 def _use_stand_in(monkeypatch, task):
     import lm_eval.tasks
 
-    from clbench import tasks as T
+    from clbench.data import tasks as T
 
     asked = []
     monkeypatch.setattr(lm_eval.tasks, "get_task_dict", lambda names, manager=None: asked.append(list(names)) or {"boolq": task})
@@ -164,7 +164,7 @@ def test_a_task_without_training_documents_fails_at_plan_time(tmp_path, run_cli,
 
 
 def test_bad_rows_groups_and_blocks_are_refused_naming_them(tmp_path, run_cli):
-    from clbench import lmeval_yaml, tasks as T
+    from clbench.data import lmeval_yaml, tasks as T
 
     folder = tmp_path / "t"
     _rows(folder / "train.jsonl", [{"n": 1, "label": 1}, {"label": 0}])

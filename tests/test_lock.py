@@ -1,4 +1,4 @@
-"""The run-directory lock (clbench.rundir.RunLock) under contention: several processes at once,
+"""The run-directory lock (clbench.results.rundir.RunLock) under contention: several processes at once,
 exactly one holds a directory, the others fail naming the holder; a dead holder frees it."""
 
 import json
@@ -17,7 +17,7 @@ TINY_TASKS = REPO / "configs" / "tiny_tasks"
 
 # Imports everything first, says so, and waits for the go file, then runs the CLI: the processes
 # reach the lock within milliseconds of each other.
-AT = "import os, sys, time; from pathlib import Path; import clbench.cli, clbench.rundir, clbench.runner, clbench.loop\n" \
+AT = "import os, sys, time; from pathlib import Path; import clbench.cli, clbench.results.rundir, clbench.run.runner, clbench.run.loop\n" \
      "sync = Path(sys.argv[1]); (sync / f'ready{os.getpid()}').touch()\n" \
      "while not (sync / 'go').exists(): time.sleep(0.001)\n" \
      "sys.exit(clbench.cli.main(sys.argv[2:]))"
@@ -43,7 +43,7 @@ def start_together(cmds, sync, **kw):
 STRESS = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from clbench.rundir import RunDirError, RunLock
+    from clbench.results.rundir import RunDirError, RunLock
     out, sync, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     (sync / f"ready{os.getpid()}").touch()
     while not (sync / "go").exists():  # imports done: all start together
@@ -85,12 +85,12 @@ def test_lock_is_exclusive_under_contention(tmp_path):
     assert not (out / ".lock").exists()
 
 
-HOLD = "import sys, time; from pathlib import Path; from clbench.rundir import RunLock\n" \
+HOLD = "import sys, time; from pathlib import Path; from clbench.results.rundir import RunLock\n" \
        "with RunLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"
 
 
 def test_holder_is_named_and_a_killed_holder_frees_the_directory(tmp_path):
-    from clbench.rundir import RunDirError, RunLock
+    from clbench.results.rundir import RunDirError, RunLock
 
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, cwd=REPO)

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
-from clbench.stage import run_stage
-from clbench.train import tokenize
+from clbench.run import models
+from clbench.training.stage import run_stage
+from clbench.training.train import tokenize
 from conftest import REPO
 from harness import cpu_rt, parity
 
@@ -100,7 +100,7 @@ def test_hft_can_freeze_the_embedding_and_head_and_keeps_them_bit_identical(tok,
 
 
 def test_hft_draws_the_embedding_and_head_per_stage(tok, examples):
-    from clbench.stage import start_stage
+    from clbench.training.stage import start_stage
 
     cfg = TrainConfig(lr=1e-2, steps=1, batch_size=4)
     tied_frozen = []

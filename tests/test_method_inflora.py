@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
-from clbench.stage import start_stage
-from clbench.train import collate, tokenize, train_stage
+from clbench.run import models
+from clbench.training.stage import start_stage
+from clbench.training.train import collate, tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
 from harness import cpu_rt
 

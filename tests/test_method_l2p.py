@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from clbench import method as M
-from clbench import models, prompting
 from clbench.config import TrainConfig
-from clbench.stage import run_stage
-from clbench.train import collate, lm_loss, target_logits, tokenize
+from clbench.method import prompting
+from clbench.method.lm import lm_loss, target_logits
+from clbench.run import models
+from clbench.training.stage import run_stage
+from clbench.training.train import collate, tokenize
 from conftest import REPO, left_padded_generate, two_stage_run_and_resume
 from harness import cpu_rt
 
@@ -133,7 +135,7 @@ def test_base_frozen_pool_and_keys_train_and_lambda_zero_leaves_the_keys(tok, on
 
 
 def _requests(tok, lm_tasks):
-    from clbench.tasks import encode_pair
+    from clbench.data.tasks import encode_pair
 
     out = []
     for name, t in lm_tasks.items():
@@ -144,7 +146,7 @@ def _requests(tok, lm_tasks):
 
 
 def _eval_tasks(tmp_path):
-    from clbench import tasks as taskcat
+    from clbench.data import tasks as taskcat
 
     defs = taskcat.load_tasks([REPO / "configs" / "tiny_tasks"])
     names = ["tiny_parity", "tiny_compare"]
@@ -157,13 +159,13 @@ def test_evaluation_scores_each_context_with_its_own_selection(tok, tmp_path, mo
     """The prefix-shared path against the hand computation (max_length 14: contexts cut from the
     left as lm-eval cuts them, the query over what is left); the scores move with the prompts;
     lm-eval's own path refuses instead of scoring without the contexts' selection."""
-    from clbench import evaluate as E
+    from clbench.run import evaluate as E
 
     meth, model, plain = setup(tok)
     inj = prompting.injector_of(model)
     lm_tasks, primary = _eval_tasks(tmp_path)
     reqs = _requests(tok, lm_tasks)
-    lm = E._lm_class()(pretrained=model, tokenizer=tok, batch_size=8, device="cpu", max_length=max_length)
+    lm = E.lm_class()(pretrained=model, tokenizer=tok, batch_size=8, device="cpu", max_length=max_length)
     got = lm._loglikelihood_tokens([(None, c, x) for c, x in reqs])
     ml = lm.max_length
     if max_length:
@@ -185,7 +187,7 @@ def test_evaluation_scores_each_context_with_its_own_selection(tok, tmp_path, mo
 
 
 def test_generation_queries_the_whole_prompt(tok):
-    from clbench import generation as G
+    from clbench.method import generation as G
 
     meth, model, plain = setup(tok)
     inj = prompting.injector_of(model)

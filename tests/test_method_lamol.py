@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-import clbench.train as T
 from clbench import method as M
 from clbench.config import TrainConfig
-from clbench.stage import start_stage
+from clbench.training.stage import start_stage
+import clbench.training.train as T
 from conftest import REPO, two_stage_run_and_resume
 from harness import cpu_rt, fresh, one_stage, parity
 

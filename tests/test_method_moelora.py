@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-import clbench.train as T
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
+from clbench.run import models
+import clbench.training.train as T
 from conftest import REPO, two_stage_run_and_resume
 from harness import fresh, one_stage, parity
 

@@ -7,9 +7,9 @@ single a stage sees only its own experts; a 2-stage CLI run resumed after stage 
 import pytest
 import torch
 
-import clbench.train as T
 from clbench import method as M
 from clbench.config import TrainConfig
+import clbench.training.train as T
 from conftest import REPO, two_stage_run_and_resume
 from harness import compare, fresh, one_stage, stage_view
 from test_method_moelora import PARITY, hand, layers, randomize

@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-import clbench.train as T
 from clbench import method as M
 from clbench.config import TrainConfig
+import clbench.training.train as T
 from conftest import REPO, two_stage_run_and_resume
 from harness import compare, fresh, one_stage, parity, stage_view
 

@@ -11,8 +11,8 @@ import torch
 
 from clbench import method as M
 from clbench.config import TrainConfig
-from clbench.stage import start_stage
-from clbench.train import tokenize, train_stage
+from clbench.training.stage import start_stage
+from clbench.training.train import tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
 from harness import cpu_rt, fresh
 

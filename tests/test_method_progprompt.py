@@ -1,5 +1,5 @@
 """Progressive Prompts (methods/progressive_prompts.py) and the soft-prompt machinery it runs on
-(clbench/prompting.py): the prompt is in every forward clbench makes, checked against an
+(clbench/method/prompting.py): the prompt is in every forward clbench makes, checked against an
 independent computation (an untouched copy of the tiny model fed [prompt; token embeddings]
 through inputs_embeds): training's target logits (LM head at the targets only, and the whole
 head), evaluation's log-likelihoods (prefix-shared and lm-eval's own path), greedy generation
@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from clbench import method as M
-from clbench import models, prompting
 from clbench.config import TrainConfig
-from clbench.stage import run_stage
-from clbench.train import collate, target_logits, tokenize
+from clbench.method import prompting
+from clbench.method.lm import target_logits
+from clbench.run import models
+from clbench.training.stage import run_stage
+from clbench.training.train import collate, tokenize
 from conftest import REPO, left_padded_generate, two_stage_run_and_resume
 from harness import cpu_rt
 
@@ -70,7 +72,7 @@ def test_training_forward_sees_the_prompt(tok, head_only):
 
 
 def _loglikelihoods(model, tok, lm_tasks, primary, sharing, monkeypatch):
-    from clbench import evaluate as E
+    from clbench.run import evaluate as E
 
     monkeypatch.setenv("CLBENCH_EVAL_PREFIX_SHARING", "1" if sharing else "0")
     scores, samples, _ = E.evaluate(model, tok, lm_tasks, primary, cpu_rt(tok), batch_size=8,
@@ -79,7 +81,7 @@ def _loglikelihoods(model, tok, lm_tasks, primary, sharing, monkeypatch):
 
 
 def _eval_tasks(tmp_path, names=("tiny_parity", "tiny_compare")):
-    from clbench import tasks as taskcat
+    from clbench.data import tasks as taskcat
 
     defs = taskcat.load_tasks([REPO / "configs" / "tiny_tasks"])
     return taskcat.build_lm_eval_tasks([defs[n] for n in names], tmp_path / "cache"), \
@@ -89,7 +91,7 @@ def _eval_tasks(tmp_path, names=("tiny_parity", "tiny_compare")):
 def test_evaluation_loglikelihoods_see_the_prompt_on_both_paths(tok, tmp_path, monkeypatch):
     """Prefix-shared scores == lm-eval's own path == the independent computation, and they move
     when the prompt does (the mechanism is in the evaluated forward)."""
-    from clbench.tasks import encode_pair
+    from clbench.data.tasks import encode_pair
 
     model, plain, prefix = prompted_model()
     lm_tasks, primary = _eval_tasks(tmp_path)
@@ -121,7 +123,7 @@ def test_generation_sees_the_prompt_with_a_kv_cache(tok):
     """clbench's greedy_until (KV cache, left-padded batches; the grouped prefill refused) and
     transformers' generate (lm-eval's path) give the tokens of a cache-free greedy loop over
     [prompt; tokens], row by row."""
-    from clbench import generation as G
+    from clbench.method import generation as G
 
     model, plain, prefix = prompted_model()
     rows = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in PAIRS]
@@ -169,7 +171,7 @@ def test_base_frozen_earlier_prompts_frozen_and_the_newest_prompt_first(tok, one
 
 
 def test_trainable_count_during_a_stage(tok, one_thread):
-    from clbench.stage import start_stage
+    from clbench.training.stage import start_stage
 
     meth = M.make("progressive_prompts", {"length": 4})
     run = M.RunContext(method="progressive_prompts", seed=0, tasks=["a", "b", "c"], device=CPU, tokenizer=tok)

@@ -1,4 +1,4 @@
-"""The method protocol as code (clbench/method.py): what a method author gets wrong fails at load
+"""The method protocol as code (clbench/method/protocol.py, clbench/method/registry.py): what a method author gets wrong fails at load
 time or at the hook, naming the method and the hook, instead of being silently ignored."""
 
 import textwrap
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
-from clbench.stage import run_stage
-from clbench.train import tokenize
+from clbench.run import models
+from clbench.training.stage import run_stage
+from clbench.training.train import tokenize
 from harness import cpu_rt
 
 HEADER = """

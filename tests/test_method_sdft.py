@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from clbench import method as M
-from clbench import models
-from clbench import tasks as taskcat
 from clbench.config import TrainConfig
+from clbench.data import tasks as taskcat
+from clbench.run import models
 from clbench.runtime import Runtime
-from clbench.stage import start_stage
-from clbench.train import tokenize
+from clbench.training.stage import start_stage
+from clbench.training.train import tokenize
 from conftest import REPO, two_stage_run_and_resume
 from harness import cpu_rt, hf_greedy
 

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from clbench import method as M
-from clbench import models
-from clbench import tasks as taskcat
 from clbench.config import TrainConfig
+from clbench.data import tasks as taskcat
+from clbench.data.tasks import encode_pair
+from clbench.run import models
 from clbench.runtime import Runtime
-from clbench.stage import start_stage
-from clbench.tasks import encode_pair
-from clbench.train import tokenize, train_stage
+from clbench.training.stage import start_stage
+from clbench.training.train import tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
 
 M.load_method_file(REPO / "methods" / "ssr.py")

@@ -9,10 +9,10 @@ import torch
 import yaml
 
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
-from clbench.stage import run_stage
-from clbench.train import tokenize
+from clbench.run import models
+from clbench.training.stage import run_stage
+from clbench.training.train import tokenize
 
 from conftest import REPO
 from harness import cpu_rt
@@ -124,7 +124,7 @@ def test_ilora_nlora_osf_report_their_share(tmp_path, one_thread):
 def test_the_report_shows_what_each_mechanism_did(tmp_path, one_thread):
     """The report's table of the per-stage diagnostics holds each method's numbers from results.json,
     stage by stage (– where a stage recorded none)."""
-    from clbench.report import build_report
+    from clbench.report.build import build_report
 
     res = _run(tmp_path, [{"name": "ewc", "options": {"ewc_lambda": 1.0e4}}, {"name": "full_ft"}])
     ratio = res["methods"]["ewc"]["seeds"]["0"]["stages"][1]["method_stats"]["penalty_ratio"]

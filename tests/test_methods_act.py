@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from clbench import method as M
-from clbench import models, paths
+from clbench import paths
 from clbench.config import TrainConfig
-from clbench.stage import run_stage
-from clbench.train import tokenize
+from clbench.run import models
+from clbench.training.stage import run_stage
+from clbench.training.train import tokenize
 from harness import cpu_rt
 
 

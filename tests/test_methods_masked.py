@@ -1,5 +1,5 @@
 """Sparse / masked fine-tuning methods (LoTA, HFT, SPAFIT, KS-Lottery) and their shared
-machinery (clbench/masking.py), on tiny Llamas through the loop's real train_stage.
+machinery (clbench/method/masking.py), on tiny Llamas through the loop's real train_stage.
 
 The hard invariant: entries a method freezes stay BIT-IDENTICAL through a stage under AdamW
 (fused, as the loop builds it) with weight decay 0.1, gradient clipping, bf16 autocast and
@@ -11,12 +11,14 @@ import torch
 import yaml
 
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig
-from clbench.masking import MaskedUpdate
-from clbench import stage as stage_mod
-from clbench.stage import start_stage
-from clbench.train import collate, lm_loss, make_optimizer, tokenize, train_stage
+from clbench.method import protocol
+from clbench.method.lm import lm_loss
+from clbench.method.masking import MaskedUpdate
+from clbench.run import models
+from clbench.training import stage as stage_mod
+from clbench.training.stage import start_stage
+from clbench.training.train import collate, make_optimizer, tokenize, train_stage
 from conftest import REPO
 from harness import cpu_rt
 
@@ -70,7 +72,7 @@ def make(name, tok, model, options=None, seed=0):
 
 
 def start(meth, model, run, t, examples, tok, cfg=CFG, autocast=BF16):
-    """clbench.stage.start_stage: stage t's view (its calibrate() runs the loop's train_stage
+    """clbench.training.stage.start_stage: stage t's view (its calibrate() runs the loop's train_stage
     densely) and the method's stage_start. Returns (model, stage).
     (bf16 autocast where the invariant is tested; fp32 elsewhere: bf16 matmuls of this tiny
     size are ~50x slower than fp32 on a busy 2-core CPU.)"""
@@ -123,7 +125,7 @@ def test_fused_adamw_leaves_zero_grad_entries_bit_identical():
     """Zero gradients from the first step on => zero moments => zero Adam update, with the
     fused AdamW the loop builds; the masked decay equals AdamW's own decay on trainable
     entries (reference: a plain AdamW with weight decay on the same gradients, same schedule)."""
-    from clbench.train import make_scheduler
+    from clbench.training.train import make_scheduler
 
     cfg = CFG.model_copy(update={"lr_schedule": "linear", "warmup_steps": 2})
     torch.manual_seed(0)
@@ -138,7 +140,7 @@ def test_fused_adamw_leaves_zero_grad_entries_bit_identical():
     assert opt.defaults.get("fused") is True and opt.param_groups[0]["weight_decay"] == 0.0
     ref_opt = make_optimizer([{"params": [ref], "weight_decay": cfg.weight_decay}], cfg)
     scheds = [make_scheduler(opt, cfg, 6), make_scheduler(ref_opt, cfg, 6)]
-    clock = M._Clock()
+    clock = protocol._Clock()
     stage = M.Stage(stage=1, task="t", seed=0, run=None, train_config=cfg, generator=None, total_steps=6, clock=clock)
     w = holder.w
     lrs = []

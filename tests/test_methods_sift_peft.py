@@ -1,5 +1,5 @@
 """SIFT, AdaLoRA and MiSS/Bone on the tiny model: the invariants each method promises, checked
-through the real training loop (clbench.train.train_stage) and one 2-stage run of the CLI."""
+through the real training loop (clbench.training.train.train_stage) and one 2-stage run of the CLI."""
 
 import copy
 import csv
@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-import clbench.train as T
 from clbench import method as M
-from clbench import models
 from clbench.config import TrainConfig, TrainOverrides
-from clbench.stage import start_stage
+from clbench.run import models
+from clbench.training.stage import start_stage
+import clbench.training.train as T
 from harness import bits, cpu_rt, fresh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +34,8 @@ def examples(tok):
 
 
 def run_stage(meth, model, run, examples, tok, cfg, t=1, autocast=None, monkeypatch=None):
-    """clbench.stage.run_stage; returns (model, optimizer the loop built)."""
-    from clbench.stage import run_stage as stage_run
+    """clbench.training.stage.run_stage; returns (model, optimizer the loop built)."""
+    from clbench.training.stage import run_stage as stage_run
 
     built = []
     if monkeypatch is not None:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from clbench import metrics
+from clbench.results import metrics
 
 # Base row, then after stages 1..3. Columns: tasks 1..3.
 R = [

@@ -8,9 +8,10 @@ import pytest
 import torch
 import yaml
 
-from clbench import models
 from clbench.config import ConfigError, load_config
-from clbench.train import collate, lm_loss, make_optimizer, tokenize
+from clbench.method.lm import lm_loss
+from clbench.run import models
+from clbench.training.train import collate, make_optimizer, tokenize
 from conftest import REPO
 
 SGD_METHOD = """

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from conftest import REPO
-from clbench.evaluate import one_process_order
+from clbench.run.evaluate import one_process_order
 
 
 def test_one_process_order_interleaves_values_and_sorts_samples():

@@ -1,4 +1,4 @@
-"""clbench's prefix-sharing log-likelihood scoring (clbench/evaluate.py: each context run once,
+"""clbench's prefix-sharing log-likelihood scoring (clbench/run/evaluate.py: each context run once,
 its continuations packed behind it) against lm-eval's own HFLM path
 (CLBENCH_EVAL_PREFIX_SHARING=0), on the tiny model and on the real 135M model: every request's
 log-likelihood within the tolerance below, the same greedy flags, the same argmax choice for
@@ -30,7 +30,7 @@ clbench: {data: {test: four_way.test.jsonl}}
 
 
 def _tasks(tmp_path, limit_rows):
-    from clbench import tasks as taskcat
+    from clbench.data import tasks as taskcat
 
     d = tmp_path / "tasks"
     d.mkdir()
@@ -45,10 +45,10 @@ def _tasks(tmp_path, limit_rows):
 
 def _score(model, tok, lm_tasks, primary, sharing, limit, monkeypatch):
     """{task: {doc_id: [(loglikelihood, is_greedy) per choice]}}, {task: acc}, packed batches run."""
-    from clbench import evaluate as E
+    from clbench.run import evaluate as E
 
     monkeypatch.setenv("CLBENCH_EVAL_PREFIX_SHARING", "1" if sharing else "0")
-    cls = E._lm_class()
+    cls = E.lm_class()
     real, calls = cls._score_packed, []
     monkeypatch.setattr(cls, "_score_packed", lambda self, batch, *a: calls.append(len(batch)) or real(self, batch, *a))
     scores, samples, _ = E.evaluate(model, tok, lm_tasks, primary, cpu_rt(tok),
@@ -80,7 +80,7 @@ def _compare(model, tok, lm_tasks, primary, limit, monkeypatch):
 
 
 def test_prefix_sharing_matches_lm_eval_on_the_tiny_model(tmp_path, monkeypatch, one_thread):
-    from clbench import models
+    from clbench.run import models
 
     tok = models.build_tiny_tokenizer()
     model = models.build_tiny_model(0, len(tok))
@@ -90,7 +90,7 @@ def test_prefix_sharing_matches_lm_eval_on_the_tiny_model(tmp_path, monkeypatch,
 
 @pytest.mark.slow
 def test_prefix_sharing_matches_lm_eval_on_the_real_model(tmp_path, monkeypatch):
-    from clbench import models
+    from clbench.run import models
 
     try:
         models._find_smollm2_gguf()

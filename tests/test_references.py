@@ -103,7 +103,9 @@ def test_single_mode_starts_every_stage_from_the_base_model(refs_run):
 
 
 def test_merged_rows_and_the_sum_of_stage_vectors_is_the_final_model(refs_run):
-    from clbench import checkpoint, merging, models
+    from clbench import checkpoint
+    from clbench.run import models
+    from clbench.method import merging
 
     _, out = refs_run
     stages = {r["stage"] for r in read(out / "matrix.csv") if r["method"] == "single"}
@@ -130,7 +132,7 @@ def test_merged_rows_and_the_sum_of_stage_vectors_is_the_final_model(refs_run):
 
 
 def test_report_shows_references_and_intransigence(refs_run):
-    from clbench.report import build_report
+    from clbench.report.build import build_report
 
     _, out = refs_run
     rep = build_report([out], out / "report")
@@ -188,10 +190,10 @@ def test_olora_single_mode_has_no_penalty_against_untrained_adapters():
     B = 0), so the reference is plain LoRA on the task. In the stream, stage 2's penalty is
     lambda1 * sum |A_1 A_2^T| over the adapted layers."""
     from clbench import method as M
-    from clbench import models
+    from clbench.run import models
     from clbench.config import TrainConfig
-    from clbench.stage import run_stage, start_stage
-    from clbench.train import tokenize
+    from clbench.training.stage import run_stage, start_stage
+    from clbench.training.train import tokenize
 
     M.load_method_file(REPO / "methods" / "olora.py")
     tok = models.build_tiny_tokenizer()

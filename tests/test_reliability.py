@@ -41,8 +41,8 @@ def test_same_seed_same_matrix(reference_run, tmp_path):
 def test_different_seed_changes_data_order():
     import torch
 
-    from clbench.stage import stage_seed
-    from clbench.train import Example, batch_stream
+    from clbench.training.stage import stage_seed
+    from clbench.training.train import Example, batch_stream
 
     ex = [Example([i, i + 1], 1) for i in range(32)]
 
@@ -148,7 +148,8 @@ def test_checkpoints_are_diffs_and_keep_last(reference_run):
 def test_diff_roundtrip_is_exact():
     import torch
 
-    from clbench import checkpoint, models
+    from clbench import checkpoint
+    from clbench.run import models
 
     tok = models.build_tiny_tokenizer()
     m = models.build_tiny_model(0, len(tok))
@@ -208,7 +209,7 @@ def test_run_that_failed_before_any_result_does_not_bind_the_directory(tmp_path,
     config that refuses the corrected re-run."""
     model = tmp_path / "model"
     model.mkdir()
-    tok = __import__("clbench.models", fromlist=["x"]).build_tiny_tokenizer()
+    tok = __import__("clbench.run.models", fromlist=["x"]).build_tiny_tokenizer()
     tok.save_pretrained(model)
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": len(tok), "hidden_size": 64,
                                                    "intermediate_size": 128, "num_hidden_layers": 1,
@@ -227,7 +228,7 @@ def test_run_that_failed_before_any_result_does_not_bind_the_directory(tmp_path,
 
 
 def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
-    from clbench import results
+    from clbench.results import contract as results
 
     f = tmp_path / "matrix.csv"
     results.atomic_write_text(f, "old\n")
@@ -304,11 +305,11 @@ def test_nan_loss_stops_with_clear_error_and_resumes_after_change(tmp_path):
 
 
 def test_a_start_writes_config_yaml_once(tmp_path, run_cli, monkeypatch):
-    """The run directory has one writer (clbench.rundir.RunDir): a start that records a config change
+    """The run directory has one writer (clbench.results.rundir.RunDir): a start that records a config change
     writes config.yaml once (it was written twice: with the change record, then again by the loop).
     In this process, so the method gets a name of its own: the registry is the process's, and
     other tests register `nan_after` from other files."""
-    from clbench import results
+    from clbench.results import contract as results
 
     cfg = _nan_config(tmp_path, "nan_after_once", steps=2, limit=4)
     out = tmp_path / "out"
@@ -447,7 +448,8 @@ def test_debug_flag_shows_traceback(tmp_path):
 def test_tied_weights_are_stored_once():
     import torch
 
-    from clbench import checkpoint, models
+    from clbench import checkpoint
+    from clbench.run import models
 
     tok = models.build_tiny_tokenizer()
     m = models.build_tiny_model(0, len(tok))
@@ -473,12 +475,12 @@ def test_evaluation_leaves_the_rng_states_as_it_found_them():
     import numpy as np
     import torch
 
-    from clbench import models
-    from clbench import tasks as taskcat
+    from clbench.run import models
+    from clbench.data import tasks as taskcat
     from clbench.config import load_config
-    from clbench.evaluate import evaluate
-    from clbench.loop import Session
-    from clbench.planning import plan
+    from clbench.run.evaluate import evaluate
+    from clbench.run.loop import Session
+    from clbench.run.planning import plan
 
     cfg, cdir = load_config(TINY_CONFIG, ["eval.limit=4", "eval.log_samples=false"])
     pl = plan(cfg, cdir)
@@ -514,7 +516,8 @@ def test_reference_reuses_the_untouched_base_tensors():
 
     import torch
 
-    from clbench import checkpoint, models
+    from clbench import checkpoint
+    from clbench.run import models
 
     tok = models.build_tiny_tokenizer()
     base = models.build_tiny_model(0, len(tok))
@@ -539,7 +542,8 @@ def test_reference_reuses_the_untouched_base_tensors():
 def test_background_save_writes_what_a_direct_save_writes(tmp_path):
     import torch
 
-    from clbench import checkpoint, models
+    from clbench import checkpoint
+    from clbench.run import models
 
     tok = models.build_tiny_tokenizer()
     m = models.build_tiny_model(0, len(tok))

@@ -64,9 +64,9 @@ def test_already_complete_rebuilds_damaged_derived_files(complete_run, tmp_path,
 
 def test_intact_results_are_not_rewritten(complete_run, tmp_path):
     from clbench.config import load_config
-    from clbench.planning import plan
-    from clbench.resultcheck import verify_results
-    from clbench.rundir import RunDir
+    from clbench.run.planning import plan
+    from clbench.results.resultcheck import verify_results
+    from clbench.results.rundir import RunDir
 
     cfg, cdir = load_config(TINY_CONFIG, ["threads=1"])
     out = _copy(complete_run, tmp_path)

@@ -304,7 +304,7 @@ def test_a_failed_tune_candidate_is_recorded_and_selection_goes_on(tmp_path, run
 
 @pytest.mark.parametrize("cmd", ["sweep", "tune"])
 def test_a_second_sweep_or_tune_on_the_same_directory_is_refused(tmp_path, run_cli, cmd):
-    from clbench.rundir import RunLock
+    from clbench.results.rundir import RunLock
 
     if cmd == "tune":
         path = _tune(tmp_path, {"nan_after": None}, NAN_METHOD)

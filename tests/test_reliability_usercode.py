@@ -48,7 +48,7 @@ def test_a_broken_function_module_is_one_line_naming_it(tmp_path, run_cli, utils
 
 
 def test_an_invalid_chat_template_is_one_line_naming_its_file(tmp_path, run_cli):
-    from clbench import models
+    from clbench.run import models
 
     tok = models.build_tiny_tokenizer()
     model = tmp_path / "model"
@@ -78,14 +78,16 @@ def _dist(root: Path, name: str, group: str, entry: str) -> None:
 ])
 def test_a_plugin_that_raises_is_one_error_naming_it(tmp_path, monkeypatch, group, entry, module, msg):
     from clbench import method as M
-    from clbench import paths, tasks
+    from clbench.method import registry
+    from clbench import paths
+    from clbench.data import tasks
     from clbench.errors import ClbenchError
 
     M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     _dist(tmp_path, "raising-plugin", group, entry)
     (tmp_path / f"{entry.split('=')[1].strip().split(':')[0]}.py").write_text(module)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(M._PLUGINS, "done", False)  # plugins are looked up once per process
+    monkeypatch.setitem(registry._PLUGINS, "done", False)  # plugins are looked up once per process
     with pytest.raises(ClbenchError) as e:
         M.available() if group == "clbench.methods" else tasks.load_tasks()
     name, value = (s.strip() for s in entry.split("="))

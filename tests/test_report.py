@@ -17,9 +17,9 @@ import pytest
 import yaml
 from scipy import stats
 
-from clbench import metrics
-from clbench.report import ReportError, build_report, load_run
-from clbench.rundirs import mean_ci
+from clbench.report.build import ReportError, build_report, load_run
+from clbench.results import metrics
+from clbench.results.rundirs import mean_ci
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 COST = {"trainable_params": 1000, "train_seconds": 2.0, "eval_seconds": 1.0, "peak_mem_mb": 100.0}
@@ -229,7 +229,7 @@ def test_single_seed_says_n_1(single):
     assert "n = 1: no error bars" in page and "full_ft n = 1" in page
     from matplotlib.collections import LineCollection
 
-    from clbench import report
+    from clbench.report import build as report
 
     g = report.group_runs([load_run(run)])[0]
     fig = report._final_fig(g, report.aggregate(g.samples), report.plotstyle.MethodStyle(g.methods))
@@ -341,7 +341,7 @@ def test_orders_pool_into_one_group_and_sweep_discovery(mixed):
 
 
 def test_two_models_same_stream_not_averaged(tmp_path):
-    from clbench.report import group_runs
+    from clbench.report.build import group_runs
 
     a = load_run(write_run(tmp_path / "m1", {"full_ft": {0: R_FT[0]}}, model="m1"))
     b = load_run(write_run(tmp_path / "m2", {"full_ft": {0: R_FT[2]}}, model="m2"))
@@ -351,7 +351,7 @@ def test_two_models_same_stream_not_averaged(tmp_path):
 
 
 def test_method_colour_is_stable_across_figures():
-    from clbench.plotstyle import OKABE_ITO, MethodStyle
+    from clbench.report.plotstyle import OKABE_ITO, MethodStyle
 
     a, b = MethodStyle(["lora", "full_ft"]), MethodStyle(["ewc", "lora", "full_ft", "replay"])
     assert a.color("full_ft") == OKABE_ITO[0] and a.color("lora") == OKABE_ITO[1]
@@ -360,9 +360,9 @@ def test_method_colour_is_stable_across_figures():
 
 
 def test_did_not_learn_is_flagged_never_best_and_paired_differences_marked(tmp_path):
-    from clbench import stats as cistats
-    from clbench.rundirs import aggregate, group_runs
-    from clbench.tables import metrics_table, paired_table
+    from clbench.results import stats as cistats
+    from clbench.results.rundirs import aggregate, group_runs
+    from clbench.report.tables import metrics_table, paired_table
 
     # 'stuck' keeps the base model's scores at every stage: BWT 0 and forgetting 0, better than lora's
     # (-0.017, 0.017 on average), but it learned nothing, so lora is bold for both

@@ -63,7 +63,7 @@ def test_matrix_csv_equals_the_per_example_samples(tiny_run):
 
 
 def test_summary_equals_metrics_of_matrix(tiny_run):
-    from clbench import metrics
+    from clbench.results import metrics
 
     res = json.loads((tiny_run / "results.json").read_text())
     tasks = res["run"]["tasks"]

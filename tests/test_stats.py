@@ -1,4 +1,4 @@
-"""clbench.stats on hand-computed cases: the percentile computation on a fixed resample set, paired
+"""clbench.results.stats on hand-computed cases: the percentile computation on a fixed resample set, paired
 intervals that must or must not contain 0, the example-level bootstrap from samples files, and the
 "did not learn" check."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clbench import stats
-from clbench.rundirs import group_runs, load_run
+from clbench.results import stats
+from clbench.results.rundirs import group_runs, load_run
 from test_report import write_run
 
 

@@ -1,18 +1,20 @@
 """What clbench stores stays small and exact: sparse changes as a bitmask or indices plus values
 (clbench.checkpoint.encode_change), LoTA's and SIFT's stage checkpoints and task vectors a
 fraction of full fine-tuning's, and merges read the saved task vectors tensor by tensor
-(clbench.merging.merged_model) with the results of the in-memory merges."""
+(clbench.method.merging.merged_model) with the results of the in-memory merges."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from clbench import checkpoint, merging, models
+from clbench import checkpoint
+from clbench.run import models
 from clbench import method as M
 from clbench.config import MergeSpec, TrainConfig
-from clbench.stage import run_stage
-from clbench.train import tokenize
+from clbench.method import merging
+from clbench.training.stage import run_stage
+from clbench.training.train import tokenize
 from harness import cpu_rt
 
 REPO = Path(__file__).resolve().parents[1]

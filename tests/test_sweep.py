@@ -12,7 +12,7 @@ import yaml
 
 from conftest import REPO, TINY_CONFIG
 
-from clbench.rundir import RunDir
+from clbench.results.rundir import RunDir
 
 # Every run of these sweeps: the tiny model, 2 steps a stage, 4 test examples, one thread.
 FAST = {"train.steps": 2, "eval.limit": 4, "eval.log_samples": False, "threads": 1}
@@ -146,7 +146,7 @@ def test_rerun_skips_complete_runs(local_sweep, run_cli):
 
 
 def test_run_dir_status_partial_and_changed(local_sweep, tmp_path):
-    from clbench import sweep as S
+    from clbench.experiments import sweep as S
 
     path, out = local_sweep
     sw = S.load_sweep(path, out)
@@ -232,7 +232,7 @@ def test_ray_sweep_lr_by_seed(ray_cluster, tmp_path, run_cli):
 def test_failed_run_is_named_with_its_log(tmp_path, run_cli):
     """A run that fails (here: its run directory is locked by a live process) fails the sweep,
     naming the run and its log, and the other runs still complete."""
-    from clbench.rundir import RunLock
+    from clbench.results.rundir import RunLock
 
     path = write_sweep(tmp_path, name="fail", grid={"seeds": [0, 1]})
     doc = yaml.safe_load(path.read_text())
@@ -259,7 +259,7 @@ def _scalars(logdir, tag):
 
 def test_tensorboard_tracker_writes_losses_lr_and_scores(tmp_path):
     from clbench.config import load_config
-    from clbench.trackers import open_trackers
+    from clbench.run.trackers import open_trackers
 
     cfg, _ = load_config(TINY_CONFIG, ["trackers=[tensorboard]"])
     with open_trackers(cfg, tmp_path) as tr:
@@ -300,7 +300,7 @@ def test_missing_wandb_is_a_clear_config_error(tmp_path, run_cli, monkeypatch):
 
 def test_run_logs_to_tensorboard(tmp_path, run_cli, one_thread):
     """End to end: `trackers: [tensorboard]` in a run config -> per-step loss and lr, stage scores.
-    Needs the tracker wired into loop.run_method and train.train_stage (see clbench/trackers.py)."""
+    Needs the tracker wired into loop.run_method and train.train_stage (see clbench/run/trackers.py)."""
     sets = [f"{k}={v}" for k, v in FAST.items()] + ["methods=[{name: full_ft}]", "trackers=[tensorboard]"]
     out = tmp_path / "run"
     code, _, err = run_cli("run", TINY_CONFIG, *[a for s in sets for a in ("--set", s)], "--output-dir", out)
@@ -327,7 +327,7 @@ def test_fresh_sweep_starts_every_run_over(local_sweep, tmp_path, monkeypatch):
     on a copy of the sweep so the module's other tests keep theirs)."""
     import io
 
-    from clbench import sweep as S
+    from clbench.experiments import sweep as S
 
     path, out = local_sweep
     copy = tmp_path / "out"
@@ -339,7 +339,7 @@ def test_fresh_sweep_starts_every_run_over(local_sweep, tmp_path, monkeypatch):
             launched.append((run.id, cmd))
             done(run, {"rc": 0, "seconds": 0.0})
 
-    from clbench import launch
+    from clbench.experiments import launch
 
     monkeypatch.setattr(launch, "launch_local", fake_local)
     text = io.StringIO()

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from clbench import models
-from clbench.tasks import encode_pair
-from clbench.train import Example, collate, lm_loss, tokenize
+from clbench.data.tasks import encode_pair
+from clbench.run import models
+from clbench.training.train import Example, collate, tokenize
 
 
+from clbench.method.lm import lm_loss
 @pytest.fixture(scope="module")
 def tiny():
     tok = models.build_tiny_tokenizer()

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from clbench.errors import ConfigError
-from clbench.report import build_report
-from clbench.tune import load_tune, run_tune, selection_sweep, write_validation_tasks
+from clbench.experiments.tune import load_tune, run_tune, selection_sweep, write_validation_tasks
+from clbench.report.build import build_report
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny_tasks"
 TASKS = ("tiny_parity", "tiny_compare")

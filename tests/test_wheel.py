@@ -155,13 +155,15 @@ def _dist(root: Path, name: str, group: str, entry: str) -> None:
 ])
 def test_a_broken_plugin_is_named_with_its_distribution(tmp_path, monkeypatch, group, entry, msg):
     from clbench import method as M
-    from clbench import paths, tasks
+    from clbench.method import registry
+    from clbench import paths
+    from clbench.data import tasks
     from clbench.errors import ClbenchError
 
     M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     _dist(tmp_path, "bad-plugin", group, entry)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(M._PLUGINS, "done", False)  # plugins are looked up once per process
+    monkeypatch.setitem(registry._PLUGINS, "done", False)  # plugins are looked up once per process
     with pytest.raises(ClbenchError) as e:
         M.available() if group == "clbench.methods" else tasks.load_tasks()
     name, value = (s.strip() for s in entry.split("="))

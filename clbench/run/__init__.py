@@ -1,0 +1,10 @@
+"""`clbench run`: one run directory's runs, from the plan to the last evaluation.
+
+    planning    everything cheap validated and resolved before anything expensive starts
+    runner      the run directory taken and checked around the loop
+    loop        the continual loop: for each method and seed, stage after stage, train then evaluate
+    resume      a (method, seed)'s checkpoint policy
+    models      an alias, a local folder or a hub id -> (model, tokenizer)
+    evaluate    every task of the stream through lm-eval on the live model
+    trackers    TensorBoard and Weights & Biases
+"""
