@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from clbench.data.tasks import build_lm_eval_tasks
 from clbench.errors import ClbenchError
 
 TEMPLATES = ("description", "doc_to_text", "doc_to_target", "doc_to_choice")
@@ -161,8 +162,6 @@ def check_stage_keys(cfg, names: list[str]) -> None:
 def check_plan(pl):
     """Everything a run will read, before it starts: the `stages:` keys, every row of the stream's
     train and test files and of the local held-out tasks' test files. Returns the plan."""
-    from clbench.data.tasks import build_lm_eval_tasks
-
     check_stage_keys(pl.cfg, pl.task_names)
     for name in pl.task_names:
         d = pl.task_defs[name]

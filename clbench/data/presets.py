@@ -69,10 +69,11 @@ from typing import Any, Callable, Iterable
 from clbench import paths
 from clbench.data import leakage, manifests
 from clbench.data.splits import carve_validation
-from clbench.data.tasks import RELEASE_PREFIX
 from clbench.errors import DataError
 from clbench.files import atomic_write as _write_atomic
 from clbench.files import sha256_file as _sha256_file
+
+RELEASE_PREFIX = "release:"  # clbench.data.source of a preset: read from a release on the user's disk
 
 log = logging.getLogger(__name__)
 

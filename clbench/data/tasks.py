@@ -32,11 +32,12 @@ import yaml
 
 from clbench import paths
 from clbench.data import lmeval_yaml
+from clbench.data import presets
+from clbench.data.presets import RELEASE_PREFIX
 from clbench.errors import ClbenchError, ConfigError, DataError
 
 REQUIRED = ("task", "output_type", "doc_to_text", "doc_to_target", "metric_list")
 PRESETS_DIR = paths.PRESETS_DIR
-RELEASE_PREFIX = "release:"  # clbench.data.source of a preset: read from a release on the user's disk
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood_rolling")  # rolling: probes and `kind: text` tasks
 
 
@@ -122,8 +123,6 @@ class TaskDef:
             return self._check_lm_eval_data(files, need_train)
         needed = ["test"] + (["train"] if need_train else [])
         if self.release and not all(files[s].is_file() for s in needed):
-            from clbench.data import presets
-
             raise TaskError(presets.not_prepared_message(self.name, self.clbench["data"], data_root, stream))
         for split in needed:
             f = files.get(split)

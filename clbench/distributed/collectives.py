@@ -35,6 +35,8 @@ import hashlib
 import os
 
 import torch
+from clbench.errors import ClbenchError
+from clbench.errors import TrainingError
 
 _STATE = None
 
@@ -104,8 +106,6 @@ def shard(examples: list) -> list:
         return examples
     n = torch.distributed.get_world_size()
     if len(examples) < n:
-        from clbench.errors import TrainingError
-
         raise TrainingError(f"a batch of {len(examples)} examples cannot be split over {n} processes: "
                             f"set train.batch_size (the global batch) to at least {n}")
     return examples[rank()::n]
@@ -191,7 +191,5 @@ def check_ranks(tag: str, model: torch.nn.Module, method_state, entry: dict) -> 
     digests = gather(state_digest(model, method_state()))
     entry["rank_digests"] = [d[:16] for d in digests]
     if len(set(digests)) != 1:
-        from clbench.errors import ClbenchError
-
         raise ClbenchError(f"{tag} stage {entry['stage']}: ranks diverged (weights or method state differ: "
                            f"{entry['rank_digests']}); results up to the previous stage are kept")

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from clbench.checkpoint import preserved_rng, rng_state
 from clbench.distributed import collectives as D
 from clbench.errors import ClbenchError, ConfigError
 
@@ -181,8 +182,6 @@ def save_checkpoint(path: Path, model, method_state, extra: dict) -> float:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from clbench.checkpoint import rng_state
-
     tmp = path.parent / f".{path.name}.partial"
     if D.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,7 +233,6 @@ def effective_state(model, base) -> dict | None:
     """merging.effective_state of a sharded model, on rank 0 (None elsewhere; every rank must call):
     the whole state gathered to rank 0's CPU; a peft model's adapters are merged there into an
     unsharded replica built on a copy of `base` (the base model) with the same adapters."""
-    from clbench.checkpoint import preserved_rng
     from clbench.method.merging import effective_state as plain_effective_state
 
     state = full_state(model)

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clbench import interrupt
 from clbench.errors import SweepError
+from clbench.interrupt import PARENT_ENV
 from clbench.results.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -36,7 +38,6 @@ def run_unit(cmd: list[str], log: str, cwd: str, env: dict) -> dict:
     """One run: `python -m clbench run ...` as a subprocess, output appended to its log file.
     Module-level so that Ray and submitit ship it by reference."""
     t0 = time.time()
-    from clbench.interrupt import PARENT_ENV
 
     full_env = {**os.environ, **env, PARENT_ENV: str(os.getpid())}  # the run stops if this process dies
     Path(log).parent.mkdir(parents=True, exist_ok=True)
@@ -64,8 +65,6 @@ def stop_children(signum: int | None = None) -> list[int]:
     started, and wait for each to end: they record what they finished and release their locks.
     No run starts after this. Returns the pids stopped."""
     import signal
-
-    from clbench import interrupt
 
     global _STOPPING
     sig = signum or interrupt.requested() or signal.SIGTERM

@@ -50,9 +50,12 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from clbench.config import RunConfig, Strict, format_validation_error, load_yaml, method_index, set_path
+from clbench.config import comparable_config
 from clbench.errors import ClbenchError, ConfigError, SweepError
 from clbench.experiments import launch
+from clbench.results import contract as results
 from clbench.results.rundir import RunDir
+from clbench.run.planning import plan
 
 AXES = ("methods", "seeds", "orders")  # grid keys that are not key paths of the run config
 # Passed from the sweep's environment to every run, whatever the launcher's workers inherit.
@@ -338,8 +341,6 @@ def expand(cfg: SweepConfig, base: dict, base_dir: Path, out: Path, name: str, w
 def _shared_key(rc: RunConfig) -> str:
     """What a run's methods share that bears on their results: its config without its name, its
     methods and the fields that never change results."""
-    from clbench.config import comparable_config
-
     d = comparable_config(rc.model_dump(mode="json"))
     for k in ("name", "methods"):
         d.pop(k, None)
@@ -357,15 +358,12 @@ def prepare(sweep: Sweep, validate_plans: bool = True) -> None:
     """Validate every run as `clbench run` would (methods, options, tasks, data, model) before
     anything runs, then write the expanded configs and note each run's status."""
     if validate_plans:
-        from clbench.run.planning import plan
-
         cdir = (sweep.out / "configs").resolve()
         for run in sweep.runs:
             try:  # (planning also checks that a preset's release is on disk or prepared)
                 plan(run.cfg, cdir)
             except ClbenchError as e:
                 raise type(e)(f"sweep {sweep.path}: run {run.id}: {e}") from None
-    from clbench.results import contract as results
 
     for run in sweep.runs:
         run.config_path = sweep.out / "configs" / f"{run.id}.yaml"
@@ -380,8 +378,6 @@ def prepare(sweep: Sweep, validate_plans: bool = True) -> None:
 
 
 def _write_index(sweep: Sweep, outcome: dict) -> None:
-    from clbench.results import contract as results
-
     results.write_json(sweep.out / "sweep.json", {"name": sweep.name, "launcher": sweep.cfg.launcher, "runs": [
         {"id": r.id, "point": r.point, "status": r.status, "dir": r.id, "config": f"configs/{r.id}.yaml",
          "log": f"logs/{r.id}.log", **outcome.get(r.id, {})} for r in sweep.runs]})

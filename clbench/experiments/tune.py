@@ -49,11 +49,16 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from clbench import method as M
+from clbench import paths
 from clbench.config import RunConfig, Seed, Strict, format_validation_error, load_yaml, method_index
+from clbench.data import tasks as taskcat
+from clbench.data.prepare import validation_file
 from clbench.errors import ConfigError
 from clbench.experiments.launch import last_error
 from clbench.experiments.sweep import (RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, check_key_path, expand,
                                        run_sweep, with_set)
+from clbench.results import contract as results
 from clbench.results.rundir import RunDir
 
 VARIANT = "__validation"  # a task's validation variant is named <task>__validation
@@ -115,8 +120,6 @@ class Tune:
 
 def load_tune(path: str | Path, output_dir: str | Path | None = None) -> Tune:
     """Read and validate the tune file and its base config; resolve the stream's tasks. Writes nothing."""
-    from clbench.data import tasks as taskcat
-
     path = Path(path)
     raw = load_yaml(path)
     if not isinstance(raw, dict):
@@ -156,9 +159,6 @@ def load_tune(path: str | Path, output_dir: str | Path | None = None) -> Tune:
 
 
 def _known_method(name: str) -> bool:
-    from clbench import method as M
-    from clbench import paths
-
     M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     return name in M.available()
 
@@ -185,9 +185,6 @@ _Dumper.add_representer(_Function, lambda dumper, v: dumper.represent_scalar("!f
 def write_validation_tasks(tune: Tune, cache: Path) -> list[Path]:
     """The validation variant of every stream task, one folder per source folder (the modules its
     `!function` tags name linked beside it). Returns the folders (task_dirs of the selection runs)."""
-    from clbench.data import tasks as taskcat
-    from clbench.data.prepare import validation_file
-
     rc = RunConfig.model_validate({**tune.base, "methods": [{"name": "full_ft"}]})
     defs = taskcat.load_tasks([(tune.base_dir / d).resolve() for d in rc.task_dirs])
     root = tune.out / "validation_tasks"
@@ -326,8 +323,6 @@ def set_aside_changed(tune: Tune, final: Sweep, out) -> list[str]:
 
 
 def _write_record(tune: Tune, chosen: dict, final: Sweep | None, moved: list[str] = ()) -> None:
-    from clbench.results import contract as results
-
     earlier = []
     if RunDir(tune.out).is_tune():
         earlier = list((RunDir(tune.out).tune_record().get("final") or {}).get("superseded") or [])
@@ -351,8 +346,6 @@ def run_tune(tune: Tune, dry_run: bool = False, fresh: bool = False, select_only
 
 
 def _run_tune(tune: Tune, dry_run: bool, fresh: bool, select_only: bool, out) -> dict:
-    from clbench import paths
-
     rc = RunConfig.model_validate({**tune.base, "methods": [{"name": "full_ft"}]})
     dirs = write_validation_tasks(tune, paths.cache_dir(rc.cache_dir))
     select = selection_sweep(tune, dirs)

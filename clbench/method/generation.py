@@ -41,7 +41,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from clbench.data.tasks import encode_pair
 from clbench.distributed import fsdp
+from clbench.method.lm import split_head
+from clbench.method.prompting import prompted
 
 
 def context_limit(model, max_length: int | None = None) -> int:
@@ -232,8 +235,6 @@ GROUPED_MIN_ROWS = 16
 
 
 def _groupable(model, device, autocast_dtype) -> bool:
-    from clbench.method.prompting import prompted
-
     if prompted(model):  # its prompt goes in front of each sequence, not of a packed prefill
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -445,9 +446,6 @@ def greedy_until(model, tokenizer, rows: Sequence[Sequence[int]], batches: Seque
 def loglikelihoods(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16,
                    max_length: int | None = None, autocast=None) -> list[float]:
     """sum log p(continuation | context) for each (context, continuation), as lm-eval scores it."""
-    from clbench.data.tasks import encode_pair
-    from clbench.method.lm import split_head
-
     limit = context_limit(model, max_length)
     items = []
     for ctx, cont in pairs:

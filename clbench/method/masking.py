@@ -41,6 +41,7 @@ import torch
 
 from clbench import method as M
 from clbench.checkpoint import pack_bits, unpack_bits
+from clbench.distributed import collectives as dist
 from clbench.runtime import derive_seed  # noqa: F401  (methods' own seeded draws: clbench.runtime)
 
 MaskLike = Union[torch.Tensor, bool]
@@ -82,8 +83,6 @@ is_sharded = reshard  # its former name (it reshards as it answers): method file
 def gather_rows(local: torch.Tensor) -> torch.Tensor:
     """The whole tensor from every rank's rows (in rank order, as FSDP2 splits them): a sharded
     method state made the same on every rank, as one process holds it (a collective)."""
-    from clbench.distributed import collectives as dist
-
     parts = dist.gather(local.detach().cpu())
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 

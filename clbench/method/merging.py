@@ -55,6 +55,8 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 from peft.utils import merge_utils
+from clbench.checkpoint import diff_value
+from clbench.checkpoint import storage_key
 
 StateDict = Mapping[str, torch.Tensor]
 HOWS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "lota_additive")
@@ -321,8 +323,6 @@ def effective_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def tied_aliases(state: StateDict) -> set[str]:
     """Keys whose tensor shares storage with an earlier key (tied embedding and LM head)."""
-    from clbench.checkpoint import storage_key
-
     seen, out = set(), set()
     for k, v in state.items():
         key = storage_key(v)
@@ -351,8 +351,6 @@ class DiffVectors:
         self.keys = [k for k in base if k in changed and k not in aliases and _is_float(base[k])]
 
     def _theta(self, k, t: int) -> torch.Tensor:
-        from clbench.checkpoint import diff_value
-
         return self.base[k] if t < 0 else diff_value(self.base, self.diffs[t], k)
 
     @staticmethod

@@ -23,12 +23,13 @@ import pandas as pd
 from scipy import stats
 
 from clbench.report import plotstyle
+from clbench.report.tables import (cost_table, heldout_table, method_stats_table, metrics_table, other_kind_matrices,
+                                   paired_table, reference_table, render_table)
 from clbench.results import stats as cistats
-from clbench.results.rundirs import (CI_LEVEL, COST_COLUMNS, COST_LABELS, HIGHER_IS_BETTER, LABELS, METRICS, Group, ReportError,
-                      RunResults, seed_key, slug, aggregate, discover_runs, drop_repeats, group_runs,
-                      load_run)
-from clbench.report.tables import (render_table, cost_table, heldout_table, method_stats_table, metrics_table, other_kind_matrices,
-                     paired_table, reference_table)
+from clbench.results.rundir import RunDir
+from clbench.results.rundirs import (CI_LEVEL, COST_COLUMNS, COST_LABELS, HIGHER_IS_BETTER, LABELS, METRICS, Group,
+                                     ReportError, RunResults, aggregate, discover_runs, drop_repeats, group_runs,
+                                     load_run, seed_key, slug)
 
 # --- figures: turn a group into the plain numbers plotstyle draws ----------------------------------
 
@@ -297,7 +298,6 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, refe
         run_dirs = [run_dirs]
     if not run_dirs:
         raise ReportError("no run directory given")
-    from clbench.results.rundir import RunDir
 
     tunes = [RunDir(d).tune_record() for d in run_dirs if RunDir(d).is_tune()]
     # a tune directory is reported by its final (test) runs; its selection runs scored validation only

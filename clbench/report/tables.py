@@ -11,6 +11,7 @@ import pandas as pd
 
 from clbench.results import metrics
 from clbench.results.rundirs import COST_COLUMNS, COST_LABELS, DECIMALS, HIGHER_IS_BETTER, LABELS, METRICS, Group
+from clbench.results.stats import COMPARED
 
 
 
@@ -228,8 +229,6 @@ def paired_table(rows: list[dict], fmt: str, delta: bool = True) -> str:
     """Paired differences against the reference method (clbench.results.stats.paired_differences): the mean
     difference and its 95% bootstrap CI per metric, † where the CI excludes 0. delta=False: each
     method's own metrics with their CIs (clbench.results.stats.method_intervals), the same layout."""
-    from clbench.results.stats import COMPARED
-
     by = {(r["method"], r["metric"]): r for r in rows}
     body = []
     for method in sorted({r["method"] for r in rows}):

@@ -12,8 +12,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clbench import method as M
+from clbench import paths
 from clbench.errors import RunDirError
+from clbench.files import sha256_file
+from clbench.results.contract import MATRIX_COLUMNS, SUMMARY_COLUMNS, write_csv
 from clbench.results.contract import format_cell
+from clbench.results.recorder import ordered_rows
 
 if TYPE_CHECKING:
     from clbench.run.planning import Plan
@@ -113,9 +118,6 @@ def verify_results(out: Path, pl: Plan | None, res: dict | None, repair: bool = 
     a stage recorded in matrix.csv just before a crash, are kept when they are well formed).
     Returns one message per repaired file; with repair=False (pl may then be None) only says what
     it would repair."""
-    from clbench.results.recorder import ordered_rows
-    from clbench.results.contract import MATRIX_COLUMNS, SUMMARY_COLUMNS, write_csv
-
     if res is None:
         return []
     said = []
@@ -175,11 +177,6 @@ def data_fingerprint(pl: Plan) -> dict:
     """{task: {"sha256": ..., "files": {what: sha256}}} of every task the run trains or evaluates:
     its task YAML, its prepared data's manifest.json and its data files. A resume compares it with
     the one in results.json, so results never mix numbers computed on different data."""
-    from clbench import paths
-    from clbench.files import sha256_file
-
-    from clbench import method as M
-
     needed = []  # tasks a method reads besides the ones it is scored on (replay's general data, ...)
     for spec in pl.method_specs:
         try:
@@ -208,8 +205,6 @@ def data_fingerprint(pl: Plan) -> dict:
 
 def _manifest_sha(path: Path) -> str:
     """A prepared task's manifest without its time stamp: preparing the same data again is no change."""
-    from clbench.files import sha256_file
-
     try:
         m = json.loads(path.read_text())
     except (OSError, ValueError):

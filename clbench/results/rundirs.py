@@ -15,6 +15,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from clbench.config import comparable_config
 from clbench.errors import ClbenchError
 from clbench.results import metrics
 from clbench.results.contract import COST_COLUMNS, MATRIX_COLUMNS, MATRIX_OPTIONAL
@@ -347,8 +348,6 @@ def _unit_key(run: RunResults, method: str) -> str | None:
     """What decides a (method, seed)'s numbers, seed aside: the run's config without its name, its
     other methods and the fields that never change results (config.NON_RESULT_FIELDS), and this
     method's own entry. None when config.yaml does not name the method (it is then never merged)."""
-    from clbench.config import comparable_config
-
     specs = [m for m in run.config.get("methods") or [] if isinstance(m, dict)
              and (m.get("label") or m.get("name")) == method]
     if len(specs) != 1:

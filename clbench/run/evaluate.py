@@ -37,6 +37,10 @@ import time
 
 import torch
 
+from clbench.data.tasks import task_manager
+from clbench.method import prompting
+from clbench.method.generation import greedy_until
+from clbench.method.lm import split_head
 from clbench.runtime import Runtime
 
 _LM_CLASS = None
@@ -49,9 +53,6 @@ def lm_class():
         return _LM_CLASS
     import torch.nn.functional as F
     from lm_eval.models.huggingface import HFLM
-
-    from clbench.method import prompting
-    from clbench.method.lm import split_head
 
     class _PrefixSharingLM(HFLM):
         # --- data-parallel evaluation: lm-eval's own rank/world-size support (its evaluator splits
@@ -173,8 +174,6 @@ def lm_class():
             if os.environ.get("CLBENCH_EVAL_FAST_GENERATE", "1") == "0" or not _fast_generate_ok(self) or not requests:
                 return super().generate_until(requests, disable_tqdm=disable_tqdm)
             from lm_eval.models.utils import Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
-
-            from clbench.method.generation import greedy_until
 
             # lm-eval's own grouping (by generation kwargs), order and batches
             collator = Collator([(*r.args, i) for i, r in enumerate(requests)],
@@ -339,8 +338,6 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
     task_limits: a smaller limit for some tasks (off-diagonal cells on a subset); the
     first n test documents of the task are used, the same ones at every stage."""
     from lm_eval import evaluator
-
-    from clbench.data.tasks import task_manager
 
     t0 = time.perf_counter()
     was_training = model.training

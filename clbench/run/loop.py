@@ -22,18 +22,27 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 
+from clbench import checkpoint
 from clbench import method as M
+from clbench.checkpoint import preserved_rng
+from clbench.config import TrainOverrides
 from clbench.data import tasks as taskcat
+from clbench.data.examples import tokenize
 from clbench.distributed import collectives as D
 from clbench.distributed import fsdp
 from clbench.errors import ClbenchError
+from clbench.method import merging
 from clbench.results import contract as results
 from clbench.results.recorder import MULTITASK, CostLog, Recorder, meta_info, stage_entry
 from clbench.results.rundir import RunDir
+from clbench.run import models
 from clbench.run.planning import Plan
+from clbench.run.resume import StageCheckpoints
+from clbench.run.trackers import Tracker, open_trackers
 from clbench.runtime import PeakMemory, Runtime, method_state_bytes, quiet_libraries, seed_everything
 from clbench.training.midstage import StepCheckpoints
 from clbench.training.stage import autocast_factory, run_stage
+from clbench.training.train import num_steps
 
 
 @dataclass
@@ -71,7 +80,6 @@ class Session:
         """lm-eval on the model in memory; scores in R's scale (a task's clbench.score transform applied).
         data_parallel: every rank calls it with the whole model, the documents split over the ranks;
         rank 0 gets the scores (one process's, clbench.run.evaluate.one_process_order), the others None."""
-        from clbench.checkpoint import preserved_rng
         from clbench.run.evaluate import evaluate
 
         e = self.cfg.eval
@@ -101,8 +109,6 @@ class Session:
     def examples(self, task: str, tcfg) -> list:
         """The tokenized training examples of any task, as a fresh list: a method may change its
         list without touching the cache that every method and seed shares."""
-        from clbench.data.examples import tokenize
-
         self.task_pairs(task)
         key = (task, tcfg.max_length)
         if key not in self.tok_cache:
@@ -136,8 +142,6 @@ class Job:
     def new_model(self):
         """A fresh copy of the base model with the method set up on it (peft wraps in place, so the
         base itself stays pristine for the next method)."""
-        from clbench.data.examples import tokenize
-
         s = self.s
         seed_everything(self.seed)
         meth = M.make(self.spec.name, self.spec.options)
@@ -241,9 +245,6 @@ class Job:
     def save_task_vector(self, t: int, model) -> None:
         """What merging needs of stage t: the model's effective weights (adapters merged in) as a diff
         against the base model, kept until the run directory is deleted."""
-        from clbench import checkpoint
-        from clbench.method import merging
-
         state = fsdp.effective_state(model, self.s.base_model) if self.s.sharded else merging.effective_state(model)
         if D.is_main():
             checkpoint.save_state_diff(self.ckpt_dir / f"taskvec{t}.pt",
@@ -263,9 +264,6 @@ def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) 
     checked and written config.yaml into; device and autocast from clbench.runtime.select_device."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from clbench.run import models
-    from clbench.run.trackers import Tracker, open_trackers
 
     cfg = pl.cfg
     console = console or Console(stderr=True, quiet=not D.is_main())
@@ -378,8 +376,6 @@ def _train_and_score(job: Job, meth, model, run_ctx, t: int, task: str, start_sa
 
 def _run_sequential(job: Job, prev):
     """The continual stream: one model through stages 1..T."""
-    from clbench.run.resume import StageCheckpoints
-
     s, names = job.s, job.s.pl.task_names
     meth, run_ctx, model = job.new_model()
     ckpts = StageCheckpoints(job, model)
@@ -459,9 +455,6 @@ def _run_multitask(job: Job, prev):
     """Reference: one joint training on all tasks of the stream, their examples shuffled together,
     with the stream's total budget (the sum of the stages' steps; lr and the other settings from
     train + the method's overrides). Its scores land in the row `multitask`."""
-    from clbench.config import TrainOverrides
-    from clbench.training.train import num_steps
-
     s = job.s
     s.rec.drop(job.name, job.seed, -1)
     job.add_row(0, None, s.base_scores)
@@ -483,9 +476,6 @@ def _run_multitask(job: Job, prev):
 def _run_merges(job: Job, mode: str) -> float:
     """Merge the per-stage task vectors saved by the stages and evaluate each merged model as the row
     `merged:<label>`. Returns the evaluation seconds."""
-    from clbench import checkpoint
-    from clbench.method import merging
-
     s = job.s
     s.rec.drop_extra(job.name, job.seed)
     if not D.is_main():  # merging trains nothing: rank 0 does it alone and writes the rows

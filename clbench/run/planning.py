@@ -12,7 +12,10 @@ from clbench import paths
 from clbench.config import RunConfig
 from clbench.data import datacheck
 from clbench.data import tasks as taskcat
+from clbench.data.presets import config_data_root
+from clbench.distributed import fsdp
 from clbench.errors import ConfigError
+from clbench.run import models
 
 
 @dataclass
@@ -39,8 +42,6 @@ class Plan:
 
 
 def plan(cfg: RunConfig, config_dir: Path) -> Plan:
-    from clbench.run import models
-
     cache = paths.cache_dir(cfg.cache_dir)
     paths.set_offline_env(cache, cfg.offline)
     models.check(cfg.model, cache, cfg.offline)
@@ -49,7 +50,6 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
         M.load_method_file((config_dir / f).resolve())
     made = [M.make(spec.name, spec.options, where=f"methods.{i}") for i, spec in enumerate(cfg.methods)]  # validates
     check_fsdp(cfg, made)
-    from clbench.data.presets import config_data_root
 
     root = config_data_root(cfg, config_dir)  # where a preset's release is read from
     dirs = [(config_dir / d).resolve() for d in cfg.task_dirs]
@@ -121,8 +121,6 @@ def other_kind_tasks(names: list[str], heldout: list[str], task_defs: dict) -> l
 
 def check_fsdp(cfg: RunConfig, made: list) -> None:
     """Under distributed.strategy fsdp every method must declare that it runs sharded."""
-    from clbench.distributed import fsdp
-
     if not fsdp.requested(cfg):
         return
     for i, meth in enumerate(made):

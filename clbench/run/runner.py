@@ -6,20 +6,19 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from clbench.distributed import collectives as D
 from clbench.errors import ClbenchError, RunDirError
 from clbench.files import remove_unfinished_writes
 from clbench.results.resultcheck import check_data, data_fingerprint, verify_results
 from clbench.results.rundir import RunDir
 from clbench.run.loop import run
 from clbench.run.planning import Plan
+from clbench.runtime import select_device, wants_cpu
 
 
 
 def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = False, allow_data_change: bool = False):
     from rich.console import Console
-
-    from clbench.distributed import collectives as D
-    from clbench.runtime import select_device, wants_cpu
 
     D.init(cpu=wants_cpu(pl.cfg))
     device, autocast = select_device(pl.cfg)

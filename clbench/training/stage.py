@@ -18,6 +18,7 @@ import contextlib
 import torch
 
 from clbench import method as M
+from clbench.config import TrainOverrides
 from clbench.runtime import Runtime, derive_seed
 from clbench.training.train import num_steps, train_stage
 
@@ -31,8 +32,6 @@ def start_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: s
     """Everything of stage t before its training: the seeded stage view (whose calibrate() runs
     the loop's training loop densely on the stage's examples), the method's stage_examples and
     stage_start. Returns (model, stage view); the stage's examples are `stage.examples`."""
-    from clbench.config import TrainOverrides
-
     torch.manual_seed(stage_seed(run.seed, t))
     holder: dict = {}
 
