@@ -43,7 +43,7 @@ How it runs here:
   the task gradient is put back. Every dot product is a sum of per-shard partial dots (float64),
   all-reduced once per step (`shard_sums`), so every rank takes the same decision and applies the
   same coefficient to its own rows. Memory: g_ref is sharded too (1/N of the gradient per rank).
-  Tested (tests/test_fsdp_methods.py): 2 sharded processes against 1, on a run where stages 2 and 3
+  Tested (tests/distributed/test_fsdp_methods.py): 2 sharded processes against 1, on a run where stages 2 and 3
   project: the same matrix and projected steps, losses within 1e-5.
 - Every parameter trains (as full_ft). The optimizer is the loop's AdamW: A-GEM constrains
   the gradient it is given, not Adam's per-coordinate update (the authors use plain SGD). AdamW

@@ -19,7 +19,7 @@ class FullFT(Method):
         return model
 
     def fsdp_refusal(self):
-        return None  # every parameter trains, sharded like any other (tested in tests/test_fsdp.py)
+        return None  # every parameter trains, sharded like any other (tested in tests/distributed/test_fsdp.py)
 
     def step_resume_refusal(self):
-        return None  # no state besides the weights: checkpoint_steps resumes it inside a stage (tests/test_midstage.py)
+        return None  # no state besides the weights: checkpoint_steps resumes it inside a stage (tests/training/test_midstage.py)

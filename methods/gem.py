@@ -15,7 +15,7 @@ model/gem.py, project2cone2, with quadprog):
 where the rows of M are the g_k. `margin` is the authors' `memory_strength` (0.5 in their
 run_experiments.sh): it biases the projected step towards the memories. A-GEM (methods/agem.py)
 replaces the t - 1 constraints by one, on the gradient of the pooled memory; with one finished
-task, margin 0 and eps 0 the two take the same step (tests/test_method_gem.py).
+task, margin 0 and eps 0 the two take the same step (tests/method/test_method_gem.py).
 
 How it runs here:
 - Memory (as A-GEM's, methods/agem.py, whose class this extends): at stage_end of stage t, m
@@ -60,7 +60,7 @@ State: the memory (token ids) and per-stage counts of projected steps, as A-GEM'
 Sharded (distributed.strategy fsdp): the reference gradients are A-GEM's sharded ones (each rank
 holds its rows of every g_k, 1/N of the t - 1 buffers); the Gram matrix, M g and |g|^2 are sums of
 per-shard partial dots, all-reduced once per step in float64, so every rank solves the same QP and
-adds the same M^T v to its own rows. Tested against 1 process as A-GEM (tests/test_fsdp_methods.py).
+adds the same M^T v to its own rows. Tested against 1 process as A-GEM (tests/distributed/test_fsdp_methods.py).
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ class ILoRA(Method):
     def fsdp_refusal(self):
         # both adapters exist from setup; the EMA acts on each rank's own rows of them, elementwise.
         # Sharded it depends on N as replicated does (world_size_dependent): at N sharded processes
-        # it equals N replicated ones (tests/test_fsdp_methods.py)
+        # it equals N replicated ones (tests/distributed/test_fsdp_methods.py)
         return None
 
     def extra_loss(self, model, batch, stage, out):

@@ -269,7 +269,7 @@ class InfLoRA(_OLoRA):
     def fsdp_refusal(self):
         # every adapter exists from setup (O-LoRA's structure); the passes gather the model
         # (fsdp.unsharded) on every rank, so every rank computes the same bases, and each writes its
-        # own rows of A_t (tests/test_fsdp_methods.py)
+        # own rows of A_t (tests/distributed/test_fsdp_methods.py)
         return None
 
     def stage_end(self, model, stage):

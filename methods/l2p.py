@@ -65,8 +65,8 @@ Deviations and what is not implemented:
   - A raw-text stream (no context to query) is refused at planning.
 Sequences get top_k x length positions longer (25 at the defaults).
 ddp: the same numbers as one process: each row's selection depends on that row only and the
-surrogate is scaled to the global micro-batch's row mean (tests/test_distributed.py).
-fsdp: same as one process (tests/test_fsdp_methods.py): the prompt pool is a submodule of the root
+surrogate is scaled to the global micro-batch's row mean (tests/distributed/test_distributed.py).
+fsdp: same as one process (tests/distributed/test_fsdp_methods.py): the prompt pool is a submodule of the root
 FSDP unit, gathered before the decoder's prompt hook runs.
 """
 
@@ -200,5 +200,5 @@ class L2P(Method):
     def fsdp_refusal(self):
         # the prompt module is a submodule of the root FSDP unit, gathered before the decoder runs (the
         # prompt hook is inside the root's forward or its registered head-only forward); every prompt
-        # exists from setup (tests/test_fsdp_methods.py)
+        # exists from setup (tests/distributed/test_fsdp_methods.py)
         return None

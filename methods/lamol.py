@@ -128,7 +128,7 @@ class LAMOL(Method):
     def fsdp_refusal(self):
         # pseudo-samples are generated on the gathered model (clbench.method.generation under fsdp.unsharded),
         # the same on every rank; it depends on N as under ddp, and at N sharded processes equals N
-        # replicated ones (tests/test_fsdp_methods.py)
+        # replicated ones (tests/distributed/test_fsdp_methods.py)
         return None
 
     # --- the LM objective ---------------------------------------------------------------

@@ -51,4 +51,4 @@ class LoRA(Method):
         return adapters.fsdp_refusal(self.options.variant)
 
     def step_resume_refusal(self):
-        return None  # the adapters are weights of the model; stage_start redoes the same ones (tests/test_midstage.py)
+        return None  # the adapters are weights of the model; stage_start redoes the same ones (tests/training/test_midstage.py)

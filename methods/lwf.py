@@ -185,7 +185,7 @@ class LwF(Wrapping):
     def fsdp_refusal(self):
         # the teacher is sharded like the student (setup's copy, sharded at the first stage start) and
         # runs its FSDP forwards in step with the student's, one per micro-batch on every rank
-        # (tests/test_fsdp_methods.py); a base method's own answer stands
+        # (tests/distributed/test_fsdp_methods.py); a base method's own answer stands
         return self._inner("fsdp_refusal")
 
     def world_size_dependent(self):

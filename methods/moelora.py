@@ -220,7 +220,7 @@ class MoELoRA(Method):
 
     def fsdp_refusal(self):
         # every expert and router exists from setup, inside its decoder layer's FSDP unit
-        # (tests/test_fsdp_methods.py); the router statistics are each rank's own micro-batches'
+        # (tests/distributed/test_fsdp_methods.py); the router statistics are each rank's own micro-batches'
         return None
 
     def extra_loss(self, model, batch, stage, out):

@@ -136,7 +136,7 @@ class NLoRA(OLoRA):
 
     def fsdp_refusal(self):
         # every stage's adapter exists from setup (O-LoRA's structure); the penalty reads the current
-        # adapter's whole matrices through clbench.distributed.fsdp.full (tests/test_fsdp_methods.py)
+        # adapter's whole matrices through clbench.distributed.fsdp.full (tests/distributed/test_fsdp_methods.py)
         return None
 
     def extra_loss(self, model, batch, stage, out):

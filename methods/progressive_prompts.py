@@ -53,7 +53,7 @@ searches it).
 Memory and length: T x L prompt vectors (hidden size each); after stage t every sequence is
 t x L positions longer than its tokens (the model's max_position_embeddings must take it).
 ddp: the prompts are parameters of the model, their gradients summed as every other's.
-fsdp: same as one process (tests/test_fsdp_methods.py): the prompts are a submodule of the root FSDP
+fsdp: same as one process (tests/distributed/test_fsdp_methods.py): the prompts are a submodule of the root FSDP
 unit, all created at setup.
 """
 
@@ -147,5 +147,5 @@ class ProgressivePrompts(Method):
     def fsdp_refusal(self):
         # the prompt module is a submodule of the root FSDP unit, gathered before the decoder runs (the
         # prompt hook is inside the root's forward or its registered head-only forward); every prompt
-        # exists from setup (tests/test_fsdp_methods.py)
+        # exists from setup (tests/distributed/test_fsdp_methods.py)
         return None

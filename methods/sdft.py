@@ -157,7 +157,7 @@ class Sdft(W.Wrapping):
 
     def fsdp_refusal(self):
         # the rewrites are generated on the gathered model (clbench.method.generation under fsdp.unsharded), the
-        # same on every rank; sharded it is its base method's (tests/test_fsdp_methods.py)
+        # same on every rank; sharded it is its base method's (tests/distributed/test_fsdp_methods.py)
         return self._inner("fsdp_refusal")
 
     def stream_refusal(self, output_types):

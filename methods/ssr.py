@@ -298,7 +298,7 @@ class Ssr(W.Wrapping):
 
     def fsdp_refusal(self):
         # the synthetic pairs are generated on the gathered model (clbench.method.generation under
-        # fsdp.unsharded), the same on every rank; sharded it is its base method's (tests/test_fsdp_methods.py)
+        # fsdp.unsharded), the same on every rank; sharded it is its base method's (tests/distributed/test_fsdp_methods.py)
         return self._inner("fsdp_refusal")
 
     def state_dict(self):

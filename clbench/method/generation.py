@@ -228,7 +228,7 @@ def _take(gen: list[int], tid: int, eos_ids, stop, tokenizer, keep_eos: bool) ->
 # count), not known on GPUs. So it takes only: the CPU, bf16 autocast, batches of GROUPED_MIN_ROWS
 # rows or more (and it never runs a product on fewer), and model types whose layers mix tokens only
 # in attention, through transformers' attention interface, with full causal attention (checked bit
-# for bit on Llama: tests/test_fast_generate.py). Other batches decode as transformers' generate
+# for bit on Llama: tests/method/test_fast_generate.py). Other batches decode as transformers' generate
 # does (_decode_batch).
 _GROUPED_TYPES = {"llama"}
 GROUPED_MIN_ROWS = 16
@@ -407,7 +407,7 @@ def greedy_until(model, tokenizer, rows: Sequence[Sequence[int]], batches: Seque
     batches: lists of row indices, each one left-padded batch as lm-eval's HFLM pads it (its width
     is its longest row; an attention mask only where there is padding). Every row's logits are the
     ones transformers' generate computes for it in that batch under the same autocast, bit for bit
-    (tests/test_fast_generate.py). Each row decodes up to max_new_tokens tokens and ends at a token
+    (tests/method/test_fast_generate.py). Each row decodes up to max_new_tokens tokens and ends at a token
     of eos_ids or when its text (decoded without special tokens) contains a stop string; the text
     is cut before the first stop string. The caller encodes and truncates the prompts (room for
     max_new_tokens within the model's length). autocast_dtype: the forwards' autocast (None: none)."""

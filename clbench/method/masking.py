@@ -16,7 +16,7 @@ How frozen entries stay bit-identical through the loop's training step
      gradient cannot turn into NaN). Clipping scales 0 to 0. The optimizer is fresh per
      stage, so a zero gradient gives zero Adam moments and a zero update (0 / (sqrt(0) + eps)),
      which leaves the weight bit-identical (checked with the fused AdamW the loop uses, see
-     tests/test_methods_masked.py).
+     tests/method/test_methods_masked.py).
   3. `param_groups`: partially masked tensors sit in a weight_decay=0 group; their decoupled
      weight decay (p <- p * (1 - lr_t * wd), AdamW's rule) is applied in `after_backward` to
      the trainable entries only, with the learning rate of the step about to be taken, so the

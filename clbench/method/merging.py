@@ -22,7 +22,7 @@ copied from the base unchanged). A key missing from a task vector counts as a ze
   lota_additive(base, sparse_deltas)   theta_0 + sum_t delta_t for LoTA's sparse task vectors
                                        (Panda et al. 2024, arXiv 2406.16797); no peft function
 
-What peft computes, per tensor (peft 0.21.2; tests/test_baselines.py checks each by hand):
+What peft computes, per tensor (peft 0.21.2; tests/method/test_baselines.py checks each by hand):
   trim (peft magnitude_based_pruning): keep exactly k = int(density * n) entries of largest
     |tau| (floor, so k = 0 zeroes a tensor with density * n < 1; ties at the k-th magnitude are
     broken by torch.topk's order); density >= 1 keeps everything.

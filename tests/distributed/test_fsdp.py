@@ -88,7 +88,7 @@ def _said(log: str, text: str) -> bool:
 
 def _same_run(a, b):
     """Matrices identical; stage losses within 1e-5 (float sums in another order: each rank sums its
-    share of the tokens, and FSDP reduces the gradients shard by shard), as tests/test_distributed.py."""
+    share of the tokens, and FSDP reduces the gradients shard by shard), as tests/distributed/test_distributed.py."""
     ra, rb = _res(a), _res(b)
     for m in NAMES:
         sa, sb = ra["methods"][m]["seeds"]["0"], rb["methods"][m]["seeds"]["0"]
@@ -107,7 +107,7 @@ def test_two_sharded_processes_killed_and_rerun_give_one_process_results(runs):
 
 
 def test_task_vectors_of_the_sharded_model_are_one_process_s(runs):
-    """Tolerance as tests/test_distributed.py's weights: Adam amplifies the rounding differences."""
+    """Tolerance as tests/distributed/test_distributed.py's weights: Adam amplifies the rounding differences."""
     from clbench import checkpoint
 
     assert _res(runs["two"])["methods"]["lora"]["seeds"]["0"]["merged"]["merged:task_arithmetic"]

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PKG = REPO / "clbench"
 
 # Lowest first. A module may import from its own layer and the layers before it.
@@ -54,7 +54,7 @@ def _layer(module: str) -> int:
     for i, group in enumerate(LAYERS):
         if key in group:
             return i
-    raise AssertionError(f"{module} belongs to no layer of tests/test_layout.py: add its wing to LAYERS")
+    raise AssertionError(f"{module} belongs to no layer of tests/reliability/test_layout.py: add its wing to LAYERS")
 
 
 def _imports(tree: ast.Module, package: str):

@@ -43,6 +43,6 @@ def test_two_nodes_give_the_matrix_of_one_process(tmp_path, one_thread):
     for m in ("full_ft", "lota"):
         a, b = one["methods"][m]["seeds"]["0"], two["methods"][m]["seeds"]["0"]
         assert a["matrix"] == b["matrix"], m
-        # losses: 1e-5 absolute, float sums in another order (as tests/test_distributed.py)
+        # losses: 1e-5 absolute, float sums in another order (as tests/distributed/test_distributed.py)
         for sa, sb in zip(a["stages"], b["stages"], strict=True):
             assert abs(sa["last_loss"] - sb["last_loss"]) <= 1e-5, m

@@ -21,7 +21,7 @@ from clbench.report.build import ReportError, build_report, load_run
 from clbench.results import metrics
 from clbench.results.rundirs import mean_ci
 
-FIXTURES = Path(__file__).parent / "fixtures" / "report"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "report"
 COST = {"trainable_params": 1000, "train_seconds": 2.0, "eval_seconds": 1.0, "peak_mem_mb": 100.0}
 
 

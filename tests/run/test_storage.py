@@ -17,7 +17,7 @@ from clbench.training.stage import run_stage
 from clbench.training.train import tokenize
 from harness import cpu_rt
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 M.load_builtin_methods(REPO / "methods")
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

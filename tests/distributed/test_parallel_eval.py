@@ -39,7 +39,7 @@ def test_two_ranks_split_the_documents_and_give_one_process_scores_and_samples(t
     out = tmp_path / "eval.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(REPO / "tests" / "parallel_eval_worker.py"), str(out)],
+                        str(REPO / "tests" / "distributed" / "parallel_eval_worker.py"), str(out)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())

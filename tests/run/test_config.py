@@ -7,7 +7,7 @@ import pytest
 from clbench.config import RunConfig, load_config
 from clbench.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text, name="c.yaml"):

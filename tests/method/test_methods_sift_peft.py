@@ -16,7 +16,7 @@ from clbench.training.stage import start_stage
 import clbench.training.train as T
 from harness import bits, cpu_rt, fresh
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 for _f in ("sift", "adalora", "miss"):
     M.load_method_file(REPO / "methods" / f"{_f}.py")
 

@@ -34,7 +34,7 @@ from clbench.runtime import Runtime
 from clbench.training.stage import run_stage
 from clbench.training.train import tokenize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEV = torch.device("meta")
 aten = torch.ops.aten
 MIXING_ALLOWED = {aten.copy_.default, aten._to_copy.default, aten.copy.default}

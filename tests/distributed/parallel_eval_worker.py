@@ -1,4 +1,4 @@
-"""Run by tests/test_parallel_eval.py under torchrun (2 CPU processes, gloo): every rank evaluates
+"""Run by tests/distributed/test_parallel_eval.py under torchrun (2 CPU processes, gloo): every rank evaluates
 the tiny model data-parallel (clbench.run.evaluate.evaluate(data_parallel=True)) on a multiple-choice
 and a generation task with an odd number of test documents; rank 0 then evaluates alone, as one
 process does, and writes both results and what each rank scored to the JSON file named by argv[1]."""
@@ -15,7 +15,7 @@ from clbench.run import models
 from clbench.run.evaluate import evaluate
 from clbench.runtime import Runtime
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main(out: str) -> None:

@@ -18,7 +18,7 @@ from clbench.errors import ConfigError
 from clbench.experiments.tune import load_tune, run_tune, selection_sweep, write_validation_tasks
 from clbench.report.build import build_report
 
-TINY = Path(__file__).parent.parent / "configs" / "tiny_tasks"
+TINY = Path(__file__).parents[2] / "configs" / "tiny_tasks"
 TASKS = ("tiny_parity", "tiny_compare")
 
 
@@ -148,7 +148,7 @@ def test_bad_tune_files_fail_naming_the_key(tmp_path):
         load_tune(path)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs" / "tune").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs" / "tune").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_tune_files_validate(path):
     tune = load_tune(path)

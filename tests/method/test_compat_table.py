@@ -1,7 +1,7 @@
 """docs/distributed.md's table of every built-in method under ddp and fsdp says what the code
 declares (world_size_dependent, fsdp_refusal at the method's defaults), and each "same as 1
-process" is backed by a test that runs the method at 2 processes against 1 (tests/test_distributed.py
-runs configs/all-methods.yaml's methods and a few more under ddp; tests/test_fsdp.py and tests/test_fsdp_methods.py
+process" is backed by a test that runs the method at 2 processes against 1 (tests/distributed/test_distributed.py
+runs configs/all-methods.yaml's methods and a few more under ddp; tests/distributed/test_fsdp.py and tests/distributed/test_fsdp_methods.py
 run theirs sharded), or says that no test does."""
 
 import re

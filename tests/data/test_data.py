@@ -471,7 +471,7 @@ def test_shipped_streams_name_existing_tasks():
     assert {"cls4", "cls4_gen", "topic4", "cls3_gen"} <= set(streams) and "qa4" not in set(streams)
     names = {p.stem for p in SHIPPED}
     for name, s in streams.items():
-        if s.get("preset"):  # presets read their tasks from tasks/presets/ (tests/test_presets.py)
+        if s.get("preset"):  # presets read their tasks from tasks/presets/ (tests/data/test_presets.py)
             continue
         assert s["description"]
         for order, tasks in s["orders"].items():
