@@ -37,9 +37,8 @@ import time
 
 import torch
 
-from clbench.data.tasks import task_manager
-from clbench.method import prompting
-from clbench.method.generation import greedy_until
+from clbench.data import tasks as taskcat
+from clbench.method import generation, prompting
 from clbench.method.lm import split_head
 from clbench.runtime import Runtime
 
@@ -214,7 +213,7 @@ def lm_class():
                     slow += idx
                     continue
                 local = {i: k for k, i in enumerate(idx)}  # request index -> row of this group
-                texts = greedy_until(
+                texts = generation.greedy_until(
                     self.model, self.tokenizer, [rows[i] for i in idx], [[local[i] for i in b] for b in batches],
                     max_new_tokens=max_gen_toks, stop=until, eos_ids=eos_ids, pad=self.tokenizer.pad_token_id,
                     autocast_dtype=self.mixed_precision_dtype)
@@ -377,7 +376,7 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
             apply_chat_template=apply_chat_template,
             system_instruction=system_instruction,
             verbosity="ERROR",
-            task_manager=task_manager(),  # one without lm-eval's index (~7 s per call otherwise)
+            task_manager=taskcat.task_manager(),  # one without lm-eval's index (~7 s per call otherwise)
         )
     if was_training:
         model.train()
