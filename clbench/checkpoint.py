@@ -291,7 +291,7 @@ class PendingSave:
     def wait(self) -> float:
         self._thread.join()
         if self._error is not None:
-                    raise ClbenchError(f"writing the checkpoint {self.path} failed: {self._error}; results up to the "
+            raise ClbenchError(f"writing the checkpoint {self.path} failed: {self._error}; results up to the "
                                "previous stage are kept") from self._error
         return self._mb
 

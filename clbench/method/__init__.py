@@ -3,6 +3,7 @@ share (import the submodule you need: `from clbench.method import masking`).
 
     protocol    Method and its hooks, the Stage and RunContext views, `call` (clbench.method re-exports it)
     registry    @register, the built-in package, method files, plugins (clbench.method re-exports it)
+    lm          the LM helpers: split_head, the head-only forward (target_logits), lm_loss, Forward
     masking     masked updates: the one implementation of every mask-based method
     adapters    what the peft adapter methods share (continual variants, merges)
     wrapping    a method that changes a stage's data and leaves the training to another (`base:`)

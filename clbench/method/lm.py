@@ -36,7 +36,6 @@ def split_head(model):
     return dec, head
 
 
-
 def head_logits(model, input_ids, attention_mask, sel) -> torch.Tensor:
     """The LM head's logits at the positions `sel` marks (of the shifted sequence) only."""
     dec, head = split_head(model)

@@ -57,6 +57,12 @@ def _layer(module: str) -> int:
     raise AssertionError(f"{module} belongs to no layer of tests/reliability/test_layout.py: add its wing to LAYERS")
 
 
+def _is_module(dotted: str) -> bool:
+    """Whether clbench.x.y names a module or package (else it names something inside one)."""
+    path = PKG.joinpath(*dotted.split(".")[1:])
+    return path.is_dir() or path.with_suffix(".py").is_file()
+
+
 def _imports(tree: ast.Module, package: str):
     """(imported module, line, at module level) for every clbench import, TYPE_CHECKING blocks left out
     (they import nothing at run time)."""
@@ -73,8 +79,7 @@ def _imports(tree: ast.Module, package: str):
             if n.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - n.level + 1] + ([base] if base else []))
             if base == "clbench" or base.startswith("clbench."):
-                subs = [f"{base}.{a.name}" for a in n.names if (PKG / "/".join(f"{base}.{a.name}".split(".")[1:])).exists()
-                        or (PKG / ("/".join(f"{base}.{a.name}".split(".")[1:]) + ".py")).exists()]
+                subs = [f"{base}.{a.name}" for a in n.names if _is_module(f"{base}.{a.name}")]
                 for target in subs or [base]:
                     yield target, n, id(n) in top
         elif isinstance(n, ast.Import):
