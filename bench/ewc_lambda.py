@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from clbench import config as C
-from clbench import method as M
-from clbench.data import tasks as taskcat
+from clbench.config import load_config
+from clbench.method import RunContext, call_hook, make_method
+from clbench.data.tasks import build_lm_eval_tasks, run_examples
 from clbench.run import models, planning
 from clbench.runtime import Runtime
 from clbench.training.stage import run_stage, start_stage
@@ -34,22 +34,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg, cdir = C.load_config(a.config)
+    cfg, cdir = load_config(a.config)
     pl = planning.plan(cfg, cdir)
     model, tok, _ = models.resolve(cfg.model, pl.cache)
     names = pl.task_names[:2]
-    lm = taskcat.build_lm_eval_tasks([pl.task_defs[n] for n in names], pl.cache)
-    ex = {n: tokenize(taskcat.run_examples(lm[n], tok, cfg), tok, cfg.train.max_length) for n in names}
+    lm = build_lm_eval_tasks([pl.task_defs[n] for n in names], pl.cache)
+    ex = {n: tokenize(run_examples(lm[n], tok, cfg), tok, cfg.train.max_length) for n in names}
     dev, t0 = torch.device("cpu"), time.time()
-    run = M.RunContext(method="ewc", seed=0, tasks=names, device=dev, tokenizer=tok)
-    meth = M.make("ewc", {})
-    model = M.call(meth, "setup", model, run)
+    run = RunContext(method="ewc", seed=0, tasks=names, device=dev, tokenizer=tok)
+    meth = make_method("ewc", {})
+    model = call_hook(meth, "setup", model, run)
     model, st1, _ = run_stage(model, meth, ex[names[0]], cfg.train, run, 1, names[0], Runtime(dev, None, tok.pad_token_id))
     print(f"stage 1 ({names[0]}): loss {st1['first_loss']:.3f} -> {st1['last_loss']:.3f}; Fisher {meth.stats[-1]} "
           f"({time.time() - t0:.0f}s)", flush=True)
     state, c2 = meth.state_dict(), cfg.train.model_copy(update={"steps": a.steps})
     for lam in (float(x) for x in a.lambdas.split(",")):
-        m2, e2 = copy.deepcopy(model), M.make("ewc", {"ewc_lambda": lam})
+        m2, e2 = copy.deepcopy(model), make_method("ewc", {"ewc_lambda": lam})
         e2.load_state_dict(copy.deepcopy(state))
         m2, stage = start_stage(m2, e2, ex[names[1]], c2, run, 2, names[1], Runtime(dev, None, tok.pad_token_id))
         stats = train_stage(m2, e2, list(stage.examples), c2, stage, Runtime(dev, None, tok.pad_token_id))

@@ -82,16 +82,16 @@ def _canon(name: str) -> str:
 
 
 def methods() -> list[str]:
-    from clbench import method as M
+    from clbench.method import load_builtin_methods, methods_in
 
-    M.load_builtin_methods(REPO / "methods")
-    return M.methods_in(REPO / "methods")
+    load_builtin_methods(REPO / "methods")
+    return methods_in(REPO / "methods")
 
 
 def fsdp_available() -> bool:
-    from clbench import config as C
+    import clbench.config
 
-    return "strategy" in getattr(getattr(C, "DistributedConfig", None), "model_fields", {})
+    return "strategy" in getattr(getattr(clbench.config, "DistributedConfig", None), "model_fields", {})
 
 
 # --- prepare (here) ---------------------------------------------------------------------------
@@ -276,12 +276,12 @@ def prefix_sharing_vs_lm_eval(model_dir: Path, work: Path, device: str = "cuda")
 
     from clbench.run import evaluate
     from clbench import paths
-    from clbench.data import tasks as taskcat
+    from clbench.data.tasks import build_lm_eval_tasks, load_tasks
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    defs = taskcat.load_tasks()
-    task = taskcat.build_lm_eval_tasks([defs[TASKS[0]]], paths.cache_dir())[TASKS[0]]
+    defs = load_tasks()
+    task = build_lm_eval_tasks([defs[TASKS[0]]], paths.cache_dir())[TASKS[0]]
     task.build_all_requests(limit=STREAM["eval_limit"], rank=0, world_size=1)
     reqs = task.instances
     lm = evaluate.lm_class()(pretrained=model, tokenizer=tok, batch_size=16,
@@ -308,7 +308,7 @@ def big_model(bundle: Path, method: str) -> dict:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from clbench import method as M
+    from clbench.method import RunContext, call_hook, make_method
     from clbench.config import TrainConfig
     from clbench.runtime import PeakMemory, Runtime
     from clbench.training.stage import run_stage
@@ -324,9 +324,9 @@ def big_model(bundle: Path, method: str) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     pairs = [(f"Question {i}: is {i} even or odd?\nAnswer:", " even" if i % 2 == 0 else " odd") for i in range(64)]
     ex = tokenize(pairs, tok, 128)
-    meth = M.make(method, {})
-    run = M.RunContext(method=method, seed=0, tasks=["a"], device=dev, tokenizer=tok, examples=lambda t: list(ex))
-    model = M.call(meth, "setup", model, run)
+    meth = make_method(method, {})
+    run = RunContext(method=method, seed=0, tasks=["a"], device=dev, tokenizer=tok, examples=lambda t: list(ex))
+    model = call_hook(meth, "setup", model, run)
     model.to(dev)
     tcfg = TrainConfig(steps=BIG_STEPS, batch_size=8, max_length=128, lr=1e-5)
     with PeakMemory(dev) as pm:

@@ -41,9 +41,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from clbench import method as M  # noqa: E402
+from clbench.method import RunContext, call_hook, default_param_groups, make_method  # noqa: E402
 from clbench.config import EvalConfig, TrainConfig, load_config  # noqa: E402
-from clbench.data import tasks as T
+from clbench.data.tasks import build_lm_eval_tasks, training_examples
 from clbench.method.lm import lm_loss
 from clbench.run import models
 from clbench.run.planning import plan  # noqa: E402
@@ -111,7 +111,7 @@ def with_train(tcfg: TrainConfig, **kw) -> TrainConfig:
 
 def task_examples(task, tok, max_length):
     eos = tok.eos_token if task.OUTPUT_TYPE == "generate_until" else None  # as clbench.run.loop.run does
-    return tokenize(T.training_examples(task, eos), tok, max_length)
+    return tokenize(training_examples(task, eos), tok, max_length)
 
 
 class Ctx:
@@ -128,7 +128,7 @@ class Ctx:
         self.model.to(self.device)
         self.trained = self.short = None  # set by the steps and harness sections
         if load:  # the memory subprocess gets its batches from a file and skips lm-eval
-            self.lm_tasks = T.build_lm_eval_tasks([self.pl.task_defs[n] for n in self.names], self.pl.cache)
+            self.lm_tasks = build_lm_eval_tasks([self.pl.task_defs[n] for n in self.names], self.pl.cache)
             self.batches, self.pools = [], []  # each stage's first batch; its task's training examples
             for t, n in enumerate(self.names, 1):  # each stage's first batch, drawn as clbench.run.loop draws it
                 tc = self.cfg.train.merged(self.cfg.stage_overrides(t, n))
@@ -140,9 +140,9 @@ class Ctx:
     def subject(self, method, options, model):
         """(model, method, stage) after setup and stage 1's start (clbench.training.stage.start_stage, as the
         loop runs it, on stage 1's first batch)."""
-        meth = M.make(method, options)
-        run = M.RunContext(method=method, seed=0, tasks=self.names, device=self.device, tokenizer=self.tok)
-        model = M.call(meth, "setup", model, run).to(self.device).train()
+        meth = make_method(method, options)
+        run = RunContext(method=method, seed=0, tasks=self.names, device=self.device, tokenizer=self.tok)
+        model = call_hook(meth, "setup", model, run).to(self.device).train()
         model, st = start_stage(model, meth, self.batches[0], self.tcfg, run, 1, self.names[0], Runtime(self.device, self.autocast, self.tok.pad_token_id))
         return model, meth, st
 
@@ -160,7 +160,7 @@ class Ctx:
             if on_step:  # the memory subprocess resets its peak-RSS mark after step 1
                 on_step(len(marks))
 
-        meth.after_step = after_step  # an instance attribute: M.call finds it first
+        meth.after_step = after_step  # an instance attribute: call_hook finds it first
         try:
             train_stage(model, meth, self.batches[0], tcfg, st, Runtime(self.device, self.autocast, self.tok.pad_token_id))
         finally:
@@ -443,7 +443,7 @@ def bare_run(pl, split: dict | None = None) -> dict:
     device, autocast = select_device(cfg)
     model, tok, _ = models.resolve(cfg.model, pl.cache)
     model.to(device)
-    lm_tasks = T.build_lm_eval_tasks([pl.task_defs[n] for n in pl.eval_names], pl.cache)
+    lm_tasks = build_lm_eval_tasks([pl.task_defs[n] for n in pl.eval_names], pl.cache)
     # clbench's HFLM subclass (prefix-shared multiple-choice scoring): the same evaluation work
     # on both sides, so that the ratio measures the harness, not the evaluation method
     lm = lm_class()(pretrained=model, tokenizer=tok, batch_size=cfg.eval.batch_size, device=str(device), mixed_precision_dtype=autocast)
@@ -471,7 +471,7 @@ def bare_run(pl, split: dict | None = None) -> dict:
         torch.manual_seed(stage_seed(seed, t))
         batches = train.batch_stream(ex, min(tc.batch_size, len(ex)), torch.Generator().manual_seed(stage_seed(seed, t)))
         t0 = time.perf_counter()
-        groups = M.default_param_groups(model, tc.weight_decay)  # the usual: no decay on biases and norms
+        groups = default_param_groups(model, tc.weight_decay)  # the usual: no decay on biases and norms
         params = [p for g in groups for p in g["params"]]
         opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
         for _ in range(num_steps(tc, len(ex))):
@@ -628,17 +628,17 @@ def bench_storage(ctx: Ctx, out: Path, steps: int = 3):
     mb: dict = {}
     for name, options in STORAGE_ARMS:
         torch.manual_seed(0)
-        meth = M.make(name, options)
-        run = M.RunContext(method=name, seed=0, tasks=ctx.names, device=ctx.device, tokenizer=ctx.tok,
+        meth = make_method(name, options)
+        run = RunContext(method=name, seed=0, tasks=ctx.names, device=ctx.device, tokenizer=ctx.tok,
                            examples=lambda t: list(ctx.pools[ctx.names.index(t)]))
-        model = M.call(meth, "setup", copy.deepcopy(ctx.model), run).to(ctx.device)
+        model = call_hook(meth, "setup", copy.deepcopy(ctx.model), run).to(ctx.device)
         reference = checkpoint.snapshot(model, share=base_state)
         mb[name] = []
         for t in (1, 2):
             from clbench.training.stage import run_stage
 
             model, _, _ = run_stage(model, meth, ctx.pools[t - 1], tcfg, run, t, ctx.names[t - 1], Runtime(ctx.device, ctx.autocast, ctx.tok.pad_token_id))
-            ck = checkpoint.save(work / f"{name}.stage{t}.pt", model, reference, M.call(meth, "state_dict"), {"stage": t})
+            ck = checkpoint.save(work / f"{name}.stage{t}.pt", model, reference, call_hook(meth, "state_dict"), {"stage": t})
             tv = checkpoint.save_state_diff(work / f"{name}.taskvec{t}.pt",
                                             checkpoint.state_diff(merging.effective_state(model), base_state, copy=False))
             mb[name].append({"stage": t, "checkpoint_mb": round(ck, 2), "taskvec_mb": round(tv, 2)})

@@ -135,14 +135,14 @@ def _list(args) -> int:
     cfg, tdirs, mfiles = _user_dirs(args.config)
     paths.set_offline_env(paths.cache_dir(cfg.cache_dir if cfg else None))
     if args.what == "methods":
-        from clbench import method as M
+        from clbench.method import available, load_builtin_methods, load_method_file, origin
 
-        M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+        load_builtin_methods(paths.BUILTIN_METHODS_DIR)
         for f in mfiles:
-            M.load_method_file(f)
-        for name, cls in M.available().items():  # built-ins, clbench.methods plugins, method_files
+            load_method_file(f)
+        for name, cls in available().items():  # built-ins, clbench.methods plugins, method_files
             doc = (cls.__doc__ or getattr(sys.modules.get(cls.__module__), "__doc__", None) or "").strip().splitlines()
-            print(f"{name:14s} {doc[0] if doc else ''}  [{M.origin(name)}]")
+            print(f"{name:14s} {doc[0] if doc else ''}  [{origin(name)}]")
     elif args.what == "tasks":
         from clbench.data.tasks import load_tasks
 

@@ -182,7 +182,7 @@ class MergeSpec(Strict):
     how: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "lota_additive"] = Field(
         description="peft's merges (clbench/method/merging.py): task_arithmetic (theta_0 + lam * sum tau), ties (trim, elect "
         "sign, disjoint mean), dare_linear / dare_ties (drop entries at random with probability 1 - density, rescale "
-        "by 1/density, then sum / TIES; seeded by the run's seed); or lota_additive (theta_0 + sum tau, LoTA's merge "
+        "by 1/density, then sum / TIES; seeded by the (method, seed)'s seed); or lota_additive (theta_0 + sum tau, LoTA's merge "
         "of sparse task vectors)")
     lam: float = Field(1.0, description="scaling of the (merged) task vectors: every merge but lota_additive")
     density: float = Field(0.2, gt=0, le=1, description="ties: share of each task vector's entries kept by trimming; "

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from clbench.config import RunConfig
-from clbench.distributed import collectives as D
+from clbench.distributed import collectives
 from clbench.errors import ConfigError
 
 
@@ -49,8 +49,8 @@ def select_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype | None]:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was requested but no CUDA device is available")
     dev = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda" and D.enabled():
-        dev = torch.device("cuda", D.local_rank())
+    if dev.type == "cuda" and collectives.enabled():
+        dev = torch.device("cuda", collectives.local_rank())
     if cfg.precision == "fp32":
         return dev, None
     ok = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_supports_bf16()

@@ -77,7 +77,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.distributed.tensor import DTensor
 
 from clbench.data.examples import IGNORE, Example, collate
-from clbench.distributed import collectives as D
+from clbench.distributed import collectives
 from clbench.method import MethodError, Method, StageMeans, register
 from clbench.method.lm import lm_loss
 from clbench.method.masking import derive_seed
@@ -105,10 +105,10 @@ def sharded(params) -> bool:
 def shard_sums(values: np.ndarray, params) -> np.ndarray:
     """Per-shard partial dot products summed over the ranks (float64, one all-reduce) when `params`
     are sharded: every rank then holds the whole products; unchanged otherwise (whole tensors)."""
-    if not sharded(params) or not D.enabled():
+    if not sharded(params) or not collectives.enabled():
         return values
     t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(params[0].device)
-    return D.all_reduce_sum(t).cpu().numpy().reshape(values.shape)
+    return collectives.all_reduce_sum(t).cpu().numpy().reshape(values.shape)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -161,23 +161,23 @@ class AGEM(Method):
     def _reference_share(self, examples, params):
         """This rank's share of the reference batch (examples rank, rank + N, ...), collated on the
         parameters' device, with its target-token count and the whole batch's."""
-        multi = D.enabled()
+        multi = collectives.enabled()
         if multi:
-            n = D.world_size()
+            n = collectives.world_size()
             if len(examples) < n:
                 raise MethodError(f"agem: a reference batch of {len(examples)} memory examples cannot be split over "
                                   f"{n} processes: raise m or ref_batch_size to at least {n}")
-            examples = D.shard(examples)
+            examples = collectives.shard(examples)
         batch = {k: v.to(params[0].device) for k, v in collate(examples, self.pad_id).items()}
         n_local = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float32)
-        return batch, n_local, (D.all_reduce_sum(n_local.clone()) if multi else n_local)
+        return batch, n_local, (collectives.all_reduce_sum(n_local.clone()) if multi else n_local)
 
     def reference_gradient(self, model, params, examples, stage) -> list[torch.Tensor | None]:
         """Gradient of the loop's lm_loss on `examples` w.r.t. `params`, .grad untouched; with
         several processes each rank takes its share and the shares are summed over the ranks."""
         if sharded(params):
             return self._sharded_reference_gradient(model, params, examples, stage)
-        multi = D.enabled()
+        multi = collectives.enabled()
         batch, n_local, n_global = self._reference_share(examples, params)
         if float(n_global) == 0:
             return [None] * len(params)
@@ -191,7 +191,7 @@ class AGEM(Method):
         else:
             grads = [None] * len(params)
         if multi:  # the same set of tensors on every rank for the all-reduce
-            grads = [D.all_reduce_sum(torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)]
+            grads = [collectives.all_reduce_sum(torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)]
         return grads
 
     def _sharded_reference_gradient(self, model, params, examples, stage) -> list[torch.Tensor | None]:

@@ -104,7 +104,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench.data.examples import IGNORE, collate
-from clbench.distributed import collectives as dist
+from clbench.distributed import collectives
 from clbench.method import MethodError, Method, StageMeans, register
 from clbench.method.lm import lm_loss
 from clbench.method.masking import derive_seed, gather_rows, reshard, local_rows, own_rows
@@ -229,7 +229,7 @@ class EWC(Method):
         with _no_autocast(model):
             value = _Penalty.apply(self.options.ewc_lambda, [self.fisher[n] for n in names], [self.anchor[n] for n in names],
                                    *[local_rows(params[n])[0] if sharded else params[n] for n in names])
-        return value * dist.world_size() if sharded else value
+        return value * collectives.world_size() if sharded else value
 
     def stage_end(self, model, stage):
         head_only = getattr(getattr(stage, "train_config", None), "head_only_targets", True)
@@ -241,7 +241,7 @@ class EWC(Method):
             raise MethodError(f"ewc stage {stage.stage}: no training batch with a target token to estimate the Fisher from")
         mine = (sum(f.numel() for f in f_t.values()), float(sum(f.sum() for f in f_t.values())),
                 max((float(f.max()) for f in f_t.values() if f.numel()), default=0.0))
-        parts = dist.gather(mine) if self._sharded is not None else [mine]  # fsdp: over every rank's rows
+        parts = collectives.gather(mine) if self._sharded is not None else [mine]  # fsdp: over every rank's rows
         total, top = sum(x[0] for x in parts), max(x[2] for x in parts)
         self.stats.append({"stage": stage.stage, "samples": n,  # of the raw F_t, before normalisation
                            "mean": sum(x[1] for x in parts) / max(1, total), "max": top})
@@ -270,7 +270,7 @@ class EWC(Method):
             # fsdp: every rank runs the same sample, the backward sums the ranks' gradients into each
             # rank's rows: divided by the number of ranks, the sample's gradient on this rank's rows
             loss.backward()
-            out = [None if p.grad is None else local_rows(p.grad)[0] / dist.world_size() for p in params]
+            out = [None if p.grad is None else local_rows(p.grad)[0] / collectives.world_size() for p in params]
             for p in params:
                 p.grad = None
             return out

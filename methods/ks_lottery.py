@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.distributed import collectives as dist
+from clbench.distributed import collectives
 from clbench.method import MethodError, register
 from clbench.method.masking import MaskedMethod, MaskedUpdate, reshard, local_rows, sum_over_ranks, topk_masks
 
@@ -197,7 +197,7 @@ class KSLottery(MaskedMethod):
         del E0
         mine = (first, (sel.nonzero().flatten() + first).tolist(), tested, float(p.min()) if p.numel() else 1.0,
                 float(D.max()) if D.numel() else 0.0)
-        parts = sorted(dist.gather(mine)) if sharded else [mine]  # rows in rank order: token ids ascending
+        parts = sorted(collectives.gather(mine)) if sharded else [mine]  # rows in rank order: token ids ascending
         ids = [i for part in parts for i in part[1]]
         self.selected.append(ids)
         self.stats.append({"stage": stage.stage, "rows": len(ids), "tested": sum(part[2] for part in parts),

@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clbench.distributed import collectives as D
+from clbench.distributed import collectives
 from clbench.method import Method, MethodError, StageMeans, register
 from clbench.method import prompting
 from clbench.runtime import derive_seed
@@ -182,7 +182,7 @@ class L2P(Method):
         rows = self._rows or cos.shape[0]
         # the global micro-batch's row mean: each process adds its rows' share (the loop divides
         # extra_loss by the process count and sums the gradients)
-        term = self.options.lam * (1 - cos).sum() * (D.world_size() if D.enabled() else 1) / rows
+        term = self.options.lam * (1 - cos).sum() * (collectives.world_size() if collectives.enabled() else 1) / rows
         self._means.add("key_query_cos", cos.detach().mean())
         self._means.add("surrogate_ratio", StageMeans.share(term, out.loss))
         return term

@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clbench.data.examples import Example, collate
 from clbench.method import Method, MethodError, StageMeans, register
-from clbench.method import generation as G
+from clbench.method import generation
 from clbench.method.lm import lm_loss
 from clbench.method.masking import derive_seed
 
@@ -183,7 +183,7 @@ class LAMOL(Method):
         pairs, tasks, samples = [], [], []
         for task, k in wanted:
             marker = self.marker(task) if task else GEN
-            texts = G.generate(model, self.run.tokenizer, [marker] * k, max_new_tokens=limit, do_sample=True,
+            texts = generation.generate(model, self.run.tokenizer, [marker] * k, max_new_tokens=limit, do_sample=True,
                                top_k=o.top_k, generator=gen, batch_size=o.batch_size, autocast=self.run.autocast)
             for (text,) in texts:
                 owner = task or done[-1]

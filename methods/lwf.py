@@ -68,8 +68,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench import method as M
-from clbench.distributed import collectives as D
+from clbench.method import MethodError, frozen_copy
+from clbench.distributed import collectives
 from clbench.distributed import fsdp
 from clbench.method import StageMeans, register
 from clbench.method.lm import target_logits
@@ -119,7 +119,7 @@ class LwF(Wrapping):
         if run.sharded:
             # FSDP2 cannot deep-copy a sharded model, so the teacher's module is copied now, before the
             # loop shards the student, and sharded like it at the first stage start (1/N per rank)
-            self._template, self._device = M.frozen_copy(model), run.device
+            self._template, self._device = frozen_copy(model), run.device
         return model
 
     # --- stages ---------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class LwF(Wrapping):
         """The model as the previous stage left it, frozen: a deep copy, or (sharded) the teacher's
         sharded module with each rank's shards of the student's weights copied into it."""
         if self._template is None and self._sharded_teacher is None:
-            return M.frozen_copy(model) if stage.stage > 1 else None
+            return frozen_copy(model) if stage.stage > 1 else None
         if self._sharded_teacher is None:
             self._sharded_teacher = fsdp.shard(self._template, self._device)  # a collective: every rank is here
             self._template = None
@@ -138,7 +138,7 @@ class LwF(Wrapping):
         reshard(self._sharded_teacher)
         mine, theirs = dict(model.named_parameters()), dict(self._sharded_teacher.named_parameters())
         if mine.keys() != theirs.keys():
-            raise M.MethodError("lwf: the student's parameters are not the teacher's (a base method that adds "
+            raise MethodError("lwf: the student's parameters are not the teacher's (a base method that adds "
                                 "parameters after setup cannot be distilled sharded)")
         with torch.no_grad():
             for name, p in mine.items():
@@ -159,9 +159,9 @@ class LwF(Wrapping):
         # row weighs the same however the rows split over the processes (every rank joins the sum)
         rows = out.logits.shape[0]
         weight = 1.0
-        if D.enabled():
-            total = D.all_reduce_sum(torch.tensor(float(rows), device=out.logits.device)).item()
-            weight = rows * D.world_size() / max(total, 1.0)
+        if collectives.enabled():
+            total = collectives.all_reduce_sum(torch.tensor(float(rows), device=out.logits.device)).item()
+            weight = rows * collectives.world_size() / max(total, 1.0)
         if rows == 0:
             return inner
         kd = self.options.kd_lambda * self.kd(batch, stage, out.logits) * weight

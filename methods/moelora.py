@@ -23,7 +23,7 @@ How it maps onto clbench's hooks:
   `MoELoRALinear` holding the frozen original layer, the experts and the router; every other
   parameter is frozen. All parameters exist from setup, so stage checkpoints (diffs against the
   post-setup model) restore exactly on resume; the initial draws come from a generator seeded by
-  the run's seed.
+  the (method, seed)'s seed.
 - stage_start: only resets the stage's diagnostics; param_groups: the default (one set of
   experts and one router carried through the stream, as the peers run it: CoIN trains the same
   MoE-LoRA task after task, each script loading the previous one's adapter).

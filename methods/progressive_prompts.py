@@ -19,7 +19,7 @@ the stream) whose decoder forward prepends them in every path (see clbench/metho
 - setup: every weight of the model frozen; T prompts created up front (the parameter set stays
   fixed, so stage checkpoints, diffs against the post-setup model, restore exactly on resume),
   each initialised from the input embeddings of L tokens drawn uniformly from the vocabulary
-  (as `init_new_prompt`; seeded by the run's seed, not the global RNG).
+  (as `init_new_prompt`; seeded by the (method, seed)'s seed, not the global RNG).
 - stage_start(t): the prefix becomes [P_t, then the prompts of the stages this run trained
   before, newest first]; only P_t requires grad (the optimizer sees L x hidden entries).
   In mode single (each task alone from the base model) a run trains one stage: its prefix is

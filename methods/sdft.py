@@ -81,8 +81,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from clbench.method import MethodError, register
-from clbench.method import generation as G
-from clbench.method import wrapping as W
+from clbench.method import generation
+from clbench.method import wrapping
 from clbench.method.masking import derive_seed
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,12 @@ class SdftOptions(BaseModel):
     reject_phrases: list[str] = Field(default_factory=lambda: list(REJECT_PHRASES))
     reject_prefixes: list[str] = Field(default_factory=lambda: list(REJECT_PREFIXES))
     batch_size: int = Field(16, gt=0, description="prompts per generation batch")
-    base: W.BaseName = W.BASE_FIELD
-    base_options: W.BaseOptions = W.BASE_OPTIONS_FIELD
+    base: wrapping.BaseName = wrapping.BASE_FIELD
+    base_options: wrapping.BaseOptions = wrapping.BASE_OPTIONS_FIELD
 
 
 @register("sdft")
-class Sdft(W.Wrapping):
+class Sdft(wrapping.Wrapping):
     Options = SdftOptions
 
     def __init__(self, options: SdftOptions):
@@ -179,7 +179,7 @@ class Sdft(W.Wrapping):
             raise MethodError("sdft needs the loop's RunContext (task, pairs, tokenize)")
         if stage.task not in run.tasks:  # a joint multitask stage: no single task's pairs to rewrite
             return None
-        view = G.TaskView(run.task(stage.task))
+        view = generation.TaskView(run.task(stage.task))
         examples = list(stage.examples)
         pairs = run.pairs(stage.task)[:len(examples)]
         if len(pairs) != len(examples) or run.tokenize(pairs) != examples:
@@ -197,13 +197,13 @@ class Sdft(W.Wrapping):
             ref = target[len(view.delimiter):] if target.startswith(view.delimiter) else target
             refs.append((ref[:-len(eos)] if eos and ref.endswith(eos) else ref).strip())
         o = self.options
-        rewrites = G.generate(model, run.tokenizer, [self._render(ctx, ref) for (ctx, _), ref in zip(pairs, refs)],
+        rewrites = generation.generate(model, run.tokenizer, [self._render(ctx, ref) for (ctx, _), ref in zip(pairs, refs)],
                               max_new_tokens=o.max_new_tokens or view.max_gen_toks,
                               do_sample=o.do_sample, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                               repetition_penalty=o.repetition_penalty,
                               seed=derive_seed(stage.seed, stage.stage, SALT_SAMPLE), batch_size=o.batch_size,
                               autocast=run.autocast)
-        self.last_rewrites = [G.cut_at_stop(r[0].lstrip(), view.until)[0].strip() for r in rewrites]
+        self.last_rewrites = [generation.cut_at_stop(r[0].lstrip(), view.until)[0].strip() for r in rewrites]
         out = []
         for ex, (ctx, _), ref, doc, rewrite in zip(examples, pairs, refs, view.docs, self.last_rewrites):
             why = self._why_rejected(rewrite, view, doc, ref)

@@ -81,7 +81,7 @@ import types
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.distributed import collectives as dist
+from clbench.distributed import collectives
 from clbench.method import MethodError, Method, register
 from clbench.method.masking import gather_rows, reshard, local_rows, topk_masks
 
@@ -326,13 +326,13 @@ class SIFT(Method):
         first, a, b = self._own[n]
         out = torch.zeros(self.deltas[n].numel(), dtype=torch.float32, device=local_flat.device)
         out[a:b] = local_flat[self.idx[n][a:b] - first].float()
-        return dist.all_reduce_sum(out) if self._sharded else out
+        return collectives.all_reduce_sum(out) if self._sharded else out
 
     def after_backward(self, model, stage):
         if self.idx:
             with torch.no_grad():
                 if self._sharded:  # each rank's deltas hold its share of the batch's gradient (FSDP sums only W's)
-                    dist.sum_gradients(list(self.deltas.values()))
+                    collectives.sum_gradients(list(self.deltas.values()))
                 if self.options.decay_selected:
                     for n, p in self.targets.items():
                         self.deltas[n].copy_(self._selected(n, local_rows(p.detach())[0].reshape(-1)))

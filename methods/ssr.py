@@ -82,8 +82,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clbench.data.examples import Example
 from clbench.method import MethodError, register
-from clbench.method import generation as G
-from clbench.method import wrapping as W
+from clbench.method import generation
+from clbench.method import wrapping
 from clbench.method.masking import derive_seed
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ class SsrOptions(BaseModel):
     n_clusters: int = Field(20, gt=0)
     selection: Literal["kmeans", "random"] = "kmeans"
     batch_size: int = Field(8, gt=0, description="prompts per generation batch")
-    base: W.BaseName = W.BASE_FIELD
-    base_options: W.BaseOptions = W.BASE_OPTIONS_FIELD
+    base: wrapping.BaseName = wrapping.BASE_FIELD
+    base_options: wrapping.BaseOptions = wrapping.BASE_OPTIONS_FIELD
 
 
 def icl_prompt(demos: list[tuple[str, str]]) -> str:
@@ -180,7 +180,7 @@ def mean_hidden(model, tokenizer, texts: list[str], batch_size: int = 16, autoca
         with torch.no_grad():
             for b0 in range(0, len(texts), batch_size):
                 enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[b0:b0 + batch_size]]
-                ids, mask = G.right_padded(enc, device)
+                ids, mask = generation.right_padded(enc, device)
                 with ac():
                     if split is not None:
                         h = split[0](input_ids=ids, attention_mask=mask).last_hidden_state
@@ -194,7 +194,7 @@ def mean_hidden(model, tokenizer, texts: list[str], batch_size: int = 16, autoca
 
 
 @register("ssr")
-class Ssr(W.Wrapping):
+class Ssr(wrapping.Wrapping):
     Options = SsrOptions
 
     def __init__(self, options: SsrOptions):
@@ -213,7 +213,7 @@ class Ssr(W.Wrapping):
         if run.task is None or run.pairs is None or run.tokenize is None:
             raise MethodError("ssr needs the loop's RunContext (task, pairs, tokenize)")
         for i, task in enumerate(run.tasks[:-1]):
-            view = G.TaskView(run.task(task))
+            view = generation.TaskView(run.task(task))
             if view.multiple_choice and view.fixed_choices() is None:
                 raise MethodError(f"ssr: task {task!r} is multiple choice with choices that differ between documents; "
                                   "a synthetic input has no choice list to be answered from")
@@ -230,14 +230,14 @@ class Ssr(W.Wrapping):
         for ctx, target in demos:
             y = target[len(view.delimiter):] if target.startswith(view.delimiter) else target
             shown.append((ctx, (y[:-len(eos)] if eos and y.endswith(eos) else y).strip()))
-        limit = G.context_limit(model, None) - o.max_new_tokens
+        limit = generation.context_limit(model, None) - o.max_new_tokens
         prompts = []
         for combo in itertools.permutations(range(len(shown)), min(o.n_shots, len(shown))):
             p = icl_prompt([shown[j] for j in combo])
             if len(run.tokenizer(p, add_special_tokens=False)["input_ids"]) < limit:  # the authors skip long prompts
                 prompts.append(p)
         self.last_prompts[task] = prompts
-        texts = G.generate(model, run.tokenizer, prompts, max_new_tokens=o.max_new_tokens, do_sample=True,
+        texts = generation.generate(model, run.tokenizer, prompts, max_new_tokens=o.max_new_tokens, do_sample=True,
                            temperature=o.temperature, top_p=o.top_p, top_k=o.top_k,
                            repetition_penalty=o.repetition_penalty, num_return_sequences=o.samples_per_prompt,
                            seed=derive_seed(run.seed, position, SALT_SAMPLE), batch_size=o.batch_size,
@@ -277,17 +277,17 @@ class Ssr(W.Wrapping):
 
     def _refine(self, model, task: str) -> None:
         run = self.run
-        view = G.TaskView(run.task(task))
+        view = generation.TaskView(run.task(task))
         inputs = self.candidates[task]
         if not inputs:
             pairs = []
         elif view.multiple_choice:
             choices = view.fixed_choices()
-            best = G.choose(model, run.tokenizer, inputs, [choices] * len(inputs), view.delimiter,
+            best = generation.choose(model, run.tokenizer, inputs, [choices] * len(inputs), view.delimiter,
                             batch_size=self.options.batch_size, autocast=run.autocast)
             pairs = [(x, f"{view.delimiter}{choices[b]}") for x, b in zip(inputs, best)]
         else:
-            outs = G.generate(model, run.tokenizer, inputs, max_new_tokens=view.max_gen_toks, stop=view.until,
+            outs = generation.generate(model, run.tokenizer, inputs, max_new_tokens=view.max_gen_toks, stop=view.until,
                               batch_size=self.options.batch_size, autocast=run.autocast)
             eos = run.tokenizer.eos_token or ""
             pairs = [(x, f"{y[0]}{eos}") for x, y in zip(inputs, outs)]

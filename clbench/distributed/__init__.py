@@ -1,7 +1,7 @@
 """Several processes, one run.
 
     collectives  process group, ranks, data sharding, reductions, the rank check (this package
-                 re-exports its functions: `from clbench import distributed as D; D.rank()`)
+                 re-exports its functions; clbench itself writes `collectives.rank()`)
     fsdp         sharded training with FSDP2 and torch.distributed.checkpoint
 """
 from clbench.distributed.collectives import (all_reduce_sum, barrier, broadcast, check_ranks, enabled, finish, gather,

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from clbench.checkpoint import preserved_rng, rng_state
-from clbench.distributed import collectives as D
+from clbench.distributed import collectives
 from clbench.errors import ClbenchError, ConfigError
 
 
@@ -89,7 +89,7 @@ def shard(model, device: torch.device, autocast_dtype=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    D.init_group(device)
+    collectives.init_group(device)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     kw = {"mesh": mesh}
     if device.type == "cuda" and autocast_dtype is not None:
@@ -162,7 +162,7 @@ def full_state(model) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if D.is_main() else None
+    return state if collectives.is_main() else None
 
 
 # --- stage checkpoints (torch.distributed.checkpoint) --------------------------------------
@@ -183,19 +183,19 @@ def save_checkpoint(path: Path, model, method_state, extra: dict) -> float:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     tmp = path.parent / f".{path.name}.partial"
-    if D.is_main():
+    if collectives.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    D.barrier()
+    collectives.barrier()
     dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
-    torch.save({"method": method_state, "rng": rng_state(), "world_size": D.world_size()},
-               tmp / RANK_FILE.format(D.rank()))
-    if D.is_main():
+    torch.save({"method": method_state, "rng": rng_state(), "world_size": collectives.world_size()},
+               tmp / RANK_FILE.format(collectives.rank()))
+    if collectives.is_main():
         torch.save(extra, tmp / META_FILE)
-    D.barrier()
-    if D.is_main():
+    collectives.barrier()
+    if collectives.is_main():
         os.replace(tmp, path)
-    D.barrier()
+    collectives.barrier()
     return sum(f.stat().st_size for f in path.iterdir()) / 2**20
 
 
@@ -217,13 +217,13 @@ def load_checkpoint(path: Path, model, method_name: str) -> dict:
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
-    mine = path / RANK_FILE.format(D.rank())
+    mine = path / RANK_FILE.format(collectives.rank())
     own = torch.load(mine, map_location="cpu", weights_only=False) if mine.is_file() else None
-    if own is not None and own["world_size"] == D.world_size():
+    if own is not None and own["world_size"] == collectives.world_size():
         return own
     files = sorted(path.glob(RANK_FILE.format("*")))
     states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-    if len({D.state_digest(None, s["method"]) for s in states}) > 1:
+    if len({collectives.state_digest(None, s["method"]) for s in states}) > 1:
         raise ClbenchError(f"method {method_name!r}: the checkpoint {path} was written by {len(files)} processes whose "
                            f"method states differ (state kept per shard): resume it with {len(files)} processes")
     return states[0]

@@ -27,7 +27,7 @@ and data) before the first run starts. Each run is one `python -m clbench run <c
 --output-dir <run dir>` subprocess (logs in `<sweep dir>/logs/`), launched by the local launcher
 (in order, or `parallel` at a time), as Ray tasks, or as Slurm jobs through submitit.
 
-Re-running a sweep skips the runs whose results.json says every (method, seed) is complete under
+Re-running a sweep skips the runs whose contract.json says every (method, seed) is complete under
 the same config, and resumes the others from their last stage checkpoint (the run command's own
 resume; the expanded configs are identical on every expansion, so the config check passes).
 `clbench sweep SWEEP.yaml --fresh` runs every grid point again from scratch (`clbench run --fresh`).
@@ -53,7 +53,7 @@ from clbench.config import RunConfig, Strict, format_validation_error, load_yaml
 from clbench.config import comparable_config
 from clbench.errors import ClbenchError, ConfigError, SweepError
 from clbench.experiments import launch
-from clbench.results import contract as results
+from clbench.results import contract
 from clbench.results.rundir import RunDir
 from clbench.run.planning import plan
 
@@ -371,14 +371,14 @@ def prepare(sweep: Sweep, validate_plans: bool = True) -> None:
         run.log = sweep.out / "logs" / f"{run.id}.log"
         text = yaml.safe_dump(run.raw, sort_keys=False)
         if not run.config_path.is_file() or run.config_path.read_text() != text:
-            results.atomic_write_text(run.config_path, text)
+            contract.atomic_write_text(run.config_path, text)
         run.status = RunDir(run.dir).status(run.cfg)
-    results.atomic_write_text(sweep.out / "sweep.yaml", yaml.safe_dump(
+    contract.atomic_write_text(sweep.out / "sweep.yaml", yaml.safe_dump(
         {"source": str(sweep.path.resolve()), **sweep.cfg.model_dump(mode="json")}, sort_keys=False))
 
 
 def _write_index(sweep: Sweep, outcome: dict) -> None:
-    results.write_json(sweep.out / "sweep.json", {"name": sweep.name, "launcher": sweep.cfg.launcher, "runs": [
+    contract.write_json(sweep.out / "sweep.json", {"name": sweep.name, "launcher": sweep.cfg.launcher, "runs": [
         {"id": r.id, "point": r.point, "status": r.status, "dir": r.id, "config": f"configs/{r.id}.yaml",
          "log": f"logs/{r.id}.log", **outcome.get(r.id, {})} for r in sweep.runs]})
 

@@ -49,16 +49,16 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from clbench import method as M
+from clbench.method import available, load_builtin_methods
 from clbench import paths
 from clbench.config import RunConfig, Seed, Strict, format_validation_error, load_yaml, method_index
-from clbench.data import tasks as taskcat
+from clbench.data.tasks import load_streams, load_tasks, resolve_stream
 from clbench.data.prepare import validation_file
 from clbench.errors import ConfigError
 from clbench.experiments.launch import last_error
 from clbench.experiments.sweep import (RayOptions, SlurmOptions, Sweep, SweepConfig, SweepError, check_key_path, expand,
                                        run_sweep, with_set)
-from clbench.results import contract as results
+from clbench.results import contract
 from clbench.results.rundir import RunDir
 
 VARIANT = "__validation"  # a task's validation variant is named <task>__validation
@@ -146,10 +146,10 @@ def load_tune(path: str | Path, output_dir: str | Path | None = None) -> Tune:
     eff = with_set(base, cfg.set, str(path))
     rc = RunConfig.model_validate({**eff, **({} if "methods" in eff else {"methods": [{"name": "full_ft"}]})})
     dirs = [(base_path.parent / d).resolve() for d in rc.task_dirs]
-    defs = taskcat.load_tasks(dirs)
-    streams = taskcat.load_streams(dirs, defs)
+    defs = load_tasks(dirs)
+    streams = load_streams(dirs, defs)
     order = cfg.select.order or rc.order
-    tasks = taskcat.resolve_stream(rc.model_copy(update={"order": order}), defs, streams)
+    tasks = resolve_stream(rc.model_copy(update={"order": order}), defs, streams)
     if cfg.select.protocol == "first_k" and cfg.select.k > len(tasks):
         raise ConfigError(f"{path}: select.k = {cfg.select.k} but the stream has {len(tasks)} tasks")
     orders = cfg.final.orders or [rc.order]
@@ -159,8 +159,8 @@ def load_tune(path: str | Path, output_dir: str | Path | None = None) -> Tune:
 
 
 def _known_method(name: str) -> bool:
-    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
-    return name in M.available()
+    load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+    return name in available()
 
 
 # --- validation variants ---------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def write_validation_tasks(tune: Tune, cache: Path) -> list[Path]:
     """The validation variant of every stream task, one folder per source folder (the modules its
     `!function` tags name linked beside it). Returns the folders (task_dirs of the selection runs)."""
     rc = RunConfig.model_validate({**tune.base, "methods": [{"name": "full_ft"}]})
-    defs = taskcat.load_tasks([(tune.base_dir / d).resolve() for d in rc.task_dirs])
+    defs = load_tasks([(tune.base_dir / d).resolve() for d in rc.task_dirs])
     root = tune.out / "validation_tasks"
     folders: dict[Path, Path] = {}
     for name in tune.tasks:
@@ -327,7 +327,7 @@ def _write_record(tune: Tune, chosen: dict, final: Sweep | None, moved: list[str
     if RunDir(tune.out).is_tune():
         earlier = list((RunDir(tune.out).tune_record().get("final") or {}).get("superseded") or [])
     c = tune.cfg
-    results.write_json(tune.out / "tune.json", {
+    contract.write_json(tune.out / "tune.json", {
         "name": tune.name, "source": str(tune.path.resolve()),
         "select": {"protocol": c.select.protocol, "k": c.select.k, "seed": c.select.seed,
                    "order": tune.select_order, "score": "validation ACC: mean of the last row of the validation matrix",

@@ -39,9 +39,9 @@ from typing import Mapping, Union
 
 import torch
 
-from clbench import method as M
+from clbench.method import Method, count_trainable
 from clbench.checkpoint import pack_bits, unpack_bits
-from clbench.distributed import collectives as dist
+from clbench.distributed import collectives
 from clbench.runtime import derive_seed  # noqa: F401  (methods' own seeded draws: clbench.runtime)
 
 MaskLike = Union[torch.Tensor, bool]
@@ -83,7 +83,7 @@ is_sharded = reshard  # its former name (it reshards as it answers): method file
 def gather_rows(local: torch.Tensor) -> torch.Tensor:
     """The whole tensor from every rank's rows (in rank order, as FSDP2 splits them): a sharded
     method state made the same on every rank, as one process holds it (a collective)."""
-    parts = dist.gather(local.detach().cpu())
+    parts = collectives.gather(local.detach().cpu())
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -265,7 +265,7 @@ class MaskedUpdate:
         return self._count
 
 
-class MaskedMethod(M.Method):
+class MaskedMethod(Method):
     """Mixin for a method that holds `self.update: MaskedUpdate | None`; forwards the hooks."""
 
     update: MaskedUpdate | None = None
@@ -281,7 +281,7 @@ class MaskedMethod(M.Method):
 
     def trainable_params(self, model):
         if self.update is None:
-            return M.count_trainable(model)
+            return count_trainable(model)
         return self.update.trainable_params(model)
 
 

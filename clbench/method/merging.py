@@ -35,7 +35,7 @@ What peft computes, per tensor (peft 0.21.2; tests/method/test_baselines.py chec
   threshold (int(density*n) + 1 entries without ties, all ties kept), and resolves a zero sum
   with the majority sign over the model. scope "global" here trims over the whole model (keep
   |tau| >= the int(density * n)-th largest magnitude, ties kept) and elects as peft does.
-  DARE's random drop uses torch's generator, seeded per (seed, key) from the run's seed: the
+  DARE's random drop uses torch's generator, seeded per (seed, key) from the (method, seed)'s seed: the
   same seed gives the same merge whatever the order of the keys.
 
 Memory: one key at a time; for that key the T stages' float32 tensors in one (T, n) stack,
@@ -204,8 +204,8 @@ def _blocks(stacked: torch.Tensor):
 
 
 def _key_seed(seed: int, key: str) -> int:
-    """DARE's generator seed for one key, from the run's seed and the key's name (stable across
-    runs); 32 bits, all that torch's CPU generator (mt19937) takes of a seed."""
+    """DARE's generator seed for one key, from the (method, seed)'s seed and the key's name (stable
+    across runs); 32 bits, all that torch's CPU generator (mt19937) takes of a seed."""
     return zlib.crc32(f"{int(seed)}:{key}".encode())
 
 

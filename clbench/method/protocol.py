@@ -79,7 +79,8 @@ class NoOptions(BaseModel):
 
 @dataclass
 class RunContext:
-    """What a method sees of its run: one (method, seed) pair over the whole stream."""
+    """What a method sees of the run it is part of (the run's tasks, device, tokenizer, data, precision)
+    and which of the run's (method, seed) pairs it is: one method, one seed, over the whole stream."""
 
     method: str
     seed: int
@@ -328,7 +329,7 @@ _RETURNS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def call(method, hook: str, *args):
+def call_hook(method, hook: str, *args):
     """Run one hook; an exception or a wrong return type becomes an error naming the method and
     the hook (the original exception stays attached for --debug)."""
     fn = getattr(method, hook)
@@ -343,6 +344,9 @@ def call(method, hook: str, *args):
     if check is not None and not check[0](value):
         raise MethodError(f"method {name!r}, hook {hook} returned {type(value).__name__}; expected {check[1]}")
     return value
+
+
+call = call_hook  # the name method files and plugins written before call_hook may use
 
 
 def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from clbench import paths
 from clbench.config import format_validation_error
 from clbench.errors import ClbenchError, ConfigError
-from clbench.method.protocol import MethodError, call, check_protocol
+from clbench.method.protocol import MethodError, call_hook, check_protocol
 
 
 def _forbid_extra(opts: type[BaseModel]) -> type[BaseModel]:
@@ -195,7 +195,9 @@ def get(name: str) -> type:
     return _REGISTRY[name]
 
 
-def make(name: str, options: dict, where: str = "methods"):
+def make_method(name: str, options: dict, where: str = "methods"):
+    """The method `name` built from its options (validated against its Options; `where` names the
+    config key in errors)."""
     cls = get(name)
     try:
         opts = cls.Options.model_validate(options or {})
@@ -207,7 +209,10 @@ def make(name: str, options: dict, where: str = "methods"):
         raise
     except Exception as e:
         raise MethodError(f"method {name!r} could not be created from its options: {type(e).__name__}: {e}") from e
-    tasks = call(meth, "needs_tasks")
+    tasks = call_hook(meth, "needs_tasks")
     if not (isinstance(tasks, (list, tuple)) and all(isinstance(t, str) for t in tasks)):
         raise MethodError(f"method {name!r}: needs_tasks() returned {tasks!r}, expected a list of task names")
     return meth
+
+
+make = make_method  # the name method files and plugins written before make_method may use

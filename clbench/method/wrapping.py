@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from clbench import method as M
+from clbench.method import Method, call_hook, make_method
 from clbench.errors import ConfigError
 
 BASE_FIELD = Field(None, description="a method to wrap (e.g. lora); none = full fine-tuning")
@@ -23,7 +23,7 @@ BaseName = Optional[str]
 BaseOptions = dict[str, Any]
 
 
-class Wrapping(M.Method):
+class Wrapping(Method):
     def __init__(self, options):
         self.options = options
         self.inner = None
@@ -31,14 +31,14 @@ class Wrapping(M.Method):
         if base is not None:
             if base == self.name:
                 raise ConfigError(f"{self.name}: base cannot be {self.name} itself")
-            self.inner = M.make(base, options.base_options, where=f"{self.name} base")
+            self.inner = make_method(base, options.base_options, where=f"{self.name} base")
         elif getattr(options, "base_options", None):
             raise ConfigError(f"{self.name}: base_options given without base")
 
     def _inner(self, hook, *args, default=None):
         if self.inner is None:
             return default
-        value = M.call(self.inner, hook, *args)
+        value = call_hook(self.inner, hook, *args)
         return default if value is None else value
 
     def needs_tasks(self):
@@ -46,7 +46,7 @@ class Wrapping(M.Method):
 
     def setup(self, model, run):
         if self.inner is not None:
-            return M.call(self.inner, "setup", model, run)
+            return call_hook(self.inner, "setup", model, run)
         for p in model.parameters():
             p.requires_grad_(True)
         return model
@@ -92,4 +92,4 @@ class Wrapping(M.Method):
 
     def _load_base_state(self, state) -> None:
         if self.inner is not None and state is not None:
-            M.call(self.inner, "load_state_dict", state)
+            call_hook(self.inner, "load_state_dict", state)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+import scipy.stats
 
 from clbench.report import plotstyle
 from clbench.report.tables import (cost_table, heldout_table, method_stats_table, metrics_table, other_kind_matrices,
                                    paired_table, reference_table, render_table)
-from clbench.results import stats as cistats
+from clbench.results import stats
 from clbench.results.rundir import RunDir
 from clbench.results.rundirs import (CI_LEVEL, COST_COLUMNS, COST_LABELS, HIGHER_IS_BETTER, LABELS, METRICS, Group,
                                      ReportError, RunResults, aggregate, discover_runs, drop_repeats, group_runs,
@@ -116,7 +116,7 @@ def _curves_fig(g: Group, lab: str, tasks: list[str], runs: list[RunResults], st
     for method, items in _by_method(runs).items():
         Rs = np.stack([r.R[(method, s)] for r, s in items])
         n = len(items)
-        half = (stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1) * Rs.std(axis=0, ddof=1) / math.sqrt(n)) if n > 1 else None
+        half = (scipy.stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1) * Rs.std(axis=0, ddof=1) / math.sqrt(n)) if n > 1 else None
         series[method] = (Rs.mean(axis=0), half, n)
     unit = value_range(runs) == (0.0, 1.0)
     return plotstyle.curves(f"{g.label} · order {lab}\n{_metric_label(runs)}", tasks, series, styles,
@@ -178,7 +178,7 @@ def _paired_fig(g: Group, paired: list[dict], reference: str, styles, flags: dic
     by = {(p["method"], p["metric"]): p for p in paired}
     fig = plotstyle.new_figure(plotstyle.SINGLE_COLUMN_IN, 0.9 + 0.22 * len(methods) * 2)
     axes = fig.subplots(2, 2, squeeze=False).flat
-    for ax, metric in zip(axes, cistats.COMPARED):
+    for ax, metric in zip(axes, stats.COMPARED):
         for k, m in enumerate(methods):
             p = by.get((m, metric))
             if p is None or not np.isfinite(p["diff"]):
@@ -200,11 +200,11 @@ def _other_kind_section(g: Group, lines: list[str], table) -> None:
     """eval.other_kind: the stream's tasks scored the other way after every stage (generation tasks
     by log-likelihood over the label words, or the reverse), never trained: is what a method lost
     the task's knowledge or only its answer format?"""
-    rows = cistats.method_intervals(g, "other_kind") if any(r.other_kind for r in g.runs) else []
+    rows = stats.method_intervals(g, "other_kind") if any(r.other_kind for r in g.runs) else []
     if not rows:
         return
     run = next(r for r in g.runs if r.other_kind)
-    own, other = cistats.metric_name(run), cistats.metric_name(run, "other_kind")
+    own, other = stats.metric_name(run), stats.metric_name(run, "other_kind")
     lines += [f"### The same tasks scored the other way ({other or 'the twin tasks'})", "",
               f"Every stream task was also scored its other way after every stage (eval.other_kind): the twin "
               f"task has the same test documents and prompt; the stream is scored by {own or 'its own metric'}, "
@@ -223,7 +223,7 @@ def _learning_section(g: Group, checks: dict, lines: list[str], table) -> None:
     """The learning check: per method and task the learning gain R[i, i] − R[0, i] and whether it
     counts as learned (clbench.results.stats)."""
     tasks = next(iter(checks.values()))["tasks"]  # the first run's training order
-    body = [[m + (f" ({cistats.flag_text(c)})" if c["not_learned"] else ""),
+    body = [[m + (f" ({stats.flag_text(c)})" if c["not_learned"] else ""),
              *[f"{c['gains'][t]:.3f}" + (" ✗" if t in c["not_learned"] else "") for t in tasks], c["over"]]
             for m, c in checks.items()]
     frame = pd.DataFrame([{"method": m, "task": t, "gain": c["gains"][t], "learned": t not in c["not_learned"],
@@ -232,7 +232,7 @@ def _learning_section(g: Group, checks: dict, lines: list[str], table) -> None:
              "Learning gain R[i, i] − R[0, i] per task (the score right after training task i minus the base "
              "model's; mean over samples). ✗ = not learned: the gain's 95% bootstrap CI does not lie above 0 "
              f"(over runs, or over test examples with one run), or, without a CI (`margin`), the gain is not above "
-             f"{cistats.LEARN_MARGIN}. A method that did not learn a task is flagged \"did not learn\" and never bold "
+             f"{stats.LEARN_MARGIN}. A method that did not learn a task is flagged \"did not learn\" and never bold "
              "for BWT or forgetting: it cannot forget what it never learned.", ""]
     md = render_table(["method", *tasks, "decided by"], body, "md", align="l" + "r" * len(tasks) + "l")
     table(f"learning__{g.slug}", md, extra_csv=frame)
@@ -434,9 +434,9 @@ def _runs_table(runs: list[RunResults]) -> str:
 
 def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path, reference: str) -> list[str]:
     agg = aggregate(g.samples)
-    checks = cistats.learning_check(g)
-    flags = {m: cistats.flag_text(c) for m, c in checks.items()}
-    paired = cistats.paired_differences(g, reference)
+    checks = stats.learning_check(g)
+    flags = {m: stats.flag_text(c) for m, c in checks.items()}
+    paired = stats.paired_differences(g, reference)
     n_by_method = g.samples.groupby("method").size()
     n_text = ", ".join(f"{m} n = {n}" for m, n in n_by_method.items())
     descs = sorted({r.model_desc for r in g.runs})
@@ -471,7 +471,7 @@ def _group_section(g: Group, styles, vrange, fig_dir: Path, tab_dir: Path, refer
     g.samples.to_csv(tab_dir / f"samples__{g.slug}.csv", index=False)
     lines += [f"Per-sample recomputed metrics: `tables/samples__{g.slug}.csv`.", ""]
 
-    intervals = cistats.method_intervals(g)
+    intervals = stats.method_intervals(g)
     if any(not math.isnan(r["lo"]) for r in intervals):
         lines += ["### Metrics with 95% CIs", "",
                   "Each method's own ACC, BWT, forgetting and LA with a 95% percentile-bootstrap CI: over its "

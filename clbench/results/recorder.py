@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clbench import method as M
+from clbench.method import call_hook, count_trainable
 from clbench.config import RunConfig
-from clbench.distributed import collectives as D
-from clbench.results import metrics, contract as results
+from clbench.distributed import collectives
+from clbench.results import metrics, contract
 from clbench.results.stats import not_learned_by_margin
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class CostLog:
 
 
 def stage_entry(t, task, stats, es, ck_mb=None) -> dict:
-    """One stage's entry of results.json's per-stage log."""
+    """One stage's entry of contract.json's per-stage log."""
     return {"stage": t, "task": task, "steps": stats["steps"], "first_loss": stats["first_loss"],
             "last_loss": stats["last_loss"], "train_seconds": stats["seconds"], "eval_seconds": es, "checkpoint_mb": ck_mb,
             **({"schedule": stats["schedule"]} if "schedule" in stats else {}),  # the stage's lr schedule (clbench.schedule)
@@ -72,7 +72,7 @@ def meta_info(model_desc: str, device, autocast) -> dict:
             versions[pkg] = None
     hw = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
           "device": str(device), "autocast": str(autocast) if autocast else "none",
-          "torch_threads": torch.get_num_threads(), "processes": D.world_size()}
+          "torch_threads": torch.get_num_threads(), "processes": collectives.world_size()}
     if device.type == "cuda":
         hw["gpu"] = torch.cuda.get_device_name(device)
     return {"versions": versions, "model": model_desc, "hardware": hw}
@@ -86,7 +86,7 @@ def _stage_label(v: str):
 def ordered_rows(rows: list[dict], plan) -> list[dict]:
     """matrix.csv rows in the config's order (methods, seeds, stages, then extra rows, tasks), the
     order an uninterrupted run computes them in: a resumed run may redo stages after other rows, and a
-    matrix.csv rebuilt from results.json must be the file an uninterrupted run writes. Rows may carry
+    matrix.csv rebuilt from contract.json must be the file an uninterrupted run writes. Rows may carry
     their values as the recorder holds them (int stages and seeds) or as matrix.csv reads back
     (strings). Stable: rows of methods no longer in the config keep their order."""
     m_ix = {s.run_name: i for i, s in enumerate(plan.method_specs)}
@@ -131,7 +131,7 @@ class Recorder:
         self.summary = [{**r, "seed": int(r["seed"])} for r in rows[1]]
         for r in self.summary:
             for k, v in r.items():
-                if k not in ("method", "seed", "mode", *results.FLAG_COLUMNS):  # flags are text (task names)
+                if k not in ("method", "seed", "mode", *contract.FLAG_COLUMNS):  # flags are text (task names)
                     r[k] = (int if k == "trainable_params" else float)(v) if v not in ("", None) else None
         return True
 
@@ -221,9 +221,9 @@ class Recorder:
         return ordered_rows(self.rows, self.plan)
 
     def flush(self):
-        if not D.is_main():  # one writer: the other ranks hold the same results
+        if not collectives.is_main():  # one writer: the other ranks hold the same results
             return
-        self.rundir.write_rows(results.MATRIX_COLUMNS, self._ordered_rows(), results.SUMMARY_COLUMNS, self.summary)
+        self.rundir.write_rows(contract.MATRIX_COLUMNS, self._ordered_rows(), contract.SUMMARY_COLUMNS, self.summary)
         self.rundir.write_results({
             "run": {"name": self.cfg.name, "stream": self.cfg.stream or "custom", "order": self.cfg.order if self.cfg.stream else "custom",
                     "tasks": self.plan.task_names, "seeds": self.cfg.seeds, "git_sha": git_sha(),
@@ -235,17 +235,17 @@ class Recorder:
 
     def record_method(self, name, seed, meth, model, train_s, eval_s, peak, stage_log, mode="sequential",
                       merges_pending=False):
-        """The matrix, metrics and costs of one (method, seed) as they stand, into the summary and results.json."""
+        """The matrix, metrics and costs of one (method, seed) as they stand, into the summary and contract.json."""
         rec = self
         T = len(rec.plan.task_names)
         # a method whose numbers depend on the number of processes says why (every other one's do not)
-        why = M.call(meth, "world_size_dependent")
-        if why and D.world_size() > 1 and D.is_main() and name not in rec.warned:
+        why = call_hook(meth, "world_size_dependent")
+        if why and collectives.world_size() > 1 and collectives.is_main() and name not in rec.warned:
             rec.warned.add(name)
             print(f"clbench: {name}: its results depend on the number of processes ({why})", file=sys.stderr, flush=True)
-        trainable = M.call(meth, "trainable_params", model)
+        trainable = call_hook(meth, "trainable_params", model)
         if trainable is None:
-            trainable = M.count_trainable(model)
+            trainable = count_trainable(model)
         if mode == "multitask":
             joint = rec.stage_scores(name, seed, MULTITASK)
             done = joint is not None
@@ -265,7 +265,7 @@ class Recorder:
                 summ = metrics.summary(R)
                 # "did not learn" (clbench.results.stats): the tasks whose learning gain is not above the margin
                 summ["did_not_learn"] = ";".join(rec.plan.task_names[i] for i in not_learned_by_margin(R))
-        # the held-out and other-kind rows of every mode are kept in results.json, so that matrix.csv
+        # the held-out and other-kind rows of every mode are kept in contract.json, so that matrix.csv
         # can be rebuilt whole from it (a reference's rows too); only the stream's mean anything to
         # general_delta and the other-kind metrics
         seq = mode == "sequential"

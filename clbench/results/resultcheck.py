@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clbench import method as M
+from clbench.method import make_method
 from clbench import paths
 from clbench.errors import RunDirError
 from clbench.files import sha256_file
@@ -180,7 +180,7 @@ def data_fingerprint(pl: Plan) -> dict:
     needed = []  # tasks a method reads besides the ones it is scored on (replay's general data, ...)
     for spec in pl.method_specs:
         try:
-            needed += M.make(spec.name, spec.options).needs_tasks()
+            needed += make_method(spec.name, spec.options).needs_tasks()
         except Exception:  # validated at plan time; a method that cannot be made here adds nothing
             pass
     out = {}

@@ -1,4 +1,5 @@
-"""`clbench run`: one run directory's runs, from the plan to the last evaluation.
+"""`clbench run`: a run, from the plan to the last evaluation. A run is one config run into one run
+directory: every (method, seed) of it over the whole stream (docs/runs.md).
 
     planning    everything cheap validated and resolved before anything expensive starts
     runner      the run directory taken and checked around the loop

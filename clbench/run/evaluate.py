@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from clbench.data import tasks as taskcat
+import clbench.data.tasks
 from clbench.method import generation, prompting
 from clbench.method.lm import split_head
 from clbench.runtime import Runtime
@@ -376,7 +376,7 @@ def evaluate(model, tokenizer, lm_tasks: dict, primary: dict[str, tuple[str, str
             apply_chat_template=apply_chat_template,
             system_instruction=system_instruction,
             verbosity="ERROR",
-            task_manager=taskcat.task_manager(),  # one without lm-eval's index (~7 s per call otherwise)
+            task_manager=clbench.data.tasks.task_manager(),  # one without lm-eval's index (~7 s per call otherwise)
         )
     if was_training:
         model.train()

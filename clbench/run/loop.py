@@ -23,16 +23,16 @@ import torch
 from rich.markup import escape
 
 from clbench import checkpoint
-from clbench import method as M
+from clbench.method import RunContext, call_hook, make_method
 from clbench.checkpoint import preserved_rng
 from clbench.config import TrainOverrides
-from clbench.data import tasks as taskcat
+import clbench.data.tasks
 from clbench.data.examples import tokenize
-from clbench.distributed import collectives as D
+from clbench.distributed import collectives
 from clbench.distributed import fsdp
 from clbench.errors import ClbenchError
 from clbench.method import merging
-from clbench.results import contract as results
+from clbench.results import contract
 from clbench.results.recorder import MULTITASK, CostLog, Recorder, meta_info, stage_entry
 from clbench.results.rundir import RunDir
 from clbench.run import models
@@ -102,8 +102,8 @@ class Session:
             d = self.pl.task_defs.get(task)
             if d is None:
                 raise ClbenchError(f"unknown task {task!r}")
-            lm = taskcat.build_lm_eval_tasks([d], self.pl.cache)[task]
-            self.pairs[task] = taskcat.run_examples(lm, self.tok, self.cfg)
+            lm = clbench.data.tasks.build_lm_eval_tasks([d], self.pl.cache)[task]
+            self.pairs[task] = clbench.data.tasks.run_examples(lm, self.tok, self.cfg)
         return list(self.pairs[task])
 
     def examples(self, task: str, tcfg) -> list:
@@ -144,15 +144,15 @@ class Job:
         base itself stays pristine for the next method)."""
         s = self.s
         seed_everything(self.seed)
-        meth = M.make(self.spec.name, self.spec.options)
+        meth = make_method(self.spec.name, self.spec.options)
         run_cfg = s.cfg.train.merged(self.spec.train)
-        run_ctx = M.RunContext(method=self.name, seed=self.seed, tasks=s.pl.task_names, device=s.device, tokenizer=s.tok,
+        run_ctx = RunContext(method=self.name, seed=self.seed, tasks=s.pl.task_names, device=s.device, tokenizer=s.tok,
                                examples=lambda task: s.examples(task, run_cfg),
                                pairs=s.task_pairs,
                                tokenize=lambda pairs: tokenize(pairs, s.tok, run_cfg.max_length),
                                task=lambda name: s.lm_tasks[name],
                                autocast=autocast_factory(s.device, s.autocast), sharded=s.sharded)
-        model = M.call(meth, "setup", copy.deepcopy(s.base_model), run_ctx)
+        model = call_hook(meth, "setup", copy.deepcopy(s.base_model), run_ctx)
         if s.sharded:
             model = fsdp.shard(model, s.device, s.autocast)
         else:
@@ -175,7 +175,7 @@ class Job:
                             f"{stats['steps']} from its checkpoint inside the stage")
         if s.tracker is not None and "schedule" in stats:
             s.tracker.log_schedule(self.name, self.seed, t, stats["schedule"])
-        stats["per_rank"] = D.gather({**stats.pop("state_bytes"), "method_state": method_state_bytes(meth, model),
+        stats["per_rank"] = collectives.gather({**stats.pop("state_bytes"), "method_state": method_state_bytes(meth, model),
                                       "peak_mem_mb": pm.peak_mb})
         return model, stats, seconds, pm.peak_mb
 
@@ -185,7 +185,7 @@ class Job:
         every = self.s.cfg.checkpoint_steps
         if not every:
             return None
-        why = M.call(meth, "step_resume_refusal")
+        why = call_hook(meth, "step_resume_refusal")
         if why:
             if t == 1:
                 self.s.console.print(f"{escape(self.tag())} checkpoint_steps: not used, a stage restarts from its "
@@ -205,14 +205,14 @@ class Job:
                       for n in s.pl.eval_names}
         scores = es = None
         with fsdp.unsharded(model):  # a sharded model is gathered on every rank, which evaluates its share
-            parallel = everywhere and D.world_size() > 1
-            if parallel or D.is_main():
+            parallel = everywhere and collectives.world_size() > 1
+            if parallel or collectives.is_main():
                 scores, samples, es = s.evaluate(model, self.seed, limits, data_parallel=parallel)
-            if D.is_main():
+            if collectives.is_main():
                 if cfg.eval.log_samples:
-                    results.write_samples(s.out / "samples" / self.name / f"seed{self.seed}" / folder, samples)
+                    contract.write_samples(s.out / "samples" / self.name / f"seed{self.seed}" / folder, samples)
         if everywhere:
-            scores, es = D.broadcast((scores, es))
+            scores, es = collectives.broadcast((scores, es))
         return scores, es
 
     def add_row(self, stage, trained, scores: dict) -> None:
@@ -224,7 +224,7 @@ class Job:
     def finish_stage(self, meth, model, entry: dict, scores: dict, log: CostLog, mode: str) -> None:
         """After a stage: check that every rank agrees, record it, write the results files, then log it."""
         log.stages.append(entry)
-        D.check_ranks(self.tag(), model, lambda: M.call(meth, "state_dict"), entry)
+        collectives.check_ranks(self.tag(), model, lambda: call_hook(meth, "state_dict"), entry)
         # recorded first: the summary line means the stage is safely in the run directory
         self.record(meth, model, log, mode, merges_pending=bool(self.spec.merge))
         StepCheckpoints(self.ckpt_dir, entry["stage"], 1).remove()  # the stage is recorded: its step checkpoint goes
@@ -246,7 +246,7 @@ class Job:
         """What merging needs of stage t: the model's effective weights (adapters merged in) as a diff
         against the base model, kept until the run directory is deleted."""
         state = fsdp.effective_state(model, self.s.base_model) if self.s.sharded else merging.effective_state(model)
-        if D.is_main():
+        if collectives.is_main():
             checkpoint.save_state_diff(self.ckpt_dir / f"taskvec{t}.pt",
                                        checkpoint.state_diff(state, self.s.base_model.state_dict(), copy=False))
 
@@ -266,7 +266,7 @@ def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     cfg = pl.cfg
-    console = console or Console(stderr=True, quiet=not D.is_main())
+    console = console or Console(stderr=True, quiet=not collectives.is_main())
     quiet_libraries()
     out = rundir.path
     out.mkdir(parents=True, exist_ok=True)
@@ -278,14 +278,14 @@ def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) 
     t0 = time.perf_counter()
     defs = [pl.task_defs[n] for n in pl.eval_names]
     for turn in ("main", "others"):  # rank 0 first: it fills the caches (model conversion, datasets) alone
-        if (turn == "main") == D.is_main():
+        if (turn == "main") == collectives.is_main():
             base_model, tok, desc = models.resolve(cfg.model, pl.cache)
-            lm_tasks = taskcat.build_lm_eval_tasks(defs, pl.cache)
-        D.barrier()
+            lm_tasks = clbench.data.tasks.build_lm_eval_tasks(defs, pl.cache)
+        collectives.barrier()
     sharded = fsdp.requested(cfg)
     if not sharded:  # sharded: the base stays on the CPU; each method's copy is sharded onto the devices
         base_model.to(device)
-    pairs = {n: taskcat.run_examples(lm_tasks[n], tok, cfg) for n in pl.task_names}
+    pairs = {n: clbench.data.tasks.run_examples(lm_tasks[n], tok, cfg) for n in pl.task_names}
     console.print(f"loaded model and {len(defs)} tasks in {time.perf_counter() - t0:.1f}s "
                   f"(train examples: {', '.join(f'{n}={len(p)}' for n, p in pairs.items())})")
 
@@ -299,16 +299,16 @@ def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) 
     base_scores = rec.base_scores() if resumed else None
     if base_scores is None:
         base_scores, samples, base_eval_s = _evaluate_base(s)  # every rank: its share of the documents
-        base_scores, base_eval_s = D.broadcast((base_scores, base_eval_s))
-        if cfg.eval.log_samples and D.is_main():
-            results.write_samples(out / "samples" / "base" / "stage0", samples)
+        base_scores, base_eval_s = collectives.broadcast((base_scores, base_eval_s))
+        if cfg.eval.log_samples and collectives.is_main():
+            contract.write_samples(out / "samples" / "base" / "stage0", samples)
         console.print(f"base model: {_fmt_scores(base_scores)} ({base_eval_s:.1f}s)")
     else:
         base_eval_s = 0.0
         console.print(f"resuming {out}: base row and completed stages taken from the run directory")
     s.base_scores, s.base_eval_s = base_scores, base_eval_s
 
-    s.tracker = open_trackers(cfg, out) if D.is_main() else Tracker()
+    s.tracker = open_trackers(cfg, out) if collectives.is_main() else Tracker()
     s.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console, transient=True)
     with s.progress, s.tracker:
@@ -321,7 +321,7 @@ def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) 
 def _evaluate_base(s: Session):
     """Row 0, data-parallel over the ranks (every rank holds the base model). Sharded runs keep the
     base model on the CPU: it visits the device for this."""
-    parallel = D.world_size() > 1
+    parallel = collectives.world_size() > 1
     if not s.sharded:
         return s.evaluate(s.base_model, 0, data_parallel=parallel)
     try:
@@ -478,7 +478,7 @@ def _run_merges(job: Job, mode: str) -> float:
     `merged:<label>`. Returns the evaluation seconds."""
     s = job.s
     s.rec.drop_extra(job.name, job.seed)
-    if not D.is_main():  # merging trains nothing: rank 0 does it alone and writes the rows
+    if not collectives.is_main():  # merging trains nothing: rank 0 does it alone and writes the rows
         return 0.0
     n = len(s.pl.task_names)
     # read tensor by tensor while merging: memory stays the model plus a few tensors, whatever n

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clbench import method as M
+from clbench.method import call_hook, load_builtin_methods, load_method_file, make_method
 from clbench import paths
 from clbench.config import RunConfig
 from clbench.data import datacheck
-from clbench.data import tasks as taskcat
+from clbench.data.tasks import TaskDef, hub_task, load_streams, load_tasks, resolve_stream, twin_name
 from clbench.data.presets import config_data_root
 from clbench.distributed import fsdp
 from clbench.errors import ConfigError
@@ -26,7 +26,7 @@ class Plan:
     config_dir: Path
     cache: Path
     task_names: list[str]
-    task_defs: dict[str, taskcat.TaskDef]
+    task_defs: dict[str, TaskDef]
     method_specs: list = field(default_factory=list)
     heldout: list[str] = field(default_factory=list)
     # eval.other_kind: each stream task's twin of the other kind, in stream order (empty when off)
@@ -45,25 +45,25 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
     cache = paths.cache_dir(cfg.cache_dir)
     paths.set_offline_env(cache, cfg.offline)
     models.check(cfg.model, cache, cfg.offline)
-    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+    load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     for f in cfg.method_files:
-        M.load_method_file((config_dir / f).resolve())
-    made = [M.make(spec.name, spec.options, where=f"methods.{i}") for i, spec in enumerate(cfg.methods)]  # validates
+        load_method_file((config_dir / f).resolve())
+    made = [make_method(spec.name, spec.options, where=f"methods.{i}") for i, spec in enumerate(cfg.methods)]  # validates
     check_fsdp(cfg, made)
 
     root = config_data_root(cfg, config_dir)  # where a preset's release is read from
     dirs = [(config_dir / d).resolve() for d in cfg.task_dirs]
-    task_defs = taskcat.load_tasks(dirs)
+    task_defs = load_tasks(dirs)
     for i, meth in enumerate(made):  # tasks a method reads besides the stream (e.g. replay's general data)
         for n in meth.needs_tasks():
             if n not in task_defs:
                 raise ConfigError(f"methods.{i} ({cfg.methods[i].name}) needs task {n!r}, which does not exist; "
                                   f"available: {', '.join(sorted(task_defs))}")
             task_defs[n].check_data(cache, data_root=root)
-    streams = taskcat.load_streams(dirs, task_defs)
-    names = taskcat.resolve_stream(cfg, task_defs, streams)
+    streams = load_streams(dirs, task_defs)
+    names = resolve_stream(cfg, task_defs, streams)
     for i, meth in enumerate(made):  # a method that cannot act on this stream says why (Method.stream_refusal)
-        why = M.call(meth, "stream_refusal", {n: task_defs[n].lm_eval.get("output_type", "generate_until") for n in names})
+        why = call_hook(meth, "stream_refusal", {n: task_defs[n].lm_eval.get("output_type", "generate_until") for n in names})
         if why:
             raise ConfigError(f"methods.{i} ({cfg.methods[i].name}): {why}")
     for n in names:
@@ -79,7 +79,7 @@ def plan(cfg: RunConfig, config_dir: Path) -> Plan:
                           f"{', '.join(sorted(task_defs))}, or `general` (every built-in held-out task). lm-eval's "
                           "standard tasks (arc_easy, hellaswag, ...) load from the hub: set `offline: false`")
     for n in unknown:  # offline: false: lm-eval's own task of that name, data from the hub
-        task_defs[n] = taskcat.hub_task(n)
+        task_defs[n] = hub_task(n)
     both = sorted(set(heldout) & set(names))
     if both:
         raise ConfigError(f"task(s) {', '.join(both)} are both in the stream and held out: a held-out task is never trained")
@@ -100,7 +100,7 @@ def other_kind_tasks(names: list[str], heldout: list[str], task_defs: dict) -> l
     multiple choice), checked to exist, to be the other kind, and to be neither trained nor held out."""
     out = []
     for n in names:
-        t = taskcat.twin_name(n)
+        t = twin_name(n)
         kind = task_defs[n].lm_eval.get("output_type")
         if kind not in KINDS:
             raise ConfigError(f"eval.other_kind: task {n!r} is {kind}; only generation and multiple-choice tasks "
@@ -124,7 +124,7 @@ def check_fsdp(cfg: RunConfig, made: list) -> None:
     if not fsdp.requested(cfg):
         return
     for i, meth in enumerate(made):
-        reason = M.call(meth, "fsdp_refusal")
+        reason = call_hook(meth, "fsdp_refusal")
         if reason:
             raise ConfigError(f"methods.{i} ({cfg.methods[i].name}) cannot run with distributed.strategy fsdp: {reason}")
 
@@ -159,14 +159,14 @@ def tasks_to_prepare(cfg: RunConfig | None, tasks: dict, streams: dict, names: l
             raise ConfigError(f"unknown stream {sname!r}; available: {', '.join(sorted(streams))}")
         out = list(dict.fromkeys(n for order in streams[sname]["orders"].values() for n in order))
     elif cfg and cfg.tasks:
-        out = [n for n in taskcat.resolve_stream(cfg, tasks, streams) if not tasks[n].hub]
+        out = [n for n in resolve_stream(cfg, tasks, streams) if not tasks[n].hub]
     else:
         out = list(dict.fromkeys(n for s in streams.values() if not s.get("preset") for o in s["orders"].values()
                                  for n in o))
     if cfg and cfg.heldout and not names:
         out = list(dict.fromkeys(out + [n for n in expand_heldout(cfg.heldout, tasks) if n in tasks]))
     if cfg and cfg.eval.other_kind and not names:
-        out = list(dict.fromkeys(out + [taskcat.twin_name(n) for n in out if taskcat.twin_name(n) in tasks]))
+        out = list(dict.fromkeys(out + [twin_name(n) for n in out if twin_name(n) in tasks]))
     unknown = [n for n in out if n not in tasks]
     if unknown:
         raise ConfigError(f"unknown task(s) {unknown}; available: {', '.join(sorted(tasks))}")

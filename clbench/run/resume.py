@@ -24,8 +24,8 @@ import shutil
 from pathlib import Path
 
 from clbench import checkpoint
-from clbench import method as M
-from clbench.distributed import collectives as D
+from clbench.method import call_hook
+from clbench.distributed import collectives
 from clbench.distributed import fsdp
 
 
@@ -65,7 +65,7 @@ class StageCheckpoints:
     def _delete(self, t: int) -> None:
         p = self.path(t)
         if self.sharded:
-            if D.is_main():
+            if collectives.is_main():
                 shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
@@ -90,7 +90,7 @@ class StageCheckpoints:
                 self.job.s.console.print(f"{self.job.tag()} stage checkpoint {self.path(k)} cannot be read "
                                          f"({type(e).__name__}: {why}); deleted it, resuming from an earlier stage",
                                          soft_wrap=True)
-                D.barrier()  # every rank has read it before rank 0 deletes it
+                collectives.barrier()  # every rank has read it before rank 0 deletes it
                 self._delete(k)
                 continue
             self._loaded, self.last = (k, ck), k
@@ -108,7 +108,7 @@ class StageCheckpoints:
         else:
             checkpoint.apply_diff(model, self.reference, ck["diff"])
         if ck.get("method") is not None:
-            M.call(meth, "load_state_dict", ck["method"])
+            call_hook(meth, "load_state_dict", ck["method"])
         checkpoint.set_rng_state(ck["rng"])
         # written while stage k was evaluated: its evaluation time is in the results
         ev = ck["eval_seconds"] if "eval_seconds" in ck else ck["eval_seconds_before"] + prev_stages[k - 1]["eval_seconds"]
@@ -117,10 +117,10 @@ class StageCheckpoints:
     def start_save(self, t: int, model, meth, log, secs: float, peak: float):
         """Start writing stage t's checkpoint (or not, by the policy); `log` holds the costs before
         stage t, `secs`/`peak` stage t's training. Returns the pending save or None."""
-        if not self.enabled or not (self.sharded or D.is_main()):
+        if not self.enabled or not (self.sharded or collectives.is_main()):
             return None
         if self.sharded:  # every rank takes part in the write: rank 0's clock decides for all
-            secs = D.broadcast(secs)
+            secs = collectives.broadcast(secs)
         if self.cfg.keep_checkpoints == "last":
             if t == self.n and not self.job.spec.merge:
                 return None  # the last stage completes the method: nothing will resume from its checkpoint
@@ -130,12 +130,12 @@ class StageCheckpoints:
         extra = {"train_seconds": log.train_s + secs, "eval_seconds_before": log.eval_s, "peak_mem_mb": max(log.peak, peak),
                  "stage": t}
         if self.sharded:
-            return _Written(fsdp.save_checkpoint(self.path(t), model, M.call(meth, "state_dict"), extra))
-        return checkpoint.save_in_background(self.path(t), model, self.reference, M.call(meth, "state_dict"), extra)
+            return _Written(fsdp.save_checkpoint(self.path(t), model, call_hook(meth, "state_dict"), extra))
+        return checkpoint.save_in_background(self.path(t), model, self.reference, call_hook(meth, "state_dict"), extra)
 
     def stage_done(self, t: int, seconds: float, pending) -> None:
         if self.sharded:
-            seconds = D.broadcast(seconds)
+            seconds = collectives.broadcast(seconds)
         self.since = 0.0 if pending is not None else self.since + seconds
 
     def stage_recorded(self, t: int, pending) -> None:
@@ -148,6 +148,6 @@ class StageCheckpoints:
 
     def method_complete(self) -> None:
         """A complete method is never resumed: with keep last its stage checkpoints go."""
-        if self.enabled and self.cfg.keep_checkpoints == "last" and D.is_main():
+        if self.enabled and self.cfg.keep_checkpoints == "last" and collectives.is_main():
             for t in range(1, self.n + 1):
                 self._delete(t)

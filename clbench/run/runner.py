@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from clbench.distributed import collectives as D
+from clbench.distributed import collectives
 from clbench.errors import ClbenchError, RunDirError
 from clbench.files import remove_unfinished_writes
 from clbench.results.resultcheck import check_data, data_fingerprint, verify_results
@@ -20,14 +20,14 @@ from clbench.runtime import select_device, wants_cpu
 def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = False, allow_data_change: bool = False):
     from rich.console import Console
 
-    D.init(cpu=wants_cpu(pl.cfg))
+    collectives.init(cpu=wants_cpu(pl.cfg))
     device, autocast = select_device(pl.cfg)
-    console = Console(stderr=True, quiet=not D.is_main())
+    console = Console(stderr=True, quiet=not collectives.is_main())
     rd = RunDir(out)
     # One process owns the run directory; with several (accelerate launch / torchrun) that is rank 0.
-    with rd.lock() if D.is_main() else contextlib.nullcontext():
+    with rd.lock() if collectives.is_main() else contextlib.nullcontext():
         changes = err = None
-        if D.is_main():
+        if collectives.is_main():
             try:
                 changes = rd.check_config(pl.cfg, fresh, allow_changes)
                 for f in remove_unfinished_writes(out):
@@ -44,22 +44,22 @@ def execute(pl: Plan, out: Path, fresh: bool = False, allow_changes: bool = Fals
                     console.print("data changed (--allow-data-change, recorded in results.json data_changes): "
                                   + "; ".join(data_changed), soft_wrap=True)
             except ClbenchError as e:
-                if not D.enabled():
+                if not collectives.enabled():
                     raise
                 err = str(e)
-        changes, err = D.broadcast((changes, err))
+        changes, err = collectives.broadcast((changes, err))
         if err:  # every rank stops, not only rank 0
             raise RunDirError(err)
-        if D.is_main():
+        if collectives.is_main():
             if changes:
                 rd.record_config_change(pl.cfg, changes)
                 console.print(f"config changed ({len(changes)} difference(s), recorded in results.json config_changes): "
                               + "; ".join(changes[:5]), soft_wrap=True)
             rd.write_config(pl.cfg)
         rec = run(pl, rd, device, autocast, console)
-    if D.is_main():
+    if collectives.is_main():
         print_results(rec, Console(width=max(120, Console().width)))
-    D.finish()
+    collectives.finish()
     return rec
 
 

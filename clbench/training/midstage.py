@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from clbench import checkpoint
-from clbench.distributed import collectives as D
+from clbench.distributed import collectives
 
 
 class StepCheckpoints:
@@ -56,18 +56,18 @@ class StepCheckpoints:
 
             msd, osd = get_state_dict(model, opt)
             tmp = self.folder / f".clbench-tmp-stage{self.stage}.steps.dcp"
-            if D.is_main():
+            if collectives.is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
-            D.barrier()
+            collectives.barrier()
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-            D.barrier()
-            if D.is_main():
+            collectives.barrier()
+            if collectives.is_main():
                 checkpoint.save_atomic(tmp / "meta.pt", meta)
                 shutil.rmtree(self.dcp, ignore_errors=True)
                 tmp.rename(self.dcp)
-            D.barrier()
+            collectives.barrier()
             return
-        if D.is_main():
+        if collectives.is_main():
             checkpoint.save_atomic(self.path, {**meta, "model": model.state_dict(), "optim": opt.state_dict()})
 
     def load(self, model, opt, sched, total: int) -> dict | None:
@@ -99,6 +99,6 @@ class StepCheckpoints:
         return meta
 
     def remove(self) -> None:
-        if D.is_main():
+        if collectives.is_main():
             self.path.unlink(missing_ok=True)
             shutil.rmtree(self.dcp, ignore_errors=True)

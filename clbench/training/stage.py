@@ -17,18 +17,18 @@ import contextlib
 
 import torch
 
-from clbench import method as M
+from clbench.method import MethodError, RunContext, Stage, call_hook
 from clbench.config import TrainOverrides
 from clbench.runtime import Runtime, derive_seed
 from clbench.training.train import num_steps, train_stage
 
 
 def stage_seed(seed: int, stage: int) -> int:
-    """The seed of stage `stage` of a (method, seed) run: its batch order and the loop's RNG."""
+    """The seed of stage `stage` of one (method, seed): its batch order and the loop's RNG."""
     return derive_seed(seed, stage)
 
 
-def start_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str, rt: Runtime):
+def start_stage(model, method, examples, cfg, run: RunContext, t: int, task: str, rt: Runtime):
     """Everything of stage t before its training: the seeded stage view (whose calibrate() runs
     the loop's training loop densely on the stage's examples), the method's stage_examples and
     stage_start. Returns (model, stage view); the stage's examples are `stage.examples`."""
@@ -42,19 +42,19 @@ def start_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: s
                            desc=f"{run.method} seed {run.seed} stage {t} {desc}", dense=True)
 
     gen = torch.Generator().manual_seed(stage_seed(run.seed, t))
-    stage = M.Stage(stage=t, task=task, seed=run.seed, run=run, train_config=cfg, generator=gen, examples=examples,
+    stage = Stage(stage=t, task=task, seed=run.seed, run=run, train_config=cfg, generator=gen, examples=examples,
                     total_steps=num_steps(cfg, len(examples)) if examples else 0, calibrate=calibrate)
     holder["stage"] = stage
-    changed = M.call(method, "stage_examples", model, stage)
+    changed = call_hook(method, "stage_examples", model, stage)
     if changed is not None:
         if not changed:
-            raise M.MethodError(f"method {run.method!r}, hook stage_examples returned no examples for stage {t} ({task})")
+            raise MethodError(f"method {run.method!r}, hook stage_examples returned no examples for stage {t} ({task})")
         stage = stage.replace(examples=changed, total_steps=num_steps(cfg, len(changed)))
         holder["stage"] = stage
-    return M.call(method, "stage_start", model, stage), stage
+    return call_hook(method, "stage_start", model, stage), stage
 
 
-def run_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str, rt: Runtime, *, on_step=None,
+def run_stage(model, method, examples, cfg, run: RunContext, t: int, task: str, rt: Runtime, *, on_step=None,
               desc: str | None = None, step_checkpoints=None):
     """Stage t of `method` on `examples` (clbench.training.train.Example) with train config `cfg` on the
     runtime `rt` (clbench.runtime.Runtime): start_stage, the one training loop, stage_end. Returns
@@ -63,8 +63,8 @@ def run_stage(model, method, examples, cfg, run: M.RunContext, t: int, task: str
     stats = train_stage(model, method, list(stage.examples), cfg, stage, rt,
                         desc=desc or f"{run.method} seed {run.seed} stage {t} {task}", on_step=on_step,
                         step_checkpoints=step_checkpoints)
-    model = M.call(method, "stage_end", model, stage)
-    measured = M.call(method, "stage_stats", stage)  # the method's own diagnostics (results.json: method_stats)
+    model = call_hook(method, "stage_end", model, stage)
+    measured = call_hook(method, "stage_stats", stage)  # the method's own diagnostics (results.json: method_stats)
     if measured:
         stats["method_stats"] = {k: float(v) for k, v in measured.items()}
     return model, stats, stage

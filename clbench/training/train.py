@@ -19,9 +19,9 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from clbench import interrupt
-from clbench import method as M
+from clbench.method import call_hook, default_param_groups
 from clbench.data.examples import IGNORE, Example, collate, tokenize  # noqa: F401  (their former home: clbench.train.Example ...)
-from clbench.distributed import collectives as D
+from clbench.distributed import collectives
 from clbench.errors import TrainingError  # noqa: F401  (raised here; clbench.training.train.TrainingError for users)
 from clbench.method import adapters
 from clbench.method.lm import Forward, head_logits, lm_loss, split_head, target_logits  # noqa: F401  (their former home: clbench.train.lm_loss ...)
@@ -45,7 +45,7 @@ OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 def optimizer_choice(method, cfg) -> str:
     """The stage's optimizer: the config's `train.optimizer` where set (globally, per method or
     per stage), else the one the method names (Method.optimizer_name: its paper's code), else AdamW."""
-    return cfg.optimizer or M.call(method, "optimizer_name") or "adamw"
+    return cfg.optimizer or call_hook(method, "optimizer_name") or "adamw"
 
 
 def make_optimizer(groups, cfg, name: str = "adamw"):
@@ -91,8 +91,8 @@ def train_stage(model, method, examples: list[Example], cfg, stage, rt: Runtime,
         raise TrainingError(f"stage {stage.stage} ({stage.task}): no training examples")
     name = getattr(method, "name", "?")
     model.train()
-    groups = None if dense else M.call(method, "param_groups", model, stage)
-    groups = groups or M.default_param_groups(model, cfg.weight_decay)
+    groups = None if dense else call_hook(method, "param_groups", model, stage)
+    groups = groups or default_param_groups(model, cfg.weight_decay)
     if not any(g["params"] for g in groups):
         raise TrainingError(f"stage {stage.stage}: method {name!r} gave the optimizer no parameters")
     opt_name = optimizer_choice(method, cfg)
@@ -105,7 +105,7 @@ def train_stage(model, method, examples: list[Example], cfg, stage, rt: Runtime,
     saved = (clock.step, clock.lr)
     batches = batch_stream(examples, min(cfg.batch_size, len(examples)), stage.generator)
     params = [p for g in groups for p in g["params"]]
-    multi, world = D.enabled(), D.world_size()
+    multi, world = collectives.enabled(), collectives.world_size()
     sharded = isinstance(model, FSDPModule)  # clbench.distributed.fsdp: FSDP's reduce-scatter sums the gradients in backward
     losses: list[float] = []
     first, before = 0, 0.0  # a stage resumed inside: the steps taken and the seconds spent before
@@ -125,8 +125,8 @@ def train_stage(model, method, examples: list[Example], cfg, stage, rt: Runtime,
         for i in range(cfg.grad_accum):
             whole = next(batches)  # the global micro-batch: the batch hook sees it on every rank (replay, EWC)
             if not dense:
-                whole = M.call(method, "batch", whole, stage) or whole
-            micro, rows = D.shard(whole), D.shard(list(range(len(whole))))  # rows: indices in the global batch
+                whole = call_hook(method, "batch", whole, stage) or whole
+            micro, rows = collectives.shard(whole), collectives.shard(list(range(len(whole))))  # rows: indices in the global batch
             batch = {k: v.to(rt.device) for k, v in collate(micro, rt.pad_id).items()}
             key = derive_seed(derive_seed(stage.seed, stage.stage, int(dense)), step, i)  # dropout masks by example
             with rt.autocast():
@@ -135,12 +135,12 @@ def train_stage(model, method, examples: list[Example], cfg, stage, rt: Runtime,
                 loss = out.loss
                 if multi:  # this rank's share of the global batch's token-mean (see clbench.distributed)
                     n_local = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float32)
-                    loss = loss * (n_local / D.all_reduce_sum(n_local.clone()).clamp(min=1))
-                extra = None if dense else M.call(method, "extra_loss", model, batch, stage, out)
+                    loss = loss * (n_local / collectives.all_reduce_sum(n_local.clone()).clamp(min=1))
+                extra = None if dense else call_hook(method, "extra_loss", model, batch, stage, out)
                 if extra is not None:
                     loss = loss + (extra / world if multi else extra)
             del out
-            value = D.all_reduce_sum(loss.detach().float().clone()) if multi else loss.detach()
+            value = collectives.all_reduce_sum(loss.detach().float().clone()) if multi else loss.detach()
             if not torch.isfinite(value):  # after the all-reduce, so every rank stops together
                 raise TrainingError(
                     f"non-finite loss ({value.item()}) at stage {stage.stage} ({stage.task}), step {step + 1}, "
@@ -150,15 +150,15 @@ def train_stage(model, method, examples: list[Example], cfg, stage, rt: Runtime,
             (loss / cfg.grad_accum).backward()
             step_loss += value.item() / cfg.grad_accum
         if multi and not sharded:  # the global batch's gradient on every rank, before any method looks at it
-            D.sum_gradients(list(dict.fromkeys([*model.parameters(), *params])))
+            collectives.sum_gradients(list(dict.fromkeys([*model.parameters(), *params])))
         if not dense:
-            M.call(method, "after_backward", model, stage)
+            call_hook(method, "after_backward", model, stage)
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
         opt.step()
         sched.step()
         if not dense:
-            M.call(method, "after_step", model, stage)
+            call_hook(method, "after_step", model, stage)
         if step + 1 == total:
             held = state_bytes(model, opt)
         opt.zero_grad(set_to_none=True)

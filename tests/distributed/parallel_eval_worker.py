@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from clbench.data import tasks as taskcat
-from clbench.distributed import collectives as D
+from clbench.distributed import collectives
 from clbench.run import models
 from clbench.run.evaluate import evaluate
 from clbench.runtime import Runtime
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def main(out: str) -> None:
     torch.set_num_threads(1)
-    D.init_group(torch.device("cpu"))
+    collectives.init_group(torch.device("cpu"))
     model, tok, _ = models.resolve("tiny")
     defs = taskcat.load_tasks([REPO / "configs" / "tiny_tasks"])
     names = ["tiny_parity", "tiny_copy"]
@@ -29,17 +29,17 @@ def main(out: str) -> None:
     rt, kw = Runtime(torch.device("cpu")), dict(batch_size=4, limit=7, log_samples=True)
     scores, samples, _ = evaluate(model, tok, lm_tasks, primary, rt, data_parallel=True, **kw)
     mine = {n: sorted({i.doc_id for i in lm_tasks[n].instances}) for n in names}  # what this rank scored
-    ranks = D.gather(mine)
-    if D.is_main():
+    ranks = collectives.gather(mine)
+    if collectives.is_main():
         alone, alone_samples, _ = evaluate(model, tok, lm_tasks, primary, rt, data_parallel=False, **kw)
         Path(out).write_text(json.dumps({
-            "world": D.world_size(), "ranks": ranks, "parallel": scores, "alone": alone,
+            "world": collectives.world_size(), "ranks": ranks, "parallel": scores, "alone": alone,
             "parallel_samples": {n: [{k: s[k] for k in ("doc_id", "filter", "resps", "filtered_resps")} for s in v]
                                  for n, v in samples.items()},
             "alone_samples": {n: [{k: s[k] for k in ("doc_id", "filter", "resps", "filtered_resps")} for s in v]
                               for n, v in alone_samples.items()},
         }, default=str))
-    D.barrier()
+    collectives.barrier()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from clbench import method as M
+from clbench.method import RunContext, call_hook, count_trainable, load_method_file, make_method
 from clbench.config import MergeSpec, TrainConfig
 from clbench.method import merging
 from clbench.run import models
@@ -17,7 +17,7 @@ from conftest import REPO, two_stage_run_and_resume
 from harness import CPU, bits, compare, fresh, one_stage, parity, stage_view
 
 for _f in ("olora", "ewc", "replay", "lota", "lora"):
-    M.load_method_file(REPO / "methods" / f"{_f}.py")
+    load_method_file(REPO / "methods" / f"{_f}.py")
 from clbench_builtin.methods import olora as olora_mod  # noqa: E402  (after the loads above)
 from clbench_builtin.methods import lota as lota_mod  # noqa: E402  (after the loads above)
 
@@ -252,13 +252,13 @@ def test_ewc_fisher_is_the_mean_squared_per_example_gradient(tok, data):
         assert (fisher[k] >= 0).all()
     # nonzero where gradients flowed (in this model every tensor gets a gradient)
     assert all(float(f.sum()) > 0 for f in fisher.values())
-    norm = M.make("ewc", {"normalize": "max"})  # fisher_source sample: the stage's 3 examples, all drawn
+    norm = make_method("ewc", {"normalize": "max"})  # fisher_source sample: the stage's 3 examples, all drawn
     norm.pad_id = tok.pad_token_id
     norm.stage_end(model, stage_view(None, 1, TrainConfig(batch_size=3), examples=parity[:3]))
     assert norm.stats[0]["samples"] == 3
     assert max(float(f.max()) for f in norm.fisher.values()) == 1.0
     torch.testing.assert_close(norm.fisher[name := "model.norm.weight"], fisher[name] / norm.stats[0]["max"])
-    fb, nb = M.make("ewc", {"fisher_mode": "batch"}).compute_fisher(model, [batch, batch])
+    fb, nb = make_method("ewc", {"fisher_mode": "batch"}).compute_fisher(model, [batch, batch])
     assert nb == 2
     model.zero_grad()
     T.lm_loss(model, batch).backward()
@@ -297,7 +297,7 @@ def test_ewc_penalty_zero_at_anchor_and_online_fisher_and_resume(tok, data):
 
     # resume: a fresh EWC from state_dict, on the restored weights, gives the same penalty
     state = meth.state_dict()
-    again = M.make("ewc", {"ewc_lambda": 50.0, "gamma": 0.5, "fisher_batches": 2})
+    again = make_method("ewc", {"ewc_lambda": 50.0, "gamma": 0.5, "fisher_batches": 2})
     again.load_state_dict(state)
     again.stage_start(model, stage_view(run, 2, cfg))
     with torch.no_grad():
@@ -409,19 +409,19 @@ def test_replay_wraps_a_base_method(tok, data):
     model, _, _ = one_stage(meth, model, run, tok, compare, cfg, 2)
     # what the results record: the base method's count, here LoRA's adapter entries
     lora_entries = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    recorded = M.call(meth, "trainable_params", model)
-    assert (M.count_trainable(model) if recorded is None else recorded) == lora_entries > 0
-    assert M.count_trainable(model) < 0.2 * sum(p.numel() for p in model.parameters())
+    recorded = call_hook(meth, "trainable_params", model)
+    assert (count_trainable(model) if recorded is None else recorded) == lora_entries > 0
+    assert count_trainable(model) < 0.2 * sum(p.numel() for p in model.parameters())
     with pytest.raises(Exception, match="unknown method"):
-        M.make("replay", {"base": "no_such_method"})
+        make_method("replay", {"base": "no_such_method"})
     with pytest.raises(Exception, match=r"replay base \(lora options\)"):
-        M.make("replay", {"base": "lora", "base_options": {"r": -1}})
+        make_method("replay", {"base": "lora", "base_options": {"r": -1}})
 
 
 def test_replay_of_general_data_from_stage_one(tok, data, monkeypatch):
     parity, compare = data
     torch.manual_seed(0)
-    meth = M.make("replay", {"m": 6, "ratio": 0.25, "general_task": "gen", "general_m": 5})
+    meth = make_method("replay", {"m": 6, "ratio": 0.25, "general_task": "gen", "general_m": 5})
     assert meth.needs_tasks() == ["gen"]  # the loop checks it exists before the run
     asked = []
 
@@ -429,7 +429,7 @@ def test_replay_of_general_data_from_stage_one(tok, data, monkeypatch):
         asked.append(task)
         return compare
 
-    run = M.RunContext(method="replay", seed=0, tasks=["t1", "t2"], device=CPU, tokenizer=tok, examples=examples)
+    run = RunContext(method="replay", seed=0, tasks=["t1", "t2"], device=CPU, tokenizer=tok, examples=examples)
     model = meth.setup(models.build_tiny_model(0, len(tok)), run)
     assert asked == ["gen"] and len(meth.general) == 5 and all(ex in compare for ex in meth.general)
     cfg = TrainConfig(lr=1e-2, steps=2, batch_size=6)
@@ -449,7 +449,7 @@ def test_replay_of_general_data_from_stage_one(tok, data, monkeypatch):
     pooled = {t for s, _, tasks in draws if s == 2 for t in tasks}
     assert pooled <= {"general:gen", "t1"} and pooled  # stage 2 draws from task 1's buffer and the general data
     # seeded: a second setup keeps the same general examples
-    again = M.make("replay", {"m": 6, "general_task": "gen", "general_m": 5})
+    again = make_method("replay", {"m": 6, "general_task": "gen", "general_m": 5})
     again.setup(models.build_tiny_model(0, len(tok)), run)
     assert again.general == meth.general
 

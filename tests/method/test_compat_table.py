@@ -11,7 +11,7 @@ from pathlib import Path
 import test_distributed
 import test_fsdp
 import test_fsdp_methods
-from clbench import method as M
+from clbench.method import call_hook, load_builtin_methods, make_method
 from clbench import paths
 from clbench.method import registry
 from conftest import REPO
@@ -34,7 +34,7 @@ def table() -> dict[str, tuple[str, str]]:
 
 def builtin() -> set[str]:
     """The registered names of the methods in methods/ (other tests register their own)."""
-    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+    load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     here = paths.BUILTIN_METHODS_DIR.resolve()
     files = {n: getattr(sys.modules.get(c.__module__), "__file__", None) for n, c in registry._REGISTRY.items()}
     return {n for n, f in files.items() if f and Path(f).resolve().parent == here}
@@ -47,14 +47,14 @@ def test_the_table_is_what_every_method_declares_and_what_the_tests_run():
     ddp_run = {m["name"] for m in test_distributed.METHODS}
     fsdp_run = {m["name"] for m in test_fsdp.METHODS} | {m["name"] for m in test_fsdp_methods.SHARDED}
     for name, (ddp, fsdp) in rows.items():
-        meth = M.make(name, {})
+        meth = make_method(name, {})
         same_names = {n for n in names if registry._REGISTRY[n] is registry._REGISTRY[name]}  # an alias (bone: miss)
-        why = M.call(meth, "world_size_dependent")
+        why = call_hook(meth, "world_size_dependent")
         if why:
             assert ddp == f"depends on N: {why}", name
         else:
             assert ddp == SAME + ("" if same_names & ddp_run else " (not run at 2 processes by the tests)"), name
-        refusal = M.call(meth, "fsdp_refusal")
+        refusal = call_hook(meth, "fsdp_refusal")
         if refusal:
             assert fsdp == f"refused: {refusal}", name
         elif why:  # sharded it splits the batch as replicated does: tested against ddp at the same N

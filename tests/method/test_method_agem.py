@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.training.stage import start_stage
 import clbench.training.train as T
@@ -19,7 +19,7 @@ from conftest import REPO, two_stage_run_and_resume
 from harness import bits, compare, cpu_rt, fresh, one_stage, parity
 
 for _f in ("agem", "full_ft"):
-    M.load_method_file(REPO / "methods" / f"{_f}.py")
+    load_method_file(REPO / "methods" / f"{_f}.py")
 
 PARITY = parity(16)
 COMPARE = compare(16)
@@ -166,7 +166,7 @@ def test_state_dict_round_trip_keeps_the_memory(stage2):
     buf = io.BytesIO()
     torch.save(meth.state_dict(), buf)
     buf.seek(0)
-    other = M.make("agem", {"m": 6, "ref_batch_size": 64})
+    other = make_method("agem", {"m": 6, "ref_batch_size": 64})
     other.load_state_dict(torch.load(buf, weights_only=False))
     assert other.memory == meth.memory and other.memory["t1"]
     g = [-r + 0.3 * n for r, n in zip(ref, new)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from clbench import method as M
+from clbench.method import RunContext, Stage, call_hook, get, load_builtin_methods, make_method
 from clbench.config import TrainConfig
 from clbench.run import models
 from clbench.training.stage import run_stage
@@ -18,7 +18,7 @@ from clbench.training.train import tokenize
 from conftest import REPO
 from harness import cpu_rt, parity
 
-M.load_builtin_methods(REPO / "methods")
+load_builtin_methods(REPO / "methods")
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 PAIRS = parity(16)
@@ -38,7 +38,7 @@ DEFAULTS = [
 
 @pytest.mark.parametrize("name,option,value,written", DEFAULTS)
 def test_the_default_is_the_documented_one(name, option, value, written):
-    cls = M.get(name)
+    cls = get(name)
     assert cls.Options.model_fields[option].default == value
     doc = sys.modules[cls.__module__].__doc__
     assert re.search(rf"^\s+{option}\s+{re.escape(written)}(\s|$)", doc, re.M), f"{name}: docstring lacks '{option} {written}'"
@@ -50,9 +50,9 @@ def examples(tok):
 
 
 def setup(tok, name, options=None, model=None, tasks=("t1", "t2")):
-    meth = M.make(name, options or {})
-    run = M.RunContext(method=name, seed=0, tasks=list(tasks), device=CPU, tokenizer=tok)
-    return meth, M.call(meth, "setup", model if model is not None else models.build_tiny_model(0, len(tok)), run), run
+    meth = make_method(name, options or {})
+    run = RunContext(method=name, seed=0, tasks=list(tasks), device=CPU, tokenizer=tok)
+    return meth, call_hook(meth, "setup", model if model is not None else models.build_tiny_model(0, len(tok)), run), run
 
 
 def stage(meth, model, run, examples, tok, cfg, t=1):
@@ -130,7 +130,7 @@ def test_sdft_is_refused_on_a_log_likelihood_stream_at_planning(tmp_path, run_cl
     assert code == 2
     assert "methods.0 (sdft): sdft rewrites generated targets" in err and "tiny_parity: multiple_choice" in err
     assert not (tmp_path / "out" / "results.json").exists()
-    sdft = M.make("sdft", {})
+    sdft = make_method("sdft", {})
     assert sdft.stream_refusal({"tiny_parity": "multiple_choice", "tiny_copy": "generate_until"}) is None
     assert "raw-text" in sdft.stream_refusal({"wiki": "loglikelihood_rolling", "tiny_copy": "generate_until"})
 
@@ -140,7 +140,7 @@ def test_sdft_is_refused_on_a_log_likelihood_stream_at_planning(tmp_path, run_cl
 
 def test_ilora_stable_adapter_keeps_099_of_itself_once_the_ramp_is_over(tok, examples):
     meth, model, run = setup(tok, "ilora", {"r": 2, "alpha": 4})
-    st = M.Stage(stage=1, task="t1", seed=0, run=run, train_config=TrainConfig(), generator=None, total_steps=1000)
+    st = Stage(stage=1, task="t1", seed=0, run=run, train_config=TrainConfig(), generator=None, total_steps=1000)
     st._clock.step = 499  # the 500th step: the ramp 1 - 1/501 is above the ceiling
     meth.after_step(model, st)
     assert meth.last_decay == 0.99
@@ -153,9 +153,9 @@ def test_olora_adapters_use_the_authors_alpha_and_dropout(tok):
 
 
 def test_lwf_distils_without_t_squared_by_default(tok, examples):
-    lwf_mod = sys.modules[M.get("lwf").__module__]
+    lwf_mod = sys.modules[get("lwf").__module__]
     student, teacher = torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[0.0, 1.0, 2.0]])
-    meth = M.make("lwf", {})
+    meth = make_method("lwf", {})
     o = meth.options
     plain = lwf_mod.distillation(student, teacher, o.temperature, o.kl, t_squared=False)
     assert float(lwf_mod.distillation(student, teacher, o.temperature, o.kl, o.t_squared)) == float(plain)
@@ -166,8 +166,8 @@ def test_lwf_distils_without_t_squared_by_default(tok, examples):
 
 
 def test_ewc_fisher_is_a_seeded_draw_from_the_whole_stage_not_its_last_batches(examples):
-    meth = M.make("ewc", {"fisher_batches": 2})
-    st = M.Stage(stage=1, task="t1", seed=0, run=None, train_config=TrainConfig(batch_size=4), generator=None,
+    meth = make_method("ewc", {"fisher_batches": 2})
+    st = Stage(stage=1, task="t1", seed=0, run=None, train_config=TrainConfig(batch_size=4), generator=None,
                  examples=examples)
     meth.batch(list(examples[-4:]), st)  # what the loop trained on last: not kept
     assert not meth.batches
@@ -175,9 +175,9 @@ def test_ewc_fisher_is_a_seeded_draw_from_the_whole_stage_not_its_last_batches(e
     assert [len(b) for b in got] == [4, 4]
     flat = [e for b in got for e in b]
     assert len({id(e) for e in flat}) == 8 and all(any(e is x for x in examples) for e in flat)
-    assert got == M.make("ewc", {"fisher_batches": 2}).fisher_examples(st)  # seeded: the same on every rank
-    assert got != meth.fisher_examples(M.Stage(stage=2, task="t2", seed=0, run=None, train_config=TrainConfig(batch_size=4),
+    assert got == make_method("ewc", {"fisher_batches": 2}).fisher_examples(st)  # seeded: the same on every rank
+    assert got != meth.fisher_examples(Stage(stage=2, task="t2", seed=0, run=None, train_config=TrainConfig(batch_size=4),
                                                 generator=None, examples=examples))
-    old = M.make("ewc", {"fisher_batches": 2, "fisher_source": "last_batches"})
+    old = make_method("ewc", {"fisher_batches": 2, "fisher_source": "last_batches"})
     old.batch(list(examples[-4:]), st)
     assert old.fisher_examples(st) == [list(examples[-4:])]

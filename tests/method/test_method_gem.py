@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.training.stage import start_stage
 import clbench.training.train as T
@@ -19,7 +19,7 @@ from harness import compare, cpu_rt, fresh, one_stage, parity
 from test_method_agem import dot, grad_of, grads, set_grads  # A-GEM's test helpers: the same gradients
 
 for _f in ("agem", "gem"):
-    M.load_method_file(REPO / "methods" / f"{_f}.py")
+    load_method_file(REPO / "methods" / f"{_f}.py")
 from clbench_methods.gem import solve_dual  # noqa: E402  (registered above)
 
 PARITY = parity(16)
@@ -91,7 +91,7 @@ def test_one_finished_task_margin_0_is_agems_step(tok, data):
     opts = {"m": 6, "ref_batch_size": 4}
     agem, model, run = fresh(tok, "agem", opts, tasks=("t1", "t2", "t3"))
     model, _, _ = one_stage(agem, model, run, tok, data[0], CFG, 1)
-    gem = M.make("gem", {**opts, "margin": 0.0, "eps": 0.0})
+    gem = make_method("gem", {**opts, "margin": 0.0, "eps": 0.0})
     gem.load_state_dict(agem.state_dict())
     model, stage = start_stage(model, agem, data[1], CFG, run, 2, "t2", cpu_rt(tok))
     model.train()

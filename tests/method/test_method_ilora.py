@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clbench import method as M
+from clbench.method import Stage, load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.training.stage import start_stage
 import clbench.training.train as T
 from conftest import REPO, two_stage_run_and_resume
 from harness import compare, cpu_rt, fresh, one_stage, parity
 
-M.load_method_file(REPO / "methods" / "ilora.py")
+load_method_file(REPO / "methods" / "ilora.py")
 
 PARITY = parity(20)
 COMPARE = compare(20)
@@ -117,7 +117,7 @@ def test_replay_loss_and_consistency_equal_an_independent_computation(tok, data)
         for adapter in ("plastic", "stable"):
             for p in by_adapter(model, adapter).values():
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    stage = M.Stage(stage=2, task="t2", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator(),
+    stage = Stage(stage=2, task="t2", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator(),
                     examples=compare)
     meth.stage_start(model, stage)
     meth.buffer, meth.n_seen = list(parity[8:12]), 4  # buffer_batch 4 of 4: the draw is all of them, in some order
@@ -157,10 +157,10 @@ def test_replay_loss_and_consistency_equal_an_independent_computation(tok, data)
             s.copy_(by_adapter(model, "plastic")[k])
     meth.extra_loss(model, x, stage, out)
     assert meth.last["consistency"] == 0.0
-    one = M.Stage(stage=1, task="t1", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator())
+    one = Stage(stage=1, task="t1", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator())
     meth.stage_start(model, one)
     assert meth.extra_loss(model, x, one, out) is None
-    first = M.make("ilora", {"first_stage_replay": True})
+    first = make_method("ilora", {"first_stage_replay": True})
     first.buffer, first.n_seen = list(parity[:4]), 4
     first.stage_start(model, one)
     assert first.extra_loss(model, x, one, out) is not None
@@ -169,7 +169,7 @@ def test_replay_loss_and_consistency_equal_an_independent_computation(tok, data)
 def test_reservoir_buffer_and_state_dict(tok, data):
     parity, compare = data
     meth, model, run = fresh(tok, "ilora", {**SMALL, "buffer_size": 5})
-    stage = M.Stage(stage=1, task="t1", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator())
+    stage = Stage(stage=1, task="t1", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator())
     meth.stage_start(model, stage)
     assert meth.batch(parity[:3], stage) is None  # the micro-batch itself is unchanged
     assert meth.buffer == parity[:3]  # below the size every example met is kept, in order
@@ -178,10 +178,10 @@ def test_reservoir_buffer_and_state_dict(tok, data):
     assert len(meth.buffer) == 5 and meth.n_seen == 12
     assert meth.buffer != parity[:5] and all(ex in parity[:8] for ex in meth.buffer)
     state = copy.deepcopy(meth.state_dict())
-    again = M.make("ilora", {"r": 4, "alpha": 8, "dropout": 0.0, "buffer_size": 5})
+    again = make_method("ilora", {"r": 4, "alpha": 8, "dropout": 0.0, "buffer_size": 5})
     again.load_state_dict(state)
     assert again.buffer == meth.buffer and again.n_seen == 12
-    two = M.Stage(stage=2, task="t2", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator())
+    two = Stage(stage=2, task="t2", seed=0, run=run, train_config=TrainConfig(), generator=torch.Generator())
     for m in (meth, again):  # a resumed run continues the reservoir exactly as an uninterrupted one
         m.stage_start(model, two)
         m.batch(compare, two)

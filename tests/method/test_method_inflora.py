@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import RunContext, call_hook, load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.run import models
 from clbench.training.stage import start_stage
@@ -16,7 +16,7 @@ from clbench.training.train import collate, tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
 from harness import cpu_rt
 
-M.load_method_file(REPO / "methods" / "inflora.py")
+load_method_file(REPO / "methods" / "inflora.py")
 from clbench_builtin.methods import inflora as inf  # noqa: E402  (after the loads above)
 
 STAGE1 = [
@@ -99,13 +99,13 @@ def stage_inputs(model, examples, tok):
 @pytest.mark.parametrize("init", ["random", "svd"])
 def test_stage_two_adapter_avoids_stage_one_inputs(tok, data, init, one_thread):
     ex1, ex2 = data
-    meth = M.make("inflora", {**OPTS, "init": init})
-    run = M.RunContext(method="inflora", seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok)
+    meth = make_method("inflora", {**OPTS, "init": init})
+    run = RunContext(method="inflora", seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok)
     model = meth.setup(models.build_tiny_model(0, len(tok)), run)
     model, stage = start(meth, model, run, 1, ex1, tok)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
     train(meth, model, stage, tok)
-    model = M.call(meth, "stage_end", model, stage)
+    model = call_hook(meth, "stage_end", model, stage)
     layers = lora_names(model)
     assert len(layers) == 4  # q and v of 2 layers
 
@@ -153,8 +153,8 @@ def test_stage_two_adapter_avoids_stage_one_inputs(tok, data, init, one_thread):
 def test_moments_use_non_padding_positions_only(tok, data, one_thread):
     """H from batches of 4 (padded) equals H from single examples (no padding)."""
     ex1, _ = data
-    meth = M.make("inflora", OPTS)
-    run = M.RunContext(method="inflora", seed=0, tasks=["a"], device=CPU, tokenizer=tok)
+    meth = make_method("inflora", OPTS)
+    run = RunContext(method="inflora", seed=0, tasks=["a"], device=CPU, tokenizer=tok)
     model = meth.setup(models.build_tiny_model(0, len(tok)), run)
     import contextlib
 
@@ -175,14 +175,14 @@ def test_max_batches_draws_one_seeded_subset_for_both_passes(tok, data, monkeypa
     """max_batches=1 with batch size 4: each pass sees 4 of the stage's 6 examples, the same 4
     at stage start (init svd) and stage end."""
     ex1, _ = data
-    meth = M.make("inflora", {**OPTS, "init": "svd", "max_batches": 1})
+    meth = make_method("inflora", {**OPTS, "init": "svd", "max_batches": 1})
     mod = sys.modules[type(meth).__module__]  # the module of the registered class (a CLI run re-imports the file)
     seen, real = [], mod.input_moments
     monkeypatch.setattr(mod, "input_moments", lambda model, examples, *a: seen.append(list(examples)) or real(model, examples, *a))
-    run = M.RunContext(method="inflora", seed=0, tasks=["a"], device=CPU, tokenizer=tok)
+    run = RunContext(method="inflora", seed=0, tasks=["a"], device=CPU, tokenizer=tok)
     model = meth.setup(models.build_tiny_model(0, len(tok)), run)
     model, stage = start(meth, model, run, 1, ex1, tok)
     train(meth, model, stage, tok)
-    M.call(meth, "stage_end", model, stage)
+    call_hook(meth, "stage_end", model, stage)
     assert len(seen) == 2 and seen[0] == seen[1] and len(seen[0]) == 4
     assert all(e in ex1 for e in seen[0]) and len({id(e) for e in seen[0]}) == 4

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clbench import method as M
+from clbench.method import RunContext, call_hook, count_trainable, load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.method import prompting
 from clbench.method.lm import lm_loss, target_logits
@@ -21,7 +21,7 @@ from clbench.training.train import collate, tokenize
 from conftest import REPO, left_padded_generate, two_stage_run_and_resume
 from harness import cpu_rt
 
-M.load_method_file(REPO / "methods" / "l2p.py")
+load_method_file(REPO / "methods" / "l2p.py")
 
 CPU = torch.device("cpu")
 PAIRS = [("Number: 12\nEven or odd?\nAnswer:", " even"), ("Review: dull and slow\nSentiment:", " negative"),
@@ -33,11 +33,11 @@ OPTS = {"pool_size": 6, "length": 2, "top_k": 2}
 def setup(tok, options=OPTS, seed=0):
     """(method, prompted model, untouched twin); the pool's prompts and keys drawn wide enough
     that different contexts pick different prompts"""
-    meth = M.make("l2p", options)
+    meth = make_method("l2p", options)
     base = models.build_tiny_model()
     plain = copy.deepcopy(base).eval()
-    run = M.RunContext(method="l2p", seed=seed, tasks=["a", "b"], device=CPU, tokenizer=tok)
-    model = M.call(meth, "setup", base, run)
+    run = RunContext(method="l2p", seed=seed, tasks=["a", "b"], device=CPU, tokenizer=tok)
+    model = call_hook(meth, "setup", base, run)
     inj = prompting.injector_of(model)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -91,9 +91,9 @@ def test_surrogate_loss_by_hand_and_what_trains(tok, one_thread):
     exs = tokenize(PAIRS[:4], tok, 64)
     batch = collate(exs, tok.pad_token_id)
     model.train()
-    M.call(meth, "batch", exs, None)
+    call_hook(meth, "batch", exs, None)
     out = lm_loss(model, batch, return_forward=True)
-    term = M.call(meth, "extra_loss", model, batch, None, out)
+    term = call_hook(meth, "extra_loss", model, batch, None, out)
     want = 0.0
     for e in exs:
         with torch.no_grad():
@@ -107,9 +107,9 @@ def test_surrogate_loss_by_hand_and_what_trains(tok, one_thread):
 
 
 def _train(tok, options, stages=2):
-    meth = M.make("l2p", options)
-    run = M.RunContext(method="l2p", seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok)
-    model = M.call(meth, "setup", models.build_tiny_model(), run)
+    meth = make_method("l2p", options)
+    run = RunContext(method="l2p", seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok)
+    model = call_hook(meth, "setup", models.build_tiny_model(), run)
     cfg = TrainConfig(lr=0.03, steps=2, batch_size=3, max_length=64)
     snaps = [{k: v.clone() for k, v in model.state_dict().items()}]
     stats = []
@@ -128,7 +128,7 @@ def test_base_frozen_pool_and_keys_train_and_lambda_zero_leaves_the_keys(tok, on
         assert not torch.equal(s["clbench_prompt.keys"], t["clbench_prompt.keys"])
         assert not torch.equal(s["clbench_prompt.prompts"], t["clbench_prompt.prompts"])
     d = model.config.hidden_size
-    assert M.count_trainable(model) == 6 * 2 * d + 6 * d
+    assert count_trainable(model) == 6 * 2 * d + 6 * d
     assert 0 < stats[0]["method_stats"]["surrogate_ratio"] and -1 <= stats[0]["method_stats"]["key_query_cos"] <= 1
     _, (z0, _, z2), _ = _train(tok, {**OPTS, "lam": 0.0})
     assert torch.equal(z0["clbench_prompt.keys"], z2["clbench_prompt.keys"])  # keys learn through the surrogate only
@@ -206,11 +206,11 @@ def test_generation_queries_the_whole_prompt(tok):
 
 
 def test_refuses_raw_text_streams():
-    meth = M.make("l2p", {})
-    assert M.call(meth, "stream_refusal", {"a": "multiple_choice"}) is None
-    assert "raw-text" in M.call(meth, "stream_refusal", {"a": "multiple_choice", "b": "loglikelihood_rolling"})
+    meth = make_method("l2p", {})
+    assert call_hook(meth, "stream_refusal", {"a": "multiple_choice"}) is None
+    assert "raw-text" in call_hook(meth, "stream_refusal", {"a": "multiple_choice", "b": "loglikelihood_rolling"})
     with pytest.raises(Exception, match="top_k"):
-        M.make("l2p", {"top_k": 11})
+        make_method("l2p", {"top_k": 11})
 
 
 def test_two_stage_run_and_resume(tmp_path, one_thread):

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import load_method_file
 from clbench.config import TrainConfig
 from clbench.training.stage import start_stage
 import clbench.training.train as T
 from conftest import REPO, two_stage_run_and_resume
 from harness import cpu_rt, fresh, one_stage, parity
 
-M.load_method_file(REPO / "methods" / "lamol.py")
+load_method_file(REPO / "methods" / "lamol.py")
 from clbench_methods.lamol import ANS, parse_sample  # noqa: E402  (registered above)
 
 PARITY = parity(40)

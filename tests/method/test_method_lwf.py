@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clbench import method as M
+from clbench.method import call_hook, load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.errors import ConfigError
 from clbench.training.stage import start_stage
@@ -18,7 +18,7 @@ from conftest import REPO, two_stage_run_and_resume
 from harness import bits, compare, cpu_rt, fresh, parity
 
 for _f in ("lwf", "lora"):
-    M.load_method_file(REPO / "methods" / f"{_f}.py")
+    load_method_file(REPO / "methods" / f"{_f}.py")
 from clbench_builtin.methods import lwf as lwf_mod  # noqa: E402  (after the loads above)
 
 PARITY = parity(16)
@@ -78,7 +78,7 @@ def test_kd_zero_at_stage_start_then_positive_and_teacher_never_moves(tok, data)
     meth, model, run = fresh(tok, "lwf", {"temperature": 2.0, "kd_lambda": 0.7})
     model, stage = start_stage(model, meth, data[0], CFG, run, 1, "t1", cpu_rt(tok))
     T.train_stage(model, meth, list(stage.examples), CFG, stage, cpu_rt(tok))
-    model = M.call(meth, "stage_end", model, stage)
+    model = call_hook(meth, "stage_end", model, stage)
     after1 = {n: bits(p) for n, p in model.named_parameters()}
 
     model, stage = start_stage(model, meth, data[1], CFG, run, 2, "t2", cpu_rt(tok))
@@ -110,7 +110,7 @@ def test_kd_zero_at_stage_start_then_positive_and_teacher_never_moves(tok, data)
     s_rows, t_rows = dense_target_rows(model, batch), dense_target_rows(teacher, batch)
     ref = F.kl_div(F.log_softmax(s_rows / 2.0, -1), F.softmax(t_rows / 2.0, -1), reduction="batchmean") * 0.7
     assert kd > 1e-6 and kd == pytest.approx(float(ref), rel=1e-4)
-    model = M.call(meth, "stage_end", model, stage)
+    model = call_hook(meth, "stage_end", model, stage)
     assert meth.teacher is None  # dropped: never kept past its stage, never checkpointed
     assert meth.state_dict() == {"base": None}
 
@@ -148,11 +148,11 @@ def test_lora_base_trains_only_the_adapter_with_a_frozen_teacher(tok, data):
 
 def test_options_are_checked():
     with pytest.raises(ConfigError):
-        M.make("lwf", {"base": "lwf"})
+        make_method("lwf", {"base": "lwf"})
     with pytest.raises(ConfigError):
-        M.make("lwf", {"base_options": {"r": 4}})
+        make_method("lwf", {"base_options": {"r": 4}})
     with pytest.raises(ConfigError):
-        M.make("lwf", {"temperature": 0})
+        make_method("lwf", {"temperature": 0})
 
 
 def test_two_stage_run_and_resume(tmp_path):

@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import MethodError, call_hook, load_method_file
 from clbench.config import TrainConfig
 from clbench.run import models
 import clbench.training.train as T
 from conftest import REPO, two_stage_run_and_resume
 from harness import fresh, one_stage, parity
 
-M.load_method_file(REPO / "methods" / "moelora.py")
+load_method_file(REPO / "methods" / "moelora.py")
 
 PARITY = parity(16)
 
@@ -79,7 +79,7 @@ def test_output_is_the_gated_sum_of_expert_updates(tok):
         torch.testing.assert_close(g.double(), gate, rtol=1e-5, atol=1e-6, msg=name)
         assert float(gate.std()) > 0.05  # the gates are far from uniform: the test sees the router
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
-    with pytest.raises(M.MethodError, match="multiple of experts"):
+    with pytest.raises(MethodError, match="multiple of experts"):
         fresh(tok, "moelora", {"experts": 3, "r": 8})
 
 
@@ -93,7 +93,7 @@ def test_training_moves_experts_and_router_only_and_reports_the_router(tok):
     assert moved and all(".groups." in n for n in moved)  # base weights, embeddings, norms: bit-identical
     for kind in ("lora_A", "lora_B", "lora_router"):
         assert any(n.endswith(kind) for n in moved), kind
-    stats = M.call(meth, "stage_stats", stage)
+    stats = call_hook(meth, "stage_stats", stage)
     assert 0 < stats["router_entropy"] <= math.log(4) + 1e-6
     assert 0.25 - 1e-6 <= stats["max_expert_share"] <= 1
 

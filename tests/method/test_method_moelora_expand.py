@@ -7,14 +7,14 @@ single a stage sees only its own experts; a 2-stage CLI run resumed after stage 
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import call_hook, load_method_file
 from clbench.config import TrainConfig
 import clbench.training.train as T
 from conftest import REPO, two_stage_run_and_resume
 from harness import compare, fresh, one_stage, stage_view
 from test_method_moelora import PARITY, hand, layers, randomize
 
-M.load_method_file(REPO / "methods" / "moelora_expand.py")
+load_method_file(REPO / "methods" / "moelora_expand.py")
 
 COMPARE = compare(16)
 
@@ -42,7 +42,7 @@ def test_stage_t_gates_over_the_trained_stages_and_its_own_experts(tok):
     meth1, model1, run1 = fresh(tok, "moelora_expand", {"dropout": 0.0}, tasks=("t1", "t2", "t3"))
     meth1.stage_start(model1, stage_view(run1, 3))
     assert {tuple(m.active) for m in layers(model1).values()} == {(2,)}
-    assert M.call(meth, "state_dict") == {"stage": 2, "trained": [1]}
+    assert call_hook(meth, "state_dict") == {"stage": 2, "trained": [1]}
 
 
 def test_earlier_experts_router_rows_and_base_bit_identical(tok):
@@ -60,7 +60,7 @@ def test_earlier_experts_router_rows_and_base_bit_identical(tok):
     for kind in ("lora_A", "lora_B", "lora_router"):
         assert any(n.endswith(kind) for n in moved2), kind
     assert {tuple(m.active) for m in layers(model).values()} == {(0, 1)}
-    stats = M.call(meth, "stage_stats", stage)
+    stats = call_hook(meth, "stage_stats", stage)
     assert 0 < stats["new_expert_share"] < 1 and stats["max_expert_share"] <= 1
 
 

@@ -8,13 +8,13 @@ import re
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import MethodError, load_method_file
 from clbench.config import TrainConfig
 import clbench.training.train as T
 from conftest import REPO, two_stage_run_and_resume
 from harness import compare, fresh, one_stage, parity, stage_view
 
-M.load_method_file(REPO / "methods" / "nlora.py")
+load_method_file(REPO / "methods" / "nlora.py")
 
 PARITY = parity(20)
 COMPARE = compare(20)
@@ -72,7 +72,7 @@ def test_penalty_is_dense_l1_of_BA_and_its_gradient_is_sign_BA_A_T(tok):
 
 
 def test_code_penalty_is_the_r_by_r_product_and_refused_for_non_square_modules(tok):
-    with pytest.raises(M.MethodError, match=r"v_proj \(64 -> 32\).*penalty: delta_w"):
+    with pytest.raises(MethodError, match=r"v_proj \(64 -> 32\).*penalty: delta_w"):
         fresh(tok, "nlora", {"penalty": "code"})
     meth, model, run = fresh(tok, "nlora", {"r": 4, "alpha": 8, "penalty": "code", "target_modules": ["q_proj"], "lambda1": 0.3})
     stage = stage_view(run, 2)

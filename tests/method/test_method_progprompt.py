@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import RunContext, call_hook, count_trainable, load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.method import prompting
 from clbench.method.lm import target_logits
@@ -21,7 +21,7 @@ from clbench.training.train import collate, tokenize
 from conftest import REPO, left_padded_generate, two_stage_run_and_resume
 from harness import cpu_rt
 
-M.load_method_file(REPO / "methods" / "progressive_prompts.py")
+load_method_file(REPO / "methods" / "progressive_prompts.py")
 from clbench_builtin.methods import progressive_prompts as pp  # noqa: E402  (after the loads above)
 
 CPU = torch.device("cpu")
@@ -141,9 +141,9 @@ def test_generation_sees_the_prompt_with_a_kv_cache(tok):
 
 
 def _run(tok, stages, options=None):
-    meth = M.make("progressive_prompts", options or {"length": 4})
-    run = M.RunContext(method="progressive_prompts", seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok)
-    model = M.call(meth, "setup", models.build_tiny_model(), run)
+    meth = make_method("progressive_prompts", options or {"length": 4})
+    run = RunContext(method="progressive_prompts", seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok)
+    model = call_hook(meth, "setup", models.build_tiny_model(), run)
     cfg = TrainConfig(lr=0.3, steps=3, batch_size=4, weight_decay=1e-5, max_length=64)
     snaps = [{k: v.clone() for k, v in model.state_dict().items()}]
     for t, pairs in enumerate(stages, 1):
@@ -163,8 +163,8 @@ def test_base_frozen_earlier_prompts_frozen_and_the_newest_prompt_first(tok, one
     assert inj.order == [1, 0] and inj.length() == 8  # [P2; P1]
     torch.testing.assert_close(inj.prefix(), torch.cat([s2[p[1]], s2[p[0]]]))
     d = model.config.hidden_size
-    assert M.call(meth, "trainable_params", model) == 4 * d
-    assert M.count_trainable(model) == 0  # after stage_end nothing trains
+    assert call_hook(meth, "trainable_params", model) == 4 * d
+    assert count_trainable(model) == 0  # after stage_end nothing trains
     # the prompts are initialised from vocabulary embeddings (init_new_prompt)
     emb = model.get_input_embeddings().weight
     assert all(any(torch.equal(row, e) for e in emb) for row in s0[p[0]])
@@ -173,12 +173,12 @@ def test_base_frozen_earlier_prompts_frozen_and_the_newest_prompt_first(tok, one
 def test_trainable_count_during_a_stage(tok, one_thread):
     from clbench.training.stage import start_stage
 
-    meth = M.make("progressive_prompts", {"length": 4})
-    run = M.RunContext(method="progressive_prompts", seed=0, tasks=["a", "b", "c"], device=CPU, tokenizer=tok)
-    model = M.call(meth, "setup", models.build_tiny_model(), run)
+    meth = make_method("progressive_prompts", {"length": 4})
+    run = RunContext(method="progressive_prompts", seed=0, tasks=["a", "b", "c"], device=CPU, tokenizer=tok)
+    model = call_hook(meth, "setup", models.build_tiny_model(), run)
     meth.trained = [1]
     model, _ = start_stage(model, meth, tokenize(PAIRS, tok, 64), TrainConfig(steps=1, batch_size=2), run, 2, "b", cpu_rt(tok))
-    assert M.count_trainable(model) == 4 * model.config.hidden_size
+    assert count_trainable(model) == 4 * model.config.hidden_size
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["clbench_prompt.prompts.1"]
 
 

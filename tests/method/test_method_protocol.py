@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import MethodError, RunContext, Stage, available, call_hook, load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.run import models
 from clbench.training.stage import run_stage
@@ -32,12 +32,12 @@ def test_a_misspelt_hook_fails_at_load_naming_it_and_the_known_hooks(tmp_path):
             def after_backwards(self, model, stage):
                 pass
     """)
-    with pytest.raises(M.MethodError) as e:
-        M.load_method_file(f)
+    with pytest.raises(MethodError) as e:
+        load_method_file(f)
     msg = str(e.value)
     assert "'after_backwards' is not a hook" in msg and "did you mean 'after_backward'" in msg
     assert "after_step" in msg and str(f) in msg
-    assert "typo_hook" not in M.available()
+    assert "typo_hook" not in available()
 
 
 def test_hook_shaped_names_and_wrong_signatures_are_refused(tmp_path):
@@ -47,17 +47,17 @@ def test_hook_shaped_names_and_wrong_signatures_are_refused(tmp_path):
             def on_stage_begin(self, model, stage):
                 pass
     """)
-    with pytest.raises(M.MethodError, match="'on_stage_begin' is not a hook"):
-        M.load_method_file(f)
+    with pytest.raises(MethodError, match="'on_stage_begin' is not a hook"):
+        load_method_file(f)
     g = method_file(tmp_path, """
         @register("old_extra")
         class OldExtra(Method):
             def extra_loss(self, model, batch, stage):
                 return None
     """, "g.py")
-    with pytest.raises(M.MethodError, match=r"extra_loss takes \(self, model, batch, stage\), the loop calls it as "
+    with pytest.raises(MethodError, match=r"extra_loss takes \(self, model, batch, stage\), the loop calls it as "
                                             r"extra_loss\(self, model, batch, stage, out\)"):
-        M.load_method_file(g)
+        load_method_file(g)
     # a helper with a leading underscore, or one whose name is no hook's, is fine
     h = method_file(tmp_path, """
         @register("helpers_ok")
@@ -67,7 +67,7 @@ def test_hook_shaped_names_and_wrong_signatures_are_refused(tmp_path):
             def penalty(self, model):
                 return 0
     """, "h.py")
-    assert M.load_method_file(h) == ["helpers_ok"]
+    assert load_method_file(h) == ["helpers_ok"]
 
 
 def test_a_method_must_subclass_method(tmp_path):
@@ -77,8 +77,8 @@ def test_a_method_must_subclass_method(tmp_path):
             def setup(self, model, run):
                 return model
     """)
-    with pytest.raises(M.MethodError, match="must subclass clbench.method.Method"):
-        M.load_method_file(f)
+    with pytest.raises(MethodError, match="must subclass clbench.method.Method"):
+        load_method_file(f)
 
 
 def test_options_refuse_unknown_keys_even_without_extra_forbid(tmp_path):
@@ -90,16 +90,16 @@ def test_options_refuse_unknown_keys_even_without_extra_forbid(tmp_path):
         class Lenient(Method):
             Options = Opts
     """)
-    M.load_method_file(f)
-    assert M.make("lenient", {"rate": 0.2}).options.rate == 0.2
+    load_method_file(f)
+    assert make_method("lenient", {"rate": 0.2}).options.rate == 0.2
     with pytest.raises(Exception, match="raet"):
-        M.make("lenient", {"raet": 0.2})
+        make_method("lenient", {"raet": 0.2})
 
 
 def test_system_exit_at_import_is_a_clear_error(tmp_path, run_cli):
     f = method_file(tmp_path, "raise SystemExit(0)\n")
-    with pytest.raises(M.MethodError, match=r"failed to import: SystemExit"):
-        M.load_method_file(f)
+    with pytest.raises(MethodError, match=r"failed to import: SystemExit"):
+        load_method_file(f)
     cfg = tmp_path / "c.yaml"
     from conftest import REPO
 
@@ -128,21 +128,21 @@ def test_a_hook_that_raises_or_returns_the_wrong_type_names_method_and_hook(tmp_
     name = f"bad_{hook}_{len(expect)}"
     f = tmp_path / f"{name}.py"
     f.write_text(HEADER + f'@register("{name}")\nclass Bad(Method):\n' + textwrap.indent(body, "    ") + "\n")
-    M.load_method_file(f)
-    meth = M.make(name, {})
-    run = M.RunContext(method=name, seed=0, tasks=["t1"], device=torch.device("cpu"), tokenizer=tok)
+    load_method_file(f)
+    meth = make_method(name, {})
+    run = RunContext(method=name, seed=0, tasks=["t1"], device=torch.device("cpu"), tokenizer=tok)
     model = models.build_tiny_model(0, len(tok))
-    with pytest.raises(M.MethodError, match=f"method '{name}', {expect}"):
+    with pytest.raises(MethodError, match=f"method '{name}', {expect}"):
         if hook == "trainable_params":
-            M.call(meth, "trainable_params", model)
+            call_hook(meth, "trainable_params", model)
         else:
-            model = M.call(meth, "setup", model, run)
+            model = call_hook(meth, "setup", model, run)
             ex = tokenize([("Number: 2\nEven or odd?\nAnswer:", " even")] * 4, tok, 32)
             run_stage(model, meth, ex, TrainConfig(steps=1, batch_size=2), run, 1, "t1", cpu_rt(tok))
 
 
 def test_the_stage_view_is_read_only(tok):
-    st = M.Stage(stage=1, task="t", seed=0, run=None, train_config=TrainConfig(), generator=None, total_steps=4)
+    st = Stage(stage=1, task="t", seed=0, run=None, train_config=TrainConfig(), generator=None, total_steps=4)
     with pytest.raises(AttributeError, match="read-only"):
         st.total_steps = 9
     with pytest.raises(AttributeError, match="read-only"):

@@ -7,7 +7,7 @@ repeat on the same weights; plus a two-stage CLI run resumed after stage 1."""
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import MethodError, RunContext, call_hook, load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.data import tasks as taskcat
 from clbench.run import models
@@ -17,7 +17,7 @@ from clbench.training.train import tokenize
 from conftest import REPO, two_stage_run_and_resume
 from harness import cpu_rt, hf_greedy
 
-M.load_method_file(REPO / "methods" / "sdft.py")
+load_method_file(REPO / "methods" / "sdft.py")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -35,7 +35,7 @@ def lm(tmp_path_factory):
 def make_run(tok, lm):
     pairs = {n: taskcat.training_examples(t, tok.eos_token if t.OUTPUT_TYPE == "generate_until" else None)
              for n, t in lm.items()}
-    return M.RunContext(method="sdft", seed=0, tasks=list(lm), device=CPU, tokenizer=tok,
+    return RunContext(method="sdft", seed=0, tasks=list(lm), device=CPU, tokenizer=tok,
                         examples=lambda t: tokenize(pairs[t], tok, 64)[:N], pairs=lambda t: list(pairs[t]),
                         tokenize=lambda p: tokenize(p, tok, 64), task=lambda t: lm[t])
 
@@ -53,9 +53,9 @@ def tiny_model(tok, noise=0.0):
 
 
 def sdft_stage(tok, lm, task, options, noise=0.0):
-    meth = M.make("sdft", options)
+    meth = make_method("sdft", options)
     run = make_run(tok, lm)
-    model = M.call(meth, "setup", tiny_model(tok, noise), run)
+    model = call_hook(meth, "setup", tiny_model(tok, noise), run)
     cfg = TrainConfig(steps=1, lr=1e-3, batch_size=4, max_length=64)
     model, stage = start_stage(model, meth, run.examples(task), cfg, run, 1, task, cpu_rt(tok))
     return meth, run, model, stage
@@ -113,8 +113,8 @@ def test_paper_template_and_empty_rewrites_fall_back(tok, lm):
     with torch.no_grad():
         head = model.get_output_embeddings().weight
         head[tok.eos_token_id] = 1.05 * head[first]
-    meth2 = M.make("sdft", opts)
-    M.call(meth2, "setup", model, run)
+    meth2 = make_method("sdft", opts)
+    call_hook(meth2, "setup", model, run)
     cfg = TrainConfig(steps=1, lr=1e-3, batch_size=4, max_length=64)
     _, stage2 = start_stage(model, meth2, run.examples("tiny_copy"), cfg, run, 1, "tiny_copy", Runtime(CPU, None, 0))
     assert meth2.last_rewrites == hf_rewrites(model, tok, prompts, 8) == [""] * N
@@ -143,14 +143,14 @@ def test_rewrites_are_a_function_of_the_stage_start_weights(tok, lm):
 
 def test_state_dict_keeps_the_stats(tok, lm):
     meth, *_ = sdft_stage(tok, lm, "tiny_copy", {"do_sample": False, "accept": "phrases"})
-    other = M.make("sdft", {})
+    other = make_method("sdft", {})
     other.load_state_dict(meth.state_dict())
     assert other.stats == meth.stats and other.stats[1]["total"] == N
 
 
 def test_bad_prompt_is_refused():
-    with pytest.raises(M.MethodError):
-        M.make("sdft", {"prompt": "{instruction} {answer}"})
+    with pytest.raises(MethodError):
+        make_method("sdft", {"prompt": "{instruction} {answer}"})
 
 
 def test_two_stage_run_and_resume(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clbench import method as M
+from clbench.method import MethodError, RunContext, call_hook, load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.data import tasks as taskcat
 from clbench.data.tasks import encode_pair
@@ -21,7 +21,7 @@ from clbench.training.stage import start_stage
 from clbench.training.train import tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
 
-M.load_method_file(REPO / "methods" / "ssr.py")
+load_method_file(REPO / "methods" / "ssr.py")
 from clbench_builtin.methods import ssr  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +40,7 @@ def lm(tmp_path_factory):
 def make_run(tok, lm, tasks):
     pairs = {n: taskcat.training_examples(t, tok.eos_token if t.OUTPUT_TYPE == "generate_until" else None)
              for n, t in lm.items()}
-    return M.RunContext(method="ssr", seed=0, tasks=list(tasks), device=CPU, tokenizer=tok,
+    return RunContext(method="ssr", seed=0, tasks=list(tasks), device=CPU, tokenizer=tok,
                         examples=lambda t: tokenize(pairs[t], tok, 64)[:16], pairs=lambda t: list(pairs[t]),
                         tokenize=lambda p: tokenize(p, tok, 64), task=lambda t: lm[t])
 
@@ -49,7 +49,7 @@ def stage(meth, model, run, t, task):
     cfg = TrainConfig(steps=3, lr=3e-3, batch_size=8, max_length=64)
     model, st = start_stage(model, meth, run.examples(task), cfg, run, t, task, Runtime(CPU, None, 0))
     train_stage(model, meth, list(st.examples), cfg, st, Runtime(CPU, None, 0))
-    return M.call(meth, "stage_end", model, st), st
+    return call_hook(meth, "stage_end", model, st), st
 
 
 def test_prompt_and_parser_follow_the_authors_format():
@@ -79,7 +79,7 @@ def test_quotas_and_kmeans_selection():
 
 def test_synthesis_is_a_function_of_the_base_model_and_seed(tok, lm):
     tasks = ("tiny_parity", "tiny_copy", "tiny_compare")
-    a, b = M.make("ssr", SMALL), M.make("ssr", SMALL)
+    a, b = make_method("ssr", SMALL), make_method("ssr", SMALL)
     a.setup(models.build_tiny_model(0, len(tok)), make_run(tok, lm, tasks))
     b.setup(models.build_tiny_model(0, len(tok)), make_run(tok, lm, tasks))
     assert a.candidates == b.candidates and set(a.candidates) == {"tiny_parity", "tiny_copy"}  # not the last task
@@ -92,7 +92,7 @@ def test_synthesis_is_a_function_of_the_base_model_and_seed(tok, lm):
 def test_sets_are_relabelled_by_the_stage_model_fixed_and_rehearsed(tok, lm):
     tasks = ("tiny_parity", "tiny_copy", "tiny_compare")
     run = make_run(tok, lm, tasks)
-    meth = M.make("ssr", SMALL)
+    meth = make_method("ssr", SMALL)
     model = meth.setup(models.build_tiny_model(0, len(tok)), run)
     for t, task in enumerate(tasks, 1):
         model, st = stage(meth, model, run, t, task)
@@ -125,7 +125,7 @@ def test_sets_are_relabelled_by_the_stage_model_fixed_and_rehearsed(tok, lm):
     assert meth.synthetic["tiny_parity"] == saved_parity  # fixed after stage 1: never relabelled
     assert "tiny_compare" not in meth.synthetic  # the last task's set would never be trained on
 
-    other = M.make("ssr", SMALL)
+    other = make_method("ssr", SMALL)
     other.load_state_dict(meth.state_dict())
     assert other.synthetic == meth.synthetic and other.examples == meth.examples
 
@@ -143,8 +143,8 @@ def test_per_document_choices_are_refused(tok, lm):
 
     run = make_run(tok, lm, ("tiny_parity", "tiny_copy"))
     run.task = lambda t: PerDoc()
-    with pytest.raises(M.MethodError, match="choices that differ"):
-        M.make("ssr", SMALL).setup(models.build_tiny_model(0, len(tok)), run)
+    with pytest.raises(MethodError, match="choices that differ"):
+        make_method("ssr", SMALL).setup(models.build_tiny_model(0, len(tok)), run)
 
 
 def test_two_stage_run_and_resume(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from clbench import method as M
+from clbench.method import Method, MethodError, NoOptions, RunContext, StageMeans, call_hook
 from clbench.config import TrainConfig
 from clbench.run import models
 from clbench.training.stage import run_stage
@@ -75,13 +75,13 @@ def test_an_old_results_json_without_method_stats_resumes_and_reports(tmp_path, 
     assert code == 0, err
 
 
-class _Counting(M.Method):
+class _Counting(Method):
     def stage_start(self, model, stage):
-        self.m = M.StageMeans()
+        self.m = StageMeans()
         return model
 
     def extra_loss(self, model, batch, stage, out):
-        self.m.add("ratio", M.StageMeans.share(out.loss * 0.5, out.loss))
+        self.m.add("ratio", StageMeans.share(out.loss * 0.5, out.loss))
         self.m.add("step", float(stage.global_step))
         return None
 
@@ -90,9 +90,9 @@ class _Counting(M.Method):
 
 
 def test_stage_means_average_over_the_stages_micro_batches(tok):
-    meth = _Counting(M.NoOptions())
+    meth = _Counting(NoOptions())
     meth.name = "counting"
-    run = M.RunContext(method="counting", seed=0, tasks=["t1"], device=torch.device("cpu"), tokenizer=tok)
+    run = RunContext(method="counting", seed=0, tasks=["t1"], device=torch.device("cpu"), tokenizer=tok)
     model = models.build_tiny_model(0, len(tok))
     ex = tokenize([("Number: 2\nEven or odd?\nAnswer:", " even")] * 4, tok, 32)
     _, stats, _ = run_stage(model, meth, ex, TrainConfig(steps=3, batch_size=2, grad_accum=2), run, 1, "t1", cpu_rt(tok))
@@ -100,14 +100,14 @@ def test_stage_means_average_over_the_stages_micro_batches(tok):
 
 
 def test_stage_stats_must_return_numbers(tok):
-    class Bad(M.Method):
+    class Bad(Method):
         def stage_stats(self, stage):
             return {"x": "high"}
 
-    meth = Bad(M.NoOptions())
+    meth = Bad(NoOptions())
     meth.name = "bad"
-    with pytest.raises(M.MethodError, match="hook stage_stats returned dict; expected None or a dict of names to numbers"):
-        M.call(meth, "stage_stats", None)
+    with pytest.raises(MethodError, match="hook stage_stats returned dict; expected None or a dict of names to numbers"):
+        call_hook(meth, "stage_stats", None)
 
 
 def test_ilora_nlora_osf_report_their_share(tmp_path, one_thread):

@@ -18,7 +18,7 @@ accuracies move in steps of 0.025 and its training is chaotic (a stage moves the
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import RunContext, call_hook, load_builtin_methods, make_method
 from clbench import paths
 from clbench.config import TrainConfig
 from clbench.run import models
@@ -47,11 +47,11 @@ def _run(tok, name, options, lr, steps=30):
     def examples(task):
         return tokenize(task_pairs[task], tok, 64)
 
-    run = M.RunContext(method=name, seed=0, tasks=["parity", "compare"], device=torch.device("cpu"), tokenizer=tok,
+    run = RunContext(method=name, seed=0, tasks=["parity", "compare"], device=torch.device("cpu"), tokenizer=tok,
                        examples=examples, pairs=lambda t: list(task_pairs[t]), tokenize=lambda p: tokenize(p, tok, 64),
                        autocast=lambda: torch.autocast("cpu", enabled=False))
-    meth = M.make(name, options)
-    model = M.call(meth, "setup", models.build_tiny_model(0, len(tok)), run)
+    meth = make_method(name, options)
+    model = call_hook(meth, "setup", models.build_tiny_model(0, len(tok)), run)
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=8, max_length=64)
     stats = []
     for t, task in enumerate(["parity", "compare"], start=1):
@@ -71,7 +71,7 @@ def _distance(a, b):
 
 @pytest.fixture(scope="module")
 def bases(tok, one_thread):
-    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+    load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     return {"full_ft": _run(tok, "full_ft", {}, 3e-3)[0], "lora": _run(tok, "lora", {}, 3e-2)[0]}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from clbench import method as M
+from clbench.method import MethodError, call_hook, default_param_groups, load_method_file
 from clbench.config import TrainConfig, TrainOverrides
 from clbench.run import models
 from clbench.training.stage import start_stage
@@ -18,7 +18,7 @@ from harness import bits, cpu_rt, fresh
 
 REPO = Path(__file__).resolve().parents[2]
 for _f in ("sift", "adalora", "miss"):
-    M.load_method_file(REPO / "methods" / f"{_f}.py")
+    load_method_file(REPO / "methods" / f"{_f}.py")
 
 from clbench_methods.sift import budget  # noqa: E402  (registered by load_method_file above)
 
@@ -47,12 +47,12 @@ def run_stage(meth, model, run, examples, tok, cfg, t=1, autocast=None, monkeypa
 
 def one_backward(meth, model, run, examples, tok, cfg):
     model, stage = start_stage(model, meth, examples[:20], cfg.merged(TrainOverrides(steps=5)), run, 1, "t1", cpu_rt(tok))
-    groups = M.call(meth, "param_groups", model, stage) or M.default_param_groups(model, cfg.weight_decay)
+    groups = call_hook(meth, "param_groups", model, stage) or default_param_groups(model, cfg.weight_decay)
     batch = T.collate(examples[:4], tok.pad_token_id)
     out = T.lm_loss(model, batch, return_forward=True)
-    extra = M.call(meth, "extra_loss", model, batch, stage, out)
+    extra = call_hook(meth, "extra_loss", model, batch, stage, out)
     (out.loss if extra is None else out.loss + extra).backward()
-    M.call(meth, "after_backward", model, stage)
+    call_hook(meth, "after_backward", model, stage)
     return model, groups
 
 
@@ -218,7 +218,7 @@ def test_adalora_orth_reg_equals_peft_forward_term(tok, examples):
 
 def test_adalora_too_short_stage_fails_clearly(tok, examples):
     meth, model, run = fresh(tok, "adalora", {"tinit": 3, "tfinal": 3})
-    with pytest.raises(M.MethodError, match="no budgeting phase"):
+    with pytest.raises(MethodError, match="no budgeting phase"):
         run_stage(meth, model, run, examples, tok, TrainConfig(lr=1e-3, steps=5, batch_size=4))
 
 

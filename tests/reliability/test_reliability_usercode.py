@@ -77,21 +77,21 @@ def _dist(root: Path, name: str, group: str, entry: str) -> None:
      "failed to load: ValueError: bad plugin"),
 ])
 def test_a_plugin_that_raises_is_one_error_naming_it(tmp_path, monkeypatch, group, entry, module, msg):
-    from clbench import method as M
+    from clbench.method import available, load_builtin_methods
     from clbench.method import registry
     from clbench import paths
     from clbench.data import tasks
     from clbench.errors import ClbenchError
 
-    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+    load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     _dist(tmp_path, "raising-plugin", group, entry)
     (tmp_path / f"{entry.split('=')[1].strip().split(':')[0]}.py").write_text(module)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(registry._PLUGINS, "done", False)  # plugins are looked up once per process
     with pytest.raises(ClbenchError) as e:
-        M.available() if group == "clbench.methods" else tasks.load_tasks()
+        available() if group == "clbench.methods" else tasks.load_tasks()
     name, value = (s.strip() for s in entry.split("="))
     assert f"entry point {name} = {value} (group {group}, distribution raising-plugin 1.2)" in str(e.value)
     assert msg in str(e.value), str(e.value)
     monkeypatch.undo()
-    assert "full_ft" in M.available() and "trec" in tasks.load_tasks()
+    assert "full_ft" in available() and "trec" in tasks.load_tasks()

@@ -154,20 +154,20 @@ def _dist(root: Path, name: str, group: str, entry: str) -> None:
     ("clbench.tasks", "wrong = textwrap", "must name a package or a folder"),
 ])
 def test_a_broken_plugin_is_named_with_its_distribution(tmp_path, monkeypatch, group, entry, msg):
-    from clbench import method as M
+    from clbench.method import available, load_builtin_methods
     from clbench.method import registry
     from clbench import paths
     from clbench.data import tasks
     from clbench.errors import ClbenchError
 
-    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+    load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     _dist(tmp_path, "bad-plugin", group, entry)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(registry._PLUGINS, "done", False)  # plugins are looked up once per process
     with pytest.raises(ClbenchError) as e:
-        M.available() if group == "clbench.methods" else tasks.load_tasks()
+        available() if group == "clbench.methods" else tasks.load_tasks()
     name, value = (s.strip() for s in entry.split("="))
     assert f"entry point {name} = {value} (group {group}, distribution bad-plugin 1.2)" in str(e.value)
     assert msg in str(e.value)
     monkeypatch.undo()
-    assert "full_ft" in M.available() and "trec" in tasks.load_tasks()  # nothing left behind
+    assert "full_ft" in available() and "trec" in tasks.load_tasks()  # nothing left behind

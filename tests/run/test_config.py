@@ -102,16 +102,16 @@ def test_hash_ignores_cache_dir_only():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     """Shipped configs parse, name registered methods with valid options, and known tasks."""
-    from clbench import method as M
+    from clbench.method import load_builtin_methods, load_method_file, make_method
     from clbench import paths
     from clbench.data.tasks import load_streams
     from clbench.data.tasks import load_tasks, resolve_stream
 
     cfg, cdir = load_config(path)
-    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+    load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     for f in cfg.method_files:
-        M.load_method_file(cdir / f)
+        load_method_file(cdir / f)
     for spec in cfg.methods:
-        M.make(spec.name, spec.options)
+        make_method(spec.name, spec.options)
     dirs = [cdir / d for d in cfg.task_dirs]
     assert resolve_stream(cfg, load_tasks(dirs), load_streams(dirs))

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from clbench import checkpoint
 from clbench.run import models
-from clbench import method as M
+from clbench.method import RunContext, call_hook, load_builtin_methods, make_method, methods_in
 from clbench.config import TrainConfig
 from clbench.runtime import Runtime
 from clbench.training.stage import run_stage
@@ -185,8 +185,8 @@ def lm(tmp_path_factory):
 
 
 def _methods():
-    M.load_builtin_methods(REPO / "methods")
-    return M.methods_in(REPO / "methods")
+    load_builtin_methods(REPO / "methods")
+    return methods_in(REPO / "methods")
 
 
 def _to_cpu(obj):
@@ -210,11 +210,11 @@ def test_method_hooks_keep_to_the_model_device(name, lm, no_meta_autocast, one_t
     def fresh():
         torch.manual_seed(0)  # as the loop seeds before setup, so a resumed run rebuilds the same adapters
         model = models.build_tiny_model(0, len(tok)).to(DEV)
-        meth = M.make(name, SMALL.get(name, {}))
-        run = M.RunContext(method=name, seed=0, tasks=list(TASKS), device=DEV, tokenizer=tok,
+        meth = make_method(name, SMALL.get(name, {}))
+        run = RunContext(method=name, seed=0, tasks=list(TASKS), device=DEV, tokenizer=tok,
                            examples=lambda t: list(examples[t]), pairs=lambda t: list(pairs[t]),
                            tokenize=lambda p: tokenize(p, tok, 64), task=lambda t: lm[t])
-        model = M.call(meth, "setup", model, run)
+        model = call_hook(meth, "setup", model, run)
         model.to(DEV)  # as the loop does after setup
         return meth, model, run, checkpoint.snapshot(model)
 
@@ -222,11 +222,11 @@ def test_method_hooks_keep_to_the_model_device(name, lm, no_meta_autocast, one_t
     with second_device():
         meth, model, run, reference = fresh()
         model, _, _ = run_stage(model, meth, examples[TASKS[0]], CFG, run, 1, TASKS[0], rt)
-        M.call(meth, "trainable_params", model)
+        call_hook(meth, "trainable_params", model)
         # a checkpoint as the loop writes and reads it: tensors saved from the device, loaded on CPU
         trained = _to_cpu(model.state_dict())
         buf = io.BytesIO()
-        torch.save(_to_cpu({"diff": checkpoint.model_diff(model, reference), "method": M.call(meth, "state_dict")}), buf)
+        torch.save(_to_cpu({"diff": checkpoint.model_diff(model, reference), "method": call_hook(meth, "state_dict")}), buf)
         buf.seek(0)
         ck = torch.load(buf, map_location="cpu", weights_only=False)
         meth, model, run, reference = fresh()
@@ -235,9 +235,9 @@ def test_method_hooks_keep_to_the_model_device(name, lm, no_meta_autocast, one_t
         bad = [k for k, v in trained.items() if not torch.equal(restored[k], v)]
         assert not bad, bad[:3]
         if ck["method"] is not None:
-            M.call(meth, "load_state_dict", ck["method"])
+            call_hook(meth, "load_state_dict", ck["method"])
         model, stats, _ = run_stage(model, meth, examples[TASKS[1]], CFG, run, 2, TASKS[1], rt)
-        M.call(meth, "trainable_params", model)
+        call_hook(meth, "trainable_params", model)
         assert all(p.device == DEV for p in model.parameters())
         assert stats["steps"] == CFG.steps
 

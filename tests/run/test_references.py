@@ -189,13 +189,13 @@ def test_olora_single_mode_has_no_penalty_against_untrained_adapters():
     is active and has no orthogonality penalty (the other adapters were never trained: random A,
     B = 0), so the reference is plain LoRA on the task. In the stream, stage 2's penalty is
     lambda1 * sum |A_1 A_2^T| over the adapted layers."""
-    from clbench import method as M
+    from clbench.method import RunContext, call_hook, load_method_file, make_method
     from clbench.run import models
     from clbench.config import TrainConfig
     from clbench.training.stage import run_stage, start_stage
     from clbench.training.train import tokenize
 
-    M.load_method_file(REPO / "methods" / "olora.py")
+    load_method_file(REPO / "methods" / "olora.py")
     tok = models.build_tiny_tokenizer()
     ex = tokenize([("Copy: abc\nAnswer:", " abc"), ("Copy: 4421\nAnswer:", " 4421")], tok, 64)
     cfg = TrainConfig(lr=1e-2, steps=2, batch_size=2, max_length=64)
@@ -203,14 +203,14 @@ def test_olora_single_mode_has_no_penalty_against_untrained_adapters():
 
     def fresh():
         torch.manual_seed(0)
-        meth = M.make("olora", {"lambda1": 0.5})
-        run = M.RunContext(method="olora", seed=0, tasks=["a", "b"], device=cpu, tokenizer=tok)
-        return meth, M.call(meth, "setup", models.build_tiny_model(0, len(tok)), run), run
+        meth = make_method("olora", {"lambda1": 0.5})
+        run = RunContext(method="olora", seed=0, tasks=["a", "b"], device=cpu, tokenizer=tok)
+        return meth, call_hook(meth, "setup", models.build_tiny_model(0, len(tok)), run), run
 
     def penalty_at_stage_2(meth, model, run):
         model, stage = start_stage(model, meth, ex, cfg, run, 2, "b", cpu_rt(tok))
         active = model.base_model.active_adapters
-        return active, M.call(meth, "extra_loss", model, {}, stage, None), model
+        return active, call_hook(meth, "extra_loss", model, {}, stage, None), model
 
     meth, model, run = fresh()  # mode single: stage 2 is a fresh run
     active, pen, _ = penalty_at_stage_2(meth, model, run)

@@ -10,7 +10,7 @@ import torch
 
 from clbench import checkpoint
 from clbench.run import models
-from clbench import method as M
+from clbench.method import RunContext, call_hook, load_builtin_methods, make_method
 from clbench.config import MergeSpec, TrainConfig
 from clbench.method import merging
 from clbench.training.stage import run_stage
@@ -18,7 +18,7 @@ from clbench.training.train import tokenize
 from harness import cpu_rt
 
 REPO = Path(__file__).resolve().parents[2]
-M.load_builtin_methods(REPO / "methods")
+load_builtin_methods(REPO / "methods")
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 PAIRS = [("Number: 12\nEven or odd?\nAnswer:", " even"), ("Number: 7\nEven or odd?\nAnswer:", " odd"),
@@ -83,9 +83,9 @@ def _one_stage(name, options):
     base = models.build_tiny_model(0, len(tok))
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     torch.manual_seed(0)
-    meth = M.make(name, options)
-    run = M.RunContext(method=name, seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok, examples=lambda t: list(ex))
-    model = M.call(meth, "setup", base, run)
+    meth = make_method(name, options)
+    run = RunContext(method=name, seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok, examples=lambda t: list(ex))
+    model = call_hook(meth, "setup", base, run)
     reference = checkpoint.snapshot(model)
     model, _, _ = run_stage(model, meth, ex, CFG, run, 1, "a", cpu_rt(tok))
     return meth, model, reference, base_state, tok
@@ -105,19 +105,19 @@ def test_lota_and_sift_store_a_fraction_of_full_fine_tuning(tmp_path):
     for name, options in (("full_ft", {}), ("lota", {"sparsity": 0.9, "calibration_steps": 2}), ("sift", {"rate": 0.05})):
         meth, model, reference, base_state, tok = _one_stage(name, options)
         path = tmp_path / f"{name}.pt"
-        checkpoint.save(path, model, reference, M.call(meth, "state_dict"), {"stage": 1})
+        checkpoint.save(path, model, reference, call_hook(meth, "state_dict"), {"stage": 1})
         sizes[name] = tensor_bytes({k: v for k, v in checkpoint.load(path).items() if k != "rng"})
         diff = checkpoint.state_diff(merging.effective_state(model), base_state)
         checkpoint.save_state_diff(tmp_path / f"{name}.tv.pt", diff)
         tv[name] = tensor_bytes(diff)
         # exact round trip: a fresh setup plus the checkpoint is the trained model, bit for bit
         torch.manual_seed(0)
-        meth2 = M.make(name, options)
-        run = M.RunContext(method=name, seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok)
-        fresh = M.call(meth2, "setup", models.build_tiny_model(0, len(tok)), run)
+        meth2 = make_method(name, options)
+        run = RunContext(method=name, seed=0, tasks=["a", "b"], device=CPU, tokenizer=tok)
+        fresh = call_hook(meth2, "setup", models.build_tiny_model(0, len(tok)), run)
         ck = checkpoint.load(path)
         checkpoint.apply_diff(fresh, checkpoint.snapshot(fresh), ck["diff"])
-        M.call(meth2, "load_state_dict", ck["method"])
+        call_hook(meth2, "load_state_dict", ck["method"])
         for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
             assert same_bits(a, b), (name, k)
         files = checkpoint.open_state_diff(tmp_path / f"{name}.tv.pt")

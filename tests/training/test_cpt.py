@@ -160,20 +160,20 @@ class _Task:
 
 
 def _stage(t, task, run, cfg):
-    from clbench import method as M
+    from clbench.method import Stage
 
-    return M.Stage(stage=t, task=task, seed=0, run=run, train_config=cfg, generator=torch.Generator().manual_seed(t))
+    return Stage(stage=t, task=task, seed=0, run=run, train_config=cfg, generator=torch.Generator().manual_seed(t))
 
 
 def test_replay_token_fraction_is_honoured_in_token_counts(tok):
-    from clbench import method as M
+    from clbench.method import RunContext, load_builtin_methods, make_method
     from clbench.training.train import Example
 
-    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+    load_builtin_methods(paths.BUILTIN_METHODS_DIR)
     kinds = {"old_text": "loglikelihood_rolling", "new_text": "loglikelihood_rolling", "instr": "multiple_choice"}
-    run = M.RunContext(method="replay", seed=0, tasks=list(kinds), device=torch.device("cpu"), tokenizer=tok,
+    run = RunContext(method="replay", seed=0, tasks=list(kinds), device=torch.device("cpu"), tokenizer=tok,
                        task=lambda name: _Task(kinds[name]))
-    meth = M.make("replay", {"token_fraction": 0.25, "ratio": 0.5, "m": 40})
+    meth = make_method("replay", {"token_fraction": 0.25, "ratio": 0.5, "m": 40})
     cfg = TrainConfig(steps=2, batch_size=4, max_length=32)
     old = packing.pack_documents(_docs(40, 3), tok, 32)
     s1 = _stage(1, "old_text", run, cfg)
@@ -209,7 +209,7 @@ def test_replay_token_fraction_is_honoured_in_token_counts(tok):
 def test_rewarming_cosine_matches_hand_values_and_rewarms_every_stage(tok, one_thread):
     """Ibrahim et al. 2024: each stage warms up (10% of 10 steps = 1 here) to the peak and decays by
     cosine to 0.1 of it; the loop's optimizer takes exactly these learning rates, again at stage 2."""
-    from clbench import method as M
+    from clbench.method import RunContext, load_builtin_methods, make_method
     from clbench.run import models
     from clbench.training.stage import run_stage
 
@@ -219,9 +219,9 @@ def test_rewarming_cosine_matches_hand_values_and_rewarms_every_stage(tok, one_t
     # with cos 0, 20, ..., 160 degrees = 1, .9396926, .7660444, .5, .1736482, -.1736482, -.5, -.7660444, -.9396926
     hand = [1.0, 1.0, 0.9728617, 0.8947200, 0.775, 0.6281417, 0.4718583, 0.325, 0.2052800, 0.1271383]
     assert [lr_factor(cfg, 10, s) for s in range(10)] == pytest.approx(hand, abs=1e-6)
-    M.load_builtin_methods(paths.BUILTIN_METHODS_DIR)
-    meth = M.make("full_ft", {})
-    run = M.RunContext(method="full_ft", seed=0, tasks=["a", "b"], device=torch.device("cpu"), tokenizer=tok)
+    load_builtin_methods(paths.BUILTIN_METHODS_DIR)
+    meth = make_method("full_ft", {})
+    run = RunContext(method="full_ft", seed=0, tasks=["a", "b"], device=torch.device("cpu"), tokenizer=tok)
     model = models.build_tiny_model(0, len(tok))
     examples = packing.pack_documents(_docs(30), tok, 24)
     for t in (1, 2):
