@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from clbench import method as M
+from clbench.method import RunContext, Stage, call_hook, make_method
 from clbench.config import TrainConfig
 from clbench.run import models
 from clbench.runtime import Runtime
@@ -14,6 +14,17 @@ from clbench.training import train as T
 from clbench.training.stage import start_stage
 
 CPU = torch.device("cpu")
+# four kinds of prompt, two of each: parity, comparison, copying, sentiment (the masked and OSF tests)
+MIXED = [
+    ("Number: 12\nEven or odd?\nAnswer:", " even"),
+    ("Number: 7\nEven or odd?\nAnswer:", " odd"),
+    ("Which is larger, 3 or 9?\nAnswer:", " second"),
+    ("Which is larger, 8 or 2?\nAnswer:", " first"),
+    ("Copy: abc\nAnswer:", " abc"),
+    ("Copy: 4421\nAnswer:", " 4421"),
+    ("Review: great fun\nSentiment:", " positive"),
+    ("Review: dull and slow\nSentiment:", " negative"),
+]
 
 
 def parity(n: int) -> list[tuple[str, str]]:
@@ -36,8 +47,8 @@ def fresh(tok, name: str, options: dict | None = None, tasks=("t1", "t2"), **run
     """(method, its model after setup, the RunContext): `name` with `options` on the tiny model of
     seed 0, with torch's global generator seeded first (setup's own draws, e.g. adapter inits)."""
     torch.manual_seed(0)
-    meth = M.make(name, options or {})
-    run = M.RunContext(method=name, seed=0, tasks=list(tasks), device=CPU, tokenizer=tok, **run_fields)
+    meth = make_method(name, options or {})
+    run = RunContext(method=name, seed=0, tasks=list(tasks), device=CPU, tokenizer=tok, **run_fields)
     return meth, meth.setup(models.build_tiny_model(0, len(tok)), run), run
 
 
@@ -50,13 +61,13 @@ def one_stage(meth, model, run, tok, examples, cfg, t: int, end: bool = True, be
         between(model, stage)
     stats = T.train_stage(model, meth, list(stage.examples), cfg, stage, cpu_rt(tok))
     if end:
-        model = M.call(meth, "stage_end", model, stage)
+        model = call_hook(meth, "stage_end", model, stage)
     return model, stage, stats
 
 
 def stage_view(run, t: int, cfg: TrainConfig | None = None, examples=()):
     """The Stage a hook sees at stage t (task "t<t>"), built directly, without a stage having run."""
-    return M.Stage(stage=t, task=f"t{t}", seed=0, run=run, train_config=cfg or TrainConfig(),
+    return Stage(stage=t, task=f"t{t}", seed=0, run=run, train_config=cfg or TrainConfig(),
                    generator=torch.Generator().manual_seed(t), examples=examples)
 
 

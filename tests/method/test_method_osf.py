@@ -9,26 +9,16 @@ peft's buffers."""
 import pytest
 import torch
 
-from clbench import method as M
+from clbench.method import call_hook, count_trainable, load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.training.stage import start_stage
 from clbench.training.train import tokenize, train_stage
 from conftest import REPO, two_stage_run_and_resume
-from harness import cpu_rt, fresh
+from harness import MIXED, cpu_rt, fresh
 
-M.load_method_file(REPO / "methods" / "osf.py")
+load_method_file(REPO / "methods" / "osf.py")
 from clbench_builtin.methods import osf as osf_mod  # noqa: E402  (after the loads above)
 
-PAIRS = [
-    ("Number: 12\nEven or odd?\nAnswer:", " even"),
-    ("Number: 7\nEven or odd?\nAnswer:", " odd"),
-    ("Which is larger, 3 or 9?\nAnswer:", " second"),
-    ("Which is larger, 8 or 2?\nAnswer:", " first"),
-    ("Copy: abc\nAnswer:", " abc"),
-    ("Copy: 4421\nAnswer:", " 4421"),
-    ("Review: great fun\nSentiment:", " positive"),
-    ("Review: dull and slow\nSentiment:", " negative"),
-]
 # AdamW with weight decay, clipping and accumulation, as the loop trains
 CFG = TrainConfig(lr=1e-2, steps=3, batch_size=4, grad_accum=2, weight_decay=0.1, max_grad_norm=0.5, max_length=64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -36,7 +26,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def examples(tok):
-    return tokenize(PAIRS, tok, 64)
+    return tokenize(MIXED, tok, 64)
 
 
 def start(meth, model, run, t, examples, tok):
@@ -73,7 +63,7 @@ def run_one_stage(tok, examples, options):
     model, stage = start(meth, model, run, 1, examples, tok)
     k = {n.removeprefix("base_model.model."): layer.effective_rank["default"] for n, layer in osf_mod.osf_layers(model)}
     train(meth, model, stage, tok)
-    model = M.call(meth, "stage_end", model, stage)
+    model = call_hook(meth, "stage_end", model, stage)
     return leaks(w0, target_weights(model), k), k
 
 
@@ -106,7 +96,7 @@ def test_merged_weights_equal_w_plus_delta_and_the_model_is_plain(tok, examples,
         u0, s0, v0 = (layer._osf_U_low_init["default"], layer._osf_S_low_init["default"], layer._osf_V_low_init["default"])
         delta[n.removeprefix("base_model.model.") + ".weight"] = \
             (p["U_low"] * p["S_low"]) @ p["V_low"] - (u0 * s0) @ v0
-    plain = M.call(meth, "stage_end", model, stage)
+    plain = call_hook(meth, "stage_end", model, stage)
     assert type(plain).__name__ == "LlamaForCausalLM" and not osf_mod.osf_layers(plain)
     after = plain.state_dict()
     assert set(after) == set(before)
@@ -131,8 +121,8 @@ def test_default_schedule_and_trainable_count(tok, examples, one_thread):
         q, kk = want[t]["q_proj"], want[t]["k_proj"]
         per_layer = (2 * (64 + 64 + 1) * (64 - q) + 2 * (32 + 64 + 1) * (32 - kk)  # q, o; k, v
                      + 3 * (128 + 64 + 1) * (64 - q))  # gate, up, down: min(out, in) 64, as q
-        assert M.count_trainable(model) == meth.trainable_params(model) == 2 * per_layer
-        model = M.call(meth, "stage_end", model, stage)
+        assert count_trainable(model) == meth.trainable_params(model) == 2 * per_layer
+        model = call_hook(meth, "stage_end", model, stage)
         assert meth.trainable_params(model) == 2 * per_layer
 
 
@@ -140,7 +130,7 @@ def test_ranks_option_is_checked(tok):
     with pytest.raises(Exception, match="ranks has 1 entries"):
         fresh(tok, "osf", {"ranks": [4]}, tasks=("a", "b"))
     with pytest.raises(Exception):
-        M.make("osf", {"ranks": [1.5, 2]})
+        make_method("osf", {"ranks": [1.5, 2]})
 
 
 def test_two_stage_run_and_resume(tmp_path, one_thread):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from clbench import method as M
+from clbench.method import RunContext, Stage, load_method_file, make_method
 from clbench.config import TrainConfig
 from clbench.method import protocol
 from clbench.method.lm import lm_loss
@@ -20,25 +20,15 @@ from clbench.training import stage as stage_mod
 from clbench.training.stage import start_stage
 from clbench.training.train import collate, make_optimizer, tokenize, train_stage
 from conftest import REPO
-from harness import cpu_rt
+from harness import MIXED, cpu_rt
 
 MINE = ("lota", "hft", "spafit", "ks_lottery")
 for _f in MINE:
-    M.load_method_file(REPO / "methods" / f"{_f}.py")
+    load_method_file(REPO / "methods" / f"{_f}.py")
 from clbench_builtin.methods import lota as lota_mod  # noqa: E402  (after the loads above)
 from clbench_builtin.methods import hft as hft_mod  # noqa: E402  (after the loads above)
 from clbench_builtin.methods import ks_lottery as ks_mod  # noqa: E402  (after the loads above)
 
-PAIRS = [
-    ("Number: 12\nEven or odd?\nAnswer:", " even"),
-    ("Number: 7\nEven or odd?\nAnswer:", " odd"),
-    ("Which is larger, 3 or 9?\nAnswer:", " second"),
-    ("Which is larger, 8 or 2?\nAnswer:", " first"),
-    ("Copy: abc\nAnswer:", " abc"),
-    ("Copy: 4421\nAnswer:", " 4421"),
-    ("Review: great fun\nSentiment:", " positive"),
-    ("Review: dull and slow\nSentiment:", " negative"),
-]
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16
 # weight decay, clipping (max_grad_norm small enough to clip), accumulation 2
@@ -49,7 +39,7 @@ OPTIONS = {"lota": {"calibration_steps": 1}, "hft": {}, "spafit": {"r": 2, "alph
 
 @pytest.fixture(scope="module")
 def examples(tok):
-    return tokenize(PAIRS, tok, 64)
+    return tokenize(MIXED, tok, 64)
 
 
 def build(tok, n_layers=2, seed=0):
@@ -66,8 +56,8 @@ def build(tok, n_layers=2, seed=0):
 
 
 def make(name, tok, model, options=None, seed=0):
-    meth = M.make(name, OPTIONS[name] if options is None else options)
-    run = M.RunContext(method=name, seed=seed, tasks=["a", "b", "c"], device=CPU, tokenizer=tok)
+    meth = make_method(name, OPTIONS[name] if options is None else options)
+    run = RunContext(method=name, seed=seed, tasks=["a", "b", "c"], device=CPU, tokenizer=tok)
     return meth, meth.setup(model, run), run
 
 
@@ -141,7 +131,7 @@ def test_fused_adamw_leaves_zero_grad_entries_bit_identical():
     ref_opt = make_optimizer([{"params": [ref], "weight_decay": cfg.weight_decay}], cfg)
     scheds = [make_scheduler(opt, cfg, 6), make_scheduler(ref_opt, cfg, 6)]
     clock = protocol._Clock()
-    stage = M.Stage(stage=1, task="t", seed=0, run=None, train_config=cfg, generator=None, total_steps=6, clock=clock)
+    stage = Stage(stage=1, task="t", seed=0, run=None, train_config=cfg, generator=None, total_steps=6, clock=clock)
     w = holder.w
     lrs = []
     for step in range(6):
@@ -286,7 +276,7 @@ def test_lota_additive_merge_equals_sequential_training(tok, examples):
     buf = io.BytesIO()
     torch.save(meth.state_dict(), buf)
     buf.seek(0)
-    meth2 = M.make("lota", {"sparsity": 0.9})
+    meth2 = make_method("lota", {"sparsity": 0.9})
     meth2.load_state_dict(torch.load(buf, weights_only=False))
     assert all(torch.equal(a[n], b[n]) for a, b in zip(meth.masks, meth2.masks) for n in a)
     assert set(meth2.used) == set(meth.used) and all(torch.equal(meth.used[n], meth2.used[n]) for n in meth.used)

@@ -151,6 +151,27 @@ def test_no_module_imports_another_modules_private_name():
     assert not wrong, "\n".join(wrong)
 
 
+
+def test_no_clbench_module_is_imported_under_another_name():
+    """`from clbench import method as M` dodged the local name `method`: the code imports the names it
+    uses, or the module under its own name (`collectives.rank()`)."""
+    wrong = []
+    for folder in ("clbench", "methods", "bench"):
+        for f in sorted((REPO / folder).rglob("*.py")):
+            module = ".".join(f.relative_to(REPO).with_suffix("").parts)
+            for n in ast.walk(ast.parse(f.read_text())):
+                if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("clbench")):
+                    base = n.module or ""
+                    if n.level:
+                        pkg = module.split(".")[: -n.level]
+                        base = ".".join(pkg + ([base] if base else []))
+                    wrong += [f"{f.relative_to(REPO)}:{n.lineno} imports {base}.{a.name} as {a.asname}" for a in n.names
+                              if a.asname and a.asname != a.name and _is_module(f"{base}.{a.name}")]
+                elif isinstance(n, ast.Import):
+                    wrong += [f"{f.relative_to(REPO)}:{n.lineno} imports {a.name} as {a.asname}" for a in n.names
+                              if a.name.startswith("clbench") and a.asname]
+    assert not wrong, "\n".join(wrong)
+
 OLD_PATHS = '''
 import clbench.masking, clbench.train, clbench.stage, clbench.examples, clbench.fsdp
 from clbench import adapters, distributed as D, generation as G, masking, prompting, wrapping as W
@@ -184,3 +205,14 @@ def test_method_files_written_against_the_flat_names_keep_working(tmp_path):
     r = subprocess.run([sys.executable, "-c", OLD_PATHS, str(tmp_path / "norms_only.py")], cwd=tmp_path,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_every_test_folder_is_on_the_test_path():
+    """Tests import helpers from other wings' test modules; pytest puts a folder on sys.path only when
+    it collects a test there, so without pyproject's `pythonpath` such an import would depend on
+    which folder was collected first."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["pythonpath"])
+    folders = {str(d.relative_to(REPO)) for d in (REPO / "tests").iterdir() if d.is_dir() and any(d.glob("test_*.py"))}
+    assert folders <= listed, sorted(folders - listed)
