@@ -17,6 +17,15 @@ What it does (the rest of the loop is the data-parallel one of clbench/distribut
 - The loop's head-only loss calls the decoder and the LM head directly; under FSDP that call goes
   through a forward method registered on the root (`register_fsdp_forward_method`), so that the
   root's parameters are gathered first.
+- Weights materialised once (`shard(..., from_rank0=True)`, the loop's path): rank 0 sets the
+  method up on the base weights; the other ranks set it up on the model's structure on the meta
+  device (no memory), and after sharding receive their shards from rank 0
+  (`set_model_state_dict(broadcast_from_rank0=True)`, one tensor at a time; the buffers outside the
+  state dict, such as the rotary frequencies, are broadcast too). So no rank but 0 ever holds the
+  whole model on the host, and rank 0 only until its shards are sent. A method whose setup keeps
+  something computed from the weights (a teacher copy, a tensor of its own) cannot be set up on the
+  meta device: `meta_tensors` finds it and the loop sets that method up on the weights on every
+  rank instead.
 - A method's penalty on the weights reads them through `full(p)`: an all-gather whose backward
   sums over the ranks, like the gradients of the forward's activations (the loop divides a
   method's extra loss by the number of ranks under both strategies).
@@ -84,12 +93,15 @@ def _head_logits(self, input_ids, attention_mask, sel):
 HEAD_METHOD = "clbench_head_logits"  # the root's registered forward method of the head-only loss
 
 
-def shard(model, device: torch.device, autocast_dtype=None):
-    """Shard `model` in place over every rank (see the module docstring); returns it."""
+def shard(model, device: torch.device, autocast_dtype=None, from_rank0: bool = False):
+    """Shard `model` in place over every rank (see the module docstring); returns it. from_rank0:
+    every rank's weights come from rank 0's model (the others' may be on the meta device)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     collectives.init_group(device)
+    if from_rank0:
+        full, extra = _rank0_state(model)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     kw = {"mesh": mesh}
     if device.type == "cuda" and autocast_dtype is not None:
@@ -97,6 +109,9 @@ def shard(model, device: torch.device, autocast_dtype=None):
     for layer in _layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
+    if from_rank0:
+        _receive_from_rank0(model, device, full, extra)
+        del full
     setattr(model, HEAD_METHOD, types.MethodType(_head_logits, model))  # clbench.method.lm.target_logits calls it
     register_fsdp_forward_method(model, HEAD_METHOD)
     for unit in _units(model):
@@ -112,6 +127,63 @@ def shard(model, device: torch.device, autocast_dtype=None):
     model.train(was_training)
     model.reset_iter_state()  # reshards every unit (the root stays gathered after a forward; the optimizer
     return model              # must see the shards) and forgets this forward's order
+
+
+def _rank0_state(model) -> tuple[dict, list[str]]:
+    """Before sharding: rank 0's whole state dict ({} elsewhere) and the names of the buffers outside
+    it; the ranks' models must have the same structure (checked here, so that a difference fails on
+    every rank instead of leaving one waiting in a broadcast)."""
+    state = model.state_dict()
+    extra = sorted(n for n, _ in model.named_buffers() if n not in state)
+    shape = [(n, tuple(t.shape), str(t.dtype)) for n, t in state.items()] + [(n, None, None) for n in extra]
+    differs = sum(collectives.gather(collectives.broadcast(shape) != shape))
+    if differs:
+        raise ClbenchError(f"fsdp: {differs} rank(s) built a model whose parameters differ from rank 0's "
+                           "(names, shapes or dtypes); every rank must load the same model")
+    return (state if collectives.is_main() else {}), extra
+
+
+def _receive_from_rank0(model, device: torch.device, full: dict, extra: list[str]) -> None:
+    """After sharding: every rank's shards (and the buffers outside the state dict) from rank 0's
+    whole tensors, one tensor at a time; a model on the meta device is given memory first."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = dict(model.named_buffers())
+    for name in extra:
+        torch.distributed.broadcast(buffers[name], src=0)
+
+
+def meta_tensors(obj, model, depth: int = 4) -> list[str]:
+    """Where `obj` (a method, after its setup on a model of the meta device) holds a tensor or a module
+    with no data that is not part of `model`: what such a setup computed from the weights it did not
+    have. The paths found (e.g. ['teacher']), [] when there is none."""
+    own = {id(t) for t in [*model.parameters(), *model.buffers()]} | {id(m) for m in model.modules()}
+    found: list[str] = []
+
+    def visit(x, path: str, d: int) -> None:
+        if id(x) in own or d < 0:
+            return
+        if isinstance(x, torch.Tensor):
+            if x.is_meta:
+                found.append(path)
+        elif isinstance(x, torch.nn.Module):
+            if any(t.is_meta and id(t) not in own for t in [*x.parameters(), *x.buffers()]):
+                found.append(path)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                visit(v, f"{path}[{k!r}]", d - 1)
+        elif isinstance(x, (list, tuple, set)):
+            for i, v in enumerate(x):
+                visit(v, f"{path}[{i}]", d - 1)
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            for k, v in vars(x).items():
+                visit(v, f"{path}.{k}" if path else k, d - 1)
+
+    visit(obj, "", depth)
+    return found
 
 
 def full(p: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ class Session:
     console: object
     device: torch.device
     autocast: object  # the autocast dtype, or None
-    base_model: torch.nn.Module
+    base_model: torch.nn.Module | None  # the base weights, kept for the run; None when sharded (see base())
     tok: object
     lm_tasks: dict
     pairs: dict  # task -> (context, target) strings of its training examples
@@ -66,6 +66,20 @@ class Session:
     tok_cache: dict = field(default_factory=dict)  # (task, max_length) -> tokenized examples, shared by all methods and seeds
     memory_released: bool = False  # PeakMemory has handed freed memory back once for the current method
     sharded: bool = False  # distributed.strategy fsdp: models are sharded after the method's setup (clbench.distributed.fsdp)
+    skeleton: torch.nn.Module | None = None  # sharded: the base model's structure on the meta device (no memory)
+    first_base: torch.nn.Module | None = None  # sharded, rank 0: the weights the run loaded, until base() hands them out
+    notes: set = field(default_factory=set)  # what the run has said once
+
+    def base(self) -> torch.nn.Module:
+        """The base weights. Sharded, no rank keeps them for the run (host memory per rank shrinks with
+        the ranks): the rank that needs them (rank 0 for a method's setup, a task vector or a merge)
+        reads them from the model folder again, the first time taking the load the run started with."""
+        if self.base_model is not None:
+            return self.base_model
+        if self.first_base is not None:
+            model, self.first_base = self.first_base, None
+            return model
+        return models.resolve(self.cfg.model, self.pl.cache)[0]
 
     @property
     def runtime(self) -> Runtime:
@@ -152,12 +166,45 @@ class Job:
                                tokenize=lambda pairs: tokenize(pairs, s.tok, run_cfg.max_length),
                                task=lambda name: s.lm_tasks[name],
                                autocast=autocast_factory(s.device, s.autocast), sharded=s.sharded)
-        model = call_hook(meth, "setup", copy.deepcopy(s.base_model), run_ctx)
-        if s.sharded:
-            model = fsdp.shard(model, s.device, s.autocast)
-        else:
-            model.to(s.device)
-        return meth, run_ctx, model
+        if not s.sharded:
+            model = call_hook(meth, "setup", copy.deepcopy(s.base_model), run_ctx)
+            return meth, run_ctx, model.to(s.device)
+        meth, model = self._setup_once(meth, run_ctx)
+        return meth, run_ctx, fsdp.shard(model, s.device, s.autocast, from_rank0=True)
+
+    def _setup_once(self, meth, run_ctx):
+        """Sharded: rank 0 sets the method up on the base weights, the other ranks on the model's
+        structure (meta device), and fsdp.shard sends them their shards. A method whose setup keeps
+        something computed from the weights (fsdp.meta_tensors finds it) is set up on the weights on
+        every rank instead, as one process would. The RNG leaves as rank 0's (a setup on the meta
+        device draws nothing)."""
+        s, main = self.s, collectives.is_main()
+        error, held, model = None, [], None
+        try:
+            model = call_hook(meth, "setup", s.base() if main else copy.deepcopy(s.skeleton), run_ctx)
+            held = [] if main else [f"its setup keeps {p} from them" for p in fsdp.meta_tensors(meth, model)]
+        except Exception as e:  # rank 0 raises after the others know, so that none waits for it
+            if main:
+                error = e
+            else:
+                held = [f"its setup reads them: {type(e).__name__} on the meta device"]
+        said = collectives.gather((error is not None, held))
+        if error is not None:
+            raise error
+        if said[0][0]:
+            raise ClbenchError(f"{self.tag()}: the method's setup failed on rank 0")
+        held = sorted({h for _, hs in said for h in hs})
+        if held:
+            if self.spec.name not in s.notes and main:
+                s.console.print(f"{escape(self.tag())}: set up on the base weights on every rank ({'; '.join(held[:3])})")
+            s.notes.add(self.spec.name)
+            if not main:
+                seed_everything(self.seed)
+                meth = make_method(self.spec.name, self.spec.options)
+                model = call_hook(meth, "setup", s.base(), run_ctx)
+        state = collectives.broadcast(checkpoint.rng_state())
+        checkpoint.set_rng_state({**state, "cuda": None})
+        return meth, model
 
     def train(self, meth, model, run_ctx, t: int, task: str, examples: list, tcfg):
         """One stage (clbench.training.stage.run_stage) under the memory meter. Returns (model, stats, seconds, peak MB)."""
@@ -245,10 +292,11 @@ class Job:
     def save_task_vector(self, t: int, model) -> None:
         """What merging needs of stage t: the model's effective weights (adapters merged in) as a diff
         against the base model, kept until the run directory is deleted."""
-        state = fsdp.effective_state(model, self.s.base_model) if self.s.sharded else merging.effective_state(model)
+        base = self.s.base() if collectives.is_main() else None  # sharded: read again, on rank 0 only
+        state = fsdp.effective_state(model, base) if self.s.sharded else merging.effective_state(model)
         if collectives.is_main():
             checkpoint.save_state_diff(self.ckpt_dir / f"taskvec{t}.pt",
-                                       checkpoint.state_diff(state, self.s.base_model.state_dict(), copy=False))
+                                       checkpoint.state_diff(state, base.state_dict(), copy=False))
 
 
 def _fmt_stat(v: float) -> str:
@@ -277,13 +325,18 @@ def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) 
                   f"device={device.type} autocast={autocast or 'none'}")
     t0 = time.perf_counter()
     defs = [pl.task_defs[n] for n in pl.eval_names]
+    sharded = fsdp.requested(cfg)
     for turn in ("main", "others"):  # rank 0 first: it fills the caches (model conversion, datasets) alone
         if (turn == "main") == collectives.is_main():
-            base_model, tok, desc = models.resolve(cfg.model, pl.cache)
+            # sharded, only rank 0 reads the weights: the others get their shards from it (fsdp.shard)
+            base_model, tok, desc = models.resolve(cfg.model, pl.cache, weights=collectives.is_main() or not sharded)
             lm_tasks = clbench.data.tasks.build_lm_eval_tasks(defs, pl.cache)
         collectives.barrier()
-    sharded = fsdp.requested(cfg)
-    if not sharded:  # sharded: the base stays on the CPU; each method's copy is sharded onto the devices
+    skeleton = first_base = None
+    if sharded:  # no rank keeps the base weights for the run (Session.base)
+        skeleton = models.resolve(cfg.model, pl.cache, weights=False)[0] if collectives.is_main() else base_model
+        first_base, base_model = (base_model if collectives.is_main() else None), None
+    else:
         base_model.to(device)
     pairs = {n: clbench.data.tasks.run_examples(lm_tasks[n], tok, cfg) for n in pl.task_names}
     console.print(f"loaded model and {len(defs)} tasks in {time.perf_counter() - t0:.1f}s "
@@ -293,7 +346,7 @@ def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) 
     resumed = rec.load_existing()
     rec.meta = meta_info(desc, device, autocast)
     s = Session(pl=pl, out=out, rec=rec, console=console, device=device, autocast=autocast, base_model=base_model,
-                tok=tok, lm_tasks=lm_tasks, pairs=pairs, sharded=sharded)
+                tok=tok, lm_tasks=lm_tasks, pairs=pairs, sharded=sharded, skeleton=skeleton, first_base=first_base)
 
     # Row 0: every method starts from the same base weights, so the base model is evaluated once.
     base_scores = rec.base_scores() if resumed else None
@@ -319,15 +372,17 @@ def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) 
 
 
 def _evaluate_base(s: Session):
-    """Row 0, data-parallel over the ranks (every rank holds the base model). Sharded runs keep the
-    base model on the CPU: it visits the device for this."""
+    """Row 0, data-parallel over the ranks. Sharded: the base model is sharded as a method's model is
+    (its weights sent from rank 0) and gathered for the evaluation as a stage's model is."""
     parallel = collectives.world_size() > 1
     if not s.sharded:
         return s.evaluate(s.base_model, 0, data_parallel=parallel)
-    try:
-        return s.evaluate(s.base_model.to(s.device), 0, data_parallel=parallel)
-    finally:
-        s.base_model.to("cpu")
+    model = s.base() if collectives.is_main() else copy.deepcopy(s.skeleton)
+    model = fsdp.shard(model, s.device, s.autocast, from_rank0=True)
+    with fsdp.unsharded(model):
+        result = s.evaluate(model, 0, data_parallel=parallel)
+    del model
+    return result
 
 
 def run_method(job: Job):
@@ -484,9 +539,10 @@ def _run_merges(job: Job, mode: str) -> float:
     # read tensor by tensor while merging: memory stays the model plus a few tensors, whatever n
     diffs = [checkpoint.open_state_diff(job.ckpt_dir / f"taskvec{t}.pt") for t in range(1, n + 1)]
     spent = 0.0
+    base = s.base()  # sharded: read again, on rank 0 only
     for ms in job.spec.merge:
         t0 = time.perf_counter()
-        model = merging.merged_model(s.base_model, diffs, ms, cumulative=(mode == "sequential"), seed=job.seed).to(s.device)
+        model = merging.merged_model(base, diffs, ms, cumulative=(mode == "sequential"), seed=job.seed).to(s.device)
         scores, es = job.evaluate(model, ms.row_name, None, ms.row_name.replace(":", "_"), everywhere=False)
         del model
         spent += es

@@ -9,6 +9,7 @@ Aliases:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -149,25 +150,31 @@ def check(spec: str, cache: Path | None = None, offline: bool = True) -> None:
                              "and not in the local hub cache while offline (set `offline: false` to download it from the hub)")
 
 
-def resolve(spec: str, cache: Path | None = None, seed: int = 0):
-    """Return (model, tokenizer, description) for a model spec; float32 weights on CPU."""
+def resolve(spec: str, cache: Path | None = None, seed: int = 0, weights: bool = True):
+    """Return (model, tokenizer, description) for a model spec; float32 weights on CPU. weights=False:
+    the same model on the meta device (its structure, no memory and no weights read), for the ranks
+    that receive their shards from rank 0 (clbench.distributed.fsdp.shard)."""
+    import torch
+
     cache = cache or paths.cache_dir()
     if spec == "tiny":
         tok = build_tiny_tokenizer()
-        return build_tiny_model(seed, vocab_size=len(tok)), tok, "tiny (random 2-layer Llama, byte-level BPE)"
+        with contextlib.nullcontext() if weights else torch.device("meta"):
+            model = build_tiny_model(seed, vocab_size=len(tok))
+        return model, tok, "tiny (random 2-layer Llama, byte-level BPE)"
     if spec == "smollm2-135m-instruct":
         folder = convert_smollm2(cache)
-        return (*_load_folder(folder), f"smollm2-135m-instruct ({folder})")
+        return (*_load_folder(folder, weights), f"smollm2-135m-instruct ({folder})")
     p = Path(spec).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelError(f"model folder {p} has no config.json (expected a transformers model folder)")
-        return (*_load_folder(p), str(p))
+        return (*_load_folder(p, weights), str(p))
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model path {spec!r} does not exist")
     # A hub id: works for users with a hub; offline it fails with a clear message.
     try:
-        return (*_load_folder(spec), spec)
+        return (*_load_folder(spec, weights), spec)
     except OSError as e:
         raise ModelError(
             f"model {spec!r} not found: not an alias ({', '.join(ALIASES)}), not a local folder, "
@@ -204,9 +211,9 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if len(lines[0]) <= 300 else lines[0][:297] + "..."
 
 
-def _load_folder(where):
+def _load_folder(where, weights: bool = True):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     # A local folder whose tokenizer or weights do not load is a user error: one line naming it.
     # (A hub id's OSError is left to resolve(), which explains the offline setting.)
@@ -218,7 +225,15 @@ def _load_folder(where):
             raise
         raise ModelError(f"model folder {where}: its tokenizer does not load: {_first_line(e)}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+        else:  # the structure from_pretrained builds (same config, attention implementation and tying)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(where), dtype=torch.float32)
+            try:  # generation settings as from_pretrained reads them (lm-eval's generation uses them)
+                model.generation_config = GenerationConfig.from_pretrained(where)
+            except OSError:
+                pass
     except Exception as e:  # safetensors, torch and transformers each raise their own kinds for a bad file
         if not local:
             raise

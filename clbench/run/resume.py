@@ -47,8 +47,8 @@ class StageCheckpoints:
         self.job, self.cfg, self.dir = job, job.s.cfg, job.ckpt_dir
         self.sharded = fsdp.is_sharded(model)
         self.enabled = self.cfg.keep_checkpoints != "none"
-        share = job.s.base_model.state_dict()
-        self.reference = checkpoint.snapshot(model, share=share) if self.enabled and not self.sharded else None
+        self.reference = (checkpoint.snapshot(model, share=job.s.base_model.state_dict())
+                          if self.enabled and not self.sharded else None)  # sharded: no base kept (Session.base)
         self.since = 0.0  # training and evaluation seconds since the last checkpoint (or the method's start)
         self.last: int | None = None
         self._loaded: tuple[int, dict] | None = None  # (stage, checkpoint) read by resume_point for restore
