@@ -66,7 +66,7 @@ class Session:
     tok_cache: dict = field(default_factory=dict)  # (task, max_length) -> tokenized examples, shared by all methods and seeds
     memory_released: bool = False  # PeakMemory has handed freed memory back once for the current method
     sharded: bool = False  # distributed.strategy fsdp: models are sharded after the method's setup (clbench.distributed.fsdp)
-    skeleton: torch.nn.Module | None = None  # sharded: the base model's structure on the meta device (no memory)
+    skeleton: torch.nn.Module | None = None  # sharded, ranks but 0: the base model's structure on the meta device
     first_base: torch.nn.Module | None = None  # sharded, rank 0: the weights the run loaded, until base() hands them out
     notes: set = field(default_factory=set)  # what the run has said once
 
@@ -80,6 +80,11 @@ class Session:
             model, self.first_base = self.first_base, None
             return model
         return models.resolve(self.cfg.model, self.pl.cache)[0]
+
+    def model_to_shard(self) -> torch.nn.Module:
+        """Sharded: what a model to be sharded with fsdp.shard(from_rank0=True) starts from: the base
+        weights on rank 0, a copy of the structure (no memory) on the others."""
+        return self.base() if collectives.is_main() else copy.deepcopy(self.skeleton)
 
     @property
     def runtime(self) -> Runtime:
@@ -181,7 +186,7 @@ class Job:
         s, main = self.s, collectives.is_main()
         error, held, model = None, [], None
         try:
-            model = call_hook(meth, "setup", s.base() if main else copy.deepcopy(s.skeleton), run_ctx)
+            model = call_hook(meth, "setup", s.model_to_shard(), run_ctx)
             held = [] if main else [f"its setup keeps {p} from them" for p in fsdp.meta_tensors(meth, model)]
         except Exception as e:  # rank 0 raises after the others know, so that none waits for it
             if main:
@@ -334,7 +339,7 @@ def run(pl: Plan, rundir: RunDir, device: torch.device, autocast, console=None) 
         collectives.barrier()
     skeleton = first_base = None
     if sharded:  # no rank keeps the base weights for the run (Session.base)
-        skeleton = models.resolve(cfg.model, pl.cache, weights=False)[0] if collectives.is_main() else base_model
+        skeleton = None if collectives.is_main() else base_model  # rank 0 never sets up on the structure
         first_base, base_model = (base_model if collectives.is_main() else None), None
     else:
         base_model.to(device)
@@ -377,7 +382,7 @@ def _evaluate_base(s: Session):
     parallel = collectives.world_size() > 1
     if not s.sharded:
         return s.evaluate(s.base_model, 0, data_parallel=parallel)
-    model = s.base() if collectives.is_main() else copy.deepcopy(s.skeleton)
+    model = s.model_to_shard()
     model = fsdp.shard(model, s.device, s.autocast, from_rank0=True)
     with fsdp.unsharded(model):
         result = s.evaluate(model, 0, data_parallel=parallel)
